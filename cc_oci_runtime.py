@@ -1,0 +1,2751 @@
+#!/usr/bin/env python3
+# Copyright 2026 The cc-oci-runtime authors. Licensed under the Apache License 2.0.
+"""cc-oci-runtime: an OCI runtime that runs every container inside its own QEMU VM.
+
+One file, four roles (read top to bottom):
+  CLI      one short-lived process per OCI command (create, start, kill, ...);
+  monitor  one per container, forked by create: parent of QEMU, relays stdio and
+           signals, exits with the workload's status (its pid is the --pid-file pid);
+  QEMU     the VM, started from hypervisor.args (@TAG@ expansion) and vm.json;
+  agent    this same file as PID 1 in the guest, from an initramfs built from the
+           host's own Python and kernel modules; the rootfs arrives over virtio-9p
+           and host and agent talk over a virtio-serial port.
+
+Sections: constants - utilities - logging - state - spec handlers - hypervisor -
+guest image - agent protocol - monitor - agent - commands - main.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+# ===========================================================================
+# Constants and defaults
+# ===========================================================================
+
+__version__ = "0.2.0"
+OCI_VERSION = "1.0.2"
+PROG = "cc-oci-runtime"
+DEFAULT_ROOT = "/run/cc-oci-runtime"
+SCRIPT_DIR = os.path.dirname(os.path.realpath(__file__))
+CONFIG_DIRS = ("/etc/cc-oci-runtime", "/usr/share/defaults/cc-oci-runtime", SCRIPT_DIR)
+CACHE_DIR = os.environ.get("CC_OCI_CACHE_DIR", "/var/cache/cc-oci-runtime")
+MAX_ID_LEN = 1024
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                     signal.SIGUSR1, signal.SIGUSR2)
+# Signals whose default action does not end a process (a created container survives them).
+HARMLESS_SIGNALS = (signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH)
+GUEST_MODULES = ("virtio_mmio", "virtio_pci", "virtio_console", "9pnet_virtio", "9p")
+AGENT_PORT = "agent"
+GUEST_MODULES_DIR = "/cc/modules"
+ROOTFS_TAG = "rootfs"
+DEFAULT_VM = {
+    "path": "qemu-system-x86_64",
+    "kernel": {"path": "", "parameters": ""},
+    "image": "",
+    "accel": "auto",
+    "machine": "microvm",
+    "memory": "256M",
+    "cpus": 1,
+    "boot_timeout": 60,
+}
+BASE_KERNEL_PARAMS = ("quiet panic=-1 reboot=k no_timer_check tsc=reliable i8042.noaux "
+                      "i8042.nomux i8042.nopnp i8042.dumbkbd console=ttyS0 rdinit=/init")
+# Mount flags (linux/mount.h) used by the agent and by option parsing.
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS = 1, 2, 4, 8, 16
+MS_REMOUNT, MS_MANDLOCK, MS_DIRSYNC, MS_NOATIME, MS_NODIRATIME = 32, 64, 128, 1024, 2048
+MS_BIND, MS_REC, MS_PRIVATE, MS_SLAVE, MS_SHARED = 4096, 16384, 1 << 18, 1 << 19, 1 << 20
+MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
+MOUNT_OPTIONS = {  # option: (flag, set?)
+    "ro": (MS_RDONLY, True), "rw": (MS_RDONLY, False),
+    "nosuid": (MS_NOSUID, True), "suid": (MS_NOSUID, False),
+    "nodev": (MS_NODEV, True), "dev": (MS_NODEV, False),
+    "noexec": (MS_NOEXEC, True), "exec": (MS_NOEXEC, False),
+    "sync": (MS_SYNCHRONOUS, True), "async": (MS_SYNCHRONOUS, False),
+    "dirsync": (MS_DIRSYNC, True), "remount": (MS_REMOUNT, True),
+    "mand": (MS_MANDLOCK, True), "nomand": (MS_MANDLOCK, False),
+    "atime": (MS_NOATIME, False), "noatime": (MS_NOATIME, True),
+    "diratime": (MS_NODIRATIME, False), "nodiratime": (MS_NODIRATIME, True),
+    "bind": (MS_BIND, True), "rbind": (MS_BIND | MS_REC, True),
+    "relatime": (MS_RELATIME, True), "norelatime": (MS_RELATIME, False),
+    "strictatime": (MS_STRICTATIME, True), "nostrictatime": (MS_STRICTATIME, False),
+}
+PROPAGATION_OPTIONS = ("private", "rprivate", "shared", "rshared", "slave", "rslave",
+                       "unbindable", "runbindable")
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+
+
+# ===========================================================================
+# Utilities
+# ===========================================================================
+
+class Error(Exception):
+    """The one project exception: its message is what the user sees."""
+
+
+def _now_rfc3339():
+    """The current UTC time in RFC 3339 with nanoseconds, as runc writes it."""
+    ns = time.time_ns()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + ".%09dZ" % (ns % 10**9)
+
+
+def write_atomic(path, data, mode=0o644):
+    """Write data to path through a temp file, fsync and rename."""
+    if isinstance(data, str):
+        data = data.encode()
+    tmp = "%s.tmp.%d" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def _write_all(fd, data):
+    """Write every byte of data to fd."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def read_json(path, what):
+    """Load a JSON file, naming `what` in the error when it is missing or invalid."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise Error("%s: %s: no such file or directory" % (what, path)) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Error("%s: %s: invalid JSON: %s" % (what, path, e)) from None
+    except OSError as e:
+        raise Error("%s: %s: %s" % (what, path, e.strerror)) from None
+
+
+def proc_start_time(pid):
+    """The start time of pid (clock ticks since boot), or None if it is gone or a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError, ValueError):
+        return None
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def process_alive(pid, start_time=None):
+    """Whether pid runs (not a zombie) and, if given, started at start_time."""
+    if not pid:
+        return False
+    st = proc_start_time(pid)
+    return st is not None and (start_time is None or st == start_time)
+
+
+_LIBC = None
+
+
+def _libc():
+    """The C library through ctypes, loaded on first use."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def _check_libc(ret, what):
+    """Raise OSError with errno when a libc call returned -1."""
+    if ret == -1:
+        import ctypes
+        e = ctypes.get_errno()
+        raise OSError(e, "%s: %s" % (what, os.strerror(e)))
+    return ret
+
+
+def prctl(option, arg):
+    """prctl(2) with one argument."""
+    return _check_libc(_libc().prctl(option, arg, 0, 0, 0), "prctl")
+
+
+def parse_signal(value):
+    """A signal number from a name (KILL, SIGKILL, kill) or a number, as runc accepts."""
+    text = str(value).strip()
+    if text.isdigit():
+        num = int(text)
+        if 0 < num < signal.NSIG:
+            return num
+    else:
+        name = text.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal.Signals, name, None) if name.isidentifier() else None
+        if isinstance(sig, signal.Signals):
+            return int(sig)
+    raise Error("invalid signal: %s" % value)
+
+
+def exit_status(wait_status):
+    """A shell-style exit code from a waitpid status: the code, or 128+N for signal N."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    return os.WEXITSTATUS(wait_status)
+
+
+def _qemu_escape(value):
+    """Escape a value for a QEMU option list (commas double)."""
+    return str(value).replace(",", ",,")
+
+
+# ===========================================================================
+# Logging
+# ===========================================================================
+
+class Log:
+    """--log (text or json), --global-log (text) and --debug; syslog when a file fails."""
+
+    def __init__(self):
+        self.path, self.fmt, self.global_path = None, "text", None
+        self.debug_enabled, self.container_id, self.stderr = False, None, False
+
+    def configure(self, path=None, fmt="text", global_path=None, debug=False):
+        """Set the destinations; the log file is created at once."""
+        self.path, self.fmt, self.global_path, self.debug_enabled = path, fmt, global_path, debug
+        for p in (path, global_path):
+            if p:
+                try:
+                    os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+                except OSError:
+                    pass
+
+    def debug(self, msg, *args):
+        """A line that only --debug records."""
+        if self.debug_enabled:
+            self._emit("debug", msg % args if args else msg)
+
+    def info(self, msg, *args):
+        """An event worth keeping."""
+        self._emit("info", msg % args if args else msg)
+
+    def warning(self, msg, *args):
+        """Something odd that does not stop the command."""
+        self._emit("warning", msg % args if args else msg)
+
+    def error(self, msg):
+        """The one error line of a failed command."""
+        self._emit("error", msg)
+
+    def format_line(self, level, msg, when=None):
+        """One line of the --log file in the configured format."""
+        when = when or _now_rfc3339()
+        if self.fmt == "json":
+            return json.dumps({"level": level, "msg": msg, "time": when}) + "\n"
+        return "time=%s level=%s msg=%s\n" % (when, level, json.dumps(msg))
+
+    def _emit(self, level, msg):
+        """Write one event to the log, the global log and (debug) stderr."""
+        when = _now_rfc3339()
+        if self.path:
+            self._append(self.path, self.format_line(level, msg, when), level, msg)
+        if self.global_path:
+            line = "%s %s[%d] %s %s: %s\n" % (when, PROG, os.getpid(), level,
+                                             self.container_id or "-", msg)
+            self._append(self.global_path, line, level, msg)
+        if self.stderr and level == "debug":
+            sys.stderr.write("%s: %s\n" % (PROG, msg))
+
+    def _append(self, path, line, level, msg):
+        """Append a line to path, falling back to syslog."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            import syslog
+            prio = {"debug": syslog.LOG_DEBUG, "info": syslog.LOG_INFO,
+                    "warning": syslog.LOG_WARNING}.get(level, syslog.LOG_ERR)
+            syslog.syslog(prio, "%s: %s" % (self.container_id or "-", msg))
+
+
+LOG = Log()
+
+
+# ===========================================================================
+# State
+# ===========================================================================
+
+def validate_id(cid):
+    """Reject container ids that could escape the state root or are unusable."""
+    if not cid:
+        raise Error("container id cannot be empty")
+    if len(cid) > MAX_ID_LEN:
+        raise Error("invalid container id: longer than %d characters" % MAX_ID_LEN)
+    if "/" in cid or cid in (".", "..") or ".." in cid or cid.startswith("."):
+        raise Error("invalid container id: %s" % cid)
+    if any(c.isspace() or not c.isprintable() for c in cid):
+        raise Error("invalid container id: %r" % cid)
+    return cid
+
+
+class State:
+    """One container's directory under --root: state.json, sockets and the exit record."""
+
+    def __init__(self, root, cid):
+        self.root, self.id = root, validate_id(cid)
+        self.dir = os.path.join(root, cid)
+        self.data = {}
+        self._lock_fd = None
+
+    def path(self, name):
+        """A file in the container's directory."""
+        return os.path.join(self.dir, name)
+
+    def exists(self):
+        """Whether the container's state.json exists."""
+        return os.path.exists(self.path("state.json"))
+
+    def make(self):
+        """Create the directory, failing when the id is taken; leaves it locked."""
+        os.makedirs(self.root, mode=0o711, exist_ok=True)
+        try:
+            os.mkdir(self.dir, 0o700)
+        except FileExistsError:
+            raise Error("container with id exists: %s" % self.id) from None
+        self.lock()
+
+    def lock(self):
+        """Take the container's exclusive lock (flock on its directory)."""
+        if self._lock_fd is None:
+            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_fd = fd
+        return self
+
+    def unlock(self):
+        """Release the lock."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def lock_fd(self):
+        """The fd holding the lock (a forked child must close it)."""
+        return self._lock_fd
+
+    def load(self, must_exist=True):
+        """Read state.json; a missing container is an error unless must_exist is False."""
+        try:
+            with open(self.path("state.json"), "rb") as f:
+                self.data = json.loads(f.read())
+        except FileNotFoundError:
+            if must_exist:
+                raise Error("container does not exist") from None
+            self.data = {}
+        except ValueError:
+            raise Error("%s: corrupt state file" % self.path("state.json")) from None
+        return self.data
+
+    def save(self):
+        """Write state.json atomically."""
+        write_atomic(self.path("state.json"), json.dumps(self.data, indent=1))
+
+    def exit_record(self):
+        """The workload's exit record written by the monitor, or None."""
+        try:
+            with open(self.path("exit.json"), "rb") as f:
+                return json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+
+    def status(self):
+        """created, running, paused or stopped, derived from the live processes."""
+        d = self.data
+        if not d.get("pid"):
+            return "creating"
+        if self.exit_record() is not None:
+            return "stopped"
+        vm = d.get("vm", {})
+        if not process_alive(d["pid"], d.get("pid_start")):
+            return "stopped"
+        if vm.get("qemu_pid") and not process_alive(vm["qemu_pid"], vm.get("qemu_start")):
+            return "stopped"
+        if d.get("paused"):
+            return "paused"
+        return "running" if d.get("started") else "created"
+
+    def oci_state(self):
+        """The runtime-spec state object (runc's fields)."""
+        d = self.data
+        status = self.status()
+        return {"ociVersion": d.get("ociVersion", OCI_VERSION), "id": self.id,
+                "pid": d.get("pid", 0) if status != "stopped" else 0, "status": status,
+                "bundle": d.get("bundle", ""), "rootfs": d.get("rootfs", ""),
+                "created": d.get("created", ""), "annotations": d.get("annotations", {}),
+                "owner": ""}
+
+    def remove(self):
+        """Delete the container's directory and everything in it."""
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.unlock()
+
+
+def list_states(root):
+    """Every container under root, sorted by id."""
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        try:
+            st = State(root, name)
+        except Error:
+            continue
+        if st.exists():
+            st.load(must_exist=False)
+            out.append(st)
+    return out
+
+
+# ===========================================================================
+# Spec handlers: one per section of config.json
+# ===========================================================================
+
+def _need(cond, field, what):
+    """Raise the one error naming field when cond is false."""
+    if not cond:
+        raise Error("%s: %s" % (field, what))
+
+
+def _is_int(v):
+    """An int that is not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _str_list(v, field, non_empty=False):
+    """Check a list of strings."""
+    ok = isinstance(v, list) and all(isinstance(x, str) for x in v) and (v or not non_empty)
+    _need(ok, field, "must be a %slist of strings" % ("non-empty " if non_empty else ""))
+    return list(v)
+
+
+def _obj(v, field):
+    """Check a JSON object."""
+    _need(isinstance(v, dict), field, "must be an object")
+    return v
+
+
+def _spec_oci_version(conf, value):
+    """ociVersion: a string, recorded in the state."""
+    _need(isinstance(value, str) and value, "ociVersion", "must be a non-empty string")
+    conf["ociVersion"] = value
+
+
+def _spec_root(conf, value):
+    """root: the rootfs directory (relative to the bundle) and readonly."""
+    _obj(value, "root")
+    path = value.get("path")
+    _need(isinstance(path, str) and path, "root.path", "must be a non-empty string")
+    _need(isinstance(value.get("readonly", False), bool), "root.readonly", "must be a boolean")
+    full = os.path.normpath(os.path.join(conf["bundle"], path))
+    _need(os.path.isdir(full), "root.path", "%s: no such directory" % full)
+    conf["root"] = {"path": full, "readonly": value.get("readonly", False)}
+
+
+def parse_process(p, field="process"):
+    """Validate a process object (config.json or exec's process.json)."""
+    _obj(p, field)
+    args = p.get("args")
+    _need(isinstance(args, list) and args and all(isinstance(a, str) for a in args),
+          field + ".args", "must be a non-empty list of strings")
+    env = _str_list(p.get("env", []), field + ".env")
+    for e in env:
+        _need("=" in e, field + ".env", "%r is not of the form NAME=VALUE" % e)
+    cwd = p.get("cwd", "/")
+    _need(isinstance(cwd, str) and cwd.startswith("/"), field + ".cwd",
+          "must be an absolute path")
+    terminal = p.get("terminal", False)
+    _need(isinstance(terminal, bool), field + ".terminal", "must be a boolean")
+    user = _obj(p.get("user", {}), field + ".user")
+    for key in ("uid", "gid"):
+        _need(_is_int(user.get(key, 0)) and user.get(key, 0) >= 0, "%s.user.%s" % (field, key),
+              "must be a non-negative integer")
+    gids = user.get("additionalGids", [])
+    _need(isinstance(gids, list) and all(_is_int(g) and g >= 0 for g in gids),
+          field + ".user.additionalGids", "must be a list of non-negative integers")
+    umask = user.get("umask")
+    _need(umask is None or (_is_int(umask) and 0 <= umask <= 0o777), field + ".user.umask",
+          "must be an integer between 0 and 0777")
+    rlimits = p.get("rlimits", [])
+    _need(isinstance(rlimits, list), field + ".rlimits", "must be a list")
+    for i, r in enumerate(rlimits):
+        rf = "%s.rlimits[%d]" % (field, i)
+        _obj(r, rf)
+        _need(isinstance(r.get("type"), str) and r["type"].startswith("RLIMIT_") and
+              hasattr(__import__("resource"), r["type"]), rf + ".type",
+              "unknown rlimit %r" % r.get("type"))
+        for k in ("soft", "hard"):
+            _need(_is_int(r.get(k)) and r[k] >= 0, "%s.%s" % (rf, k), "must be a non-negative integer")
+    size = p.get("consoleSize", {"height": 0, "width": 0})
+    _obj(size, field + ".consoleSize")
+    for k in ("height", "width"):
+        _need(_is_int(size.get(k, 0)) and size.get(k, 0) >= 0, "%s.consoleSize.%s" % (field, k),
+              "must be a non-negative integer")
+    nnp = p.get("noNewPrivileges", False)
+    _need(isinstance(nnp, bool), field + ".noNewPrivileges", "must be a boolean")
+    for ignored in ("capabilities", "apparmorProfile", "selinuxLabel", "oomScoreAdj",
+                    "scheduler", "ioPriority"):
+        if ignored in p:
+            LOG.debug("%s.%s: not applied inside the VM", field, ignored)
+    return {"args": list(args), "env": env, "cwd": os.path.normpath(cwd), "terminal": terminal,
+            "uid": user.get("uid", 0), "gid": user.get("gid", 0), "additionalGids": gids,
+            "umask": umask, "rlimits": [{"type": r["type"], "soft": r["soft"], "hard": r["hard"]}
+                                        for r in rlimits],
+            "consoleSize": {"height": size.get("height", 0), "width": size.get("width", 0)},
+            "noNewPrivileges": nnp}
+
+
+def _spec_process(conf, value):
+    """process: what to run at start."""
+    conf["process"] = parse_process(value)
+
+
+def _spec_mounts(conf, value):
+    """mounts: filesystems for the guest; bind sources become 9p shares."""
+    _need(isinstance(value, list), "mounts", "must be a list")
+    mounts = []
+    for i, m in enumerate(value):
+        field = "mounts[%d]" % i
+        _obj(m, field)
+        dest = m.get("destination")
+        _need(isinstance(dest, str) and dest.startswith("/"), field + ".destination",
+              "must be an absolute path")
+        mtype = m.get("type", "")
+        _need(isinstance(mtype, str), field + ".type", "must be a string")
+        source = m.get("source", "")
+        _need(isinstance(source, str), field + ".source", "must be a string")
+        options = _str_list(m.get("options", []), field + ".options")
+        bind = mtype == "bind" or "bind" in options or "rbind" in options
+        if bind:
+            _need(source.startswith("/"), field + ".source", "must be an absolute path for a bind mount")
+            _need(os.path.exists(source), field + ".source", "%s: no such file or directory" % source)
+        mounts.append({"destination": os.path.normpath(dest), "type": "bind" if bind else mtype,
+                       "source": source, "options": options})
+    conf["mounts"] = mounts
+
+
+def _spec_hostname(conf, value):
+    """hostname: set inside the guest."""
+    _need(isinstance(value, str), "hostname", "must be a string")
+    conf["hostname"] = value
+
+
+def _spec_hooks(conf, value):
+    """hooks: host programs run at the lifecycle points."""
+    _obj(value, "hooks")
+    hooks = {}
+    for name, entries in value.items():
+        _need(isinstance(entries, list), "hooks." + name, "must be a list")
+        for i, h in enumerate(entries):
+            field = "hooks.%s[%d]" % (name, i)
+            _obj(h, field)
+            _need(isinstance(h.get("path"), str) and h["path"].startswith("/"), field + ".path",
+                  "must be an absolute path")
+            _str_list(h.get("args", []), field + ".args")
+            _str_list(h.get("env", []), field + ".env")
+            timeout = h.get("timeout")
+            _need(timeout is None or (_is_int(timeout) and timeout > 0), field + ".timeout",
+                  "must be a positive integer")
+        hooks[name] = entries
+    conf["hooks"] = hooks
+
+
+def _spec_annotations(conf, value):
+    """annotations: string to string, kept in the state."""
+    _obj(value, "annotations")
+    for k, v in value.items():
+        _need(isinstance(v, str), "annotations." + k, "must be a string")
+    conf["annotations"] = value
+
+
+def _spec_linux(conf, value):
+    """linux: namespaces (network placement), masked/readonly paths and sysctls."""
+    _obj(value, "linux")
+    namespaces = value.get("namespaces", [])
+    _need(isinstance(namespaces, list), "linux.namespaces", "must be a list")
+    for i, ns in enumerate(namespaces):
+        field = "linux.namespaces[%d]" % i
+        _obj(ns, field)
+        _need(ns.get("type") in ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"),
+              field + ".type", "unknown namespace type %r" % ns.get("type"))
+        path = ns.get("path", "")
+        _need(isinstance(path, str), field + ".path", "must be a string")
+        if ns["type"] == "network":
+            _need(not path or os.path.exists(path), field + ".path",
+                  "%s: no such file or directory" % path)
+            conf["netns"] = path or "new"
+    conf["masked"] = _str_list(value.get("maskedPaths", []), "linux.maskedPaths")
+    conf["readonly_paths"] = _str_list(value.get("readonlyPaths", []), "linux.readonlyPaths")
+    sysctl = _obj(value.get("sysctl", {}), "linux.sysctl")
+    for k, v in sysctl.items():
+        _need(isinstance(v, str), "linux.sysctl." + k, "must be a string")
+    conf["sysctl"] = sysctl
+    for ignored in ("resources", "cgroupsPath", "seccomp", "devices", "uidMappings",
+                    "gidMappings", "rootfsPropagation", "mountLabel"):
+        if ignored in value:
+            LOG.debug("linux.%s: handled by the VM boundary, not applied", ignored)
+
+
+def _spec_vm(conf, value):
+    """vm: overrides of vm.json for this container."""
+    _obj(value, "vm")
+    conf["vm"] = value
+
+
+SPEC_HANDLERS = {
+    "ociVersion": _spec_oci_version,
+    "root": _spec_root,
+    "process": _spec_process,
+    "mounts": _spec_mounts,
+    "hostname": _spec_hostname,
+    "hooks": _spec_hooks,
+    "annotations": _spec_annotations,
+    "linux": _spec_linux,
+    "vm": _spec_vm,
+}
+
+
+def load_spec(bundle, need_process=True):
+    """Read and validate BUNDLE/config.json into the container's configuration."""
+    bundle = os.path.abspath(bundle)
+    if not os.path.isdir(bundle):
+        raise Error("bundle %s: no such directory" % bundle)
+    raw = read_json(os.path.join(bundle, "config.json"), "config.json")
+    if not isinstance(raw, dict):
+        raise Error("config.json: must be a JSON object")
+    conf = {"bundle": bundle, "mounts": [], "hooks": {}, "annotations": {}, "hostname": None,
+            "masked": [], "readonly_paths": [], "sysctl": {}, "netns": None, "vm": {}}
+    for section in ("ociVersion", "root"):
+        if section not in raw:
+            raise Error("config.json: %s: missing" % section)
+    if need_process and "process" not in raw:
+        raise Error("config.json: process: missing")
+    for section, value in raw.items():
+        handler = SPEC_HANDLERS.get(section)
+        if handler is None:
+            LOG.debug("config.json: section %s ignored", section)
+            continue
+        try:
+            handler(conf, value)
+        except Error as e:
+            raise Error("config.json: %s" % e) from None
+    return conf
+
+
+# ===========================================================================
+# Hypervisor: vm.json, hypervisor.args, accelerator, kernel
+# ===========================================================================
+
+def find_config_file(name, bundle=None):
+    """The first NAME in the bundle, /etc/cc-oci-runtime, /usr/share/defaults/..., beside us."""
+    dirs = ((bundle,) if bundle else ()) + CONFIG_DIRS
+    for d in dirs:
+        path = os.path.join(d, name)
+        if os.path.isfile(path):
+            return path
+    raise Error("%s not found in %s" % (name, ", ".join(dirs)))
+
+
+def _merge(base, over):
+    """base updated recursively with over (dicts merge, other values replace)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_vm_config(bundle=None, overrides=None):
+    """Defaults, then vm.json (found by lookup order), then config.json's vm object."""
+    vm = dict(DEFAULT_VM)
+    try:
+        path = find_config_file("vm.json", bundle)
+    except Error:
+        path = None
+    if path:
+        raw = read_json(path, "vm.json")
+        if not isinstance(raw, dict) or not isinstance(raw.get("vm"), dict):
+            raise Error("vm.json: %s: must hold an object \"vm\"" % path)
+        vm = _merge(vm, raw["vm"])
+    vm = _merge(vm, overrides or {})
+    _need(isinstance(vm.get("kernel"), dict), "vm.kernel", "must be an object")
+    _need(vm.get("accel") in ("auto", "kvm", "tcg"), "vm.accel", "must be auto, kvm or tcg")
+    _need(vm.get("machine") in ("microvm", "q35", "pc"), "vm.machine", "must be microvm, q35 or pc")
+    _need(_is_int(vm.get("cpus")) and vm["cpus"] > 0, "vm.cpus", "must be a positive integer")
+    _need(isinstance(vm.get("memory"), (str, int)), "vm.memory", "must be a size such as 256M")
+    _need(isinstance(vm.get("boot_timeout"), (int, float)) and vm["boot_timeout"] > 0,
+          "vm.boot_timeout", "must be a positive number of seconds")
+    vm["vm_json"] = path
+    return vm
+
+
+def hw_virt_available(cpuinfo="/proc/cpuinfo", kvm="/dev/kvm"):
+    """Whether the CPU has vmx/svm and /dev/kvm opens (a paravirtual KVM has neither flag)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    if "vmx" not in flags and "svm" not in flags:
+        return False
+    try:
+        os.close(os.open(kvm, os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+def choose_accel(requested, cpuinfo="/proc/cpuinfo", kvm="/dev/kvm"):
+    """kvm or tcg: the requested one, or for auto KVM only when it really works."""
+    if requested in ("kvm", "tcg"):
+        return requested
+    return "kvm" if hw_virt_available(cpuinfo, kvm) else "tcg"
+
+
+def find_qemu(path):
+    """The QEMU binary: an absolute path, or a name looked up in PATH."""
+    import shutil
+    found = path if os.path.isabs(path) and os.access(path, os.X_OK) else shutil.which(path)
+    if not found:
+        raise Error("QEMU not found: %s (install qemu-system-x86: apt-get install qemu-system-x86)"
+                    % path)
+    return found
+
+
+def find_kernel(boot="/boot", modules_root="/lib/modules"):
+    """The newest /boot/vmlinuz-* that has a matching /lib/modules directory."""
+    try:
+        names = os.listdir(boot)
+    except OSError:
+        names = []
+    candidates = []
+    for name in names:
+        if name.startswith("vmlinuz-"):
+            ver = name[len("vmlinuz-"):]
+            if os.path.isdir(os.path.join(modules_root, ver)):
+                candidates.append((_version_key(ver), os.path.join(boot, name), ver))
+    if not candidates:
+        raise Error("no kernel found: no %s/vmlinuz-* with a matching %s directory "
+                    "(install one: apt-get install linux-image-amd64)" % (boot, modules_root))
+    _, path, ver = max(candidates)
+    return path, ver
+
+
+def _version_key(ver):
+    """A sort key for kernel versions (numbers compare as numbers)."""
+    import re
+    return [int(p) if p.isdigit() else p for p in re.split(r"[.\-+]", ver)]
+
+
+def kernel_version_of(path):
+    """The version a kernel file name carries (vmlinuz-6.1.0-1-amd64 -> 6.1.0-1-amd64)."""
+    base = os.path.basename(path)
+    for prefix in ("vmlinuz-", "vmlinux-", "bzImage-"):
+        if base.startswith(prefix):
+            return base[len(prefix):]
+    return os.uname().release
+
+
+def uncompressed_kernel(path, cache_dir=CACHE_DIR):
+    """The ELF vmlinux inside a bzImage, decompressed once into the cache (PVH boots it fast)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"\x7fELF":
+        return path
+    stat = os.stat(path)
+    out = os.path.join(cache_dir, "vmlinux-%s-%d-%d" % (os.path.basename(path), stat.st_size,
+                                                         stat.st_mtime_ns))
+    if os.path.exists(out):
+        return out
+    with open(path, "rb") as f:
+        data = f.read()
+    elf = _decompress_payload(data)
+    if elf is None:
+        LOG.debug("kernel %s: no xz/gzip payload found, booting it as is", path)
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    write_atomic(out, elf)
+    return out
+
+
+def _decompress_payload(data):
+    """The first xz or gzip stream in data that decompresses to an ELF image, or None."""
+    import lzma
+    import zlib
+    for magic, make in ((b"\xfd7zXZ\x00", lambda: lzma.LZMADecompressor()),
+                        (b"\x1f\x8b\x08", lambda: zlib.decompressobj(31))):
+        start = data.find(magic)
+        while start != -1:
+            try:
+                out = make().decompress(data[start:])
+                if out[:4] == b"\x7fELF":
+                    return out
+            except (lzma.LZMAError, zlib.error):
+                pass
+            start = data.find(magic, start + 1)
+    return None
+
+
+def tsc_khz(cpuinfo="/proc/cpuinfo"):
+    """The host TSC frequency in kHz from /proc/cpuinfo (microvm under TCG needs it)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def kernel_params(vm, accel):
+    """The guest kernel command line for this machine and accelerator."""
+    params = [BASE_KERNEL_PARAMS]
+    if vm["machine"] == "microvm":
+        params.append("pci=off")
+        khz = tsc_khz() if accel == "tcg" else None
+        if khz:
+            params.append("tsc_early_khz=%d" % khz)
+    extra = vm["kernel"].get("parameters", "")
+    if extra:
+        params.append(extra)
+    return " ".join(params)
+
+
+def expand_args(text, tags, source="hypervisor.args"):
+    """QEMU argv from hypervisor.args: one argument a line, # comments, @TAG@ expansion.
+
+    A line that is exactly a tag whose value is a list expands into that many arguments."""
+    import re
+    argv = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("@") and line.endswith("@") and isinstance(tags.get(line[1:-1]), list):
+            argv.extend(str(a) for a in tags[line[1:-1]])
+            continue
+
+        def repl(m, lineno=lineno):
+            value = tags.get(m.group(1))
+            if value is None or isinstance(value, list):
+                raise Error("%s:%d: unknown tag @%s@" % (source, lineno, m.group(1)))
+            return str(value)
+        argv.append(re.sub(r"@([A-Z0-9_]+)@", repl, line))
+    return argv
+
+
+def share_list(conf):
+    """The 9p shares: the rootfs, then one per directory that bind mounts need."""
+    shares = [(ROOTFS_TAG, conf["root"]["path"])]
+    by_dir = {}
+    for m in conf["mounts"]:
+        if m["type"] != "bind":
+            continue
+        src = os.path.realpath(m["source"])
+        if os.path.isdir(src):
+            directory, sub = src, ""
+        elif os.path.isfile(src):
+            directory, sub = os.path.dirname(src), os.path.basename(src)
+        else:
+            LOG.debug("mount %s: source %s is not a file or directory, skipped",
+                      m["destination"], src)
+            m["skip"] = True
+            continue
+        if directory not in by_dir:
+            by_dir[directory] = "share%d" % len(by_dir)
+            shares.append((by_dir[directory], directory))
+        m["share"], m["subpath"] = by_dir[directory], sub
+    return shares
+
+
+def share_args(shares, bus):
+    """-fsdev/-device pairs exporting each share over virtio-9p."""
+    argv = []
+    for i, (tag, path) in enumerate(shares):
+        argv += ["-fsdev", "local,id=fs%d,path=%s,security_model=none" % (i, _qemu_escape(path)),
+                 "-device", "virtio-9p-%s,fsdev=fs%d,mount_tag=%s" % (bus, i, tag)]
+    return argv
+
+
+def qemu_command(cid, vm, conf, state_dir, image):
+    """The full QEMU argv for one container."""
+    import uuid
+    accel = vm["accel_used"]
+    machine = vm["machine"]
+    tags = {
+        "NAME": "cc-" + cid[:32], "UUID": str(uuid.uuid4()), "ACCEL": accel,
+        "CPU": "host" if accel == "kvm" else "max",
+        "MACHINE": "microvm,pit=on,pic=on,rtc=on" if machine == "microvm" else machine,
+        "VIRTIO": "device" if machine == "microvm" else "pci",
+        "MEMORY": vm["memory"], "CPUS": vm["cpus"],
+        "KERNEL": _qemu_escape(vm["kernel_image"]), "KERNEL_PARAMS": kernel_params(vm, accel),
+        "IMAGE": _qemu_escape(image),
+        "COMMS_SOCKET": "qmp.sock",
+        "AGENT_CTL_SOCKET": "agent.sock",
+        "CONSOLE_DEVICE": "console.log",
+        "AGENT_PORT": AGENT_PORT,
+        "SHARES": share_args(share_list(conf), "device" if machine == "microvm" else "pci"),
+    }
+    path = vm.get("hypervisor_args") or find_config_file("hypervisor.args", conf["bundle"])
+    with open(path) as f:
+        text = f.read()
+    return [vm["qemu"]] + expand_args(text, tags, path)
+
+
+def resolve_vm(conf):
+    """vm.json plus config.json's vm, with QEMU, kernel and accelerator resolved."""
+    vm = load_vm_config(conf["bundle"], conf.get("vm"))
+    vm["qemu"] = find_qemu(vm["path"])
+    kpath = vm["kernel"].get("path") or ""
+    if kpath:
+        if not os.path.isfile(kpath):
+            raise Error("vm.kernel.path: %s: no such file" % kpath)
+        version = vm["kernel"].get("version") or kernel_version_of(kpath)
+    else:
+        kpath, version = find_kernel()
+    vm["kernel_path"], vm["kernel_version"] = kpath, version
+    vm["modules_dir"] = vm.get("modules") or os.path.join("/lib/modules", version)
+    vm["accel_used"] = choose_accel(vm["accel"])
+    vm["kernel_image"] = uncompressed_kernel(kpath)
+    return vm
+
+
+# ===========================================================================
+# Guest image: an initramfs built from the host's Python and kernel modules
+# ===========================================================================
+
+IMAGE_FORMAT = 3  # bump when the image layout changes
+AGENT_IMPORTS = ("ctypes", "resource", "termios", "select", "json", "struct", "errno",
+                 "fcntl", "socket", "signal", "time", "traceback")
+
+
+class CpioWriter:
+    """A cpio "newc" archive writer (what the kernel unpacks as an initramfs)."""
+
+    def __init__(self, out):
+        self.out, self.ino, self.names = out, 1, set()
+
+    def _entry(self, name, mode, data=b"", mtime=0, rdev=(0, 0), nlink=1):
+        """Write one header, name and data, each padded to 4 bytes."""
+        name = name.strip("/") or "."
+        if name in self.names:
+            return
+        self.names.add(name)
+        encoded = name.encode() + b"\0"
+        fields = (self.ino, mode, 0, 0, nlink, int(mtime), len(data), 0, 0, rdev[0], rdev[1],
+                  len(encoded), 0)
+        self.ino += 1
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self.out.write(header + encoded + b"\0" * (-(len(header) + len(encoded)) % 4))
+        self.out.write(data + b"\0" * (-len(data) % 4))
+
+    def add_dir(self, name, mode=0o755):
+        """A directory, with its parents."""
+        self._parents(name)
+        self._entry(name, 0o040000 | mode, nlink=2)
+
+    def add_file(self, name, data, mode=0o644, mtime=0):
+        """A regular file, with its parent directories."""
+        self._parents(name)
+        self._entry(name, 0o100000 | mode, data, mtime)
+
+    def add_symlink(self, name, target):
+        """A symbolic link."""
+        self._parents(name)
+        self._entry(name, 0o120777, target.encode())
+
+    def add_device(self, name, char, major, minor, mode=0o600):
+        """A character (or block) device node."""
+        self._parents(name)
+        self._entry(name, (0o020000 if char else 0o060000) | mode, rdev=(major, minor))
+
+    def _parents(self, name):
+        """Add the missing parent directories of name."""
+        parts = name.strip("/").split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            path = "/".join(parts[:i])
+            if path not in self.names:
+                self._entry(path, 0o040755, nlink=2)
+
+    def close(self):
+        """Write the trailer."""
+        self._entry("TRAILER!!!", 0)
+
+
+def read_cpio(data):
+    """Parse a newc archive into {name: (mode, data, (rdevmajor, rdevminor))} (for tests and check)."""
+    out, pos = {}, 0
+    while pos < len(data):
+        if data[pos:pos + 6] != b"070701":
+            raise Error("cpio: bad magic at offset %d" % pos)
+        f = [int(data[pos + 6 + 8 * i: pos + 14 + 8 * i], 16) for i in range(13)]
+        namesize, filesize = f[11], f[6]
+        name_start = pos + 110
+        name = data[name_start:name_start + namesize - 1].decode()
+        data_start = name_start + namesize + (-(110 + namesize) % 4)
+        if name == "TRAILER!!!":
+            break
+        out[name] = (f[1], data[data_start:data_start + filesize], (f[9], f[10]))
+        pos = data_start + filesize + (-filesize % 4)
+    return out
+
+
+def _python_manifest(python):
+    """Files the agent needs from this interpreter: modules and mapped shared objects."""
+    code = ("import sys,json,os\nsys.path.insert(0, %r)\nimport cc_oci_runtime as r\n"
+            "for m in r.AGENT_IMPORTS: __import__(m)\n"
+            "mods = sorted({getattr(m, '__file__', None) or '' for m in list(sys.modules.values())})\n"
+            "maps = sorted({l.split(None, 5)[5].strip() for l in open('/proc/self/maps') "
+            "if len(l.split(None, 5)) == 6 and l.split(None, 5)[5].startswith('/')})\n"
+            "print(json.dumps({'modules': [m for m in mods if m], 'maps': maps, "
+            "'stdlib': os.path.dirname(os.__file__), 'version': sys.version}))\n" % SCRIPT_DIR)
+    import subprocess
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True, check=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise Error("guest image: cannot inspect the interpreter %s: %s" % (python, e)) from None
+    return json.loads(out)
+
+
+def guest_modules(modules_dir, names=GUEST_MODULES):
+    """The .ko files for names and their dependencies, in load order (modules.dep)."""
+    deps, by_name = {}, {}
+    try:
+        with open(os.path.join(modules_dir, "modules.dep")) as f:
+            for line in f:
+                path, _, rest = line.partition(":")
+                deps[path] = rest.split()
+                by_name[_module_name(path)] = path
+    except OSError:
+        raise Error("kernel modules: %s/modules.dep not found (install the kernel's modules)"
+                    % modules_dir) from None
+    builtin = set()
+    try:
+        with open(os.path.join(modules_dir, "modules.builtin")) as f:
+            builtin = {_module_name(ln.strip()) for ln in f}
+    except OSError:
+        pass
+    order = []
+
+    def visit(path):
+        for dep in deps.get(path, []):
+            visit(dep)
+        if path not in order:
+            order.append(path)
+    for name in names:
+        key = name.replace("-", "_")
+        if key in by_name:
+            visit(by_name[key])
+        elif key not in builtin:
+            raise Error("kernel module %s not found in %s" % (name, modules_dir))
+    return [os.path.join(modules_dir, p) for p in order]
+
+
+def _module_name(path):
+    """The module name of a .ko path (dashes as underscores)."""
+    return os.path.basename(path).split(".ko")[0].replace("-", "_")
+
+
+def _module_bytes(path):
+    """A module's contents, decompressed when it is .ko.xz or .ko.gz."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".xz"):
+        import lzma
+        return lzma.decompress(data)
+    if path.endswith(".gz"):
+        import gzip
+        return gzip.decompress(data)
+    if path.endswith(".zst"):
+        raise Error("kernel module %s: zstd-compressed modules are not supported" % path)
+    return data
+
+
+def elf_interpreter(path):
+    """The PT_INTERP (dynamic loader) path of a 64-bit ELF executable, or None."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2:
+            return None
+        phoff, = struct.unpack_from("<Q", head, 32)
+        phentsize, phnum = struct.unpack_from("<HH", head, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        for i in range(phnum):
+            ptype, _flags, offset, _va, _pa, size = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+            if ptype == 3:  # PT_INTERP
+                f.seek(offset)
+                return f.read(size).rstrip(b"\0").decode()
+    return None
+
+
+def _add_library_links(w, path):
+    """Add the symlinks beside a shared library that point at it (its soname links)."""
+    if ".so" not in os.path.basename(path):
+        return
+    real = os.path.realpath(path)
+    directory = os.path.dirname(path)
+    stem = os.path.basename(path).split(".so")[0] + ".so"
+    for entry in os.scandir(directory):
+        if entry.name.startswith(stem) and entry.is_symlink() and \
+                os.path.realpath(entry.path) == real:
+            w.add_symlink(entry.path, os.readlink(entry.path))
+
+
+def _pyc_bytes(source_path):
+    """A sourceless .pyc for a module file (compiled here, unchecked)."""
+    with open(source_path, "rb") as f:
+        return _pyc_from_source(f.read(), source_path)
+
+
+def _add_host_path(w, path, data=None, like=None):
+    """Add a host file at its own path, recreating symlinked directories on the way.
+
+    With data, the file's contents are data and its mode and mtime those of `like`."""
+    parts = path.strip("/").split("/")
+    cur = ""
+    for i, part in enumerate(parts):
+        cur += "/" + part
+        if os.path.islink(cur):
+            target = os.readlink(cur)
+            w.add_symlink(cur, target)
+            rest = "/".join(parts[i + 1:])
+            resolved = os.path.normpath(os.path.join(os.path.dirname(cur), target))
+            return _add_host_path(w, resolved + ("/" + rest if rest else ""), data, like)
+    st = os.stat(like or cur)
+    if data is None:
+        with open(cur, "rb") as f:
+            data = f.read()
+    w.add_file(cur, data, st.st_mode & 0o777, st.st_mtime)
+
+
+def _image_inputs(python, modules_dir):
+    """The interpreter's manifest (cached per interpreter and script) and the module list."""
+    import hashlib
+    with open(os.path.realpath(__file__), "rb") as f:
+        script = f.read()
+    st = os.stat(python)
+    key = hashlib.sha256(script + ("%s|%d|%d" % (python, st.st_size, st.st_mtime_ns)).encode())
+    manifest_path = os.path.join(CACHE_DIR, "manifest-%s.json" % key.hexdigest()[:20])
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        manifest = _python_manifest(python)
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        write_atomic(manifest_path, json.dumps(manifest))
+    return script, manifest, guest_modules(modules_dir)
+
+
+def guest_image(vm, python=None):
+    """The initramfs for this host: built on first use, cached by its inputs, written atomically."""
+    import hashlib
+    python = os.path.realpath(python or sys.executable)
+    script, manifest, modules = _image_inputs(python, vm["modules_dir"])
+    digest = hashlib.sha256(script + b"%d" % IMAGE_FORMAT)
+    files = [python] + manifest["maps"] + manifest["modules"] + modules + ["/etc/ld.so.cache"]
+    for path in files:
+        try:
+            st = os.stat(path)
+            digest.update(("%s|%d|%d\n" % (path, st.st_size, st.st_mtime_ns)).encode())
+        except OSError:
+            digest.update(("%s|missing\n" % path).encode())
+    out = os.path.join(CACHE_DIR, "initrd-%s.cpio" % digest.hexdigest()[:24])
+    if os.path.exists(out):
+        return out
+    LOG.info("building guest image %s", out)
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    tmp = "%s.tmp.%d" % (out, os.getpid())
+    try:
+        with open(tmp, "wb") as f:
+            _write_image(CpioWriter(f), python, manifest, modules, script)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def _write_image(w, python, manifest, modules, script):
+    """The initramfs contents: interpreter, libraries, modules, agent, /init."""
+    for d in ("dev", "proc", "sys", "run", "tmp", "mnt", GUEST_MODULES_DIR.strip("/")):
+        w.add_dir(d)
+    w.add_device("dev/console", True, 5, 1)
+    w.add_device("dev/null", True, 1, 3, 0o666)
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            w.add_symlink(top, os.readlink(top))
+    for path in [python, elf_interpreter(python)] + manifest["maps"]:
+        if path and os.path.isfile(path):
+            _add_host_path(w, path)
+            _add_library_links(w, path)
+    if os.path.exists("/etc/ld.so.cache"):
+        _add_host_path(w, "/etc/ld.so.cache")
+    stdlib = manifest["stdlib"]
+    sources = set(manifest["modules"]) | {os.path.join(stdlib, "os.py")}
+    for path in sorted(sources):
+        if path.endswith(".py") and os.path.isfile(path):
+            _add_host_path(w, path[:-3] + ".pyc", _pyc_bytes(path), path)
+        elif os.path.isfile(path):
+            _add_host_path(w, path)
+    w.add_dir(os.path.join(stdlib, "lib-dynload"))
+    for i, path in enumerate(modules):
+        w.add_file("%s/%02d-%s.ko" % (GUEST_MODULES_DIR.strip("/"), i, _module_name(path)),
+                   _module_bytes(path))
+    w.add_file("cc_oci_runtime.pyc", _pyc_from_source(script, "/cc_oci_runtime.py"))
+    init = ("#!%s -IS\nimport sys\nsys.path.insert(0, '/')\nimport cc_oci_runtime\n"
+            "cc_oci_runtime.agent_main()\n" % python)
+    w.add_file("init", init.encode(), 0o755)
+    w.close()
+
+
+def _pyc_from_source(source, name):
+    """A sourceless .pyc for source bytes."""
+    import importlib.util
+    import marshal
+    code = compile(source, name, "exec", dont_inherit=True)
+    return importlib.util.MAGIC_NUMBER + struct.pack("<III", 0, 0, 0) + marshal.dumps(code)
+
+
+# ===========================================================================
+# Agent protocol: frames on the virtio-serial port and on the monitor's socket
+# ===========================================================================
+# A frame is (kind, stream, length) then length bytes. MSG frames carry one JSON
+# object; DATA frames carry bytes of one stream, stream = process * 4 + fd, and an
+# empty DATA frame is end-of-file. Process 0 is the container's own process.
+
+FRAME = struct.Struct("!BII")
+MSG, DATA = 1, 2
+CHUNK = 65536
+
+
+def send_msg(fd, obj):
+    """Send one JSON message frame."""
+    payload = json.dumps(obj).encode()
+    _write_all(fd, FRAME.pack(MSG, 0, len(payload)) + payload)
+
+
+def send_data(fd, stream, data):
+    """Send one data frame (empty data means end-of-file)."""
+    _write_all(fd, FRAME.pack(DATA, stream, len(data)) + bytes(data))
+
+
+def stream_id(proc, fd):
+    """The stream number of fd 0/1/2 of process proc."""
+    return proc * 4 + fd
+
+
+class FrameReader:
+    """Reassembles frames from the bytes read off a socket or port."""
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    def feed(self, data):
+        """Add bytes; return the complete frames as (kind, stream, payload)."""
+        self.buf += data
+        frames = []
+        while len(self.buf) >= FRAME.size:
+            kind, stream, length = FRAME.unpack_from(self.buf)
+            if len(self.buf) < FRAME.size + length:
+                break
+            payload = bytes(self.buf[FRAME.size:FRAME.size + length])
+            del self.buf[:FRAME.size + length]
+            frames.append((kind, stream, json.loads(payload) if kind == MSG else payload))
+        return frames
+
+
+def read_msg(fd, reader, timeout):
+    """Block until the next MSG frame on fd (data frames before it are dropped)."""
+    import select
+    deadline = time.monotonic() + timeout
+    while True:
+        for kind, _, payload in reader.feed(b""):
+            if kind == MSG:
+                return payload
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise Error("timed out waiting for the container's monitor")
+        data = os.read(fd, CHUNK)
+        if not data:
+            raise Error("the container's monitor closed the connection")
+        reader.buf += data
+
+
+def monitor_request(state, request, timeout=30):
+    """Send one request to a container's monitor and return its reply (errors raise)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(state.path("ctl.sock"))
+    except OSError:
+        sock.close()
+        raise Error("container not running") from None
+    with sock:
+        send_msg(sock.fileno(), request)
+        reply = read_msg(sock.fileno(), FrameReader(), timeout)
+    if reply.get("error"):
+        raise Error(reply["error"])
+    return reply
+
+
+def connect_unix(directory, name, timeout=None):
+    """Connect to the socket directory/name, even when the full path is too long for AF_UNIX."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    path = os.path.join(directory, name)
+    dfd = None
+    try:
+        if len(path) >= 100:
+            dfd = os.open(directory, os.O_PATH | os.O_CLOEXEC)
+            path = "/proc/self/fd/%d/%s" % (dfd, name)
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+    sock.settimeout(None)
+    return sock
+
+
+def guest_config(cid, conf):
+    """What the agent needs to set the container up (share_list has tagged the binds)."""
+    return {"id": cid, "hostname": conf.get("hostname"), "process": conf["process"],
+            "mounts": [m for m in conf["mounts"] if not m.get("skip")],
+            "readonly": conf["root"]["readonly"], "masked": conf["masked"],
+            "readonly_paths": conf["readonly_paths"], "sysctl": conf["sysctl"]}
+
+
+# ===========================================================================
+# Monitor: one per container, parent of QEMU, relay of stdio and signals
+# ===========================================================================
+
+class Monitor:
+    """Runs QEMU, boots the agent, relays stdio and signals, exits with the workload's status."""
+
+    def __init__(self, state_dir, cid, gconf, argv, vm, netns, notify_fd, stdio=(0, 1, 2)):
+        self.dir, self.id, self.gconf, self.argv, self.vm = state_dir, cid, gconf, argv, vm
+        self.netns, self.notify_fd = netns, notify_fd
+        self.stdin, self.stdout, self.stderr = stdio
+        self.qemu_pid, self.qemu_status, self.agent = None, None, None
+        self.reader = FrameReader()
+        self.clients, self.pending, self.procs = {}, {}, {}
+        self.signals, self.next_id, self.next_proc = [], 1, 1
+        self.exit_code, self.ctl = None, None
+
+    # -- start-up ----------------------------------------------------------
+    def run(self):
+        """The monitor's whole life; returns its exit code."""
+        try:
+            self._setup()
+            self._boot()
+        except (Error, OSError) as e:
+            msg = str(e) if isinstance(e, Error) else "monitor: %s" % e
+            LOG.debug("monitor: boot failed: %s", msg)
+            self._notify({"error": msg})
+            self._stop_qemu(0)
+            return 1
+        self._notify({"ok": True, "qemu_pid": self.qemu_pid,
+                      "qemu_start": proc_start_time(self.qemu_pid)})
+        return self._loop()
+
+    def _setup(self):
+        """New session, sub-reaper, the container's network namespace, signal wake-ups."""
+        os.setsid()
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+        os.chdir(self.dir)
+        if self.netns:
+            enter_netns(self.netns)
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_fd = rfd
+        signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        for sig in FORWARDED_SIGNALS + (signal.SIGCHLD,):
+            signal.signal(sig, lambda s, _f: self.signals.append(s))
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def _notify(self, obj):
+        """Tell the creating CLI how the boot went (once)."""
+        if self.notify_fd is not None:
+            try:
+                _write_all(self.notify_fd, (json.dumps(obj) + "\n").encode())
+            except OSError:
+                pass
+            os.close(self.notify_fd)
+            self.notify_fd = None
+
+    def _boot(self):
+        """Start QEMU, wait for the agent, and have it prepare the container."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind("agent.sock")
+        listener.listen(1)
+        self.qemu_pid = self._spawn_qemu()
+        deadline = time.monotonic() + float(self.vm["boot_timeout"])
+        listener.settimeout(0.1)
+        while self.agent is None:
+            self._check_qemu_alive()
+            if time.monotonic() > deadline:
+                raise Error("QEMU did not connect to the agent socket")
+            try:
+                self.agent_sock, _ = listener.accept()
+                self.agent_sock.setblocking(True)
+                self.agent = self.agent_sock.fileno()
+            except socket.timeout:
+                pass
+        listener.close()
+        self._wait_agent("ready", deadline)
+        send_msg(self.agent, {"op": "create", "config": self.gconf, "time": time.time()})
+        self._wait_agent("created", deadline)
+        self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ctl.bind("ctl.sock")
+        self.ctl.listen(16)
+
+    def _spawn_qemu(self):
+        """fork/exec QEMU with PR_SET_PDEATHSIG so that it never outlives the monitor."""
+        log_fd = os.open("qemu.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        parent = os.getpid()
+        LOG.debug("qemu: %s", " ".join(self.argv))
+        pid = os.fork()
+        if pid == 0:
+            try:
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() != parent:
+                    os._exit(1)
+                os.dup2(null_fd, 0)
+                os.dup2(log_fd, 1)
+                os.dup2(log_fd, 2)
+                for sig in FORWARDED_SIGNALS + (signal.SIGCHLD, signal.SIGPIPE):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.execv(self.argv[0], self.argv)
+            finally:
+                os._exit(127)
+        os.close(log_fd)
+        os.close(null_fd)
+        return pid
+
+    def _check_qemu_alive(self):
+        """Raise with QEMU's own words when it has exited during boot."""
+        if self._reap_qemu():
+            raise Error("the VM exited during boot (status %d): %s"
+                        % (exit_status(self.qemu_status), _tail("qemu.log") or _tail("console.log")))
+
+    def _reap_qemu(self):
+        """Collect QEMU's status if it has exited; True when it has."""
+        if self.qemu_status is None and self.qemu_pid:
+            try:
+                pid, status = os.waitpid(self.qemu_pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = self.qemu_pid, 0
+            if pid:
+                self.qemu_status = status
+        while True:  # reap anything else reparented to us
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] <= 0:
+                    break
+            except ChildProcessError:
+                break
+        return self.qemu_status is not None
+
+    def _wait_agent(self, op, deadline):
+        """Read agent frames until message op arrives (an error message raises)."""
+        import select
+        while True:
+            for kind, _stream, msg in self.reader.feed(b""):
+                if kind == MSG and msg.get("op") == "error":
+                    raise Error(msg["msg"])
+                if kind == MSG and msg.get("op") == op:
+                    return msg
+            self._check_qemu_alive()
+            if time.monotonic() > deadline:
+                raise Error("timed out after %ss waiting for the VM to boot (see %s)"
+                            % (self.vm["boot_timeout"], os.path.join(self.dir, "console.log")))
+            if select.select([self.agent], [], [], 0.2)[0]:
+                data = os.read(self.agent, CHUNK)
+                if not data:
+                    self._reap_qemu_wait(2)
+                    self._check_qemu_alive()
+                    raise Error("the VM closed the agent channel during boot")
+                self.reader.buf += data
+
+    # -- the relay loop ----------------------------------------------------
+    def _loop(self):
+        """Relay until the workload exits; return its status."""
+        import selectors
+        self.sel = sel = selectors.DefaultSelector()
+        sel.register(self.agent, selectors.EVENT_READ, "agent")
+        sel.register(self.ctl.fileno(), selectors.EVENT_READ, "ctl")
+        sel.register(self.wake_fd, selectors.EVENT_READ, "wake")
+        while self.exit_code is None:
+            for key, _ in sel.select(1.0):
+                if self.exit_code is not None:
+                    break
+                getattr(self, "_on_" + key.data[0] if isinstance(key.data, tuple) else
+                        "_on_" + key.data)(key)
+            self._handle_signals()
+        self._finish()
+        return self.exit_code
+
+    def _on_agent(self, _key):
+        """Frames from the guest."""
+        data = os.read(self.agent, CHUNK)
+        if not data:
+            self._reap_qemu_wait(2)
+            status = self.qemu_status if self.qemu_status is not None else 0
+            LOG.warning("the VM went away before the workload reported its exit")
+            self._record_exit(137 if os.WIFSIGNALED(status) or not status else 255)
+            return
+        for kind, stream, payload in self.reader.feed(data):
+            if kind == MSG:
+                self._on_agent_msg(payload)
+            else:
+                self._on_agent_data(stream, payload)
+
+    def _on_agent_msg(self, msg):
+        """A reply to a request, or an exit event."""
+        if "id" in msg:
+            client = self.pending.pop(msg.pop("id"), None)
+            if client is not None:
+                self._reply(client, msg)
+            return
+        if msg.get("op") == "exit":
+            proc = msg.get("proc", 0)
+            if proc == 0:
+                self._record_exit(msg["status"])
+            else:
+                client = self.procs.pop(proc, None)
+                if client is not None:
+                    self._reply(client, msg)
+
+    def _on_agent_data(self, stream, payload):
+        """Output of a guest process: ours to stdout/stderr, an exec's to its client."""
+        proc, fd = divmod(stream, 4)
+        if proc == 0:
+            target = self.stdout if fd == 1 else self.stderr
+            if payload and target is not None:
+                try:
+                    _write_all(target, payload)
+                except OSError:
+                    pass
+        else:
+            client = self.procs.get(proc)
+            if client is not None:
+                self._send_client(client, lambda c: send_data(c, stream, payload))
+
+    def _on_ctl(self, _key):
+        """A CLI or exec monitor connects."""
+        import selectors
+        sock, _ = self.ctl.accept()
+        self.clients[sock.fileno()] = {"sock": sock, "reader": FrameReader()}
+        self.sel.register(sock.fileno(), selectors.EVENT_READ, ("client", sock.fileno()))
+
+    def _on_client(self, key):
+        """A request (or exec stdin) from a connected client."""
+        fd = key.data[1]
+        client = self.clients.get(fd)
+        try:
+            data = os.read(fd, CHUNK)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_client(fd)
+            return
+        for kind, stream, payload in client["reader"].feed(data):
+            if kind == DATA:
+                proc = stream // 4
+                if self.procs.get(proc) == fd:
+                    send_data(self.agent, stream, payload)
+                continue
+            self._on_client_msg(fd, payload)
+
+    def _on_client_msg(self, fd, msg):
+        """Forward a client's request to the agent, tagging it so that the reply comes back."""
+        op = msg.get("op")
+        if op == "exec":
+            msg["proc"] = self.next_proc
+            self.procs[self.next_proc] = fd
+            self.next_proc += 1
+        elif op == "start":
+            self._watch_stdin()
+        msg["id"] = self.next_id
+        self.pending[self.next_id] = fd
+        self.next_id += 1
+        send_msg(self.agent, msg)
+
+    def _on_stdin(self, _key):
+        """The container's stdin, passed on to the workload (empty = EOF)."""
+        try:
+            data = os.read(self.stdin, CHUNK)
+        except OSError:
+            data = b""
+        send_data(self.agent, stream_id(0, 0), data)
+        if not data:
+            self.sel.unregister(self.stdin)
+
+    def _on_wake(self, _key):
+        """Drain the signal wake-up pipe (signals are handled after each round)."""
+        try:
+            os.read(self.wake_fd, 4096)
+        except BlockingIOError:
+            pass
+
+    def _watch_stdin(self):
+        """Start relaying stdin once the workload starts."""
+        import selectors
+        if self.stdin is None:
+            return
+        try:
+            os.fstat(self.stdin)
+            self.sel.register(self.stdin, selectors.EVENT_READ, "stdin")
+        except (OSError, ValueError):
+            send_data(self.agent, stream_id(0, 0), b"")
+        except PermissionError:
+            pass
+
+    def _handle_signals(self):
+        """Forward signals to the workload; notice QEMU's death."""
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig == signal.SIGCHLD:
+                if self._reap_qemu() and self.exit_code is None:
+                    # QEMU is gone; the agent channel's EOF will follow.
+                    pass
+                continue
+            try:
+                send_msg(self.agent, {"op": "signal", "proc": 0, "sig": int(sig)})
+            except OSError:
+                pass
+
+    def _reply(self, fd, msg):
+        """Send a JSON reply to a client."""
+        self._send_client(fd, lambda c: send_msg(c, msg))
+
+    def _send_client(self, fd, send):
+        """Run send on a client's fd, dropping the client when it has gone."""
+        if fd not in self.clients:
+            return
+        try:
+            send(fd)
+        except OSError:
+            self._drop_client(fd)
+
+    def _drop_client(self, fd):
+        """Forget a disconnected client."""
+        client = self.clients.pop(fd, None)
+        if client is not None:
+            self.sel.unregister(fd)
+            client["sock"].close()
+        for proc in [p for p, c in self.procs.items() if c == fd]:
+            del self.procs[proc]
+
+    # -- the end -----------------------------------------------------------
+    def _record_exit(self, status):
+        """Write the exit record that makes the container stopped."""
+        self.exit_code = status
+        write_atomic(os.path.join(self.dir, "exit.json"),
+                     json.dumps({"status": status, "time": _now_rfc3339()}))
+
+    def _finish(self):
+        """Let the VM power off (or kill it) and close everything."""
+        self._reap_qemu_wait(3)
+        self._stop_qemu(0)
+        for fd in list(self.clients):
+            self._drop_client(fd)
+
+    def _reap_qemu_wait(self, timeout):
+        """Wait up to timeout seconds for QEMU to exit by itself."""
+        deadline = time.monotonic() + timeout
+        while not self._reap_qemu() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _stop_qemu(self, grace):
+        """Kill QEMU if it still runs, and reap it."""
+        if self.qemu_pid and not self._reap_qemu():
+            try:
+                os.kill(self.qemu_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._reap_qemu_wait(5)
+
+
+def _tail(path, lines=5):
+    """The last lines of a small log file, on one line."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()[-4096:].decode(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(ln.strip() for ln in text.strip().splitlines()[-lines:])
+
+
+def enter_netns(netns):
+    """Join the network namespace at path, or make a new one for "new"."""
+    libc = _libc()
+    if netns == "new":
+        _check_libc(libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        return
+    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check_libc(libc.setns(fd, CLONE_NEWNET), "setns %s" % netns)
+    finally:
+        os.close(fd)
+
+
+# ===========================================================================
+# Agent: this file as PID 1 inside the guest
+# ===========================================================================
+
+GUEST_ROOT = "/run/cc/root"
+GUEST_SHARES = "/run/cc/shares"
+NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
+DEFAULT_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+                   ("urandom", 1, 9), ("tty", 5, 0))
+DEFAULT_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                     ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                     ("ptmx", "pts/ptmx"), ("core", "/proc/kcore"))
+
+
+def mount(source, target, fstype, flags=0, data=""):
+    """mount(2) through libc."""
+    enc = (lambda s: s.encode() if s else None)
+    _check_libc(_libc().mount(enc(source), enc(target), enc(fstype), flags, enc(data)),
+                "mount %s on %s" % (fstype or source, target))
+
+
+def mount_options(options):
+    """(flags, data string) from OCI mount options."""
+    flags, data = 0, []
+    for opt in options:
+        if opt in MOUNT_OPTIONS:
+            bit, on = MOUNT_OPTIONS[opt]
+            flags = flags | bit if on else flags & ~bit
+        elif opt not in PROPAGATION_OPTIONS:
+            data.append(opt)
+    return flags, ",".join(data)
+
+
+def resolve_executable(args0, env, cwd="/"):
+    """The path exec would run for args0 (PATH from env), or an Error saying why not."""
+    if "/" in args0:
+        path = os.path.join(cwd, args0)
+        if not os.path.exists(path):
+            raise Error('exec: "%s": stat %s: no such file or directory' % (args0, args0))
+        if os.path.isdir(path) or not os.access(path, os.X_OK):
+            raise Error('exec: "%s": permission denied' % args0)
+        return args0
+    search = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
+    for d in search.split(":"):
+        path = os.path.join(d or ".", args0)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise Error('exec: "%s": executable file not found in $PATH: no such file or directory'
+                % args0)
+
+
+def _power_off():
+    """Power the VM off (PID 1 never returns)."""
+    os.sync()
+    try:
+        _libc().reboot(0x4321FEDC)
+    finally:
+        os._exit(0)
+
+
+def agent_main():
+    """Entry point of PID 1 in the guest."""
+    try:
+        Agent().run()
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    _power_off()
+
+
+class Agent:
+    """Prepares the container in the guest on the host's command and runs its processes."""
+
+    def __init__(self):
+        self.port, self.reader, self.conf = None, FrameReader(), None
+        self.procs, self.out_fds = {}, {}
+        self.finished = False
+
+    def run(self):
+        """Boot chores, then serve the host until the container's process ends."""
+        import select
+        self._boot()
+        self.poll = select.poll()
+        self.poll.register(self.port, select.POLLIN)
+        self.poll.register(self.wake_fd, select.POLLIN)
+        send_msg(self.port, {"op": "ready"})
+        while not self.finished:
+            for fd, _ev in self.poll.poll(1000):
+                if fd == self.port:
+                    self._on_port()
+                elif fd == self.wake_fd:
+                    self._on_sigchld()
+                elif fd in self.out_fds:
+                    self._on_output(fd)
+            self._report_exits()
+
+    # -- boot --------------------------------------------------------------
+    def _boot(self):
+        """Mount /proc, /sys, /dev; load the modules; open the agent port."""
+        for target, fstype in (("/proc", "proc"), ("/sys", "sysfs"), ("/dev", "devtmpfs")):
+            try:
+                mount(fstype, target, fstype, MS_NOSUID | MS_NOEXEC if fstype != "devtmpfs" else 0)
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+        for name in sorted(os.listdir(GUEST_MODULES_DIR)):
+            fd = os.open(os.path.join(GUEST_MODULES_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc().syscall(313, fd, b"", 0) != 0:  # finit_module
+                    import ctypes
+                    if ctypes.get_errno() != errno.EEXIST:
+                        print("agent: cannot load %s: %s" % (name, os.strerror(ctypes.get_errno())))
+            finally:
+                os.close(fd)
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_fd = rfd
+        signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.port = self._open_port()
+
+    @staticmethod
+    def _open_port(timeout=10.0):
+        """The virtio-serial port named "agent" (its node may take a moment to appear)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                for dev in os.listdir("/sys/class/virtio-ports"):
+                    with open("/sys/class/virtio-ports/%s/name" % dev) as f:
+                        if f.read().strip() == AGENT_PORT:
+                            return os.open("/dev/" + dev, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise OSError(errno.ENODEV, "virtio port %s not found" % AGENT_PORT)
+            time.sleep(0.01)
+
+    # -- host messages -----------------------------------------------------
+    def _on_port(self):
+        """Frames from the host."""
+        data = os.read(self.port, CHUNK)
+        if not data:
+            time.sleep(0.05)  # no host connected yet
+            return
+        for kind, stream, payload in self.reader.feed(data):
+            if kind == DATA:
+                self._on_stdin(stream // 4, payload)
+                continue
+            reply = {"id": payload["id"]} if "id" in payload else {}
+            try:
+                result = getattr(self, "_op_" + payload.get("op", "none"))(payload)
+                reply.update(result or {"op": "ok"})
+            except (Error, OSError) as e:
+                reply.update({"op": "error", "error": str(e), "msg": str(e)})
+            send_msg(self.port, reply)
+
+    def _op_create(self, msg):
+        """Mount the container's rootfs and filesystems; check its process can run."""
+        if msg.get("time"):
+            time.clock_settime(time.CLOCK_REALTIME, msg["time"])
+        self.conf = c = msg["config"]
+        if c.get("hostname"):
+            socket.sethostname(c["hostname"])
+        for key, value in c.get("sysctl", {}).items():
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                f.write(value)
+        os.makedirs(GUEST_ROOT, exist_ok=True)
+        mount(ROOTFS_TAG, GUEST_ROOT, "9p", 0, NINEP_OPTIONS)
+        dests = {m["destination"] for m in c["mounts"]}
+        if "/dev" not in dests:
+            self._mount_one({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]})
+        for m in c["mounts"]:
+            self._mount_one(m)
+        if "/dev/pts" not in dests:
+            self._mount_one({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666",
+                                         "mode=0620"]})
+        for path in c.get("masked", []):
+            self._mask(GUEST_ROOT + path)
+        for path in c.get("readonly_paths", []):
+            target = GUEST_ROOT + path
+            if os.path.exists(target):
+                mount(target, target, None, MS_BIND | MS_REC)
+                mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC)
+        if c.get("readonly"):
+            mount(None, GUEST_ROOT, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        self.exe = self._check_process(c["process"])
+        self.procs[0] = {"pid": None, "status": None, "process": c["process"], "open": 0}
+        return {"op": "created"}
+
+    def _mount_one(self, m):
+        """One OCI mount under the container's root."""
+        target = GUEST_ROOT + m["destination"]
+        flags, data = mount_options(m.get("options", []))
+        if m["type"] == "bind":
+            share = os.path.join(GUEST_SHARES, m["share"])
+            if not os.path.ismount(share):
+                os.makedirs(share, exist_ok=True)
+                mount(m["share"], share, "9p", 0, NINEP_OPTIONS)
+            source = os.path.join(share, m["subpath"]) if m["subpath"] else share
+            _make_mountpoint(target, os.path.isdir(source))
+            mount(source, target, None, MS_BIND | (flags & MS_REC))
+            if flags & ~(MS_BIND | MS_REC):
+                mount(None, target, None, MS_BIND | MS_REMOUNT | (flags & ~MS_REC))
+            return
+        fstype = m["type"] or m.get("source")
+        _make_mountpoint(target, True)
+        try:
+            mount(m.get("source") or fstype, target, fstype, flags, data)
+        except OSError:
+            if fstype != "cgroup":
+                raise
+            mount("cgroup2", target, "cgroup2", flags, "")
+        if m["destination"] == "/dev" and fstype == "tmpfs":
+            _populate_dev(target)
+
+    @staticmethod
+    def _mask(target):
+        """maskedPaths: a read-only tmpfs over a directory, /dev/null over a file."""
+        if os.path.isdir(target):
+            mount("tmpfs", target, "tmpfs", MS_RDONLY)
+        elif os.path.exists(target):
+            mount("/dev/null", target, None, MS_BIND)
+
+    def _check_process(self, process):
+        """Resolve the executable and cwd inside the rootfs (in a chrooted child)."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                os.chroot(GUEST_ROOT)
+                try:
+                    os.chdir(process["cwd"])
+                except OSError as e:
+                    raise Error('chdir to cwd ("%s") set in config.json failed: %s'
+                                % (process["cwd"], e.strerror.lower())) from None
+                out = "ok:" + resolve_executable(process["args"][0], process["env"], process["cwd"])
+            except (Error, OSError) as e:
+                out = "error:" + str(e)
+            os.write(w, out.encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            result = f.read().decode()
+        os.waitpid(pid, 0)
+        if not result.startswith("ok:"):
+            raise Error(result.partition(":")[2] or "cannot check the process")
+        return result[3:]
+
+    def _op_start(self, msg):
+        """Start the container's process."""
+        proc = self.procs.get(0)
+        if proc is None or proc["pid"] is not None or proc["status"] is not None:
+            raise Error("cannot start a container that is not created")
+        self._spawn(0, proc, self.exe)
+        return {"op": "started", "pid": proc["pid"]}
+
+    def _op_exec(self, msg):
+        """Run another process in the container."""
+        if self.procs.get(0, {}).get("status") is not None:
+            raise Error("container not running")
+        process = msg["process"]
+        exe = self._check_process(process)
+        proc = {"pid": None, "status": None, "process": process, "open": 0}
+        self._spawn(msg["proc"], proc, exe)
+        self.procs[msg["proc"]] = proc
+        return {"op": "started", "pid": proc["pid"]}
+
+    def _op_signal(self, msg):
+        """Deliver a signal to one process, or to all of the container's (all=True)."""
+        proc = self.procs.get(msg.get("proc", 0))
+        sig = msg["sig"]
+        if proc is None or proc["status"] is not None:
+            raise Error("container not running")
+        if proc["pid"] is None:  # created, never started
+            if sig not in HARMLESS_SIGNALS:
+                proc["status"] = 128 + sig
+            return None
+        try:
+            os.kill(-1 if msg.get("all") else proc["pid"], sig)
+        except ProcessLookupError:
+            pass
+        return None
+
+    def _op_resize(self, msg):
+        """A new terminal size for a process."""
+        proc = self.procs.get(msg.get("proc", 0))
+        if proc and proc.get("master") is not None:
+            _set_winsize(proc["master"], msg["rows"], msg["cols"])
+        return None
+
+    def _op_ps(self, _msg):
+        """The guest pids of the container's processes."""
+        pids = []
+        for name in os.listdir("/proc"):
+            if name.isdigit() and int(name) > 1:
+                try:
+                    with open("/proc/%s/cmdline" % name, "rb") as f:
+                        if f.read():
+                            pids.append(int(name))
+                except OSError:
+                    pass
+        return {"op": "ps", "pids": sorted(pids)}
+
+    # -- processes ---------------------------------------------------------
+    def _spawn(self, num, proc, exe):
+        """fork/exec a process with pipes (or a pty) for its stdio."""
+        p = proc["process"]
+        if p.get("terminal"):
+            master, slave = os.openpty()
+            size = p.get("consoleSize") or {}
+            if size.get("height") and size.get("width"):
+                _set_winsize(master, size["height"], size["width"])
+            child_fds, proc["stdin"], outs = (slave, slave, slave), master, {master: 1}
+            proc["master"] = master
+        else:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            child_fds, proc["stdin"], outs = (in_r, out_w, err_w), in_w, {out_r: 1, err_r: 2}
+        err_r2, err_w2 = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _exec_child(p, exe, child_fds, err_w2)
+            finally:
+                os._exit(127)
+        for fd in set(child_fds) | {err_w2}:
+            os.close(fd)
+        with os.fdopen(err_r2, "rb") as f:
+            failure = f.read().decode(errors="replace")
+        if failure:
+            os.waitpid(pid, 0)
+            for fd in set(outs) | {proc["stdin"]}:
+                os.close(fd)
+            raise Error(failure)
+        import select
+        proc["pid"] = pid
+        for fd, which in outs.items():
+            self.out_fds[fd] = (num, which)
+            self.poll.register(fd, select.POLLIN)
+            proc["open"] += 1
+
+    def _on_stdin(self, num, data):
+        """Host stdin for a process; empty data closes it."""
+        proc = self.procs.get(num)
+        if proc is None or proc.get("stdin") is None:
+            return
+        if not data:
+            if proc.get("master") is None:
+                os.close(proc["stdin"])
+            else:
+                _write_all(proc["master"], b"\x04")  # ^D: EOF through the line discipline
+            proc["stdin"] = None
+            return
+        try:
+            _write_all(proc["stdin"], data)
+        except OSError:
+            pass
+
+    def _on_output(self, fd):
+        """Output of a process, passed to the host; EOF closes the stream."""
+        num, which = self.out_fds[fd]
+        try:
+            data = os.read(fd, CHUNK)
+        except OSError:  # EIO: the pty's other side is closed
+            data = b""
+        if data:
+            send_data(self.port, stream_id(num, which), data)
+            return
+        self.poll.unregister(fd)
+        del self.out_fds[fd]
+        os.close(fd)
+        proc = self.procs[num]
+        proc["open"] -= 1
+
+    def _on_sigchld(self):
+        """Reap every exited child; record the status of ours."""
+        try:
+            os.read(self.wake_fd, 4096)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for num, proc in self.procs.items():
+                if proc["pid"] == pid:
+                    proc["status"] = exit_status(status)
+                    if num == 0:
+                        _kill_all()
+
+    def _report_exits(self):
+        """Send the exit of every process whose output is drained; end after process 0."""
+        for num in sorted(self.procs, reverse=True):
+            proc = self.procs[num]
+            if proc["status"] is None or proc.get("reported") or proc["open"] > 0:
+                continue
+            if num == 0 and any(p["status"] is None for n, p in self.procs.items() if n):
+                continue
+            proc["reported"] = True
+            if proc.get("stdin") is not None and proc.get("master") is None:
+                os.close(proc["stdin"])
+            send_msg(self.port, {"op": "exit", "proc": num, "status": proc["status"]})
+            if num == 0:
+                self.finished = True
+
+
+def _kill_all():
+    """SIGKILL every process but PID 1 (the container's process has ended)."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _set_winsize(fd, rows, cols):
+    """TIOCSWINSZ on a terminal."""
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _make_mountpoint(target, directory):
+    """Create a directory, or an empty file, to mount on."""
+    if directory:
+        os.makedirs(target, exist_ok=True)
+    elif not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+
+
+def _populate_dev(dev):
+    """The device nodes and links runc puts in a container's /dev."""
+    import stat
+    for name, major, minor in DEFAULT_DEVICES:
+        path = os.path.join(dev, name)
+        if not os.path.exists(path):
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+            os.chmod(path, 0o666)
+    for name, target in DEFAULT_DEV_LINKS:
+        if not os.path.lexists(os.path.join(dev, name)):
+            os.symlink(target, os.path.join(dev, name))
+    for name, mode in (("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o755)):
+        path = os.path.join(dev, name)
+        if not os.path.exists(path):
+            os.mkdir(path)
+            os.chmod(path, mode)
+
+
+def _exec_child(p, exe, fds, err_fd):
+    """In the forked child: become the container process and exec it (errors to err_fd)."""
+    import resource  # before chroot: the container's root has no Python modules
+    import termios
+    try:
+        os.setsid()
+        if p.get("terminal"):
+            fcntl.ioctl(fds[0], termios.TIOCSCTTY, 0)
+        for i, fd in enumerate(fds):
+            os.dup2(fd, i, inheritable=True)
+        os.chroot(GUEST_ROOT)
+        os.chdir(p["cwd"])
+        for sig in range(1, signal.NSIG):
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                try:
+                    signal.signal(sig, signal.SIG_DFL)
+                except (OSError, ValueError):
+                    pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        for r in p.get("rlimits", []):
+            resource.setrlimit(getattr(resource, r["type"]), (r["soft"], r["hard"]))
+        env = list(p["env"])
+        if not any(e.startswith("HOME=") for e in env):
+            env.append("HOME=" + _home_of(p["uid"]))
+        os.setgroups(p.get("additionalGids") or [])
+        os.setgid(p["gid"])
+        os.setuid(p["uid"])
+        os.umask(p["umask"] if p.get("umask") is not None else 0o022)
+        if p.get("noNewPrivileges"):
+            prctl(PR_SET_NO_NEW_PRIVS, 1)
+        os.execve(exe, p["args"], dict(e.split("=", 1) for e in env))
+    except OSError as e:
+        msg = 'exec: "%s": %s' % (p["args"][0], e.strerror.lower() if e.strerror else e)
+        os.write(err_fd, msg.encode())
+    except Exception as e:  # a bug: still tell the host rather than exit silently
+        os.write(err_fd, ('exec: "%s": %r' % (p["args"][0], e)).encode())
+
+
+def _home_of(uid, passwd="/etc/passwd"):
+    """The home directory of uid in the container's /etc/passwd, or /."""
+    try:
+        with open(passwd) as f:
+            for line in f:
+                fields = line.split(":")
+                if len(fields) > 5 and fields[2] == str(uid):
+                    return fields[5]
+    except OSError:
+        pass
+    return "/"
+
+
+# ===========================================================================
+# Commands
+# ===========================================================================
+
+def _open_state(args, lock=False):
+    """The named container's state, loaded (and locked when asked)."""
+    state = State(args.root, args.id)
+    if not state.exists():
+        raise Error("container does not exist")
+    if lock:
+        state.lock()
+    state.load()
+    return state
+
+
+def run_hooks(hooks, name, state_obj, fatal=True):
+    """Run the hooks of one kind with the state JSON on stdin, honouring timeouts."""
+    import subprocess
+    for hook in hooks.get(name, []):
+        args = hook.get("args") or [hook["path"]]
+        env = dict(e.split("=", 1) for e in hook.get("env", []))
+        LOG.debug("%s hook: %s", name, " ".join(args))
+        try:
+            proc = subprocess.run(args, executable=hook["path"], input=json.dumps(state_obj).encode(),
+                                  env=env, capture_output=True, timeout=hook.get("timeout"))
+            if proc.returncode != 0:
+                raise Error("%s hook %s failed: exit status %d: %s" % (
+                    name, hook["path"], proc.returncode, proc.stderr.decode(errors="replace").strip()))
+        except subprocess.TimeoutExpired:
+            err = Error("%s hook %s timed out after %ss" % (name, hook["path"], hook["timeout"]))
+        except OSError as e:
+            err = Error("%s hook %s: %s" % (name, hook["path"], e.strerror))
+        except Error as e:
+            err = e
+        else:
+            continue
+        if fatal:
+            raise err
+        LOG.warning(str(err))
+
+
+def _read_pipe(fd, timeout):
+    """Everything written to a pipe until EOF, or what came before timeout."""
+    import select
+    chunks, deadline = [], time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        data = os.read(fd, 4096)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+def _kill_container(state, wait=5.0):
+    """SIGKILL the monitor and QEMU of a container (if still theirs) and wait for them."""
+    d = state.data
+    vm = d.get("vm", {})
+    targets = [(d.get("pid"), d.get("pid_start")), (vm.get("qemu_pid"), vm.get("qemu_start"))]
+    for pid, start in targets:
+        if process_alive(pid, start):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + wait
+    while any(process_alive(p, s) for p, s in targets) and time.monotonic() < deadline:
+        _reap_children()
+        time.sleep(0.01)
+
+
+def _reap_children():
+    """Reap our own exited children (the monitor of `run`)."""
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def create_container(args, console_socket=None, foreground=False):
+    """Validate, boot the VM under a new monitor, run the create hooks; return (state, pid)."""
+    state = State(args.root, args.id)
+    conf = load_spec(args.bundle)
+    terminal = conf["process"]["terminal"]
+    if terminal and not console_socket and not foreground:
+        raise Error("process.terminal: --console-socket is required when terminal is true")
+    vm = resolve_vm(conf)
+    image = vm.get("image") or guest_image(vm)
+    if not os.path.isfile(image):
+        raise Error("vm.image: %s: no such file" % image)
+    state.make()
+    monitor_pid = None
+    try:
+        argv = qemu_command(args.id, vm, conf, state.dir, image)
+        state.data = {"ociVersion": conf.get("ociVersion", OCI_VERSION), "id": args.id, "pid": 0,
+                      "bundle": conf["bundle"], "rootfs": conf["root"]["path"],
+                      "created": _now_rfc3339(), "annotations": conf["annotations"],
+                      "hooks": conf["hooks"], "started": False, "paused": False,
+                      "terminal": terminal,
+                      "vm": {"accel": vm["accel_used"], "kernel": vm["kernel_image"],
+                             "image": image, "machine": vm["machine"]}}
+        state.save()
+        stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        monitor_pid = os.fork()
+        if monitor_pid == 0:
+            code = 1
+            try:
+                os.close(rfd)
+                state.unlock()
+                monitor = Monitor(state.dir, args.id, guest_config(args.id, conf), argv, vm,
+                                  conf["netns"], wfd, stdio)
+                monitor.terminal = host_tty
+                code = monitor.run()
+            except BaseException as e:
+                LOG.error("monitor: %r" % e)
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        if host_tty is not None and console_socket:
+            os.close(host_tty)
+        reply = _read_pipe(rfd, float(vm["boot_timeout"]) + 15)
+        result = json.loads(reply) if reply.strip() else {"error": "the monitor died during boot"}
+        if result.get("error"):
+            raise Error(result["error"])
+        state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid))
+        state.data["vm"].update(qemu_pid=result["qemu_pid"], qemu_start=result["qemu_start"])
+        state.save()
+        for name in ("prestart", "createRuntime"):
+            run_hooks(conf["hooks"], name, state.oci_state())
+        if getattr(args, "pid_file", None):
+            write_atomic(os.path.abspath(args.pid_file), str(monitor_pid))
+    except BaseException:
+        if monitor_pid:
+            state.data.setdefault("pid", monitor_pid)
+            state.data["pid"] = monitor_pid
+            _kill_container(state)
+        state.remove()
+        raise
+    LOG.info("created %s (monitor %d, %s)", args.id, monitor_pid, vm["accel_used"])
+    return state, monitor_pid
+
+
+def _container_stdio(terminal, console_socket, process):
+    """The monitor's (stdin, stdout, stderr) and the host pty slave it owns, if any."""
+    if not terminal:
+        return (0, 1, 2), None
+    if not console_socket:  # run in the foreground on the caller's own terminal
+        return (0, 1, None), None
+    import tty
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    size = process.get("consoleSize") or {}
+    if size.get("height") and size.get("width"):
+        _set_winsize(master, size["height"], size["width"])
+    try:
+        send_console(console_socket, master)
+    finally:
+        os.close(master)
+    return (slave, slave, None), slave
+
+
+def send_console(path, fd):
+    """Hand the pty master to the engine: one SCM_RIGHTS message, never waiting for a reply."""
+    try:
+        sock = connect_unix(os.path.dirname(os.path.abspath(path)), os.path.basename(path), 10)
+    except OSError as e:
+        raise Error("console socket %s: %s" % (path, e.strerror or e)) from None
+    with sock:
+        sock.sendmsg([b"/dev/pts/console"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              struct.pack("i", fd))])
+
+
+def start_container(state):
+    """Tell the monitor to start the workload; run poststart hooks."""
+    status = state.status()
+    if status == "stopped":
+        raise Error("cannot start a container that has stopped")
+    if status != "created":
+        raise Error("cannot start an already %s container" % status)
+    monitor_request(state, {"op": "start"})
+    state.data["started"] = True
+    state.save()
+    run_hooks(state.data.get("hooks", {}), "poststart", state.oci_state(), fatal=False)
+    LOG.info("started %s", state.id)
+
+
+def delete_container(state, force):
+    """Stop what remains of a container, run poststop hooks, remove its state."""
+    status = state.status()
+    if status in ("running", "paused") and not force:
+        raise Error("cannot delete container %s that is not stopped: %s" % (state.id, status))
+    _kill_container(state)
+    final = state.oci_state()
+    final["status"] = "stopped"
+    run_hooks(state.data.get("hooks", {}), "poststop", final, fatal=False)
+    state.remove()
+    LOG.info("deleted %s", state.id)
+
+
+def cmd_create(args):
+    """create: boot the container's VM and leave its monitor waiting for start."""
+    create_container(args, args.console_socket)
+
+
+def cmd_start(args):
+    """start: run the container's process."""
+    start_container(_open_state(args, lock=True))
+
+
+def cmd_run(args):
+    """run: create + start, then wait and exit with the workload's status (unless -d)."""
+    foreground = not args.detach
+    if foreground:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    state, monitor_pid = create_container(args, args.console_socket, foreground=foreground)
+    try:
+        start_container(state)
+    except Error:
+        delete_container(state, force=True)
+        raise
+    if args.detach:
+        return 0
+    state.unlock()
+    return _wait_foreground(state, monitor_pid)
+
+
+def _wait_foreground(state, monitor_pid):
+    """Forward signals to the monitor until it exits; delete the container; its status."""
+    for sig in FORWARDED_SIGNALS + (signal.SIGWINCH,):
+        signal.signal(sig, lambda s, _f: _forward(monitor_pid, s))
+    restore = _raw_terminal() if state.data.get("terminal") else None
+    try:
+        while True:
+            try:
+                _, status = os.waitpid(monitor_pid, 0)
+                break
+            except InterruptedError:
+                continue
+    finally:
+        if restore:
+            restore()
+    code = exit_status(status)
+    record = state.exit_record()
+    if record is not None:
+        code = record["status"]
+    state.lock()
+    delete_container(state, force=True)
+    return code
+
+
+def _forward(pid, sig):
+    """Pass a signal on to the monitor."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _raw_terminal():
+    """Put the caller's terminal in raw mode; return the function that restores it."""
+    import termios
+    import tty
+    try:
+        saved = termios.tcgetattr(0)
+    except termios.error:
+        return None
+    tty.setraw(0)
+    return lambda: termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def cmd_state(args):
+    """state: print the runtime-spec state JSON."""
+    print(json.dumps(_open_state(args).oci_state(), indent=2))
+
+
+def cmd_kill(args):
+    """kill: send a signal to the container's process (or all of them)."""
+    state = _open_state(args)
+    sig = parse_signal(args.signal)
+    if state.status() in ("stopped", "creating"):
+        raise Error("container not running")
+    monitor_request(state, {"op": "signal", "proc": 0, "sig": sig, "all": args.all})
+    LOG.info("sent signal %d to %s", sig, state.id)
+
+
+def cmd_delete(args):
+    """delete: remove a stopped container (--force: any container)."""
+    state = State(args.root, args.id)
+    if not state.exists():
+        if args.force:
+            return 0
+        raise Error("container does not exist")
+    state.lock()
+    state.load()
+    delete_container(state, args.force)
+
+
+def cmd_list(args):
+    """list: the containers under --root."""
+    states = [s.oci_state() for s in list_states(args.root)]
+    if args.quiet:
+        for s in states:
+            print(s["id"])
+    elif args.format == "json":
+        print(json.dumps(states))
+    else:
+        rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+        rows += [(s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"] or "root")
+                 for s in states]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        for r in rows:
+            print("   ".join(c.ljust(w) for c, w in zip(r, widths)) + "   " + r[5])
+
+
+def default_spec():
+    """The config.json `spec` writes (runc's defaults: sh on a terminal, usual mounts)."""
+    caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {"terminal": True, "user": {"uid": 0, "gid": 0}, "args": ["sh"],
+                    "env": ["PATH=" + DEFAULT_PATH, "TERM=xterm"], "cwd": "/",
+                    "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+                    "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+                    "noNewPrivileges": True},
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "runc",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+        ],
+        "linux": {"resources": {"devices": [{"allow": False, "access": "rwm"}]},
+                  "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+                  "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                                  "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                                  "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
+                  "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                                    "/proc/sysrq-trigger"]},
+    }
+
+
+def cmd_spec(args):
+    """spec: write a default config.json into the bundle."""
+    path = os.path.join(args.bundle, "config.json")
+    if os.path.exists(path):
+        raise Error("File %s exists. Remove it first" % path)
+    try:
+        write_atomic(path, json.dumps(default_spec(), indent="\t") + "\n")
+    except OSError as e:
+        raise Error("%s: %s" % (path, e.strerror)) from None
+
+
+def cmd_features(_args):
+    """features: what this runtime supports (runtime-spec features document)."""
+    print(json.dumps({
+        "ociVersionMin": "1.0.0", "ociVersionMax": OCI_VERSION,
+        "hooks": ["prestart", "createRuntime", "createContainer", "startContainer",
+                  "poststart", "poststop"],
+        "mountOptions": sorted(list(MOUNT_OPTIONS) + list(PROPAGATION_OPTIONS)),
+        "linux": {"namespaces": ["network"], "capabilities": [],
+                  "cgroup": {"v1": False, "v2": False}, "seccomp": {"enabled": False},
+                  "apparmor": {"enabled": False}, "selinux": {"enabled": False}},
+        "annotations": {"io.github.cc-oci-runtime.vm": "qemu"},
+    }, indent=2))
+
+
+def version_text():
+    """The --version text (runc's layout, which podman info and docker info show)."""
+    return "%s version %s\nspec: %s\npython: %s\n" % (
+        PROG, __version__, OCI_VERSION, sys.version.split()[0])
+
+
+def cmd_version(_args):
+    """version: print the version."""
+    sys.stdout.write(version_text())
+
+
+def check_host():
+    """[(ok, what, detail or fix)] for each piece a container needs on this host."""
+    results = []
+
+    def item(what, fn):
+        try:
+            results.append((True, what, fn()))
+        except Error as e:
+            results.append((False, what, str(e)))
+    vm = {}
+
+    def qemu():
+        vm.update(load_vm_config())
+        vm["qemu"] = find_qemu(vm["path"])
+        return vm["qemu"]
+
+    def kernel():
+        path = vm.get("kernel", {}).get("path") or find_kernel()[0]
+        vm["kernel_path"], vm["kernel_version"] = path, kernel_version_of(path)
+        vm["modules_dir"] = os.path.join("/lib/modules", vm["kernel_version"])
+        return path
+
+    def modules():
+        return "%d modules from %s" % (len(guest_modules(vm["modules_dir"])), vm["modules_dir"])
+
+    def accel():
+        used = choose_accel(vm.get("accel", "auto"))
+        why = "CPU has vmx/svm and /dev/kvm opens" if used == "kvm" else \
+            "no usable hardware virtualisation (no vmx/svm, or /dev/kvm does not open)"
+        return "%s (%s)" % (used, why)
+
+    def image():
+        return guest_image(vm)
+    item("python", lambda: "%s %s" % (sys.executable, sys.version.split()[0]))
+    item("qemu", qemu)
+    item("kernel", kernel)
+    if vm.get("modules_dir"):
+        item("kernel modules", modules)
+        item("accelerator", accel)
+        item("guest image", image)
+    return results
+
+
+def cmd_check(_args):
+    """check: can this host run containers? Names the fix for each missing piece."""
+    results = check_host()
+    for ok, what, detail in results:
+        print("%-4s %-15s %s" % ("ok" if ok else "FAIL", what, detail))
+    if not all(ok for ok, _, _ in results):
+        raise Error("this host cannot run containers yet: see the FAIL lines above")
+
+
+# ===========================================================================
+# Main: the command line
+# ===========================================================================
+
+def build_parser():
+    """runc's command line: global options, then a sub-command."""
+    import argparse
+    p = argparse.ArgumentParser(prog=PROG, description="OCI runtime that runs each container "
+                                "in its own QEMU virtual machine.")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="state directory (default %(default)s)")
+    p.add_argument("--log", help="log file (created at start-up)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="log format")
+    p.add_argument("--global-log", help="text log of every event, with the container id")
+    p.add_argument("--debug", action="store_true", help="log more detail")
+    p.add_argument("-v", "--version", action="store_true", help="print the version")
+    p.add_argument("--systemd-cgroup", action="store_true", help="accepted and ignored")
+    p.add_argument("--criu", help="accepted and ignored")
+    p.add_argument("--rootless", help="accepted and ignored")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, fn, help_text, with_id=True):
+        c = sub.add_parser(name, help=help_text, description=help_text)
+        c.set_defaults(func=fn)
+        if with_id:
+            c.add_argument("id", metavar="CONTAINER_ID", help="the container's id")
+        return c
+
+    def creating(c):
+        c.add_argument("-b", "--bundle", default=".", help="bundle directory (default: current)")
+        c.add_argument("--pid-file", help="file to write the monitor's pid to")
+        c.add_argument("--console-socket", help="AF_UNIX socket that receives the pty master")
+        c.add_argument("--no-pivot", action="store_true", help="accepted (the VM has its own root)")
+        c.add_argument("--no-new-keyring", action="store_true", help="accepted and ignored")
+        c.add_argument("--preserve-fds", type=int, default=0, help="accepted and ignored")
+        return c
+
+    creating(command("create", cmd_create, "create a container: boot its VM, do not start it"))
+    command("start", cmd_start, "start a created container's process")
+    run = creating(command("run", cmd_run, "create and start a container, then wait for it"))
+    run.add_argument("-d", "--detach", action="store_true", help="do not wait for the container")
+    command("state", cmd_state, "print a container's state as JSON")
+    kill = command("kill", cmd_kill, "send a signal to a container's process")
+    kill.add_argument("signal", nargs="?", default="TERM", help="name or number (default TERM)")
+    kill.add_argument("-a", "--all", action="store_true", help="signal every process")
+    delete = command("delete", cmd_delete, "delete a stopped container")
+    delete.add_argument("-f", "--force", action="store_true", help="kill it first if it runs")
+    lst = command("list", cmd_list, "list containers", with_id=False)
+    lst.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    lst.add_argument("-q", "--quiet", action="store_true", help="only ids")
+    spec = command("spec", cmd_spec, "write a default config.json", with_id=False)
+    spec.add_argument("-b", "--bundle", default=".", help="where to write config.json")
+    command("features", cmd_features, "print the supported features as JSON", with_id=False)
+    command("version", cmd_version, "print the version", with_id=False)
+    command("check", cmd_check, "report whether this host can run containers", with_id=False)
+    return p
+
+
+def main(argv=None):
+    """Parse the command line, run one command, map errors to one line and exit 1."""
+    if os.getpid() == 1 and argv is None:
+        agent_main()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    LOG.configure(args.log, args.log_format, args.global_log, args.debug)
+    LOG.container_id = getattr(args, "id", None)
+    for flag in ("systemd_cgroup", "criu", "rootless"):
+        if getattr(args, flag):
+            LOG.debug("--%s: ignored", flag.replace("_", "-"))
+    if args.version:
+        sys.stdout.write(version_text())
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 1
+    try:
+        code = args.func(args)
+        return code or 0
+    except Error as e:
+        LOG.error(str(e))
+        sys.stderr.write("%s\n" % e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

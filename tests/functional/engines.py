@@ -1,0 +1,474 @@
+"""Drive real container engines (podman, dockerd + its containerd, ctr) against any OCI runtime.
+
+Stdlib only, Python 3.9+, must run as root. Every engine gets private state under the
+directory the caller passes (e.g. pytest's tmp_path):
+
+    rootfs = make_busybox_rootfs(tmp_path / "rootfs")
+    with Podman(tmp_path / "podman", "/path/to/runtime") as p:
+        p.import_image(rootfs, "bb")
+        r = p.run_rt("run", "--rm", "--network", "none", "bb", "echo", "hi")   # adds --runtime
+    with Docker(tmp_path / "docker", "/path/to/runtime") as d:
+        d.import_image(rootfs, "bb")
+        d.run_rt("run", "--rm", "--network", "none", "bb", "true")         # adds --runtime NAME
+        d.ctr_run(rootfs, "c1", "echo", "hi")                              # ctr run --rootfs
+
+Storage: the kernel cannot use overlayfs (or any fs it does not support) as an overlay
+upper dir: dockerd's overlay2 then dies with "failed to mount overlay: invalid argument"
+/ "error initializing graphdriver: driver not supported" and podman silently switches to
+fuse-overlayfs. `overlay_supported()` probes the directory with a real overlay mount and
+both classes fall back to the `vfs` driver when it fails (ext4 and tmpfs work with overlay
+here, kernel 6.18). Pass storage_driver= to force one.
+
+Host footprint that cannot be avoided with these versions (podman 4.3, docker 20.10,
+containerd 1.6): `podman import` writes /var/lib/containers/cache/blob-info-cache-v1.boltdb
+(containers/image hardcodes it for root); dockerd creates /etc/docker/key.json and
+/run/docker/plugins; containerd shims put sockets in /run/containerd/s. The netavark
+network backend would create /run/containers/networks, so the cni backend is configured
+with a private (empty) config dir: `--network none` needs no plugin at all, and it is
+also the default network mode (netns = "none"), so forgetting it never touches host
+networking. dockerd 20.10 starts its own containerd here (socket
+EXEC_ROOT/containerd/containerd.sock, docker's namespace "moby"); if a system containerd
+serves /run/containerd/containerd.sock it uses that one instead (per dockerd's source, not
+tried here), and `Docker.ctr_sock` follows whichever exists.
+ctr (containerd 1.6): `--rootfs` is a boolean flag, the first positional is then the rootfs
+DIR (used in place, writable) and the second the id; no image config means no PATH, so
+`echo` fails with 'exec: "echo": executable file not found in $PATH' unless --env PATH=...
+is given (ctr_argv does). --runc-binary picks the runtime, --runc-root/--fifo-dir keep
+its state out of /run/containerd.
+Path lengths: podman's overlay driver refuses a runroot over 50 characters ("the specified
+runroot is longer than 50 characters") and unix socket paths stop at 107 bytes, so with a
+long workdir (pytest's tmp_path) the podman runroot / dockerd exec-root become short
+/tmp/pmr-* / /tmp/dkx-* directories, removed again by cleanup() / stop().
+"""
+import contextlib
+import ctypes
+import glob
+import hashlib
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BUSYBOX = "/bin/busybox"
+DOCKER_CLI = "/usr/bin/docker"  # /usr/local/bin/docker may be an unrelated newer client
+CTR_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def make_busybox_rootfs(d):
+    """Create a minimal busybox-static root filesystem in d and return its path."""
+    d = os.path.abspath(d)
+    for sub in ("bin", "etc", "tmp", "proc", "sys", "dev", "root", "run", "var/tmp"):
+        os.makedirs(os.path.join(d, sub), exist_ok=True)
+    os.chmod(os.path.join(d, "tmp"), 0o1777)
+    shutil.copy2(BUSYBOX, os.path.join(d, "bin", "busybox"))
+    names = subprocess.run([BUSYBOX, "--list"], check=True, capture_output=True, text=True).stdout.split()
+    for n in names:
+        link = os.path.join(d, "bin", n)
+        if n != "busybox" and not os.path.lexists(link):
+            os.symlink("busybox", link)
+    files = {"etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+             "etc/group": "root:x:0:\nnogroup:x:65534:\n"}
+    for rel, text in files.items():
+        with open(os.path.join(d, rel), "w") as f:
+            f.write(text)
+    return d
+
+
+def overlay_supported(d):
+    """Return True if a kernel overlay mount with its upper dir inside d works."""
+    os.makedirs(d, exist_ok=True)
+    p = tempfile.mkdtemp(prefix=".ovl-probe-", dir=d)
+    try:
+        for s in ("l", "u", "w", "m"):
+            os.mkdir(os.path.join(p, s))
+        opts = "lowerdir={0}/l,upperdir={0}/u,workdir={0}/w".format(p)
+        ok = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, p + "/m"],
+                            capture_output=True).returncode == 0
+        if ok:
+            _libc.umount2((p + "/m").encode(), 2)
+        return ok
+    finally:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def mounts_under(path):
+    """Mount points at or below path, most recent first (the unmount order)."""
+    path = os.path.realpath(path)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if (mp == path or mp.startswith(path.rstrip("/") + "/")) and mp not in out:
+                out.append(mp)
+    return out[::-1]
+
+
+def unmount_under(path):
+    """Lazily unmount everything mounted at or below path."""
+    for mp in mounts_under(path):
+        _libc.umount2(mp.encode(), 2)  # MNT_DETACH; errors (already gone) are ignored
+
+
+def remove_cgroups(*rel):
+    """rmdir leftover (empty) cgroups /sys/fs/cgroup/[CONTROLLER/]REL, e.g. docker/<id> after a crash."""
+    for r in rel:
+        for d in glob.glob("/sys/fs/cgroup/*/" + r) + glob.glob("/sys/fs/cgroup/" + r):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
+def _ids(d):
+    """Container ids = subdirectory names of d (empty if d is missing)."""
+    return os.listdir(d) if os.path.isdir(d) else []
+
+
+def _procs():
+    """Map pid -> (ppid, cmdline string, state) for all live processes."""
+    res = {}
+    for e in os.listdir("/proc"):
+        if not e.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % e) as f:
+                st = f.read().rsplit(")", 1)[1].split()
+            with open("/proc/%s/cmdline" % e, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        res[int(e)] = (int(st[1]), cmd, st[0])
+    return res
+
+
+def find_procs(*markers):
+    """Pids (plus descendants) whose cmdline has a marker path (not a prefix of a longer name); never us or our ancestors."""
+    procs = _procs()
+    mine, p = set(), os.getpid()
+    while p > 0 and p not in mine:
+        mine.add(p)
+        p = procs.get(p, (0,))[0]
+    pat = re.compile("|".join(re.escape(str(m)) + r"(?=[/\s=,:]|$)" for m in markers if m) or "(?!)")
+    hits = {pid for pid, (_, cmd, st) in procs.items() if st != "Z" and pid not in mine and pat.search(cmd)}
+    changed = True
+    while changed:
+        kids = {pid for pid, (pp, _, st) in procs.items() if pp in hits and st != "Z" and pid not in mine}
+        changed = not kids <= hits
+        hits |= kids
+    return sorted(hits)
+
+
+def shim_sockets(pids):
+    """/run/containerd/s socket paths of the containerd-shim-runc-v2 processes among pids."""
+    procs, out = _procs(), []
+    for pid in pids:
+        a = procs.get(pid, (0, "", ""))[1].split()
+        if a and "containerd-shim" in a[0] and {"-address", "-namespace", "-id"} <= set(a):
+            key = os.path.join(*(a[a.index(f) + 1] for f in ("-address", "-namespace", "-id")))
+            out.append("/run/containerd/s/" + hashlib.sha256(key.encode()).hexdigest())
+    return out
+
+
+def kill_procs(*markers, timeout=5.0):
+    """SIGKILL processes found by find_procs(*markers) and wait until they are gone or zombies."""
+    pids = find_procs(*markers)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + timeout
+    while pids and time.monotonic() < end:
+        procs = _procs()
+        pids = [p for p in pids if p in procs and procs[p][2] != "Z"]
+        time.sleep(0.05)
+    return pids
+
+
+def _run(argv, env=None, **kw):
+    """subprocess.run with text capture and a timeout unless the caller says otherwise."""
+    if not {"stdout", "stderr", "capture_output"} & kw.keys():
+        kw["capture_output"] = True
+    if not {"text", "encoding", "universal_newlines"} & kw.keys():
+        kw["text"] = True
+    kw.setdefault("timeout", 120)
+    return subprocess.run([str(a) for a in argv], env=env, **kw)
+
+
+def _tar(rootfs, tarball):
+    """Write rootfs as an uncompressed tar (numeric owners) and return the tar path."""
+    subprocess.run(["tar", "--numeric-owner", "-C", str(rootfs), "-cf", str(tarball), "."], check=True)
+    return str(tarball)
+
+
+class Podman:
+    """podman with private root/runroot/tmpdir/config and `runtime_path` registered as `runtime_name`."""
+
+    def __init__(self, workdir, runtime_path, runtime_name="cc-oci-runtime", storage_driver=None):
+        """Write containers.conf and storage.conf under workdir; nothing is started."""
+        self.dir = os.path.abspath(workdir)
+        os.makedirs(self.dir, exist_ok=True)
+        self.runtime_path, self.runtime_name = os.path.abspath(runtime_path), runtime_name
+        self.driver = storage_driver or ("overlay" if overlay_supported(self.dir) else "vfs")
+        self.root, self.runroot, self.tmpdir = (os.path.join(self.dir, n) for n in ("root", "runroot", "tmp"))
+        self.short_run = None
+        if len(self.runroot) > 50:  # c/storage overlay: "the specified runroot is longer than 50 characters"
+            self.runroot = self.short_run = tempfile.mkdtemp(prefix="pmr-", dir="/tmp")
+        conf, sconf = os.path.join(self.dir, "containers.conf"), os.path.join(self.dir, "storage.conf")
+        names = sorted({runtime_name, os.path.basename(self.runtime_path)})  # podman 4.3 matches the registered name
+        with open(conf, "w") as f:
+            f.write('[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n'
+                    'netns = "none"\n\n'
+                    '[network]\nnetwork_backend = "cni"\ncni_plugin_dirs = ["/usr/lib/cni"]\n'
+                    'network_config_dir = "%s/net.d"\n\n'
+                    '[engine]\nlock_type = "file"\nevents_logger = "file"\ncgroup_manager = "cgroupfs"\n'
+                    'runtime_supports_json = [%s]\n\n'
+                    '[engine.runtimes]\n"%s" = ["%s"]\n'
+                    % (self.dir, ", ".join('"%s"' % n for n in names), runtime_name, self.runtime_path))
+        with open(sconf, "w") as f:
+            f.write('[storage]\ndriver = "%s"\ngraphroot = "%s"\nrunroot = "%s"\n'
+                    % (self.driver, self.root, self.runroot))
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINER_")}
+        self.env.update(CONTAINERS_CONF=conf, CONTAINERS_STORAGE_CONF=sconf)
+        self.base = ["podman", "--root", self.root, "--runroot", self.runroot, "--tmpdir", self.tmpdir,
+                     "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--storage-driver", self.driver]
+
+    def argv(self, *args):
+        """Full podman argv with the private global flags."""
+        return self.base + [str(a) for a in args]
+
+    def cmd(self, *args):
+        """Full argv that also selects the runtime under test (global --runtime NAME)."""
+        return self.argv("--runtime", self.runtime_name, *args)
+
+    def run(self, *args, **kw):
+        """Run podman with private state; returns CompletedProcess (text, captured, 120 s timeout by default)."""
+        return _run(self.argv(*args), env=self.env, **kw)
+
+    def run_rt(self, *args, **kw):
+        """Like run() but with --runtime NAME."""
+        return _run(self.cmd(*args), env=self.env, **kw)
+
+    def import_image(self, rootfs_dir, name):
+        """Import a rootfs directory as image localhost/NAME; returns the image id."""
+        tarball = _tar(rootfs_dir, os.path.join(self.dir, "import.tar"))
+        try:
+            r = self.run("import", "--quiet", tarball, name)
+        finally:
+            os.unlink(tarball)
+        if r.returncode:
+            raise RuntimeError("podman import failed: " + r.stderr)
+        return r.stdout.strip()
+
+    def cleanup(self):
+        """Remove all containers, kill leftover conmon/podman processes and unmount everything under workdir."""
+        try:
+            self.run("rm", "-af", "-t", "0", timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_procs(self.dir, self.short_run)
+        for d in (self.dir, self.short_run):
+            if d:
+                unmount_under(d)
+        if self.short_run:
+            shutil.rmtree(self.short_run, ignore_errors=True)
+        remove_cgroups(*("libpod_parent/libpod-" + i for i in _ids(self.root + "/%s-containers" % self.driver)))
+
+    close = cleanup
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+
+class Docker:
+    """A private dockerd (and the containerd it starts) with `runtime_path` added as `runtime_name`."""
+
+    def __init__(self, workdir, runtime_path, runtime_name="cc-oci-runtime", storage_driver=None,
+                 start_timeout=60):
+        """Start dockerd in the background and wait until `docker info` answers."""
+        self.dir = os.path.abspath(workdir)
+        os.makedirs(self.dir, exist_ok=True)
+        self.runtime_path, self.runtime_name = os.path.abspath(runtime_path), runtime_name
+        self.driver = storage_driver or ("overlay2" if overlay_supported(self.dir) else "vfs")
+        self.data_root = os.path.join(self.dir, "data")
+        self.exec_root = os.path.join(self.dir, "exec")
+        self.short_exec = None
+        if len(self.exec_root) > 70:  # containerd.sock.ttrpc / libnetwork/<id>.sock must fit in 107 bytes
+            self.exec_root = self.short_exec = tempfile.mkdtemp(prefix="dkx-", dir="/tmp")
+        self.sock = os.path.join(self.exec_root, "docker.sock")
+        self.ctr_sock = os.path.join(self.exec_root, "containerd", "containerd.sock")
+        self.pidfile = os.path.join(self.dir, "dockerd.pid")
+        self.log = os.path.join(self.dir, "dockerd.log")
+        conf = os.path.join(self.dir, "daemon.json")  # keep /etc/docker/daemon.json out
+        with open(conf, "w") as f:
+            f.write("{}\n")
+        os.makedirs(os.path.join(self.dir, "client"), exist_ok=True)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+        self.env["DOCKER_CONFIG"] = os.path.join(self.dir, "client")
+        self.base = [DOCKER_CLI, "-H", "unix://" + self.sock]
+        self.dockerd_argv = [
+            "dockerd", "--config-file", conf, "--data-root", self.data_root, "--exec-root", self.exec_root,
+            "--pidfile", self.pidfile, "-H", "unix://" + self.sock, "--iptables=false", "--ip6tables=false",
+            "--ip-masq=false", "--bridge=none", "--storage-driver", self.driver, "--shutdown-timeout", "2",
+            "--add-runtime", "%s=%s" % (runtime_name, self.runtime_path)]
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(self.dockerd_argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=lambda: _libc.prctl(1, signal.SIGTERM))  # PDEATHSIG
+        end = time.monotonic() + start_timeout
+        while True:
+            if self.proc.poll() is not None or time.monotonic() > end:
+                tail = open(self.log, errors="replace").read()[-3000:]
+                self.stop()
+                raise RuntimeError("dockerd did not start:\n" + tail)
+            if os.path.exists(self.sock) and self.run("info", timeout=10).returncode == 0:
+                break
+            time.sleep(0.1)
+        if not os.path.exists(self.ctr_sock):  # dockerd chose a system containerd
+            self.ctr_sock = "/run/containerd/containerd.sock"
+
+    def argv(self, *args):
+        """Full /usr/bin/docker argv talking to the private daemon."""
+        return self.base + [str(a) for a in args]
+
+    def cmd(self, *args):
+        """Full argv with `--runtime NAME` inserted after a leading run/create subcommand."""
+        args = [str(a) for a in args]
+        i = 2 if args[:1] == ["container"] else 1
+        if args[i - 1:i] in (["run"], ["create"]):
+            args[i:i] = ["--runtime", self.runtime_name]
+        return self.argv(*args)
+
+    def run(self, *args, **kw):
+        """Run the docker client against the private daemon; returns CompletedProcess."""
+        return _run(self.argv(*args), env=self.env, **kw)
+
+    def run_rt(self, *args, **kw):
+        """Like run() but `docker run/create` get --runtime NAME."""
+        return _run(self.cmd(*args), env=self.env, **kw)
+
+    def ctr(self, *args, **kw):
+        """Run `ctr -a CONTAINERD_SOCK ARGS` against dockerd's containerd (default namespace unless -n)."""
+        return _run(["ctr", "-a", self.ctr_sock] + list(args), env=self.env, **kw)
+
+    def ctr_argv(self, rootfs, cid, *command, run_flags=()):
+        """ctr argv for `run --rm --rootfs` with the runtime under test (PATH set: no image config)."""
+        return (["ctr", "-a", self.ctr_sock, "run", "--rm", "--runc-binary", self.runtime_path,
+                 "--runc-root", os.path.join(self.exec_root, "ctr-runc"),
+                 "--fifo-dir", os.path.join(self.exec_root, "ctr-fifo"), "--env", CTR_PATH]
+                + list(run_flags) + ["--rootfs", os.path.abspath(rootfs), cid] + list(command))
+
+    def ctr_run(self, rootfs, cid, *command, run_flags=(), **kw):
+        """Run a container straight from a rootfs directory with ctr; returns CompletedProcess."""
+        return _run(self.ctr_argv(rootfs, cid, *command, run_flags=run_flags), env=self.env, **kw)
+
+    def import_image(self, rootfs_dir, name):
+        """Import a rootfs directory as image NAME:latest; returns the image id."""
+        tarball = _tar(rootfs_dir, os.path.join(self.dir, "import.tar"))
+        try:
+            r = self.run("import", tarball, name)
+        finally:
+            os.unlink(tarball)
+        if r.returncode:
+            raise RuntimeError("docker import failed: " + r.stderr)
+        return r.stdout.strip()
+
+    def stop(self, timeout=20):
+        """Remove containers, SIGTERM dockerd (SIGKILL after timeout), kill leftovers, unmount, tidy up."""
+        if self.proc.poll() is None:
+            try:
+                ids = self.run("ps", "-aq", timeout=10).stdout.split()
+                if ids:
+                    self.run("rm", "-f", *ids, timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        socks = shim_sockets(find_procs(self.exec_root, self.dir))  # a SIGKILLed shim leaves its socket file behind
+        kill_procs(self.exec_root, self.dir)  # containerd, containerd-shim-runc-v2 and their children
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                os.unlink(sock)
+        unmount_under(self.dir)
+        remove_cgroups(*("docker/" + i for i in _ids(os.path.join(self.data_root, "containers"))))
+        if self.short_exec:
+            unmount_under(self.short_exec)
+            shutil.rmtree(self.short_exec, ignore_errors=True)
+
+    close = stop
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def median_time(fn, n=5):
+    """Median wall time in seconds of n calls of fn()."""
+    times = []
+    for _ in range(n):
+        t = time.monotonic()
+        fn()
+        times.append(time.monotonic() - t)
+    return statistics.median(times)
+
+
+def _self_test(runtime, base):
+    """Exercise podman, docker and ctr with `runtime` under directory base; print timings."""
+    def check(r, want_rc=0, want_out=None):
+        assert r.returncode == want_rc, (r.args, r.returncode, r.stdout, r.stderr)
+        assert want_out is None or r.stdout.strip() == want_out, (r.args, r.stdout, r.stderr)
+
+    rootfs = make_busybox_rootfs(os.path.join(base, "rootfs"))
+    res = {}
+    with Podman(os.path.join(base, "podman"), runtime) as p:
+        print("podman storage driver:", p.driver)
+        p.import_image(rootfs, "bb")
+        check(p.run_rt("run", "--rm", "--network", "none", "bb", "echo", "hi"), 0, "hi")
+        check(p.run_rt("run", "--rm", "--network", "none", "bb", "sh", "-c", "exit 42"), 42)
+        check(p.run_rt("run", "--rm", "bb", "cat", "/proc/self/limits"))
+        check(p.run_rt("run", "-d", "--name", "sleeper", "bb", "sleep", "1000"))  # left for cleanup()
+        res["podman"] = median_time(lambda: check(p.run_rt("run", "--rm", "--network", "none", "bb", "true")))
+    with Docker(os.path.join(base, "docker"), runtime) as d:
+        print("docker storage driver:", d.driver, " containerd socket:", d.ctr_sock)
+        d.import_image(rootfs, "bb")
+        check(d.run("run", "--rm", "--network", "none", "--runtime", d.runtime_name, "bb", "echo", "hi"), 0, "hi")
+        check(d.run_rt("run", "--rm", "--network", "none", "bb", "sh", "-c", "exit 42"), 42)
+        check(d.run_rt("run", "-d", "--network", "none", "bb", "sleep", "1000"))  # left for stop()
+        res["docker"] = median_time(lambda: check(d.run_rt("run", "--rm", "--network", "none", "bb", "true")))
+        ctr_root = make_busybox_rootfs(os.path.join(base, "ctr-rootfs"))
+        check(d.ctr_run(ctr_root, "c1", "echo", "hi"), 0, "hi")
+        check(d.ctr_run(ctr_root, "c2", "sh", "-c", "exit 42"), 42)
+        res["ctr"] = median_time(lambda: check(d.ctr_run(ctr_root, "c3", "true")))
+        check(d.ctr("containers", "ls", "-q"), 0, "")
+    left = find_procs(base) + find_procs(d.exec_root)
+    assert not left, ("processes left behind", left)
+    assert not mounts_under(base), ("mounts left behind", mounts_under(base))
+    for k, v in res.items():
+        print("%-7s run --rm bb true: median of 5 = %.3f s" % (k, v))
+    return res
+
+
+if __name__ == "__main__":
+    rt = sys.argv[1] if len(sys.argv) > 1 else (shutil.which("runc") or "/usr/sbin/runc")
+    top = tempfile.mkdtemp(prefix="engines-selftest-", dir=sys.argv[2] if len(sys.argv) > 2 else None)
+    try:
+        _self_test(rt, top)
+        print("self-test OK (runtime %s)" % rt)
+    finally:
+        unmount_under(top)
+        shutil.rmtree(top, ignore_errors=True)
