@@ -1,0 +1,566 @@
+#!/usr/bin/env python3
+"""Start-up time and idle memory of cc-oci-runtime, against runc and a bare QEMU boot.
+
+Stdlib only, Python 3.9+, run as root. In one run it measures:
+
+  runtime    wall time of `cc_oci_runtime.py --root TMP run -b BUNDLE ID` of /bin/true;
+  runc       wall time of `runc --root TMP run --bundle BUNDLE ID` on the same bundle
+             (skipped when runc is not installed);
+  bare QEMU  wall time of booting the same uncompressed vmlinux with the same QEMU
+             machine/accelerator/CPU/memory/kernel command line the runtime uses
+             (taken from the runtime's own resolve_vm/qemu_command, minus the agent
+             socket, QMP and 9p devices that need a host-side peer) and a tiny busybox
+             initramfs whose /init runs /bin/true and powers off: the floor any VM
+             runtime pays on this host;
+  memory     PSS (/proc/PID/smaps_rollup) of one idle container (`sleep 1000`): its
+             monitor (the --pid-file pid) and the monitor's children (QEMU).
+
+The three timings are taken round-robin (one of each per round) after one unmeasured
+warm-up of each, so that load changes on a shared machine hit all of them alike.
+Everything lives in one temporary directory, removed at the end; containers are deleted
+with delete --force in finally blocks, and any process still naming the temporary
+directory in its command line is reported and killed.
+
+    bench/bench.py [-n 10] [--json] [--boot-timeout S] [--settle 2] [--keep]
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.realpath(__file__))
+REPO = os.path.dirname(HERE)
+RUNTIME = os.path.join(REPO, "cc_oci_runtime.py")
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests", "functional"))
+import cc_oci_runtime as rt  # noqa: E402
+from engines import make_busybox_rootfs  # noqa: E402
+
+BUSYBOX = "/bin/busybox"
+PROGRAM = "/bin/true"
+MARKER = "bench-init-ok"
+
+
+class BenchError(Exception):
+    """A measurement failed; the message says which and why."""
+
+
+def log(msg):
+    """Progress on stderr (stdout carries only the result)."""
+    sys.stderr.write("bench: %s\n" % msg)
+    sys.stderr.flush()
+
+
+def _tail(path, n=1500):
+    """The end of a text file, for error messages."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()[-n:].decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+def run_timed(argv, out_path, timeout, cwd=None):
+    """Run argv with stdin from /dev/null and output in out_path; (seconds, exit code).
+
+    Output goes to a file, not a pipe: a runtime's monitor inherits stdout/stderr and
+    would keep a pipe open. On timeout the whole process group is killed."""
+    with open(out_path, "wb") as out:
+        t0 = time.monotonic()
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                             cwd=cwd, start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+            raise BenchError("%s: timed out after %ss; output: %s"
+                             % (" ".join(argv[:6]), timeout, _tail(out_path))) from None
+        except BaseException:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+            raise
+        return time.monotonic() - t0, rc
+
+
+def quiet(argv, timeout=60):
+    """Run a clean-up command, ignoring its result."""
+    try:
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
+def procs_naming(text):
+    """pid -> command line of every process whose command line contains text."""
+    found = {}
+    me = os.getpid()
+    for e in os.listdir("/proc"):
+        if not e.isdigit() or int(e) == me:
+            continue
+        try:
+            with open("/proc/%s/cmdline" % e, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if text in cmd:
+            found[int(e)] = cmd
+    return found
+
+
+def children(pid):
+    """Direct children of pid (from every thread's children list)."""
+    out = []
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, t)) as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return sorted(set(out))
+
+
+def smaps_kb(pid, field="Pss"):
+    """One field (kB) of /proc/PID/smaps_rollup."""
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise BenchError("/proc/%d/smaps_rollup has no %s line" % (pid, field))
+
+
+def comm(pid):
+    """The short name of a process."""
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+# ---------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------
+
+def write_config(path, args, rootfs, base):
+    """config.json: base spec with a non-terminal process running args on rootfs."""
+    with open(base) as f:
+        conf = json.load(f)
+    conf["process"]["terminal"] = False
+    conf["process"]["args"] = list(args)
+    conf["root"]["path"] = rootfs
+    with open(path, "w") as f:
+        json.dump(conf, f, indent=1)
+
+
+def make_bundle(tmp, name, args, rootfs, base_spec):
+    """A bundle directory whose config.json runs args on the shared rootfs."""
+    d = os.path.join(tmp, name)
+    os.makedirs(d)
+    write_config(os.path.join(d, "config.json"), args, rootfs, base_spec)
+    return d
+
+
+def build_bare_initrd(path):
+    """A busybox initramfs: /init runs PROGRAM, prints MARKER and powers off."""
+    with open(BUSYBOX, "rb") as f:
+        busybox = f.read()
+    init = ("#!/bin/busybox sh\n"
+            "%s && /bin/busybox echo %s\n"
+            "/bin/busybox poweroff -f\n" % (PROGRAM, MARKER))
+    with open(path, "wb") as f:
+        w = rt.CpioWriter(f)
+        w.add_dir("dev")
+        w.add_device("dev/console", True, 5, 1)
+        w.add_device("dev/null", True, 1, 3, 0o666)
+        w.add_file("bin/busybox", busybox, 0o755)
+        w.add_symlink("bin/sh", "busybox")
+        w.add_symlink(PROGRAM.lstrip("/"), "busybox")
+        w.add_file("init", init.encode(), 0o755)
+        w.close()
+
+
+NO_VALUE = {"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-S",
+            "-no-hpet", "-enable-kvm", "-no-shutdown", "-snapshot"}
+
+
+def bare_qemu_argv(argv, initrd):
+    """The runtime's QEMU argv without what needs a host-side peer; (argv, dropped)."""
+    pairs, i = [], 1
+    while i < len(argv):
+        opt = argv[i]
+        if opt in NO_VALUE or i + 1 >= len(argv):
+            pairs.append((opt, None))
+            i += 1
+        else:
+            pairs.append((opt, argv[i + 1]))
+            i += 2
+    dropped_chardevs = set()
+    for opt, val in pairs:
+        if opt == "-chardev" and val.split(",")[0] in ("socket", "pipe", "stdio", "pty"):
+            dropped_chardevs.update(p[3:] for p in val.split(",") if p.startswith("id="))
+    out, dropped = [argv[0]], []
+    for opt, val in pairs:
+        drop = opt in ("-qmp", "-fsdev", "-monitor")
+        if opt == "-chardev":
+            drop = val.split(",")[0] in ("socket", "pipe", "stdio", "pty")
+        if opt == "-device":
+            drv = val.split(",")[0]
+            drop = (drv.startswith(("virtio-9p", "virtio-serial", "virtserialport"))
+                    or any("chardev=%s" % c in val.split(",") for c in dropped_chardevs))
+        if drop:
+            dropped.append("%s %s" % (opt, val))
+            continue
+        if opt == "-initrd":
+            val = initrd
+        out += [opt] if val is None else [opt, val]
+    for need in ("-kernel", "-initrd", "-append", "-machine", "-accel"):
+        if need not in out:
+            raise BenchError("bare QEMU: the runtime's QEMU command has no %s" % need)
+    return out, dropped
+
+
+# ---------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, tmp, opts):
+        self.tmp, self.opts = tmp, opts
+        self.rt_root = os.path.join(tmp, "rt-root")
+        self.runc_root = os.path.join(tmp, "runc-root")
+        self.rt_ids, self.runc_ids = [], []
+        self.seq = 0
+        self.runc = shutil.which("runc")
+        self.python = sys.executable
+
+    # -- set-up ------------------------------------------------------------
+    def setup(self):
+        tmp = self.tmp
+        self.rootfs = make_busybox_rootfs(os.path.join(tmp, "rootfs"))
+        spec_dir = os.path.join(tmp, "spec")
+        os.makedirs(spec_dir)
+        subprocess.run([self.python, RUNTIME, "spec", "-b", spec_dir], check=True,
+                       stdin=subprocess.DEVNULL)
+        base = os.path.join(spec_dir, "config.json")
+        # one bundle, shared by the runtime and runc (the runtime's default spec is runc's)
+        self.bundle = make_bundle(tmp, "bundle", [PROGRAM], self.rootfs, base)
+        self.sleep_bundle = make_bundle(tmp, "bundle-sleep", ["sleep", "1000"], self.rootfs, base)
+        self.runc_bundle = self.bundle
+        # the VM the runtime would start for this bundle (also builds/validates the cache)
+        conf = rt.load_spec(self.bundle)
+        self.vm = rt.resolve_vm(conf)
+        self.vm_boot_timeout = float(self.vm["boot_timeout"])
+        self.timeout = self.opts.boot_timeout or self.vm_boot_timeout + 30
+        image = self.vm.get("image") or rt.guest_image(self.vm)
+        bare_dir = os.path.join(tmp, "bare")
+        os.makedirs(bare_dir)
+        self.bare_dir = bare_dir
+        self.bare_initrd = os.path.join(bare_dir, "initrd.cpio")
+        build_bare_initrd(self.bare_initrd)
+        full = rt.qemu_command("bench-bare", self.vm, conf, bare_dir, image)
+        self.bare_argv, self.bare_dropped = bare_qemu_argv(full, self.bare_initrd)
+        self.kernel_cmdline = self.bare_argv[self.bare_argv.index("-append") + 1]
+
+    def _runc_fallback(self):
+        """A bundle with `runc spec`'s config (used if runc rejects the shared one)."""
+        d = os.path.join(self.tmp, "runc-spec")
+        os.makedirs(d)
+        subprocess.run([self.runc, "spec", "--bundle", d], check=True, stdin=subprocess.DEVNULL)
+        b = make_bundle(self.tmp, "bundle-runc", [PROGRAM], self.rootfs, os.path.join(d, "config.json"))
+        return b
+
+    def _id(self, prefix):
+        self.seq += 1
+        return "%s%d" % (prefix, self.seq)
+
+    # -- one sample of each ------------------------------------------------
+    def runtime_once(self):
+        cid = self._id("rt")
+        self.rt_ids.append(cid)
+        out = os.path.join(self.tmp, "out-%s.txt" % cid)
+        try:
+            secs, rc = run_timed([self.python, RUNTIME, "--root", self.rt_root, "run", "-b",
+                                  self.bundle, cid], out, self.timeout)
+        finally:
+            quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", cid])
+        if rc != 0:
+            raise BenchError("cc-oci-runtime run %s: exit status %d: %s" % (cid, rc, _tail(out)))
+        return secs
+
+    def runc_once(self):
+        cid = self._id("runc")
+        self.runc_ids.append(cid)
+        out = os.path.join(self.tmp, "out-%s.txt" % cid)
+        try:
+            secs, rc = run_timed([self.runc, "--root", self.runc_root, "run", "--bundle",
+                                  self.runc_bundle, cid], out, 60)
+        finally:
+            quiet([self.runc, "--root", self.runc_root, "delete", "--force", cid])
+        if rc != 0:
+            raise BenchError("runc run %s: exit status %d: %s" % (cid, rc, _tail(out)))
+        return secs
+
+    def bare_once(self):
+        n = self._id("bare")
+        console = os.path.join(self.bare_dir, "console.log")
+        if os.path.exists(console):
+            os.unlink(console)
+        out = os.path.join(self.tmp, "out-%s.txt" % n)
+        secs, rc = run_timed(self.bare_argv, out, self.timeout, cwd=self.bare_dir)
+        text = _tail(console, 4000)
+        if rc != 0 or MARKER not in text:
+            raise BenchError("bare QEMU boot: exit status %d, %s in console.log: qemu: %s; "
+                             "console: %s" % (rc, "marker" if MARKER in text else "no marker",
+                                              _tail(out), text[-800:]))
+        return secs
+
+    def timings(self, n):
+        kinds = [("runtime", self.runtime_once)]
+        if self.runc:
+            kinds.append(("runc", self.runc_once))
+        kinds.append(("bare_qemu", self.bare_once))
+        log("warm-up (not measured): %s" % ", ".join(k for k, _ in kinds))
+        for name, fn in kinds:
+            if name == "runc":
+                try:
+                    fn()
+                except BenchError as e:
+                    log("runc rejected the shared bundle (%s); using `runc spec`'s config" % e)
+                    self.runc_bundle = self._runc_fallback()
+                    fn()
+            else:
+                fn()
+        samples = {k: [] for k, _ in kinds}
+        for i in range(n):
+            for name, fn in kinds:
+                samples[name].append(fn())
+            log("round %d/%d: %s" % (i + 1, n, "  ".join(
+                "%s %.3fs" % (k, v[-1]) for k, v in samples.items())))
+        return samples
+
+    # -- memory of one idle container --------------------------------------
+    def memory(self, settle):
+        cid = self._id("mem")
+        self.rt_ids.append(cid)
+        pid_file = os.path.join(self.tmp, "%s.pid" % cid)
+        out = os.path.join(self.tmp, "out-%s.txt" % cid)
+        base = [self.python, RUNTIME, "--root", self.rt_root]
+        try:
+            _, rc = run_timed(base + ["create", "-b", self.sleep_bundle, "--pid-file", pid_file,
+                                      cid], out, self.timeout)
+            if rc != 0:
+                raise BenchError("create %s: exit status %d: %s" % (cid, rc, _tail(out)))
+            _, rc = run_timed(base + ["start", cid], out + ".start", 60)
+            if rc != 0:
+                raise BenchError("start %s: exit status %d: %s" % (cid, rc, _tail(out + ".start")))
+            time.sleep(settle)
+            st = subprocess.run(base + ["state", cid], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=60)
+            if st.returncode != 0:
+                raise BenchError("state %s: %s" % (cid, st.stderr.strip()))
+            state = json.loads(st.stdout)
+            with open(pid_file) as f:
+                monitor = int(f.read().strip())
+            if state["status"] != "running" or state["pid"] != monitor:
+                raise BenchError("state %s: status %s pid %s (pid file: %d)"
+                                 % (cid, state["status"], state["pid"], monitor))
+            kids = children(monitor)
+            if not kids:
+                raise BenchError("monitor %d has no children (no QEMU?)" % monitor)
+            result = {"settle_s": settle, "monitor": {"pid": monitor, "comm": comm(monitor),
+                                                      "pss_kb": smaps_kb(monitor),
+                                                      "rss_kb": smaps_kb(monitor, "Rss")},
+                      "children": []}
+            for k in kids:
+                result["children"].append({"pid": k, "comm": comm(k), "pss_kb": smaps_kb(k),
+                                           "rss_kb": smaps_kb(k, "Rss")})
+            result["total_pss_kb"] = (result["monitor"]["pss_kb"]
+                                      + sum(c["pss_kb"] for c in result["children"]))
+            result["vm_memory"] = str(self.vm["memory"])
+            return result
+        finally:
+            quiet(base + ["delete", "--force", cid])
+
+    # -- clean-up ----------------------------------------------------------
+    def cleanup(self):
+        """delete --force everything, then kill whatever still names the temp dir."""
+        for cid in self.rt_ids:
+            if os.path.exists(os.path.join(self.rt_root, cid)):
+                quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", cid])
+        if self.runc:
+            for cid in self.runc_ids:
+                if os.path.exists(os.path.join(self.runc_root, cid)):
+                    quiet([self.runc, "--root", self.runc_root, "delete", "--force", cid])
+        left = procs_naming(self.tmp)
+        for pid, cmd in left.items():
+            log("left-over process %d killed: %s" % (pid, cmd[:200]))
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while left and time.monotonic() < deadline and any(
+                rt.process_alive(pid) for pid in left):
+            time.sleep(0.05)
+        return left
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+def summary(values):
+    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
+            "max": round(max(values), 4), "samples": [round(v, 4) for v in values]}
+
+
+def ratio(a, b):
+    return round(a / b, 3) if b else None
+
+
+def print_table(res):
+    env = res["env"]
+    print("cc-oci-runtime start-up benchmark: n=%d per kind (+1 warm-up), round-robin"
+          % res["n"])
+    print("host: %d CPUs, load average %s; QEMU accel=%s machine=%s memory=%s cpus=%s"
+          % (env["host_cpus"], env["loadavg"], env["accel"], env["machine"], env["memory"],
+             env["vm_cpus"]))
+    print("kernel: %s (booted as %s)" % (env["kernel"], env["kernel_image"]))
+    print()
+    labels = {"runtime": "cc-oci-runtime run /bin/true", "runc": "runc run /bin/true",
+              "bare_qemu": "bare QEMU boot, /init = /bin/true"}
+    print("%-36s %9s %9s %9s" % ("wall time (s)", "median", "min", "max"))
+    for k in ("runtime", "runc", "bare_qemu"):
+        s = res["timings"].get(k)
+        if s is None:
+            print("%-36s %9s" % (labels[k], "n/a (runc not installed)"))
+            continue
+        print("%-36s %9.3f %9.3f %9.3f" % (labels[k], s["median"], s["min"], s["max"]))
+    print()
+    r = res["ratios"]
+    if r.get("runtime/runc") is not None:
+        print("ratio runtime/runc (medians)          %9.1fx" % r["runtime/runc"])
+    print("ratio runtime/bare-QEMU (medians)     %9.2fx" % r["runtime/bare_qemu"])
+    print("runtime overhead over bare QEMU       %9.3f s" % r["runtime-bare_qemu_s"])
+    m = res.get("memory")
+    if m:
+        print()
+        print("idle container (sleep 1000, %.0f s after start), host PSS:" % m["settle_s"])
+        mon = m["monitor"]
+        print("  %-34s %8.1f MiB  (RSS %.1f MiB)"
+              % ("monitor pid %d (%s)" % (mon["pid"], mon["comm"]), mon["pss_kb"] / 1024,
+                 mon["rss_kb"] / 1024))
+        for c in m["children"]:
+            print("  %-34s %8.1f MiB  (RSS %.1f MiB; guest RAM %s)"
+                  % ("child pid %d (%s)" % (c["pid"], c["comm"]), c["pss_kb"] / 1024,
+                     c["rss_kb"] / 1024, m["vm_memory"]))
+        print("  %-34s %8.1f MiB" % ("total", m["total_pss_kb"] / 1024))
+    if res["bare_qemu_dropped"]:
+        print()
+        print("bare QEMU = the runtime's QEMU command without: %s"
+              % "; ".join(res["bare_qemu_dropped"]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=10, help="measured runs of each kind (default 10)")
+    ap.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    ap.add_argument("--boot-timeout", type=float, default=0,
+                    help="timeout of each run/boot in seconds (default: vm boot_timeout + 30)")
+    ap.add_argument("--settle", type=float, default=2.0,
+                    help="seconds between start and the memory reading (default 2)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    opts = ap.parse_args(argv)
+    if opts.n < 1:
+        ap.error("-n must be at least 1")
+    if os.geteuid() != 0:
+        ap.error("must run as root (runc and the runtime's VM set-up need it)")
+
+    def on_term(signum, _frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    tmp = tempfile.mkdtemp(prefix="cc-bench-")
+    bench = Bench(tmp, opts)
+    code = 0
+    leftovers = {}
+    try:
+        log("temporary directory %s" % tmp)
+        bench.setup()
+        log("bare QEMU: %s" % " ".join(bench.bare_argv))
+        samples = bench.timings(opts.n)
+        mem = None
+        if not opts.no_memory:
+            log("memory: create + start a `sleep 1000` container, wait %.1fs" % opts.settle)
+            mem = bench.memory(opts.settle)
+        t = {k: summary(v) for k, v in samples.items()}
+        rmed, bmed = t["runtime"]["median"], t["bare_qemu"]["median"]
+        res = {
+            "n": opts.n,
+            "env": {"host_cpus": os.cpu_count(), "loadavg": " ".join(
+                        open("/proc/loadavg").read().split()[:3]),
+                    "accel": bench.vm["accel_used"], "machine": bench.vm["machine"],
+                    "memory": str(bench.vm["memory"]), "vm_cpus": bench.vm["cpus"],
+                    "kernel": bench.vm["kernel_path"], "kernel_image": bench.vm["kernel_image"],
+                    "kernel_cmdline": bench.kernel_cmdline, "qemu": bench.vm["qemu"],
+                    "runc": bench.runc, "runc_bundle_config": os.path.basename(bench.runc_bundle)},
+            "timings": t,
+            "ratios": {"runtime/runc": ratio(rmed, t["runc"]["median"]) if "runc" in t else None,
+                       "runtime/bare_qemu": ratio(rmed, bmed),
+                       "runtime-bare_qemu_s": round(rmed - bmed, 4)},
+            "memory": mem,
+            "bare_qemu_argv": bench.bare_argv,
+            "bare_qemu_dropped": bench.bare_dropped,
+        }
+    except BenchError as e:
+        log("FAILED: %s" % e)
+        res, code = None, 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        res, code = None, 130
+    finally:
+        try:
+            leftovers = bench.cleanup()
+        finally:
+            if opts.keep:
+                log("kept %s" % tmp)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+    if res is not None:
+        res["leftover_processes"] = {str(k): v for k, v in leftovers.items()}
+        if opts.json:
+            print(json.dumps(res, indent=2))
+        else:
+            print_table(res)
+            if leftovers:
+                print("\nWARNING: %d process(es) outlived delete --force and were killed: %s"
+                      % (len(leftovers), ", ".join(map(str, leftovers))))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

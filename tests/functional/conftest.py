@@ -1,0 +1,119 @@
+"""Fixtures for functional tests: the runtime CLI as a subprocess on busybox bundles, real VMs."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+RUNTIME = os.path.join(REPO, "cc_oci_runtime.py")
+sys.path.insert(0, HERE)
+sys.path.insert(0, REPO)
+
+import engines  # noqa: E402
+import cc_oci_runtime as rt  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def rootfs(tmp_path_factory):
+    """One busybox rootfs shared by the session's bundles."""
+    return str(engines.make_busybox_rootfs(tmp_path_factory.mktemp("bb") / "rootfs"))
+
+
+@pytest.fixture(scope="session")
+def state_root(tmp_path_factory):
+    """The --root of every CLI call; must be empty when the session ends."""
+    root = str(tmp_path_factory.mktemp("state"))
+    yield root
+    leftovers = os.listdir(root)
+    qemus = [p for p in _processes() if root in _cwd(p)]
+    assert not leftovers and not qemus, "left behind: %s %s" % (leftovers, qemus)
+
+
+def _processes():
+    """Pids of every process on the host."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _cwd(pid):
+    """A process's working directory, or ''."""
+    try:
+        return os.readlink("/proc/%d/cwd" % pid)
+    except OSError:
+        return ""
+
+
+class Runtime:
+    """Runs the runtime CLI with a private --root."""
+
+    def __init__(self, root, tmp_path):
+        self.root, self.tmp, self.ids = root, tmp_path, []
+
+    def argv(self, *args):
+        """The command line for one call."""
+        return [sys.executable, RUNTIME, "--root", self.root] + [str(a) for a in args]
+
+    def __call__(self, *args, input=None, timeout=120, check=False):
+        """Run one command; returns CompletedProcess with text output.
+
+        Output goes through files, not pipes: a created container's monitor keeps the
+        stdout/stderr it was given, as it does for an engine, so a pipe would not end."""
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            p = subprocess.run(self.argv(*args), input=input, timeout=timeout, text=True,
+                               stdout=out, stderr=err)
+            out.seek(0)
+            err.seek(0)
+            r = subprocess.CompletedProcess(p.args, p.returncode, out.read().decode(),
+                                            err.read().decode())
+        if check and r.returncode != 0:
+            raise AssertionError("%s failed (%d): %s" % (args, r.returncode, r.stderr))
+        return r
+
+    def bundle(self, args, **changes):
+        """A bundle dir whose config.json runs args; changes update the process or top level."""
+        d = self.tmp / ("bundle%d" % len(list(self.tmp.glob("bundle*"))))
+        d.mkdir()
+        conf = rt.default_spec()
+        conf["root"] = {"path": ROOTFS[0], "readonly": False}
+        conf["process"].update(terminal=False, args=args)
+        conf["linux"]["namespaces"] = [ns for ns in conf["linux"]["namespaces"]
+                                       if ns["type"] != "network"]
+        for key, value in changes.items():
+            if key in conf["process"] or key in ("user", "env", "cwd", "terminal"):
+                conf["process"][key] = value
+            else:
+                conf[key] = value
+        (d / "config.json").write_text(json.dumps(conf))
+        return str(d)
+
+    def state(self, cid):
+        """The parsed `state` JSON."""
+        r = self("state", cid, check=True)
+        return json.loads(r.stdout)
+
+    def wait_status(self, cid, status, timeout=30):
+        """Poll state until it shows status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self("state", cid)
+            if r.returncode == 0 and json.loads(r.stdout)["status"] == status:
+                return
+            time.sleep(0.2)
+        raise AssertionError("%s never became %s" % (cid, status))
+
+
+ROOTFS = [None]
+
+
+@pytest.fixture
+def runtime(rootfs, state_root, tmp_path):
+    """A Runtime; every container a test leaves is force-deleted afterwards."""
+    ROOTFS[0] = rootfs
+    r = Runtime(state_root, tmp_path)
+    yield r
+    for cid in os.listdir(state_root):
+        r("delete", "--force", cid)
