@@ -81,6 +81,7 @@ PROPAGATION_OPTIONS = ("private", "rprivate", "shared", "rshared", "slave", "rsl
                        "unbindable", "runbindable")
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+TIOCGPTN, TIOCSPTLCK = 0x80045430, 0x40045431  # not in the termios module
 
 
 # ===========================================================================
@@ -371,6 +372,8 @@ class State:
         d = self.data
         if not d.get("pid"):
             return "creating"
+        if d.get("creating"):
+            return "creating" if process_alive(d["pid"], d.get("pid_start")) else "stopped"
         if self.exit_record() is not None:
             return "stopped"
         vm = d.get("vm", {})
@@ -1296,16 +1299,19 @@ def read_msg(fd, reader, timeout):
         reader.buf += data
 
 
-def monitor_request(state, request, timeout=30):
-    """Send one request to a container's monitor and return its reply (errors raise)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def monitor_request(state, request, timeout=30, wait=True):
+    """Send one request to a container's monitor and return its reply (errors raise).
+
+    With wait=False the request is only queued (a paused VM answers when resumed)."""
     try:
-        sock.connect(state.path("ctl.sock"))
+        sock = connect_unix(state.dir, "ctl.sock", timeout)
     except OSError:
-        sock.close()
         raise Error("container not running") from None
     with sock:
         send_msg(sock.fileno(), request)
+        if not wait:
+            time.sleep(0.05)  # let the monitor read it before the connection closes
+            return {}
         reply = read_msg(sock.fileno(), FrameReader(), timeout)
     if reply.get("error"):
         raise Error(reply["error"])
@@ -1356,7 +1362,7 @@ class Monitor:
         self.reader = FrameReader()
         self.clients, self.pending, self.procs = {}, {}, {}
         self.signals, self.next_id, self.next_proc = [], 1, 1
-        self.exit_code, self.ctl = None, None
+        self.exit_code, self.ctl, self.terminal = None, None, None
 
     # -- start-up ----------------------------------------------------------
     def run(self):
@@ -1384,18 +1390,17 @@ class Monitor:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_fd = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-        for sig in FORWARDED_SIGNALS + (signal.SIGCHLD,):
+        for sig in FORWARDED_SIGNALS + (signal.SIGCHLD, signal.SIGWINCH):
             signal.signal(sig, lambda s, _f: self.signals.append(s))
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        if self.terminal is not None:  # the engine's pty: its resizes send us SIGWINCH
+            import termios
+            fcntl.ioctl(self.terminal, termios.TIOCSCTTY, 0)
 
     def _notify(self, obj):
         """Tell the creating CLI how the boot went (once)."""
         if self.notify_fd is not None:
-            try:
-                _write_all(self.notify_fd, (json.dumps(obj) + "\n").encode())
-            except OSError:
-                pass
-            os.close(self.notify_fd)
+            _notify_once(self.notify_fd, obj)
             self.notify_fd = None
 
     def _boot(self):
@@ -1497,15 +1502,14 @@ class Monitor:
         """Relay until the workload exits; return its status."""
         import selectors
         self.sel = sel = selectors.DefaultSelector()
-        sel.register(self.agent, selectors.EVENT_READ, "agent")
-        sel.register(self.ctl.fileno(), selectors.EVENT_READ, "ctl")
-        sel.register(self.wake_fd, selectors.EVENT_READ, "wake")
+        sel.register(self.agent, selectors.EVENT_READ, ("agent", None))
+        sel.register(self.ctl.fileno(), selectors.EVENT_READ, ("ctl", None))
+        sel.register(self.wake_fd, selectors.EVENT_READ, ("wake", None))
         while self.exit_code is None:
             for key, _ in sel.select(1.0):
                 if self.exit_code is not None:
                     break
-                getattr(self, "_on_" + key.data[0] if isinstance(key.data, tuple) else
-                        "_on_" + key.data)(key)
+                getattr(self, "_on_" + key.data[0])(key)
             self._handle_signals()
         self._finish()
         return self.exit_code
@@ -1591,6 +1595,7 @@ class Monitor:
             self.next_proc += 1
         elif op == "start":
             self._watch_stdin()
+            self.signals.append(signal.SIGWINCH)  # pass the initial terminal size
         msg["id"] = self.next_id
         self.pending[self.next_id] = fd
         self.next_id += 1
@@ -1598,20 +1603,14 @@ class Monitor:
 
     def _on_stdin(self, _key):
         """The container's stdin, passed on to the workload (empty = EOF)."""
-        try:
-            data = os.read(self.stdin, CHUNK)
-        except OSError:
-            data = b""
+        data = _read_or_eof(self.stdin)
         send_data(self.agent, stream_id(0, 0), data)
         if not data:
             self.sel.unregister(self.stdin)
 
     def _on_wake(self, _key):
         """Drain the signal wake-up pipe (signals are handled after each round)."""
-        try:
-            os.read(self.wake_fd, 4096)
-        except BlockingIOError:
-            pass
+        _drain(self.wake_fd)
 
     def _watch_stdin(self):
         """Start relaying stdin once the workload starts."""
@@ -1620,7 +1619,7 @@ class Monitor:
             return
         try:
             os.fstat(self.stdin)
-            self.sel.register(self.stdin, selectors.EVENT_READ, "stdin")
+            self.sel.register(self.stdin, selectors.EVENT_READ, ("stdin", None))
         except (OSError, ValueError):
             send_data(self.agent, stream_id(0, 0), b"")
         except PermissionError:
@@ -1631,12 +1630,14 @@ class Monitor:
         while self.signals:
             sig = self.signals.pop(0)
             if sig == signal.SIGCHLD:
-                if self._reap_qemu() and self.exit_code is None:
-                    # QEMU is gone; the agent channel's EOF will follow.
-                    pass
+                self._reap_qemu()  # if QEMU is gone, the agent channel's EOF follows
                 continue
+            msg = {"op": "signal", "proc": 0, "sig": int(sig)}
+            if sig == signal.SIGWINCH:
+                msg = resize_message(self.stdin, 0)
             try:
-                send_msg(self.agent, {"op": "signal", "proc": 0, "sig": int(sig)})
+                if msg:
+                    send_msg(self.agent, msg)
             except OSError:
                 pass
 
@@ -1690,6 +1691,127 @@ class Monitor:
             except ProcessLookupError:
                 pass
             self._reap_qemu_wait(5)
+
+
+def resize_message(tty_fd, proc):
+    """A resize request carrying the size of tty_fd, or None when it is not a sized terminal."""
+    import termios
+    try:
+        rows, cols = struct.unpack("HHHH", fcntl.ioctl(tty_fd, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+    except (OSError, TypeError):
+        return None
+    return {"op": "resize", "proc": proc, "rows": rows, "cols": cols} if rows and cols else None
+
+
+class ExecMonitor:
+    """One exec'd process: relays its stdio through the container's monitor, exits with its status."""
+
+    def __init__(self, state_dir, process, stdio, notify_fd, terminal=None):
+        self.dir, self.process, self.notify_fd, self.terminal = state_dir, process, notify_fd, terminal
+        self.stdin, self.stdout, self.stderr = stdio
+        self.signals, self.reader = [], FrameReader()
+
+    def run(self):
+        """Ask for the process, then relay until it exits; returns its status."""
+        import selectors
+        os.setsid()
+        if self.terminal is not None:
+            import termios
+            fcntl.ioctl(self.terminal, termios.TIOCSCTTY, 0)
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        for sig in FORWARDED_SIGNALS + (signal.SIGWINCH,):
+            signal.signal(sig, lambda s, _f: self.signals.append(s))
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        try:
+            self.sock = connect_unix(self.dir, "ctl.sock", 10)
+            send_msg(self.sock.fileno(), {"op": "exec", "process": self.process})
+            reply = read_msg(self.sock.fileno(), self.reader, 60)
+        except (Error, OSError) as e:
+            reply = {"error": str(e) if isinstance(e, Error) else "container not running"}
+        if reply.get("error"):
+            _notify_once(self.notify_fd, {"error": reply["error"]})
+            return 1
+        _notify_once(self.notify_fd, {"ok": True})
+        self.proc = reply["proc"]
+        self.signals.append(signal.SIGWINCH)
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock.fileno(), selectors.EVENT_READ, "sock")
+        sel.register(rfd, selectors.EVENT_READ, "wake")
+        if self.stdin is not None:
+            try:
+                sel.register(self.stdin, selectors.EVENT_READ, "stdin")
+            except (OSError, ValueError):
+                send_data(self.sock.fileno(), stream_id(self.proc, 0), b"")
+        while True:
+            for key, _ in sel.select(1.0):
+                if key.data == "wake":
+                    _drain(rfd)
+                elif key.data == "stdin":
+                    data = _read_or_eof(self.stdin)
+                    send_data(self.sock.fileno(), stream_id(self.proc, 0), data)
+                    if not data:
+                        sel.unregister(self.stdin)
+                else:
+                    status = self._on_frames()
+                    if status is not None:
+                        return status
+            self._forward_signals()
+
+    def _on_frames(self):
+        """Output and the exit message from the container's monitor; the status once it exits."""
+        data = _read_or_eof(self.sock.fileno())
+        if not data:
+            return 255  # the container's monitor is gone
+        for kind, stream, payload in self.reader.feed(data):
+            if kind == DATA and payload:
+                target = self.stdout if stream % 4 == 1 else self.stderr
+                if target is not None:
+                    try:
+                        _write_all(target, payload)
+                    except OSError:
+                        pass
+            elif kind == MSG and payload.get("op") == "exit":
+                return payload["status"]
+        return None
+
+    def _forward_signals(self):
+        """Pass signals (and terminal resizes) on to the process."""
+        while self.signals:
+            sig = self.signals.pop(0)
+            msg = resize_message(self.stdin, self.proc) if sig == signal.SIGWINCH else \
+                {"op": "signal", "proc": self.proc, "sig": int(sig)}
+            if msg:
+                try:
+                    send_msg(self.sock.fileno(), msg)
+                except OSError:
+                    pass
+
+
+def _notify_once(fd, obj):
+    """Write one JSON line to a notify pipe and close it."""
+    try:
+        _write_all(fd, (json.dumps(obj) + "\n").encode())
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def _drain(fd):
+    """Empty a non-blocking wake-up pipe."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _read_or_eof(fd):
+    """Read what is there; an error counts as end-of-file."""
+    try:
+        return os.read(fd, CHUNK)
+    except OSError:
+        return b""
 
 
 def _tail(path, lines=5):
@@ -1980,9 +2102,13 @@ class Agent:
         process = msg["process"]
         exe = self._check_process(process)
         proc = {"pid": None, "status": None, "process": process, "open": 0}
-        self._spawn(msg["proc"], proc, exe)
         self.procs[msg["proc"]] = proc
-        return {"op": "started", "pid": proc["pid"]}
+        try:
+            self._spawn(msg["proc"], proc, exe)
+        except Error:
+            del self.procs[msg["proc"]]
+            raise
+        return {"op": "started", "pid": proc["pid"], "proc": msg["proc"]}
 
     def _op_signal(self, msg):
         """Deliver a signal to one process, or to all of the container's (all=True)."""
@@ -2025,7 +2151,7 @@ class Agent:
         """fork/exec a process with pipes (or a pty) for its stdio."""
         p = proc["process"]
         if p.get("terminal"):
-            master, slave = os.openpty()
+            master, slave = _open_container_pty()
             size = p.get("consoleSize") or {}
             if size.get("height") and size.get("width"):
                 _set_winsize(master, size["height"], size["width"])
@@ -2133,6 +2259,15 @@ def _kill_all():
         os.kill(-1, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _open_container_pty():
+    """A pty pair from the container's own devpts (so that `tty` inside names /dev/pts/N)."""
+    master = os.open(GUEST_ROOT + "/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+    num = struct.unpack("i", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
+    slave = os.open(GUEST_ROOT + "/dev/pts/%d" % num, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    return master, slave
 
 
 def _set_winsize(fd, rows, cols):
@@ -2320,9 +2455,9 @@ def create_container(args, console_socket=None, foreground=False):
                       "bundle": conf["bundle"], "rootfs": conf["root"]["path"],
                       "created": _now_rfc3339(), "annotations": conf["annotations"],
                       "hooks": conf["hooks"], "started": False, "paused": False,
-                      "terminal": terminal,
+                      "terminal": terminal, "process": conf["process"],
                       "vm": {"accel": vm["accel_used"], "kernel": vm["kernel_image"],
-                             "image": image, "machine": vm["machine"]}}
+                             "image": image, "machine": vm["machine"], "memory": vm["memory"]}}
         state.save()
         stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
@@ -2345,11 +2480,13 @@ def create_container(args, console_socket=None, foreground=False):
         os.close(wfd)
         if host_tty is not None and console_socket:
             os.close(host_tty)
+        state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid), creating=True)
+        state.save()  # from here on, delete --force finds the monitor even if we die
         reply = _read_pipe(rfd, float(vm["boot_timeout"]) + 15)
         result = json.loads(reply) if reply.strip() else {"error": "the monitor died during boot"}
         if result.get("error"):
             raise Error(result["error"])
-        state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid))
+        state.data["creating"] = False
         state.data["vm"].update(qemu_pid=result["qemu_pid"], qemu_start=result["qemu_start"])
         state.save()
         for name in ("prestart", "createRuntime"):
@@ -2358,8 +2495,6 @@ def create_container(args, console_socket=None, foreground=False):
             write_atomic(os.path.abspath(args.pid_file), str(monitor_pid))
     except BaseException:
         if monitor_pid:
-            state.data.setdefault("pid", monitor_pid)
-            state.data["pid"] = monitor_pid
             _kill_container(state)
         state.remove()
         raise
@@ -2452,21 +2587,8 @@ def cmd_run(args):
 
 
 def _wait_foreground(state, monitor_pid):
-    """Forward signals to the monitor until it exits; delete the container; its status."""
-    for sig in FORWARDED_SIGNALS + (signal.SIGWINCH,):
-        signal.signal(sig, lambda s, _f: _forward(monitor_pid, s))
-    restore = _raw_terminal() if state.data.get("terminal") else None
-    try:
-        while True:
-            try:
-                _, status = os.waitpid(monitor_pid, 0)
-                break
-            except InterruptedError:
-                continue
-    finally:
-        if restore:
-            restore()
-    code = exit_status(status)
+    """Wait for the monitor (signals forwarded), delete the container; the workload's status."""
+    code = _wait_child(monitor_pid, state.data.get("terminal"))
     record = state.exit_record()
     if record is not None:
         code = record["status"]
@@ -2495,6 +2617,214 @@ def _raw_terminal():
     return lambda: termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
+def exec_process(args, state):
+    """The process to exec: --process FILE, or the container's own with args and overrides."""
+    if args.process:
+        raw = read_json(args.process, "process") if args.process != "-" else json.load(sys.stdin)
+        process = parse_process(raw, "process")
+    else:
+        if not args.command_args:
+            raise Error("exec: a command or --process is required")
+        base = dict(state.data.get("process") or {"env": [], "cwd": "/", "uid": 0, "gid": 0})
+        base.update(args=args.command_args, terminal=False, consoleSize={"height": 0, "width": 0})
+        base["env"] = list(base.get("env", [])) + list(args.env or [])
+        if args.cwd:
+            base["cwd"] = args.cwd
+        if args.user:
+            uid, _, gid = args.user.partition(":")
+            if not uid.isdigit() or (gid and not gid.isdigit()):
+                raise Error("exec: --user must be uid[:gid] in numbers: %s" % args.user)
+            base["uid"], base["gid"] = int(uid), int(gid or 0)
+        raw = dict(base, user={"uid": base["uid"], "gid": base["gid"],
+                               "additionalGids": base.get("additionalGids", []),
+                               "umask": base.get("umask")})
+        process = parse_process(raw, "process")
+    if args.tty:
+        process["terminal"] = True
+    return process
+
+
+def cmd_exec(args):
+    """exec: run another process in the container's VM."""
+    state = _open_state(args)
+    status = state.status()
+    if status != "running":
+        raise Error("cannot exec in a %s container" % status)
+    process = exec_process(args, state)
+    if process["terminal"] and not args.console_socket and args.detach:
+        raise Error("process.terminal: --console-socket is required with --detach")
+    stdio, host_tty = _container_stdio(process["terminal"], args.console_socket, process)
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(rfd)
+            code = ExecMonitor(state.dir, process, stdio, wfd, host_tty).run()
+        except BaseException as e:
+            LOG.debug("exec monitor: %r", e)
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    if host_tty is not None:
+        os.close(host_tty)
+    reply = _read_pipe(rfd, 90)
+    result = json.loads(reply) if reply.strip() else {"error": "the exec monitor died"}
+    if result.get("error"):
+        os.waitpid(pid, 0)
+        raise Error(result["error"])
+    if args.pid_file:
+        write_atomic(os.path.abspath(args.pid_file), str(pid))
+    LOG.info("exec in %s: %s (monitor %d)", state.id, process["args"][0], pid)
+    if args.detach:
+        return 0
+    return _wait_child(pid, process["terminal"])
+
+
+def _wait_child(pid, terminal):
+    """Forward signals to a monitor we started until it exits; its exit status."""
+    for sig in FORWARDED_SIGNALS + (signal.SIGWINCH,):
+        signal.signal(sig, lambda s, _f: _forward(pid, s))
+    restore = _raw_terminal() if terminal else None
+    try:
+        while True:
+            try:
+                return exit_status(os.waitpid(pid, 0)[1])
+            except InterruptedError:
+                continue
+    finally:
+        if restore:
+            restore()
+
+
+def qmp(state, command, timeout=10):
+    """Run one QMP command on the container's VM; returns its "return" value."""
+    try:
+        sock = connect_unix(state.dir, "qmp.sock", timeout)
+    except OSError:
+        raise Error("container not running") from None
+    with sock, sock.makefile("rwb") as f:
+        def call(cmd):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            while True:
+                line = f.readline()
+                if not line:
+                    raise Error("QMP: the VM closed the connection")
+                reply = json.loads(line)
+                if "error" in reply:
+                    raise Error("QMP %s: %s" % (cmd, reply["error"].get("desc")))
+                if "return" in reply:
+                    return reply["return"]
+        f.readline()  # greeting
+        call("qmp_capabilities")
+        return call(command)
+
+
+def cmd_pause(args):
+    """pause: stop the container's VM (QMP stop)."""
+    state = _open_state(args, lock=True)
+    status = state.status()
+    if status != "running":
+        raise Error("container not running" if status != "paused" else "container already paused")
+    qmp(state, "stop")
+    state.data["paused"] = True
+    state.save()
+    LOG.info("paused %s", state.id)
+
+
+def cmd_resume(args):
+    """resume: continue a paused container's VM (QMP cont)."""
+    state = _open_state(args, lock=True)
+    if state.status() != "paused":
+        raise Error("container not paused")
+    qmp(state, "cont")
+    state.data["paused"] = False
+    state.save()
+    LOG.info("resumed %s", state.id)
+
+
+def cmd_ps(args):
+    """ps: the container's processes (guest pids)."""
+    state = _open_state(args)
+    if state.status() not in ("running", "created"):
+        raise Error("container not running")
+    pids = monitor_request(state, {"op": "ps"})["pids"]
+    if args.format == "json":
+        print(json.dumps(pids))
+    else:
+        print("PID")
+        for pid in pids:
+            print(pid)
+
+
+def vm_stats(state):
+    """runc-style stats of the VM: QEMU's CPU time and memory as the host sees them."""
+    vm = state.data.get("vm", {})
+    pid = vm.get("qemu_pid")
+    ticks = os.sysconf("SC_CLK_TCK")
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/%d/status" % pid) as f:
+            rss = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS"))
+    except (OSError, TypeError, StopIteration):
+        raise Error("container not running") from None
+    user, system = int(fields[11]) * 10**9 // ticks, int(fields[12]) * 10**9 // ticks
+    return {"cpu": {"usage": {"total": user + system, "user": user, "kernel": system}},
+            "memory": {"usage": {"usage": rss}, "limit": _size_bytes(state.data.get("vm", {}).get(
+                "memory", DEFAULT_VM["memory"]))}}
+
+
+def _size_bytes(size):
+    """Bytes in a QEMU size such as 256M or 1G (plain numbers are MiB, as QEMU reads them)."""
+    text = str(size).strip().upper()
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text) << 20
+
+
+def cmd_events(args):
+    """events: JSON lines of the VM's CPU and memory figures (--stats: once)."""
+    state = _open_state(args)
+    interval = _seconds(args.interval)
+    while True:
+        if state.status() in ("stopped",):
+            if args.stats:
+                raise Error("container not running")
+            return 0
+        print(json.dumps({"type": "stats", "id": state.id, "data": vm_stats(state)}), flush=True)
+        if args.stats:
+            return 0
+        time.sleep(interval)
+
+
+def _seconds(text):
+    """Seconds in a Go-style duration (5s, 500ms, 1m) or a plain number."""
+    text = str(text).strip()
+    for suffix, scale in (("ms", 0.001), ("s", 1), ("m", 60), ("h", 3600)):
+        if text.endswith(suffix) and text[:-len(suffix)].replace(".", "", 1).isdigit():
+            return float(text[:-len(suffix)]) * scale
+    try:
+        return float(text)
+    except ValueError:
+        raise Error("invalid interval: %s" % text) from None
+
+
+def cmd_update(args):
+    """update: a VM's resources are fixed at boot; record the request and succeed."""
+    state = _open_state(args)
+    if args.resources:
+        raw = json.load(sys.stdin) if args.resources == "-" else read_json(args.resources, "resources")
+        if not isinstance(raw, dict):
+            raise Error("resources: must be a JSON object")
+        LOG.info("update %s: resources %s not applied (the VM's size is fixed at boot)",
+                 state.id, ", ".join(sorted(raw)) or "none")
+    return 0
+
+
 def cmd_state(args):
     """state: print the runtime-spec state JSON."""
     print(json.dumps(_open_state(args).oci_state(), indent=2))
@@ -2504,9 +2834,14 @@ def cmd_kill(args):
     """kill: send a signal to the container's process (or all of them)."""
     state = _open_state(args)
     sig = parse_signal(args.signal)
-    if state.status() in ("stopped", "creating"):
+    status = state.status()
+    if status in ("stopped", "creating"):
         raise Error("container not running")
-    monitor_request(state, {"op": "signal", "proc": 0, "sig": sig, "all": args.all})
+    if status == "paused" and sig == signal.SIGKILL:
+        _kill_container(state)  # a stopped VM cannot run the agent; the monitor dies of KILL
+        return
+    monitor_request(state, {"op": "signal", "proc": 0, "sig": sig, "all": args.all},
+                    wait=status != "paused")
     LOG.info("sent signal %d to %s", sig, state.id)
 
 
@@ -2713,6 +3048,36 @@ def build_parser():
     lst.add_argument("-q", "--quiet", action="store_true", help="only ids")
     spec = command("spec", cmd_spec, "write a default config.json", with_id=False)
     spec.add_argument("-b", "--bundle", default=".", help="where to write config.json")
+    ex = command("exec", cmd_exec, "run another process in a running container")
+    ex.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND",
+                    help="command and arguments (unless --process)")
+    ex.add_argument("-p", "--process", help="process.json to run (- for stdin)")
+    ex.add_argument("-t", "--tty", action="store_true", help="give the process a terminal")
+    ex.add_argument("--console-socket", help="AF_UNIX socket that receives the pty master")
+    ex.add_argument("-d", "--detach", action="store_true", help="do not wait for the process")
+    ex.add_argument("--pid-file", help="file to write the exec monitor's pid to")
+    ex.add_argument("-e", "--env", action="append", help="extra environment NAME=VALUE")
+    ex.add_argument("--cwd", help="working directory")
+    ex.add_argument("-u", "--user", help="uid[:gid]")
+    for flag in ("--no-new-privs", "--ignore-paused", "--no-subreaper"):
+        ex.add_argument(flag, action="store_true", help="accepted and ignored")
+    for opt in ("--apparmor", "--process-label", "--cgroup", "--preserve-fds"):
+        ex.add_argument(opt, help="accepted and ignored")
+    ex.add_argument("-c", "--cap", action="append", help="accepted and ignored")
+    command("pause", cmd_pause, "pause a container's VM")
+    command("resume", cmd_resume, "resume a paused container's VM")
+    ps = command("ps", cmd_ps, "list the container's processes (guest pids)")
+    ps.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    ev = command("events", cmd_events, "print the VM's resource figures as JSON lines")
+    ev.add_argument("--stats", action="store_true", help="print once and exit")
+    ev.add_argument("--interval", default="5s", help="time between lines (default 5s)")
+    up = command("update", cmd_update, "update resources (a VM's size is fixed: logged only)")
+    up.add_argument("-r", "--resources", help="resources JSON file, - for stdin")
+    for opt in ("--memory", "--cpu-shares", "--cpu-quota", "--cpu-period", "--cpuset-cpus",
+                "--cpuset-mems", "--kernel-memory", "--memory-swap", "--memory-reservation",
+                "--pids-limit", "--blkio-weight", "--cpu-rt-period", "--cpu-rt-runtime",
+                "--l3-cache-schema", "--mem-bw-schema"):
+        up.add_argument(opt, help="accepted and logged")
     command("features", cmd_features, "print the supported features as JSON", with_id=False)
     command("version", cmd_version, "print the version", with_id=False)
     command("check", cmd_check, "report whether this host can run containers", with_id=False)

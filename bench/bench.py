@@ -74,29 +74,38 @@ def run_timed(argv, out_path, timeout, cwd=None):
     """Run argv with stdin from /dev/null and output in out_path; (seconds, exit code).
 
     Output goes to a file, not a pipe: a runtime's monitor inherits stdout/stderr and
-    would keep a pipe open. On timeout the whole process group is killed."""
+    would keep a pipe open. The wait is a blocking waitpid (Popen.wait(timeout) polls
+    with sleeps of up to 50 ms, too coarse for runc); a timer kills the process group
+    on timeout."""
+    import threading
     with open(out_path, "wb") as out:
+        expired = []
+
+        def kill():
+            expired.append(True)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         t0 = time.monotonic()
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                              cwd=cwd, start_new_session=True)
+        timer = threading.Timer(timeout, kill)
+        timer.daemon = True
+        timer.start()
         try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-            raise BenchError("%s: timed out after %ss; output: %s"
-                             % (" ".join(argv[:6]), timeout, _tail(out_path))) from None
+            rc = p.wait()
+            secs = time.monotonic() - t0
         except BaseException:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill()
             p.wait()
             raise
-        return time.monotonic() - t0, rc
+        finally:
+            timer.cancel()
+        if expired:
+            raise BenchError("%s: timed out after %ss; output: %s"
+                             % (" ".join(argv[:6]), timeout, _tail(out_path)))
+        return secs, rc
 
 
 def quiet(argv, timeout=60):
