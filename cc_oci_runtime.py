@@ -937,7 +937,7 @@ def resolve_vm(conf):
 # Guest image: an initramfs built from the host's Python and kernel modules
 # ===========================================================================
 
-IMAGE_FORMAT = 3  # bump when the image layout changes
+IMAGE_FORMAT = 4  # bump when the image layout changes
 AGENT_IMPORTS = ("ctypes", "resource", "termios", "select", "json", "struct", "errno",
                  "fcntl", "socket", "signal", "time", "traceback")
 
@@ -1103,6 +1103,25 @@ def elf_interpreter(path):
     return None
 
 
+def elf_load_only(data):
+    """An ELF file cut after the last byte its program headers use (no debug info or section
+    table: the dynamic loader needs neither), as `sstrip` does; other data is returned as is."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return data
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    end = phoff + phentsize * phnum
+    for i in range(phnum):
+        _t, _f, offset, _v, _p, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        end = max(end, offset + filesz)
+    if end >= len(data):
+        return data
+    out = bytearray(data[:end])
+    struct.pack_into("<Q", out, 40, 0)  # e_shoff
+    struct.pack_into("<HH", out, 60, 0, 0)  # e_shnum, e_shstrndx
+    return bytes(out)
+
+
 def _add_library_links(w, path):
     """Add the symlinks beside a shared library that point at it (its soname links)."""
     if ".so" not in os.path.basename(path):
@@ -1139,7 +1158,7 @@ def _add_host_path(w, path, data=None, like=None):
     st = os.stat(like or cur)
     if data is None:
         with open(cur, "rb") as f:
-            data = f.read()
+            data = elf_load_only(f.read())
     w.add_file(cur, data, st.st_mode & 0o777, st.st_mtime)
 
 
