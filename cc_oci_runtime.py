@@ -79,7 +79,7 @@ MOUNT_OPTIONS = {  # option: (flag, set?)
 }
 PROPAGATION_OPTIONS = ("private", "rprivate", "shared", "rshared", "slave", "rslave",
                        "unbindable", "runbindable")
-CLONE_NEWNET = 0x40000000
+CLONE_NEWNET, CLONE_NEWPID = 0x40000000, 0x20000000
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 TIOCGPTN, TIOCSPTLCK = 0x80045430, 0x40045431  # not in the termios module
 
@@ -2033,13 +2033,6 @@ class Agent:
             self._mount_one({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
                              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666",
                                          "mode=0620"]})
-        for path in c.get("masked", []):
-            self._mask(GUEST_ROOT + path)
-        for path in c.get("readonly_paths", []):
-            target = GUEST_ROOT + path
-            if os.path.exists(target):
-                mount(target, target, None, MS_BIND | MS_REC)
-                mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC)
         if c.get("readonly"):
             mount(None, GUEST_ROOT, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
         self.exe = self._check_process(c["process"])
@@ -2063,6 +2056,8 @@ class Agent:
             return
         fstype = m["type"] or m.get("source")
         _make_mountpoint(target, True)
+        if fstype == "proc":
+            return  # mounted at start by the container's PID 1, in its own pid namespace
         try:
             mount(m.get("source") or fstype, target, fstype, flags, data)
         except OSError:
@@ -2071,14 +2066,6 @@ class Agent:
             mount("cgroup2", target, "cgroup2", flags, "")
         if m["destination"] == "/dev" and fstype == "tmpfs":
             _populate_dev(target)
-
-    @staticmethod
-    def _mask(target):
-        """maskedPaths: a read-only tmpfs over a directory, /dev/null over a file."""
-        if os.path.isdir(target):
-            mount("tmpfs", target, "tmpfs", MS_RDONLY)
-        elif os.path.exists(target):
-            mount("/dev/null", target, None, MS_BIND)
 
     def _check_process(self, process):
         """Resolve the executable and cwd inside the rootfs (in a chrooted child)."""
@@ -2111,6 +2098,8 @@ class Agent:
         proc = self.procs.get(0)
         if proc is None or proc["pid"] is not None or proc["status"] is not None:
             raise Error("cannot start a container that is not created")
+        # Our next child is PID 1 of a new pid namespace, as runc's container process is.
+        _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
         self._spawn(0, proc, self.exe)
         return {"op": "started", "pid": proc["pid"]}
 
@@ -2185,7 +2174,7 @@ class Agent:
         pid = os.fork()
         if pid == 0:
             try:
-                _exec_child(p, exe, child_fds, err_w2)
+                _exec_child(p, exe, child_fds, err_w2, self.conf if num == 0 else None)
             finally:
                 os._exit(127)
         for fd in set(child_fds) | {err_w2}:
@@ -2322,11 +2311,16 @@ def _populate_dev(dev):
             os.chmod(path, mode)
 
 
-def _exec_child(p, exe, fds, err_fd):
-    """In the forked child: become the container process and exec it (errors to err_fd)."""
+def _exec_child(p, exe, fds, err_fd, init_conf=None):
+    """In the forked child: become the container process and exec it (errors to err_fd).
+
+    For the container's own process (init_conf given, PID 1 of its pid namespace) first
+    mount /proc for that namespace and apply maskedPaths and readonlyPaths."""
     import resource  # before chroot: the container's root has no Python modules
     import termios
     try:
+        if init_conf is not None:
+            _pid1_mounts(init_conf)
         os.setsid()
         if p.get("terminal"):
             fcntl.ioctl(fds[0], termios.TIOCSCTTY, 0)
@@ -2358,6 +2352,25 @@ def _exec_child(p, exe, fds, err_fd):
         os.write(err_fd, msg.encode())
     except Exception as e:  # a bug: still tell the host rather than exit silently
         os.write(err_fd, ('exec: "%s": %r' % (p["args"][0], e)).encode())
+
+
+def _pid1_mounts(conf):
+    """proc mounts of the new pid namespace, then maskedPaths and readonlyPaths over them."""
+    for m in conf["mounts"]:
+        if m["type"] == "proc":
+            flags, data = mount_options(m.get("options", []))
+            mount("proc", GUEST_ROOT + m["destination"], "proc", flags, data)
+    for path in conf.get("masked", []):
+        target = GUEST_ROOT + path
+        if os.path.isdir(target):
+            mount("tmpfs", target, "tmpfs", MS_RDONLY)
+        elif os.path.exists(target):
+            mount("/dev/null", target, None, MS_BIND)
+    for path in conf.get("readonly_paths", []):
+        target = GUEST_ROOT + path
+        if os.path.exists(target):
+            mount(target, target, None, MS_BIND | MS_REC)
+            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC)
 
 
 def _home_of(uid, passwd="/etc/passwd"):

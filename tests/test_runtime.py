@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -200,7 +201,11 @@ def test_run_detach(argv, detach):
     assert parse(*argv).detach is detach
 
 
-@pytest.mark.parametrize("command, func", [("start", rt.cmd_start), ("state", rt.cmd_state)])
+ID_COMMANDS = [("start", "cmd_start"), ("state", "cmd_state"), ("pause", "cmd_pause"),
+               ("resume", "cmd_resume")]
+
+
+@pytest.mark.parametrize("command, func", [(c, getattr(rt, f, None)) for c, f in ID_COMMANDS])
 def test_id_commands(capsys, command, func):
     a = parse(command, "c1")
     assert (a.func, a.id) == (func, "c1")
@@ -265,8 +270,55 @@ def test_commands_without_id(capsys, command, func):
     assert code == 2 and "unrecognized arguments: c1" in err
 
 
-HELP_COMMANDS = ["create", "start", "run", "state", "kill", "delete", "list", "spec", "features",
+def parser_commands():
+    """Every sub-command the parser knows."""
+    sub = [a for a in rt.build_parser()._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return list(sub[0].choices)
+
+
+BASE_COMMANDS = ["create", "start", "run", "state", "kill", "delete", "list", "spec", "features",
                  "version", "check"]
+HELP_COMMANDS = parser_commands()
+
+
+def test_base_commands_exist():
+    assert set(BASE_COMMANDS) <= set(HELP_COMMANDS)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["exec", "c1", "ls", "-l", "--cwd", "/y"],
+     dict(id="c1", command_args=["ls", "-l", "--cwd", "/y"], process=None, tty=False,
+          detach=False, env=None, cwd=None, user=None, pid_file=None, console_socket=None)),
+    (["exec", "-t", "-e", "A=1", "--env", "B=2", "--cwd", "/x", "-u", "1:2", "c1", "sh"],
+     dict(id="c1", command_args=["sh"], tty=True, env=["A=1", "B=2"], cwd="/x", user="1:2")),
+    (["exec", "-p", "/p.json", "-d", "--pid-file", "/pf", "--console-socket", "/s", "c1"],
+     dict(command_args=[], process="/p.json", detach=True, pid_file="/pf", console_socket="/s")),
+    (["exec", "--process=-", "--no-new-privs", "--cap", "CAP_KILL", "--preserve-fds", "1", "c1"],
+     dict(process="-", no_new_privs=True, cap=["CAP_KILL"], preserve_fds="1")),
+    (["ps", "c1"], dict(id="c1", format="table")),
+    (["ps", "-f", "json", "c1"], dict(id="c1", format="json")),
+    (["events", "c1"], dict(id="c1", stats=False, interval="5s")),
+    (["events", "--stats", "--interval", "1s", "c1"], dict(stats=True, interval="1s")),
+    (["update", "-r", "-", "--memory", "1G", "c1"], dict(id="c1", resources="-", memory="1G")),
+    (["update", "c1"], dict(resources=None, pids_limit=None)),
+])
+def test_newer_commands(argv, expected):
+    if argv[0] not in HELP_COMMANDS:
+        pytest.skip("no %s command" % argv[0])
+    a = parse(*argv)
+    assert a.func is getattr(rt, "cmd_" + argv[0])
+    assert {k: getattr(a, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["exec"], "CONTAINER_ID"), (["ps", "-f", "yaml", "c1"], "-f/--format"),
+    (["events"], "CONTAINER_ID"), (["update"], "CONTAINER_ID"),
+])
+def test_newer_commands_bad(capsys, argv, field):
+    if argv[0] not in HELP_COMMANDS:
+        pytest.skip("no %s command" % argv[0])
+    code, err = parse_fails(capsys, *argv)
+    assert code == 2 and field in err
 
 
 @pytest.mark.parametrize("command", HELP_COMMANDS)
@@ -958,13 +1010,16 @@ def dead_pid():
     ("DEAD", False, "stopped"),
     ("ME+deadqemu", False, "stopped"),
     ("ME+liveqemu", False, "running"),
+    ("ME+creating", False, "creating"),
+    ("DEAD+creating", False, "stopped"),
 ])
 def test_state_status(tmp_path, data, exit_json, status):
     if isinstance(data, str):
         kind = data
-        data = {"pid": dead_pid()} if kind == "DEAD" else me()
+        data = {"pid": dead_pid()} if kind.startswith("DEAD") else me()
         data["started"] = kind.endswith(("started", "paused", "qemu"))
         data["paused"] = kind.endswith("paused")
+        data["creating"] = kind.endswith("creating")
         if kind.endswith("wrongstart"):
             data["pid_start"] += 1
         if kind.endswith("deadqemu"):
@@ -1305,10 +1360,11 @@ def test_exit_status(wait_status, code):
 def test_exit_status_of_real_children():
     p = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"])
     assert rt.exit_status(os.waitpid(p.pid, 0)[1]) == 7
+    p.returncode = 7  # reaped above
     p = subprocess.Popen(["sleep", "30"])
     os.kill(p.pid, signal.SIGKILL)
     assert rt.exit_status(os.waitpid(p.pid, 0)[1]) == 137
-    p.returncode = 0  # already reaped
+    p.returncode = -9  # reaped above
 
 
 # ===========================================================================
@@ -1573,7 +1629,8 @@ def test_uncompressed_kernel_cache(tmp_path, monkeypatch):
     out = rt.uncompressed_kernel(str(bz), str(cache))
     assert os.path.dirname(out) == str(cache)
     assert os.path.basename(out).startswith("vmlinux-vmlinuz-9.9.9-")
-    assert open(out, "rb").read() == FAKE_ELF
+    with open(out, "rb") as f:
+        assert f.read() == FAKE_ELF
     monkeypatch.setattr(rt, "_decompress_payload", lambda data: pytest.fail("not cached"))
     assert rt.uncompressed_kernel(str(bz), str(cache)) == out
     assert os.listdir(cache) == [os.path.basename(out)]
@@ -1709,6 +1766,127 @@ def test_hook_env_without_equals_is_rejected(tmp_path):
     config["hooks"] = {"poststart": [{"path": "/bin/true", "env": ["NOEQUALS"]}]}
     msg = spec_error(tmp_path, config)
     assert msg == "config.json: hooks.poststart[0].env: 'NOEQUALS' is not of the form NAME=VALUE"
+
+
+# -- exec, terminal sizes, sizes and durations (newer commands) --------------
+
+def needs(name):
+    return pytest.mark.skipif(not hasattr(rt, name), reason="no rt.%s" % name)
+
+
+def exec_args(**over):
+    import argparse
+    base = dict(process=None, command_args=["ls", "-l"], env=None, cwd=None, user=None, tty=False)
+    base.update(over)
+    return argparse.Namespace(**base)
+
+
+@pytest.fixture
+def exec_state(tmp_path):
+    st = rt.State(str(tmp_path), "c1")
+    st.data = {"process": rt.parse_process(good_config()["process"])}
+    return st
+
+
+@needs("exec_process")
+def test_exec_process_from_the_container_process(exec_state):
+    p = rt.exec_process(exec_args(env=["X=1"], cwd="/srv", user="5:6"), exec_state)
+    assert p["args"] == ["ls", "-l"] and p["env"] == ["PATH=/bin", "A=b=c", "X=1"]
+    assert (p["cwd"], p["uid"], p["gid"], p["terminal"]) == ("/srv", 5, 6, False)
+    assert p["rlimits"] == [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 2048}]
+    p = rt.exec_process(exec_args(tty=True, user="7"), exec_state)
+    assert (p["cwd"], p["uid"], p["gid"], p["terminal"]) == ("/tmp", 7, 0, True)
+
+
+@needs("exec_process")
+def test_exec_process_file(exec_state, tmp_path):
+    f = write_json(tmp_path / "process.json", {"args": ["cat"], "cwd": "/"})
+    p = rt.exec_process(exec_args(process=str(f), command_args=[]), exec_state)
+    assert (p["args"], p["env"], p["uid"]) == (["cat"], [], 0)
+
+
+@needs("exec_process")
+@pytest.mark.parametrize("over, message", [
+    (dict(command_args=[]), "exec: a command or --process is required"),
+    (dict(user="root"), "exec: --user must be uid[:gid] in numbers: root"),
+    (dict(user="1:x"), "exec: --user must be uid[:gid] in numbers: 1:x"),
+    (dict(env=["BAD"]), "process.env: 'BAD' is not of the form NAME=VALUE"),
+    (dict(cwd="rel"), "process.cwd: must be an absolute path"),
+    (dict(process="/nonexistent/process.json"),
+     "process: /nonexistent/process.json: no such file or directory"),
+    (dict(process="FILE:[]"), "process: must be an object"),
+    (dict(process='FILE:{"args": []}'), "process.args: must be a non-empty list of strings"),
+])
+def test_exec_process_errors(exec_state, tmp_path, over, message):
+    if str(over.get("process", "")).startswith("FILE:"):
+        f = tmp_path / "p.json"
+        f.write_text(over["process"][5:])
+        over["process"] = str(f)
+    with pytest.raises(rt.Error) as exc:
+        rt.exec_process(exec_args(**over), exec_state)
+    assert str(exc.value) == message
+
+
+@needs("resize_message")
+def test_resize_message():
+    import termios
+    master, slave = os.openpty()
+    r, w = os.pipe()
+    try:
+        assert rt.resize_message(slave, 3) is None  # 0x0: not a sized terminal
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        assert rt.resize_message(slave, 3) == {"op": "resize", "proc": 3, "rows": 24, "cols": 80}
+        assert rt.resize_message(r, 0) is None
+        assert rt.resize_message(None, 0) is None
+    finally:
+        for fd in (master, slave, r, w):
+            os.close(fd)
+
+
+@needs("_size_bytes")
+@pytest.mark.parametrize("size, expected", [("256M", 256 << 20), ("1G", 1 << 30), ("1g", 1 << 30),
+                                            ("1.5G", 3 << 29), ("2048K", 2 << 20), (512, 512 << 20),
+                                            ("64", 64 << 20), ("1T", 1 << 40)])
+def test_size_bytes(size, expected):
+    assert rt._size_bytes(size) == expected
+
+
+@needs("_seconds")
+@pytest.mark.parametrize("text, expected", [("5s", 5), ("500ms", 0.5), ("1m", 60), ("2h", 7200),
+                                            ("1.5s", 1.5), ("3", 3), (" 0.25 ", 0.25)])
+def test_seconds(text, expected):
+    assert rt._seconds(text) == expected
+
+
+@needs("_seconds")
+@pytest.mark.parametrize("text", ["soon", "5x", "s", "1.2.3s"])
+def test_seconds_bad(text):
+    with pytest.raises(rt.Error, match="^invalid interval: %s$" % re.escape(text)):
+        rt._seconds(text)
+
+
+@needs("elf_load_only")
+def test_elf_load_only_keeps_a_runnable_program(tmp_path):
+    true = os.path.realpath(shutil.which("true") or "/bin/true")
+    with open(true, "rb") as f:
+        data = f.read()
+    if data[:5] != b"\x7fELF\x02":
+        pytest.skip("true is not a 64-bit ELF file")
+    cut = rt.elf_load_only(data)
+    assert len(cut) < len(data) and data.startswith(cut[:40])
+    assert cut[60:64] == b"\0\0\0\0"  # no section table
+    exe = tmp_path / "true"
+    exe.write_bytes(cut)
+    exe.chmod(0o755)
+    assert subprocess.run([str(exe)]).returncode == 0
+    assert rt.elf_load_only(cut) == cut  # nothing more to cut
+
+
+@needs("elf_load_only")
+def test_elf_load_only_other_data():
+    for data in (b"#!/bin/sh\n", b"\x7fELF\x01\x01" + b"\0" * 58,  # 32-bit
+                 b"\x7fELF\x02\x02" + b"\0" * 58):  # big-endian
+        assert rt.elf_load_only(data) == data
 
 
 # -- default spec -----------------------------------------------------------
@@ -1894,6 +2072,69 @@ def test_cli_delete_stopped_kills_leftovers(tmp_path):
         assert (r.returncode, r.stderr) == (0, "")
         assert sleeper.wait(timeout=10) == -signal.SIGKILL
         assert os.listdir(root) == []
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+
+
+NEWER_ID_COMMANDS = [["exec", "ghost", "ls"], ["pause", "ghost"], ["resume", "ghost"],
+                     ["ps", "ghost"], ["events", "--stats", "ghost"], ["update", "ghost"]]
+
+
+@pytest.mark.parametrize("argv", NEWER_ID_COMMANDS, ids=[a[0] for a in NEWER_ID_COMMANDS])
+def test_cli_newer_commands_unknown_container(tmp_path, argv):
+    if argv[0] not in HELP_COMMANDS:
+        pytest.skip("no %s command" % argv[0])
+    r = cli(tmp_path, "--root", tmp_path / "root", *argv)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", "container does not exist\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["exec", "alive", "ls"], "cannot exec in a created container"),
+    (["exec", "gone", "ls"], "cannot exec in a stopped container"),
+    (["pause", "alive"], "container not running"),
+    (["resume", "alive"], "container not paused"),
+    (["ps", "gone"], "container not running"),
+    (["events", "--stats", "gone"], "container not running"),
+    (["update", "-r", "RESOURCES", "alive"], "resources: must be a JSON object"),
+])
+def test_cli_newer_commands_on_fake_containers(tmp_path, argv, message):
+    if argv[0] not in HELP_COMMANDS:
+        pytest.skip("no %s command" % argv[0])
+    root = tmp_path / "root"
+    fake_container(root, "alive", **me())
+    fake_container(root, "gone", pid=dead_pid(), pid_start=1)
+    write_json(tmp_path / "res.json", [1])
+    argv = [str(tmp_path / "res.json") if a == "RESOURCES" else a for a in argv]
+    r = cli(tmp_path, "--root", root, *argv)
+    assert (r.returncode, r.stderr) == (1, message + "\n")
+
+
+def test_cli_update_and_events_without_vm(tmp_path):
+    if not {"update", "events"} <= set(HELP_COMMANDS):
+        pytest.skip("no update/events command")
+    root = tmp_path / "root"
+    fake_container(root, "gone", pid=dead_pid(), pid_start=1)
+    write_json(tmp_path / "res.json", {"memory": {"limit": 1}})
+    r = cli(tmp_path, "--root", root, "update", "-r", tmp_path / "res.json", "gone")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    r = cli(tmp_path, "--root", root, "events", "gone")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
+def test_cli_kill_paused_with_sigkill_kills_the_monitor(tmp_path):
+    root = tmp_path / "root"
+    sleeper = spawn_sleeper()
+    try:
+        fake_container(root, "c1", pid=sleeper.pid, pid_start=rt.proc_start_time(sleeper.pid),
+                       started=True, paused=True)
+        r = cli(tmp_path, "--root", root, "kill", "c1", "TERM")  # no monitor to queue it
+        assert (r.returncode, r.stderr) == (1, "container not running\n")
+        assert sleeper.poll() is None
+        r = cli(tmp_path, "--root", root, "kill", "c1", "KILL")
+        assert (r.returncode, r.stderr) == (0, "")
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
     finally:
         if sleeper.poll() is None:
             sleeper.kill()

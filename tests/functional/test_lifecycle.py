@@ -55,12 +55,33 @@ def test_lifecycle_states(runtime, tmp_path):
     listing = json.loads(runtime("list", "-f", "json", check=True).stdout)
     assert [c["id"] for c in listing] == ["c-life"]
     assert "not stopped" in runtime("delete", "c-life").stderr
-    runtime("kill", "c-life", check=True)  # TERM
+    runtime("kill", "c-life", "KILL", check=True)
     runtime.wait_status("c-life", "stopped")
     assert "container not running" in runtime("kill", "c-life", "KILL").stderr
     runtime("delete", "c-life", check=True)
     assert "container does not exist" in runtime("state", "c-life").stderr
     assert not rt.process_alive(int(pid))
+
+
+def test_workload_is_pid1_and_term_needs_a_handler(runtime):
+    """As with runc, the workload is PID 1 of its pid namespace: TERM without a handler is
+    ignored, TERM with a handler is honoured."""
+    script = 'echo pid=$$; trap "echo got-term; exit 0" TERM; while :; do sleep 0.2; done'
+    b = runtime.bundle(["sh", "-c", script])
+    r = runtime("run", "-d", "-b", b, "c-pid1")
+    assert r.returncode == 0, r.stderr
+    runtime("create", "-b", runtime.bundle(["sleep", "100"]), "c-noh", check=True)
+    runtime("start", "c-noh", check=True)
+    time.sleep(1)
+    runtime("kill", "c-pid1", "TERM", check=True)
+    runtime("kill", "c-noh", "TERM", check=True)
+    runtime.wait_status("c-pid1", "stopped")
+    time.sleep(1)
+    assert runtime.state("c-noh")["status"] == "running"
+    runtime("kill", "c-noh", "KILL", check=True)
+    runtime.wait_status("c-noh", "stopped")
+    for cid in ("c-pid1", "c-noh"):
+        runtime("delete", cid, check=True)
 
 
 def test_kill_of_created_container_stops_it(runtime):
