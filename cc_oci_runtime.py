@@ -890,29 +890,34 @@ def share_args(shares, bus):
     return argv
 
 
-def qemu_command(cid, vm, conf, state_dir, image):
-    """The full QEMU argv for one container."""
+def qemu_command(cid, vm, conf, state_dir, image, template=None, vm_uuid=None):
+    """The full QEMU argv for one container: a cold boot, or with template (a dict of ram,
+    share, incoming and shares) the template's build or a restore from it."""
     import uuid
     accel = vm["accel_used"]
     machine = vm["machine"]
+    bus = "device" if machine == "microvm" else "pci"
+    shares = template["shares"] if template else share_list(conf)
     tags = {
-        "NAME": "cc-" + cid[:32], "UUID": str(uuid.uuid4()), "ACCEL": accel,
+        "NAME": "cc-" + cid[:32], "UUID": vm_uuid or str(uuid.uuid4()), "ACCEL": accel,
         "CPU": "host" if accel == "kvm" else "max",
         "MACHINE": "microvm,pit=on,pic=on,rtc=on" if machine == "microvm" else machine,
-        "VIRTIO": "device" if machine == "microvm" else "pci",
-        "MEMORY": vm["memory"], "CPUS": vm["cpus"],
+        "VIRTIO": bus, "MEMORY": vm["memory"], "CPUS": vm["cpus"],
         "KERNEL": _qemu_escape(vm["kernel_image"]), "KERNEL_PARAMS": kernel_params(vm, accel),
-        "IMAGE": _qemu_escape(image),
-        "COMMS_SOCKET": "qmp.sock",
-        "AGENT_CTL_SOCKET": "agent.sock",
-        "CONSOLE_DEVICE": "console.log",
-        "AGENT_PORT": AGENT_PORT,
-        "SHARES": share_args(share_list(conf), "device" if machine == "microvm" else "pci"),
+        "IMAGE": _qemu_escape(image), "COMMS_SOCKET": "qmp.sock",
+        "AGENT_CTL_SOCKET": "agent.sock", "CONSOLE_DEVICE": "console.log",
+        "AGENT_PORT": AGENT_PORT, "SHARES": share_args(shares, bus),
+        "MEMORY_BACKEND": [], "INCOMING": [],
     }
-    path = vm.get("hypervisor_args") or find_config_file("hypervisor.args", conf["bundle"])
-    with open(path) as f:
+    if template:
+        tags["MACHINE"] += ",memory-backend=mem"
+        tags["MEMORY_BACKEND"] = ["-object", "memory-backend-file,id=mem,size=%s,mem-path=%s,share=%s"
+                                  % (vm["memory"], _qemu_escape(template["ram"]),
+                                     "on" if template["share"] else "off")]
+        tags["INCOMING"] = ["-incoming", "defer"] if template["incoming"] else []
+    with open(vm["hypervisor_args"]) as f:
         text = f.read()
-    return [vm["qemu"]] + expand_args(text, tags, path)
+    return [vm["qemu"]] + expand_args(text, tags, vm["hypervisor_args"])
 
 
 def resolve_vm(conf):
@@ -930,7 +935,150 @@ def resolve_vm(conf):
     vm["modules_dir"] = vm.get("modules") or os.path.join("/lib/modules", version)
     vm["accel_used"] = choose_accel(vm["accel"])
     vm["kernel_image"] = uncompressed_kernel(kpath)
+    vm["hypervisor_args"] = vm.get("hypervisor_args") or find_config_file("hypervisor.args",
+                                                                          conf["bundle"])
     return vm
+
+
+# -- templates: a booted, idle VM saved once and restored for each container --------
+
+UUID_ZERO = "00000000-0000-0000-0000-000000000000"
+SHARE_SLOTS = 8  # bind-mount directories a restored VM can export (more: cold boot)
+
+
+def template_shares(shares, empty_dir):
+    """shares padded to the template's fixed 9p slots, or None when they do not fit."""
+    if len(shares) > SHARE_SLOTS + 1:
+        return None
+    return list(shares) + [("share%d" % i, empty_dir) for i in range(len(shares) - 1, SHARE_SLOTS)]
+
+
+def template_for(vm, image):
+    """The directory of the saved template VM for this configuration, built on first use;
+    None when templates are off or hypervisor.args has no @MEMORY_BACKEND@/@INCOMING@."""
+    import hashlib
+    with open(vm["hypervisor_args"]) as f:
+        text = f.read()
+    if not vm.get("template", True) or "@MEMORY_BACKEND@" not in text or "@INCOMING@" not in text:
+        return None
+    empty = os.path.join(CACHE_DIR, "empty")
+    os.makedirs(empty, exist_ok=True)
+    spec = {"ram": "RAM", "share": True, "incoming": False,
+            "shares": template_shares([(ROOTFS_TAG, empty)], empty)}
+    probe = qemu_command("template", vm, None, None, image, spec, vm_uuid=str(UUID_ZERO))
+    digest = hashlib.sha256(json.dumps(probe).encode())
+    for path in (vm["qemu"], vm["kernel_image"], image):
+        st = os.stat(path)
+        digest.update(("%s|%d|%d" % (path, st.st_size, st.st_mtime_ns)).encode())
+    final = os.path.join(CACHE_DIR, "template-" + digest.hexdigest()[:24])
+    if os.path.exists(os.path.join(final, "state")):
+        return final
+    lock = os.open(final + ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(final, "state")):
+            _build_template(vm, image, dict(spec), final)
+    finally:
+        os.close(lock)
+    return final
+
+
+def _build_template(vm, image, spec, final):
+    """Boot the agent, stop the VM once it is ready and save it (RAM stays in a file)."""
+    import shutil
+    import subprocess
+    tmp = "%s.tmp.%d" % (final, os.getpid())
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    LOG.info("building VM template %s", final)
+    spec["ram"] = os.path.join(tmp, "ram")
+    argv = qemu_command("template", vm, None, None, image, spec)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(tmp, "agent.sock"))
+    listener.listen(1)
+    listener.settimeout(float(vm["boot_timeout"]))
+    with open(os.path.join(tmp, "qemu.log"), "wb") as log:
+        qemu = subprocess.Popen(argv, cwd=tmp, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            read_msg(conn.fileno(), FrameReader(), float(vm["boot_timeout"]))  # "ready"
+            q = Qmp(tmp)
+            q.call("stop")
+            q.call("migrate-set-capabilities",
+                   capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            q.call("migrate", uri="exec:cat > state.tmp")
+            q.wait(lambda: q.call("query-migrate").get("status") in ("completed", "failed"))
+            if q.call("query-migrate").get("status") != "completed":
+                raise Error("saving the VM template failed")
+            q.call("quit")
+            q.close()
+        qemu.wait(10)
+        os.rename(os.path.join(tmp, "state.tmp"), os.path.join(tmp, "state"))
+        for name in ("agent.sock", "qmp.sock"):
+            if os.path.exists(os.path.join(tmp, name)):
+                os.unlink(os.path.join(tmp, name))
+        os.rename(tmp, final)
+        prune_cache("template-", final)
+    except BaseException:
+        qemu.kill()
+        qemu.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        listener.close()
+
+
+class Qmp:
+    """A QMP session on a VM's control socket."""
+
+    def __init__(self, directory, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = connect_unix(directory, "qmp.sock", timeout)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise Error("QMP: cannot connect to the VM") from None
+                time.sleep(0.01)
+        self.file = self.sock.makefile("rwb")
+        self.file.readline()  # greeting
+        self.call("qmp_capabilities")
+
+    def call(self, command, **arguments):
+        """Run a command; its "return" value (an error reply raises)."""
+        msg = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        while True:
+            line = self.file.readline()
+            if not line:
+                if command == "quit":
+                    return {}
+                raise Error("QMP: the VM closed the connection")
+            reply = json.loads(line)
+            if "error" in reply:
+                raise Error("QMP %s: %s" % (command, reply["error"].get("desc")))
+            if "return" in reply:
+                return reply["return"]
+
+    @staticmethod
+    def wait(condition, timeout=30.0):
+        """Poll condition until it holds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise Error("QMP: timed out")
+            time.sleep(0.005)
+
+    def close(self):
+        """End the session (the socket is free for the next client)."""
+        self.file.close()
+        self.sock.close()
 
 
 # ===========================================================================
@@ -1209,7 +1357,25 @@ def guest_image(vm, python=None):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    prune_cache("initrd-", out)
     return out
+
+
+def prune_cache(prefix, keep, age=3600):
+    """Remove cache entries named prefix* other than keep that were made over age seconds ago
+    (a running VM keeps what it has mapped; a create that loses a race boots cold)."""
+    import shutil
+    now = time.time()
+    for entry in os.scandir(CACHE_DIR):
+        if entry.name.startswith(prefix) and entry.path != keep and \
+                now - entry.stat(follow_symlinks=False).st_mtime > age:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
 
 
 def _write_image(w, python, manifest, modules, script):
@@ -1373,8 +1539,10 @@ def guest_config(cid, conf):
 class Monitor:
     """Runs QEMU, boots the agent, relays stdio and signals, exits with the workload's status."""
 
-    def __init__(self, state_dir, cid, gconf, argv, vm, netns, notify_fd, stdio=(0, 1, 2)):
+    def __init__(self, state_dir, cid, gconf, argv, vm, netns, notify_fd, stdio=(0, 1, 2),
+                 restore=None):
         self.dir, self.id, self.gconf, self.argv, self.vm = state_dir, cid, gconf, argv, vm
+        self.restore = restore  # {"dir": template, "argv": QEMU restoring it}, or None
         self.netns, self.notify_fd = netns, notify_fd
         self.stdin, self.stdout, self.stderr = stdio
         self.qemu_pid, self.qemu_status, self.agent = None, None, None
@@ -1423,37 +1591,74 @@ class Monitor:
             self.notify_fd = None
 
     def _boot(self):
-        """Start QEMU, wait for the agent, and have it prepare the container."""
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind("agent.sock")
-        listener.listen(1)
-        self.qemu_pid = self._spawn_qemu()
+        """Start the VM (restored from the template, else booted), then prepare the container."""
         deadline = time.monotonic() + float(self.vm["boot_timeout"])
-        listener.settimeout(0.1)
-        while self.agent is None:
-            self._check_qemu_alive()
-            if time.monotonic() > deadline:
-                raise Error("QEMU did not connect to the agent socket")
+        if self.restore:
             try:
-                self.agent_sock, _ = listener.accept()
-                self.agent_sock.setblocking(True)
-                self.agent = self.agent_sock.fileno()
-            except socket.timeout:
-                pass
-        listener.close()
-        self._wait_agent("ready", deadline)
-        send_msg(self.agent, {"op": "create", "config": self.gconf, "time": time.time()})
+                self._start_vm(self.restore["argv"], deadline, self.restore["dir"])
+            except (Error, OSError) as e:
+                LOG.warning("restoring the VM template failed (%s); booting instead", e)
+                self._stop_qemu(0)
+                self.agent, self.qemu_pid, self.qemu_status = None, None, None
+                self.restore = None
+        if not self.restore:
+            self._start_vm(self.argv, deadline)
+        send_msg(self.agent, {"op": "create", "config": self.gconf, "time": time.time(),
+                              "seed": os.urandom(32).hex()})
         self._wait_agent("created", deadline)
         self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.ctl.bind("ctl.sock")
         self.ctl.listen(16)
 
-    def _spawn_qemu(self):
+    def _start_vm(self, argv, deadline, template=None):
+        """Run QEMU and connect the agent: boot and wait for it, or restore the template."""
+        for name in ("agent.sock", "qmp.sock"):
+            if os.path.lexists(name):
+                os.unlink(name)
+        self.reader = FrameReader()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind("agent.sock")
+        listener.listen(1)
+        self.qemu_pid = self._spawn_qemu(argv)
+        listener.settimeout(0.1)
+        try:
+            while self.agent is None:
+                self._check_qemu_alive()
+                if time.monotonic() > deadline:
+                    raise Error("QEMU did not connect to the agent socket")
+                try:
+                    self.agent_sock, _ = listener.accept()
+                    self.agent_sock.setblocking(True)
+                    self.agent = self.agent_sock.fileno()
+                except socket.timeout:
+                    pass
+        finally:
+            listener.close()
+        if template is None:
+            self._wait_agent("ready", deadline)
+            return
+        import shlex
+        q = Qmp(".")
+        try:
+            q.call("migrate-set-capabilities",
+                   capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            q.call("migrate-incoming", uri="exec:cat " + shlex.quote(os.path.join(template, "state")))
+            q.wait(lambda: q.call("query-status")["status"] != "inmigrate",
+                   max(1.0, deadline - time.monotonic()))
+            status = q.call("query-status")["status"]
+            if status not in ("running", "paused", "postmigrate", "prelaunch"):
+                raise Error("the restored VM is %s" % status)
+            if status != "running":
+                q.call("cont")
+        finally:
+            q.close()
+
+    def _spawn_qemu(self, argv):
         """fork/exec QEMU with PR_SET_PDEATHSIG so that it never outlives the monitor."""
         log_fd = os.open("qemu.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         parent = os.getpid()
-        LOG.debug("qemu: %s", " ".join(self.argv))
+        LOG.debug("qemu: %s", " ".join(argv))
         pid = os.fork()
         if pid == 0:
             try:
@@ -1465,7 +1670,7 @@ class Monitor:
                 os.dup2(log_fd, 2)
                 for sig in FORWARDED_SIGNALS + (signal.SIGCHLD, signal.SIGPIPE):
                     signal.signal(sig, signal.SIG_DFL)
-                os.execv(self.argv[0], self.argv)
+                os.execv(argv[0], argv)
             finally:
                 os._exit(127)
         os.close(log_fd)
@@ -2013,8 +2218,11 @@ class Agent:
 
     def _op_create(self, msg):
         """Mount the container's rootfs and filesystems; check its process can run."""
-        if msg.get("time"):
+        if msg.get("time"):  # a restored template VM has the template's clock and entropy
             time.clock_settime(time.CLOCK_REALTIME, msg["time"])
+        if msg.get("seed"):
+            with open("/dev/urandom", "wb") as f:
+                f.write(bytes.fromhex(msg["seed"]))
         self.conf = c = msg["config"]
         if c.get("hostname"):
             socket.sethostname(c["hostname"])
@@ -2483,6 +2691,7 @@ def create_container(args, console_socket=None, foreground=False):
     monitor_pid = None
     try:
         argv = qemu_command(args.id, vm, conf, state.dir, image)
+        restore = _restore_plan(args.id, vm, conf, state, image)
         state.data = {"ociVersion": conf.get("ociVersion", OCI_VERSION), "id": args.id, "pid": 0,
                       "bundle": conf["bundle"], "rootfs": conf["root"]["path"],
                       "created": _now_rfc3339(), "annotations": conf["annotations"],
@@ -2502,7 +2711,7 @@ def create_container(args, console_socket=None, foreground=False):
                 os.close(rfd)
                 state.unlock()
                 monitor = Monitor(state.dir, args.id, guest_config(args.id, conf), argv, vm,
-                                  conf["netns"], wfd, stdio)
+                                  conf["netns"], wfd, stdio, restore)
                 monitor.terminal = host_tty
                 code = monitor.run()
             except BaseException as e:
@@ -2532,6 +2741,20 @@ def create_container(args, console_socket=None, foreground=False):
         raise
     LOG.info("created %s (monitor %d, %s)", args.id, monitor_pid, vm["accel_used"])
     return state, monitor_pid
+
+
+def _restore_plan(cid, vm, conf, state, image):
+    """How to restore this container's VM from the template, or None to boot it."""
+    try:
+        template = template_for(vm, image)
+    except (Error, OSError) as e:
+        LOG.warning("VM template unavailable (%s); booting instead", e)
+        return None
+    shares = template_shares(share_list(conf), os.path.join(CACHE_DIR, "empty")) if template else None
+    if not shares:
+        return None
+    spec = {"ram": os.path.join(template, "ram"), "share": False, "incoming": True, "shares": shares}
+    return {"dir": template, "argv": qemu_command(cid, vm, conf, state.dir, image, spec)}
 
 
 def _container_stdio(terminal, console_socket, process):
@@ -2730,28 +2953,16 @@ def _wait_child(pid, terminal):
             restore()
 
 
-def qmp(state, command, timeout=10):
-    """Run one QMP command on the container's VM; returns its "return" value."""
+def qmp(state, command):
+    """Run one QMP command on a container's VM."""
     try:
-        sock = connect_unix(state.dir, "qmp.sock", timeout)
-    except OSError:
+        q = Qmp(state.dir, timeout=5)
+    except Error:
         raise Error("container not running") from None
-    with sock, sock.makefile("rwb") as f:
-        def call(cmd):
-            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
-            f.flush()
-            while True:
-                line = f.readline()
-                if not line:
-                    raise Error("QMP: the VM closed the connection")
-                reply = json.loads(line)
-                if "error" in reply:
-                    raise Error("QMP %s: %s" % (cmd, reply["error"].get("desc")))
-                if "return" in reply:
-                    return reply["return"]
-        f.readline()  # greeting
-        call("qmp_capabilities")
-        return call(command)
+    try:
+        return q.call(command)
+    finally:
+        q.close()
 
 
 def cmd_pause(args):
