@@ -3214,13 +3214,25 @@ def check_host():
         return "%d modules from %s" % (len(guest_modules(vm["modules_dir"])), vm["modules_dir"])
 
     def accel():
-        used = choose_accel(vm.get("accel", "auto"))
-        why = "CPU has vmx/svm and /dev/kvm opens" if used == "kvm" else \
-            "no usable hardware virtualisation (no vmx/svm, or /dev/kvm does not open)"
-        return "%s (%s)" % (used, why)
+        used = vm["accel_used"] = choose_accel(vm.get("accel", "auto"))
+        if vm.get("accel") in ("kvm", "tcg"):
+            return "%s (set in vm.json)" % used
+        if used == "kvm":
+            return "kvm (the CPU has vmx/svm and /dev/kvm opens)"
+        if os.path.exists("/dev/kvm"):
+            return ("tcg: /dev/kvm exists but the CPU shows no vmx/svm (a paravirtual KVM that "
+                    "cannot boot stock kernels); software emulation is slower but works")
+        return "tcg: no /dev/kvm (load kvm_intel/kvm_amd for hardware acceleration)"
 
     def image():
-        return guest_image(vm)
+        vm["image_path"] = guest_image(vm)
+        return vm["image_path"]
+
+    def template():
+        vm["kernel_image"] = uncompressed_kernel(vm["kernel_path"])
+        vm["hypervisor_args"] = find_config_file("hypervisor.args")
+        found = template_for(vm, vm["image_path"])
+        return found or "off (cold boots: vm.json template=false or no @MEMORY_BACKEND@ tag)"
     item("python", lambda: "%s %s" % (sys.executable, sys.version.split()[0]))
     item("qemu", qemu)
     item("kernel", kernel)
@@ -3228,6 +3240,8 @@ def check_host():
         item("kernel modules", modules)
         item("accelerator", accel)
         item("guest image", image)
+        if results[-1][0] and results[1][0]:
+            item("VM template", template)
     return results
 
 
