@@ -73,7 +73,7 @@ MOUNT_OPTIONS = {  # option: (flag, set?)
     "mand": (MS_MANDLOCK, True), "nomand": (MS_MANDLOCK, False),
     "atime": (MS_NOATIME, False), "noatime": (MS_NOATIME, True),
     "diratime": (MS_NODIRATIME, False), "nodiratime": (MS_NODIRATIME, True),
-    "bind": (MS_BIND, True), "rbind": (MS_BIND | MS_REC, True),
+    "bind": (MS_BIND, True), "rbind": (MS_BIND | MS_REC, True), "defaults": (0, False),
     "relatime": (MS_RELATIME, True), "norelatime": (MS_RELATIME, False),
     "strictatime": (MS_STRICTATIME, True), "nostrictatime": (MS_STRICTATIME, False),
 }
@@ -105,11 +105,18 @@ def write_atomic(path, data, mode=0o644):
     tmp = "%s.tmp.%d" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _write_all(fd, data):
@@ -181,7 +188,7 @@ def prctl(option, arg):
 def parse_signal(value):
     """A signal number from a name (KILL, SIGKILL, kill) or a number, as runc accepts."""
     text = str(value).strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         num = int(text)
         if 0 < num < signal.NSIG:
             return num
@@ -322,6 +329,8 @@ class State:
             os.mkdir(self.dir, 0o700)
         except FileExistsError:
             raise Error("container with id exists: %s" % self.id) from None
+        except OSError as e:
+            raise Error("container %s: %s: %s" % (self.id, self.dir, e.strerror)) from None
         self.lock()
 
     def lock(self):
@@ -565,7 +574,8 @@ def _spec_hooks(conf, value):
             _need(isinstance(h.get("path"), str) and h["path"].startswith("/"), field + ".path",
                   "must be an absolute path")
             _str_list(h.get("args", []), field + ".args")
-            _str_list(h.get("env", []), field + ".env")
+            for e in _str_list(h.get("env", []), field + ".env"):
+                _need("=" in e, field + ".env", "%r is not of the form NAME=VALUE" % e)
             timeout = h.get("timeout")
             _need(timeout is None or (_is_int(timeout) and timeout > 0), field + ".timeout",
                   "must be a positive integer")
@@ -694,7 +704,9 @@ def load_vm_config(bundle=None, overrides=None):
     _need(vm.get("accel") in ("auto", "kvm", "tcg"), "vm.accel", "must be auto, kvm or tcg")
     _need(vm.get("machine") in ("microvm", "q35", "pc"), "vm.machine", "must be microvm, q35 or pc")
     _need(_is_int(vm.get("cpus")) and vm["cpus"] > 0, "vm.cpus", "must be a positive integer")
-    _need(isinstance(vm.get("memory"), (str, int)), "vm.memory", "must be a size such as 256M")
+    _need(_is_int(vm.get("memory")) or (isinstance(vm.get("memory"), str) and
+          __import__("re").fullmatch(r"[0-9]+[KMGT]?", vm["memory"].upper()) is not None),
+          "vm.memory", "must be a size such as 256M")
     _need(isinstance(vm.get("boot_timeout"), (int, float)) and vm["boot_timeout"] > 0,
           "vm.boot_timeout", "must be a positive number of seconds")
     vm["vm_json"] = path
@@ -756,7 +768,7 @@ def find_kernel(boot="/boot", modules_root="/lib/modules"):
 def _version_key(ver):
     """A sort key for kernel versions (numbers compare as numbers)."""
     import re
-    return [int(p) if p.isdigit() else p for p in re.split(r"[.\-+]", ver)]
+    return [(1, int(p), "") if p.isdigit() else (0, 0, p) for p in re.split(r"[.\-+]", ver)]
 
 
 def kernel_version_of(path):
@@ -768,8 +780,9 @@ def kernel_version_of(path):
     return os.uname().release
 
 
-def uncompressed_kernel(path, cache_dir=CACHE_DIR):
+def uncompressed_kernel(path, cache_dir=None):
     """The ELF vmlinux inside a bzImage, decompressed once into the cache (PVH boots it fast)."""
+    cache_dir = cache_dir or CACHE_DIR
     with open(path, "rb") as f:
         head = f.read(4)
     if head == b"\x7fELF":
@@ -903,8 +916,8 @@ def qemu_command(cid, vm, conf, state_dir, image, template=None, vm_uuid=None):
         "CPU": "host" if accel == "kvm" else "max",
         "MACHINE": "microvm,pit=on,pic=on,rtc=on" if machine == "microvm" else machine,
         "VIRTIO": bus, "MEMORY": vm["memory"], "CPUS": vm["cpus"],
-        "KERNEL": _qemu_escape(vm["kernel_image"]), "KERNEL_PARAMS": kernel_params(vm, accel),
-        "IMAGE": _qemu_escape(image), "COMMS_SOCKET": "qmp.sock",
+        "KERNEL": vm["kernel_image"], "KERNEL_PARAMS": kernel_params(vm, accel),
+        "IMAGE": image, "COMMS_SOCKET": "qmp.sock",
         "AGENT_CTL_SOCKET": "agent.sock", "CONSOLE_DEVICE": "console.log",
         "AGENT_PORT": AGENT_PORT, "SHARES": share_args(shares, bus),
         "MEMORY_BACKEND": [], "INCOMING": [],
@@ -2875,7 +2888,7 @@ def _raw_terminal():
 def exec_process(args, state):
     """The process to exec: --process FILE, or the container's own with args and overrides."""
     if args.process:
-        raw = read_json(args.process, "process") if args.process != "-" else json.load(sys.stdin)
+        raw = read_json(args.process if args.process != "-" else "/dev/stdin", "process")
         process = parse_process(raw, "process")
     else:
         if not args.command_args:
@@ -3060,7 +3073,7 @@ def cmd_update(args):
     """update: a VM's resources are fixed at boot; record the request and succeed."""
     state = _open_state(args)
     if args.resources:
-        raw = json.load(sys.stdin) if args.resources == "-" else read_json(args.resources, "resources")
+        raw = read_json(args.resources if args.resources != "-" else "/dev/stdin", "resources")
         if not isinstance(raw, dict):
             raise Error("resources: must be a JSON object")
         LOG.info("update %s: resources %s not applied (the VM's size is fixed at boot)",

@@ -9,7 +9,6 @@ run passes --root (and CC_OCI_CACHE_DIR) in tmp_path, so /run/cc-oci-runtime,
 
 Sections follow the module: arguments, spec handlers, hypervisor.args and QEMU argv,
 vm.json, state, cpio, logging, signals, accelerator, other helpers, CLI commands.
-Tests marked xfail(strict=True) show runtime bugs (see their reason).
 """
 
 import datetime
@@ -623,13 +622,14 @@ def test_expand_args_none_value_is_unknown():
         rt.expand_args("@A@", {"A": None})
 
 
-def test_real_hypervisor_args_has_only_known_tags():
+def test_real_hypervisor_args_tags():
     with open(HYPERVISOR_ARGS) as f:
         lines = [ln for ln in f if not ln.strip().startswith("#")]
     tags = set(re.findall(r"@([A-Z0-9_]+)@", "".join(lines)))
-    assert tags == {"NAME", "UUID", "MACHINE", "ACCEL", "CPU", "MEMORY", "CPUS", "KERNEL", "IMAGE",
-                    "KERNEL_PARAMS", "COMMS_SOCKET", "CONSOLE_DEVICE", "AGENT_CTL_SOCKET",
-                    "VIRTIO", "AGENT_PORT", "SHARES"}
+    assert {"NAME", "UUID", "MACHINE", "ACCEL", "CPU", "MEMORY", "CPUS", "KERNEL", "IMAGE",
+            "KERNEL_PARAMS", "COMMS_SOCKET", "CONSOLE_DEVICE", "AGENT_CTL_SOCKET", "VIRTIO",
+            "AGENT_PORT", "SHARES"} <= tags
+    # (test_qemu_command_* check that qemu_command expands every one of them)
 
 
 def fake_vm(tmp_path, **over):
@@ -759,8 +759,6 @@ def test_qemu_command_escapes_commas_in_share_paths(tmp_path):
     assert values_of(argv, "-fsdev")[0] == "local,id=fs0,path=%s,security_model=none" % escaped
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: -kernel/-initrd take a plain file name (QEMU does not "
-                   "parse them as an option list), so doubling commas names a missing file")
 def test_qemu_command_passes_kernel_and_initrd_paths_verbatim(tmp_path):
     bundle = make_bundle(tmp_path)
     vm = fake_vm(tmp_path, kernel_image="/k,1/vmlinux")
@@ -769,12 +767,122 @@ def test_qemu_command_passes_kernel_and_initrd_paths_verbatim(tmp_path):
     assert values_of(argv, "-initrd") == ["/img,2/initrd.cpio"]
 
 
-def test_qemu_command_finds_hypervisor_args_in_bundle(tmp_path):
+def test_hypervisor_args_from_the_bundle(tmp_path, monkeypatch):
+    monkeypatch.setattr(rt, "CONFIG_DIRS", (REPO,))
     bundle = make_bundle(tmp_path)
-    (bundle / "hypervisor.args").write_text("-accel\n@ACCEL@\n@SHARES@\n")
-    vm = fake_vm(tmp_path, hypervisor_args=None)
-    argv = rt.qemu_command("c1", vm, rt.load_spec(str(bundle)), "/s", "/i")
-    assert argv[:3] == ["/usr/bin/qemu-fake", "-accel", "kvm"] and argv[3] == "-fsdev"
+    assert rt.find_config_file("hypervisor.args", str(bundle)) == HYPERVISOR_ARGS
+    (bundle / "hypervisor.args").write_text("# mine\n-accel\n@ACCEL@\n@SHARES@\n")
+    path = rt.find_config_file("hypervisor.args", str(bundle))
+    assert path == str(bundle / "hypervisor.args")
+    argv = rt.qemu_command("c1", fake_vm(tmp_path, hypervisor_args=path),
+                           rt.load_spec(str(bundle)), "/s", "/i")
+    assert argv == ["/usr/bin/qemu-fake", "-accel", "kvm", "-fsdev",
+                    "local,id=fs0,path=%s,security_model=none" % (bundle / "rootfs"),
+                    "-device", "virtio-9p-device,fsdev=fs0,mount_tag=rootfs"]
+
+
+def test_hypervisor_args_error_names_file_and_line(tmp_path):
+    args = tmp_path / "hv.args"
+    args.write_text("-m\n@MEMORY@\n@TYPO@\n")
+    with pytest.raises(rt.Error) as exc:
+        rt.qemu_command("c1", fake_vm(tmp_path, hypervisor_args=str(args)),
+                        rt.load_spec(str(make_bundle(tmp_path))), "/s", "/i")
+    assert str(exc.value) == "%s:3: unknown tag @TYPO@" % args
+
+
+# -- VM templates (warm start): argv and cache, without building one ----------
+
+needs_template = pytest.mark.skipif(not hasattr(rt, "template_for"), reason="no VM templates")
+
+
+@needs_template
+@pytest.mark.parametrize("share, incoming", [(True, False), (False, True)])
+def test_qemu_command_template(tmp_path, share, incoming):
+    bundle = make_bundle(tmp_path)
+    shares = rt.template_shares([("rootfs", str(bundle / "rootfs"))], "/empty")
+    spec = {"ram": "/cache/tmpl,1/ram", "share": share, "incoming": incoming, "shares": shares}
+    argv = rt.qemu_command("c1", fake_vm(tmp_path), None, None, "/i", spec, vm_uuid=rt.UUID_ZERO)
+    assert values_of(argv, "-machine") == ["microvm,pit=on,pic=on,rtc=on,memory-backend=mem"]
+    assert values_of(argv, "-object") == [
+        "memory-backend-file,id=mem,size=512M,mem-path=/cache/tmpl,,1/ram,share=%s"
+        % ("on" if share else "off")]
+    assert values_of(argv, "-incoming") == (["defer"] if incoming else [])
+    assert values_of(argv, "-uuid") == [rt.UUID_ZERO]
+    assert len(values_of(argv, "-fsdev")) == rt.SHARE_SLOTS + 1
+    assert not any("@" in a for a in argv)
+
+
+@needs_template
+def test_qemu_command_cold_boot_has_no_template_args(tmp_path):
+    argv = rt.qemu_command("c1", fake_vm(tmp_path), rt.load_spec(str(make_bundle(tmp_path))),
+                           "/s", "/i")
+    assert "-object" not in argv and "-incoming" not in argv
+
+
+@needs_template
+def test_template_shares():
+    slots = rt.SHARE_SLOTS
+    padded = rt.template_shares([("rootfs", "/r"), ("share0", "/a")], "/e")
+    assert padded == [("rootfs", "/r"), ("share0", "/a")] + [
+        ("share%d" % i, "/e") for i in range(1, slots)]
+    full = [("rootfs", "/r")] + [("share%d" % i, "/d%d" % i) for i in range(slots)]
+    assert rt.template_shares(full, "/e") == full
+    assert rt.template_shares(full + [("share%d" % slots, "/x")], "/e") is None
+
+
+@pytest.fixture
+def template_inputs(tmp_path):
+    """Fake qemu, kernel and image files and a vm dict for template_for."""
+    for name in ("qemu", "vmlinux", "initrd"):
+        (tmp_path / name).write_bytes(b"x")
+    vm = fake_vm(tmp_path, qemu=str(tmp_path / "qemu"), kernel_image=str(tmp_path / "vmlinux"))
+    return vm, str(tmp_path / "initrd")
+
+
+@needs_template
+def test_template_for_off(tmp_path, template_inputs, monkeypatch):
+    vm, image = template_inputs
+    monkeypatch.setattr(rt, "_build_template", lambda *a: pytest.fail("built"))
+    assert rt.template_for(dict(vm, template=False), image) is None
+    plain = tmp_path / "plain.args"
+    plain.write_text("-accel\n@ACCEL@\n@SHARES@\n")
+    assert rt.template_for(dict(vm, hypervisor_args=str(plain)), image) is None
+
+
+@needs_template
+def test_template_for_builds_once_per_input(tmp_path, template_inputs, monkeypatch, isolated):
+    vm, image = template_inputs
+    builds = []
+
+    def fake_build(vm_, image_, spec, final):
+        builds.append(final)
+        os.makedirs(final)
+        open(os.path.join(final, "state"), "w").close()
+    monkeypatch.setattr(rt, "_build_template", fake_build)
+    first = rt.template_for(vm, image)
+    assert os.path.dirname(first) == str(isolated)
+    assert os.path.basename(first).startswith("template-")
+    assert rt.template_for(vm, image) == first and builds == [first]
+    os.utime(image, ns=(1, 1))  # a new image is a new template
+    second = rt.template_for(vm, image)
+    assert second != first and builds == [first, second]
+    assert rt.template_for(dict(vm, memory="1G"), image) not in (first, second)
+
+
+@pytest.mark.skipif(not hasattr(rt, "prune_cache"), reason="no prune_cache")
+def test_prune_cache(isolated):
+    isolated.mkdir()
+    old, new = time.time() - 7200, time.time()
+    for name, when, is_dir in (("initrd-old.cpio", old, False), ("initrd-keep.cpio", old, False),
+                               ("initrd-new.cpio", new, False), ("template-old", old, True),
+                               ("manifest-old.json", old, False)):
+        path = isolated / name
+        path.mkdir() if is_dir else path.write_text("x")
+        os.utime(path, (when, when))
+    rt.prune_cache("initrd-", str(isolated / "initrd-keep.cpio"))
+    rt.prune_cache("template-", None)
+    assert sorted(os.listdir(isolated)) == ["initrd-keep.cpio", "initrd-new.cpio",
+                                            "manifest-old.json"]
 
 
 # ===========================================================================
@@ -947,8 +1055,6 @@ def test_state_duplicate_id(tmp_path):
         rt.State(str(tmp_path), "c1").make()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ids of 256..1024 bytes pass validate_id but mkdir "
-                   "fails with ENAMETOOLONG, an OSError (a traceback) instead of an rt.Error")
 def test_state_make_overlong_name_is_an_error(tmp_path):
     with pytest.raises(rt.Error):
         rt.State(str(tmp_path), "a" * 300).make()
@@ -1098,8 +1204,6 @@ def test_write_atomic_missing_dir(tmp_path):
         rt.write_atomic(str(tmp_path / "nodir" / "f"), "x")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: write_atomic leaves its PATH.tmp.PID file behind "
-                   "when the write or the rename fails")
 def test_write_atomic_failure_leaves_no_temp_file(tmp_path):
     (tmp_path / "target").mkdir()
     with pytest.raises(OSError):
@@ -1344,8 +1448,6 @@ def test_parse_signal_bad(value):
     assert str(exc.value) == "invalid signal: %s" % value
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: str.isdigit() accepts '²', then int() raises "
-                   "ValueError instead of rt.Error (traceback from `kill ID ²`)")
 def test_parse_signal_unicode_digit():
     with pytest.raises(rt.Error, match="invalid signal"):
         rt.parse_signal("²")
@@ -1435,8 +1537,6 @@ def test_mount_options(options, flags, data):
     assert rt.mount_options(options) == (flags, data)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: 'defaults' is passed to mount(2) as fs data, which "
-                   "tmpfs and others reject with EINVAL; runc treats it as no flag")
 def test_mount_option_defaults_is_not_fs_data():
     assert rt.mount_options(["defaults", "mode=755"]) == (0, "mode=755")
 
@@ -1521,8 +1621,6 @@ def test_find_kernel_none(tmp_path):
         rt.find_kernel(str(tmp_path / "no-boot"), mods)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _version_key mixes ints and strs, so comparing "
-                   "5.10.0-custom with 5.10.0-1-amd64 raises TypeError")
 def test_find_kernel_mixed_version_shapes(tmp_path):
     boot, mods = kernel_tree(tmp_path, ["5.10.0-custom", "5.10.0-1-amd64"],
                              ["5.10.0-custom", "5.10.0-1-amd64"])
@@ -1759,8 +1857,6 @@ def test_run_hooks_failures(tmp_path):
     rt.run_hooks({"poststart": [{"path": str(fail)}]}, "poststart", {}, fatal=False)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hooks[].env entries are not checked for NAME=VALUE; "
-                   "run_hooks then dies with ValueError (a traceback, even for non-fatal hooks)")
 def test_hook_env_without_equals_is_rejected(tmp_path):
     config = good_config()
     config["hooks"] = {"poststart": [{"path": "/bin/true", "env": ["NOEQUALS"]}]}
