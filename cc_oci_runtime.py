@@ -1756,9 +1756,9 @@ class Monitor:
         data = os.read(self.agent, CHUNK)
         if not data:
             self._reap_qemu_wait(2)
-            status = self.qemu_status if self.qemu_status is not None else 0
+            status = self.qemu_status if self.qemu_status is not None else signal.SIGKILL
             LOG.warning("the VM went away before the workload reported its exit")
-            self._record_exit(137 if os.WIFSIGNALED(status) or not status else 255)
+            self._record_exit(exit_status(status) if os.WIFSIGNALED(status) else 255)
             return
         for kind, stream, payload in self.reader.feed(data):
             if kind == MSG:
