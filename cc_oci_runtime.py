@@ -2714,24 +2714,15 @@ def create_container(args, console_socket=None, foreground=False):
                              "image": image, "machine": vm["machine"], "memory": vm["memory"]}}
         state.save()
         stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
-        rfd, wfd = os.pipe2(os.O_CLOEXEC)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        monitor_pid = os.fork()
-        if monitor_pid == 0:
-            code = 1
-            try:
-                os.close(rfd)
-                state.unlock()
-                monitor = Monitor(state.dir, args.id, guest_config(args.id, conf), argv, vm,
-                                  conf["netns"], wfd, stdio, restore)
-                monitor.terminal = host_tty
-                code = monitor.run()
-            except BaseException as e:
-                LOG.error("monitor: %r" % e)
-            finally:
-                os._exit(code)
-        os.close(wfd)
+        gconf = guest_config(args.id, conf)
+
+        def monitor_main(notify_fd):
+            state.unlock()
+            monitor = Monitor(state.dir, args.id, gconf, argv, vm, conf["netns"], notify_fd,
+                              stdio, restore)
+            monitor.terminal = host_tty
+            return monitor.run()
+        monitor_pid, rfd = _fork_monitor(monitor_main)
         if host_tty is not None and console_socket:
             os.close(host_tty)
         state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid), creating=True)
@@ -2768,6 +2759,25 @@ def _restore_plan(cid, vm, conf, state, image):
         return None
     spec = {"ram": os.path.join(template, "ram"), "share": False, "incoming": True, "shares": shares}
     return {"dir": template, "argv": qemu_command(cid, vm, conf, state.dir, image, spec)}
+
+
+def _fork_monitor(monitor_main):
+    """Fork a monitor running monitor_main(notify_fd); returns its pid and the pipe it reports on."""
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(rfd)
+            code = monitor_main(wfd)
+        except BaseException as e:
+            LOG.debug("monitor: %r", e)
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    return pid, rfd
 
 
 def _container_stdio(terminal, console_socket, process):
@@ -2922,19 +2932,7 @@ def cmd_exec(args):
     if process["terminal"] and not args.console_socket and args.detach:
         raise Error("process.terminal: --console-socket is required with --detach")
     stdio, host_tty = _container_stdio(process["terminal"], args.console_socket, process)
-    rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(rfd)
-            code = ExecMonitor(state.dir, process, stdio, wfd, host_tty).run()
-        except BaseException as e:
-            LOG.debug("exec monitor: %r", e)
-        finally:
-            os._exit(code)
-    os.close(wfd)
+    pid, rfd = _fork_monitor(lambda fd: ExecMonitor(state.dir, process, stdio, fd, host_tty).run())
     if host_tty is not None:
         os.close(host_tty)
     reply = _read_pipe(rfd, 90)
