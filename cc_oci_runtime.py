@@ -2722,7 +2722,7 @@ def create_container(args, console_socket=None, foreground=False):
                               stdio, restore)
             monitor.terminal = host_tty
             return monitor.run()
-        monitor_pid, rfd = _fork_monitor(monitor_main)
+        monitor_pid, rfd = _fork_monitor(monitor_main, keep_stdio=host_tty is None)
         if host_tty is not None and console_socket:
             os.close(host_tty)
         state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid), creating=True)
@@ -2761,8 +2761,11 @@ def _restore_plan(cid, vm, conf, state, image):
     return {"dir": template, "argv": qemu_command(cid, vm, conf, state.dir, image, spec)}
 
 
-def _fork_monitor(monitor_main):
-    """Fork a monitor running monitor_main(notify_fd); returns its pid and the pipe it reports on."""
+def _fork_monitor(monitor_main, keep_stdio=True):
+    """Fork a monitor running monitor_main(notify_fd); returns its pid and the pipe it reports on.
+
+    Without keep_stdio the monitor lets go of the caller's fds 0-2 (its container talks through
+    a pty): an engine waits for EOF on the pipes it gave the runtime."""
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -2771,6 +2774,11 @@ def _fork_monitor(monitor_main):
         code = 1
         try:
             os.close(rfd)
+            if not keep_stdio:
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                os.close(null)
             code = monitor_main(wfd)
         except BaseException as e:
             LOG.debug("monitor: %r", e)
@@ -2932,7 +2940,8 @@ def cmd_exec(args):
     if process["terminal"] and not args.console_socket and args.detach:
         raise Error("process.terminal: --console-socket is required with --detach")
     stdio, host_tty = _container_stdio(process["terminal"], args.console_socket, process)
-    pid, rfd = _fork_monitor(lambda fd: ExecMonitor(state.dir, process, stdio, fd, host_tty).run())
+    pid, rfd = _fork_monitor(lambda fd: ExecMonitor(state.dir, process, stdio, fd, host_tty).run(),
+                             keep_stdio=host_tty is None)
     if host_tty is not None:
         os.close(host_tty)
     reply = _read_pipe(rfd, 90)
