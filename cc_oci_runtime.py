@@ -2363,17 +2363,18 @@ class Agent:
         return None
 
     def _op_ps(self, _msg):
-        """The guest pids of the container's processes."""
-        pids = []
+        """The container's processes in the guest: [pid, command line] (not the agent)."""
+        procs = []
         for name in os.listdir("/proc"):
             if name.isdigit() and int(name) > 1:
                 try:
                     with open("/proc/%s/cmdline" % name, "rb") as f:
-                        if f.read():
-                            pids.append(int(name))
+                        cmd = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
                 except OSError:
-                    pass
-        return {"op": "ps", "pids": sorted(pids)}
+                    continue
+                if cmd:  # kernel threads have none
+                    procs.append([int(name), cmd])
+        return {"op": "ps", "processes": sorted(procs)}
 
     # -- processes ---------------------------------------------------------
     def _spawn(self, num, proc, exe):
@@ -3009,17 +3010,21 @@ def cmd_resume(args):
 
 
 def cmd_ps(args):
-    """ps: the container's processes (guest pids)."""
+    """ps: the guest's processes (table), or the host pids of monitor and QEMU (json).
+
+    Engines read the json pids as host processes (docker top runs the host's ps on them),
+    and on the host a container is its monitor and its VM."""
     state = _open_state(args)
-    if state.status() not in ("running", "created"):
+    if state.status() not in ("running", "created", "paused"):
         raise Error("container not running")
-    pids = monitor_request(state, {"op": "ps"})["pids"]
     if args.format == "json":
-        print(json.dumps(pids))
-    else:
-        print("PID")
-        for pid in pids:
-            print(pid)
+        print(json.dumps([state.data["pid"], state.data["vm"]["qemu_pid"]]))
+        return
+    if state.status() == "paused":
+        raise Error("container is paused: its processes cannot be listed")
+    print("%-7s %s" % ("PID", "CMD"))
+    for pid, cmd in monitor_request(state, {"op": "ps"})["processes"]:
+        print("%-7d %s" % (pid, cmd))
 
 
 def vm_stats(state):
