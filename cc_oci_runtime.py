@@ -2373,7 +2373,7 @@ class Agent:
                 except OSError:
                     continue
                 if cmd:  # kernel threads have none
-                    procs.append([int(name), cmd])
+                    procs.append([_container_pid(name), cmd])
         return {"op": "ps", "processes": sorted(procs)}
 
     # -- processes ---------------------------------------------------------
@@ -2481,6 +2481,15 @@ class Agent:
             send_msg(self.port, {"op": "exit", "proc": num, "status": proc["status"]})
             if num == 0:
                 self.finished = True
+
+
+def _container_pid(pid):
+    """The pid a guest process has in the container's pid namespace (NSpid's last field)."""
+    try:
+        with open("/proc/%s/status" % pid) as f:
+            return int(next(ln for ln in f if ln.startswith("NSpid:")).split()[-1])
+    except (OSError, StopIteration, ValueError):
+        return int(pid)
 
 
 def _kill_all():
