@@ -1470,24 +1470,35 @@ class FrameReader:
         """Add bytes; return the complete frames as (kind, stream, payload)."""
         self.buf += data
         frames = []
-        while len(self.buf) >= FRAME.size:
-            kind, stream, length = FRAME.unpack_from(self.buf)
-            if len(self.buf) < FRAME.size + length:
-                break
-            payload = bytes(self.buf[FRAME.size:FRAME.size + length])
-            del self.buf[:FRAME.size + length]
-            frames.append((kind, stream, json.loads(payload) if kind == MSG else payload))
+        frame = self.pop()
+        while frame is not None:
+            frames.append(frame)
+            frame = self.pop()
         return frames
+
+    def pop(self):
+        """Remove and return the first complete frame, or None; later frames stay buffered."""
+        if len(self.buf) < FRAME.size:
+            return None
+        kind, stream, length = FRAME.unpack_from(self.buf)
+        if len(self.buf) < FRAME.size + length:
+            return None
+        payload = bytes(self.buf[FRAME.size:FRAME.size + length])
+        del self.buf[:FRAME.size + length]
+        return kind, stream, json.loads(payload) if kind == MSG else payload
 
 
 def read_msg(fd, reader, timeout):
-    """Block until the next MSG frame on fd (data frames before it are dropped)."""
+    """Block until the next MSG frame on fd (data frames before it are dropped, frames after it
+    stay in reader for the caller)."""
     import select
     deadline = time.monotonic() + timeout
     while True:
-        for kind, _, payload in reader.feed(b""):
-            if kind == MSG:
-                return payload
+        frame = reader.pop()
+        while frame is not None:
+            if frame[0] == MSG:
+                return frame[2]
+            frame = reader.pop()
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             raise Error("timed out waiting for the container's monitor")
@@ -1960,6 +1971,10 @@ class ExecMonitor:
         for sig in FORWARDED_SIGNALS + (signal.SIGWINCH,):
             signal.signal(sig, lambda s, _f: self.signals.append(s))
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        size = resize_message(self.terminal, 0) if self.terminal is not None else None
+        if size and not (self.process.get("consoleSize") or {}).get("height"):
+            # the engine sized the pty before we ask: the process starts with that size
+            self.process["consoleSize"] = {"height": size["rows"], "width": size["cols"]}
         try:
             self.sock = connect_unix(self.dir, "ctl.sock", 10)
             send_msg(self.sock.fileno(), {"op": "exec", "process": self.process})
@@ -1971,6 +1986,9 @@ class ExecMonitor:
             return 1
         _notify_once(self.notify_fd, {"ok": True})
         self.proc = reply["proc"]
+        status = self._on_frames(b"")  # output (even the exit) that came in with the reply
+        if status is not None:
+            return status
         self.signals.append(signal.SIGWINCH)
         sel = selectors.DefaultSelector()
         sel.register(self.sock.fileno(), selectors.EVENT_READ, "sock")
@@ -1995,11 +2013,12 @@ class ExecMonitor:
                         return status
             self._forward_signals()
 
-    def _on_frames(self):
+    def _on_frames(self, data=None):
         """Output and the exit message from the container's monitor; the status once it exits."""
-        data = _read_or_eof(self.sock.fileno())
-        if not data:
-            return 255  # the container's monitor is gone
+        if data is None:
+            data = _read_or_eof(self.sock.fileno())
+            if not data:
+                return 255  # the container's monitor is gone
         for kind, stream, payload in self.reader.feed(data):
             if kind == DATA and payload:
                 target = self.stdout if stream % 4 == 1 else self.stderr
@@ -2421,10 +2440,13 @@ class Agent:
         if proc is None or proc.get("stdin") is None:
             return
         if not data:
-            if proc.get("master") is None:
-                os.close(proc["stdin"])
-            else:
-                _write_all(proc["master"], b"\x04")  # ^D: EOF through the line discipline
+            try:
+                if proc.get("master") is None:
+                    os.close(proc["stdin"])
+                else:
+                    _write_all(proc["master"], b"\x04")  # ^D: EOF through the line discipline
+            except OSError:
+                pass
             proc["stdin"] = None
             return
         try:
@@ -2447,6 +2469,8 @@ class Agent:
         os.close(fd)
         proc = self.procs[num]
         proc["open"] -= 1
+        if proc.get("master") == fd:  # closed: never write to (or close) that fd number again
+            proc["master"] = proc["stdin"] = None
 
     def _on_sigchld(self):
         """Reap every exited child; record the status of ours."""
@@ -2478,6 +2502,7 @@ class Agent:
             proc["reported"] = True
             if proc.get("stdin") is not None and proc.get("master") is None:
                 os.close(proc["stdin"])
+                proc["stdin"] = None  # a late EOF from the host must not close it again
             send_msg(self.port, {"op": "exit", "proc": num, "status": proc["status"]})
             if num == 0:
                 self.finished = True
@@ -3375,12 +3400,25 @@ def build_parser():
     return p
 
 
+def _close_inherited_fds(first):
+    """Close the fds from first up that the engine let us inherit (containerd-shim-runc-v2 leaks
+    its listening ttrpc socket as fd 3): the monitor and QEMU would hold them for the VM's life."""
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) >= first:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass
+
+
 def main(argv=None):
     """Parse the command line, run one command, map errors to one line and exit 1."""
     if os.getpid() == 1 and argv is None:
         agent_main()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:
+        _close_inherited_fds(3 + (getattr(args, "preserve_fds", 0) or 0))
     LOG.configure(args.log, args.log_format, args.global_log, args.debug)
     LOG.container_id = getattr(args, "id", None)
     for flag in ("systemd_cgroup", "criu", "rootless"):
