@@ -79,7 +79,7 @@ MOUNT_OPTIONS = {  # option: (flag, set?)
 }
 PROPAGATION_OPTIONS = ("private", "rprivate", "shared", "rshared", "slave", "rslave",
                        "unbindable", "runbindable")
-CLONE_NEWNET, CLONE_NEWPID = 0x40000000, 0x20000000
+CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWNS = 0x40000000, 0x20000000, 0x00020000
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 TIOCGPTN, TIOCSPTLCK = 0x80045430, 0x40045431  # not in the termios module
 
@@ -1587,14 +1587,17 @@ class Monitor:
             self._notify({"error": msg})
             self._stop_qemu(0)
             return 1
-        self._notify({"ok": True, "qemu_pid": self.qemu_pid,
-                      "qemu_start": proc_start_time(self.qemu_pid)})
+        self._notify({"ok": True})
         return self._loop()
 
     def _setup(self):
         """New session, sub-reaper, the container's network namespace, signal wake-ups."""
         os.setsid()
         prctl(PR_SET_CHILD_SUBREAPER, 1)
+        if os.getpid() == 1:  # our own pid namespace: a /proc that shows just us and QEMU
+            _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+            mount(None, "/", None, MS_REC | MS_PRIVATE)
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         os.chdir(self.dir)
         if self.netns:
             enter_netns(self.netns)
@@ -2757,7 +2760,8 @@ def create_container(args, console_socket=None, foreground=False):
                               stdio, restore)
             monitor.terminal = host_tty
             return monitor.run()
-        monitor_pid, rfd = _fork_monitor(monitor_main, keep_stdio=host_tty is None)
+        monitor_pid, rfd = _fork_monitor(monitor_main, keep_stdio=host_tty is None,
+                                         own_pid_ns=True)
         if host_tty is not None and console_socket:
             os.close(host_tty)
         state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid), creating=True)
@@ -2767,7 +2771,8 @@ def create_container(args, console_socket=None, foreground=False):
         if result.get("error"):
             raise Error(result["error"])
         state.data["creating"] = False
-        state.data["vm"].update(qemu_pid=result["qemu_pid"], qemu_start=result["qemu_start"])
+        qemu_pid = host_child_pid(monitor_pid)
+        state.data["vm"].update(qemu_pid=qemu_pid, qemu_start=proc_start_time(qemu_pid or 0))
         state.save()
         for name in ("prestart", "createRuntime"):
             run_hooks(conf["hooks"], name, state.oci_state())
@@ -2796,11 +2801,13 @@ def _restore_plan(cid, vm, conf, state, image):
     return {"dir": template, "argv": qemu_command(cid, vm, conf, state.dir, image, spec)}
 
 
-def _fork_monitor(monitor_main, keep_stdio=True):
+def _fork_monitor(monitor_main, keep_stdio=True, own_pid_ns=False):
     """Fork a monitor running monitor_main(notify_fd); returns its pid and the pipe it reports on.
 
     Without keep_stdio the monitor lets go of the caller's fds 0-2 (its container talks through
-    a pty): an engine waits for EOF on the pipes it gave the runtime."""
+    a pty): an engine waits for EOF on the pipes it gave the runtime. With own_pid_ns it is
+    PID 1 of a new pid namespace (forked by a child that exits at once, so it is orphaned to
+    the caller's sub-reaper), and its first line on the pipe is its pid."""
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -2809,6 +2816,12 @@ def _fork_monitor(monitor_main, keep_stdio=True):
         code = 1
         try:
             os.close(rfd)
+            if own_pid_ns:
+                _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+                inner = os.fork()
+                if inner:
+                    _write_all(wfd, b"%d\n" % inner)
+                    os._exit(0)
             if not keep_stdio:
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
@@ -2820,7 +2833,26 @@ def _fork_monitor(monitor_main, keep_stdio=True):
         finally:
             os._exit(code)
     os.close(wfd)
+    if own_pid_ns:
+        os.waitpid(pid, 0)
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = os.read(rfd, 1)
+            if not chunk:
+                raise Error("cannot start the container's monitor")
+            line += chunk
+        pid = int(line)
     return pid, rfd
+
+
+def host_child_pid(pid):
+    """The host pid of pid's only child (the monitor's QEMU, which it knows by its own pid
+    namespace's numbering)."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return int(f.read().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _container_stdio(terminal, console_socket, process):
@@ -2893,8 +2925,9 @@ def cmd_start(args):
 def cmd_run(args):
     """run: create + start, then wait and exit with the workload's status (unless -d)."""
     foreground = not args.detach
-    if foreground:
+    if foreground:  # the monitor is orphaned by its parent: adopt it to wait for it
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
     state, monitor_pid = create_container(args, args.console_socket, foreground=foreground)
     try:
         start_container(state)
