@@ -40,6 +40,7 @@ test-functional:
 
 bench: deps
 	$(PYTHON) bench/bench.py
+	$(PYTHON) bench/engines.py
 
 check:
 	$(PYTHON) $(RUNTIME) check
