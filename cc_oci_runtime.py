@@ -1564,7 +1564,7 @@ class Monitor:
     """Runs QEMU, boots the agent, relays stdio and signals, exits with the workload's status."""
 
     def __init__(self, state_dir, cid, gconf, argv, vm, netns, notify_fd, stdio=(0, 1, 2),
-                 restore=None):
+                 restore=None, terminal=None):
         self.dir, self.id, self.gconf, self.argv, self.vm = state_dir, cid, gconf, argv, vm
         self.restore = restore  # {"dir": template, "argv": QEMU restoring it}, or None
         self.netns, self.notify_fd = netns, notify_fd
@@ -1573,7 +1573,8 @@ class Monitor:
         self.reader = FrameReader()
         self.clients, self.pending, self.procs = {}, {}, {}
         self.signals, self.next_id, self.next_proc = [], 1, 1
-        self.exit_code, self.ctl, self.terminal = None, None, None
+        self.exit_code, self.ctl = None, None
+        self.terminal = terminal  # the host pty slave the engine holds the master of
 
     # -- start-up ----------------------------------------------------------
     def run(self):
@@ -2756,10 +2757,8 @@ def create_container(args, console_socket=None, foreground=False):
 
         def monitor_main(notify_fd):
             state.unlock()
-            monitor = Monitor(state.dir, args.id, gconf, argv, vm, conf["netns"], notify_fd,
-                              stdio, restore)
-            monitor.terminal = host_tty
-            return monitor.run()
+            return Monitor(state.dir, args.id, gconf, argv, vm, conf["netns"], notify_fd, stdio,
+                           restore, host_tty).run()
         monitor_pid, rfd = _fork_monitor(monitor_main, keep_stdio=host_tty is None,
                                          own_pid_ns=True)
         if host_tty is not None and console_socket:
