@@ -424,7 +424,11 @@ def list_states(root):
         except Error:
             continue
         if st.exists():
-            st.load(must_exist=False)
+            try:
+                st.load(must_exist=False)
+            except Error as e:
+                LOG.warning(str(e))
+                continue
             out.append(st)
     return out
 
@@ -701,6 +705,13 @@ def load_vm_config(bundle=None, overrides=None):
         vm = _merge(vm, raw["vm"])
     vm = _merge(vm, overrides or {})
     _need(isinstance(vm.get("kernel"), dict), "vm.kernel", "must be an object")
+    for key in ("path", "image", "modules", "hypervisor_args"):
+        _need(vm.get(key) is None or isinstance(vm[key], str), "vm." + key, "must be a string")
+    for key in ("path", "parameters", "version"):
+        _need(isinstance(vm["kernel"].get(key, ""), str), "vm.kernel." + key, "must be a string")
+    _need(isinstance(vm.get("template", True), bool), "vm.template", "must be a boolean")
+    if vm.get("hypervisor_args") and not os.path.isfile(vm["hypervisor_args"]):
+        raise Error("vm.hypervisor_args: %s: no such file" % vm["hypervisor_args"])
     _need(vm.get("accel") in ("auto", "kvm", "tcg"), "vm.accel", "must be auto, kvm or tcg")
     _need(vm.get("machine") in ("microvm", "q35", "pc"), "vm.machine", "must be microvm, q35 or pc")
     _need(_is_int(vm.get("cpus")) and vm["cpus"] > 0, "vm.cpus", "must be a positive integer")
@@ -979,6 +990,8 @@ def template_for(vm, image):
     spec = {"ram": "RAM", "share": True, "incoming": False,
             "shares": template_shares([(ROOTFS_TAG, empty)], empty)}
     probe = qemu_command("template", vm, None, None, image, spec, vm_uuid=str(UUID_ZERO))
+    # the saved VM keeps the TSC rate it booted with; cpu MHz drifting must not rebuild it
+    probe = [__import__("re").sub(r"tsc_early_khz=[0-9]+", "tsc_early_khz", a) for a in probe]
     digest = hashlib.sha256(json.dumps(probe).encode())
     for path in (vm["qemu"], vm["kernel_image"], image):
         st = os.stat(path)
@@ -1009,12 +1022,21 @@ def _build_template(vm, image, spec, final):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(os.path.join(tmp, "agent.sock"))
     listener.listen(1)
-    listener.settimeout(float(vm["boot_timeout"]))
+    listener.settimeout(0.1)
+    deadline = time.monotonic() + float(vm["boot_timeout"])
     with open(os.path.join(tmp, "qemu.log"), "wb") as log:
         qemu = subprocess.Popen(argv, cwd=tmp, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
     try:
-        conn, _ = listener.accept()
+        while True:
+            try:
+                conn, _ = listener.accept()
+                break
+            except socket.timeout:
+                if qemu.poll() is not None:
+                    raise Error("the template VM exited: %s" % _tail(os.path.join(tmp, "qemu.log")))
+                if time.monotonic() > deadline:
+                    raise Error("the template VM did not connect to the agent socket")
         with conn:
             read_msg(conn.fileno(), FrameReader(), float(vm["boot_timeout"]))  # "ready"
             q = Qmp(tmp)
@@ -1027,7 +1049,10 @@ def _build_template(vm, image, spec, final):
                 raise Error("saving the VM template failed")
             q.call("quit")
             q.close()
-        qemu.wait(10)
+        try:
+            qemu.wait(10)
+        except subprocess.TimeoutExpired:
+            raise Error("the template VM did not quit") from None
         os.rename(os.path.join(tmp, "state.tmp"), os.path.join(tmp, "state"))
         for name in ("agent.sock", "qmp.sock"):
             if os.path.exists(os.path.join(tmp, name)):
@@ -1157,7 +1182,7 @@ class CpioWriter:
 
 
 def read_cpio(data):
-    """Parse a newc archive into {name: (mode, data, (rdevmajor, rdevminor))} (for tests and check)."""
+    """Parse a newc archive into {name: (mode, data, (rdevmajor, rdevminor))} (for tests)."""
     out, pos = {}, 0
     while pos < len(data):
         if data[pos:pos + 6] != b"070701":
@@ -1338,6 +1363,7 @@ def _image_inputs(python, modules_dir):
         manifest = _python_manifest(python)
         os.makedirs(CACHE_DIR, exist_ok=True)
         write_atomic(manifest_path, json.dumps(manifest))
+        prune_cache("manifest-", manifest_path)
     return script, manifest, guest_modules(modules_dir)
 
 
@@ -1440,6 +1466,7 @@ def _pyc_from_source(source, name):
 # empty DATA frame is end-of-file. Process 0 is the container's own process.
 
 FRAME = struct.Struct("!BII")
+CLIENT_OPS = ("start", "exec", "signal", "resize", "ps")  # what the monitor's socket accepts
 MSG, DATA = 1, 2
 CHUNK = 65536
 
@@ -1573,7 +1600,7 @@ class Monitor:
         self.reader = FrameReader()
         self.clients, self.pending, self.procs = {}, {}, {}
         self.signals, self.next_id, self.next_proc = [], 1, 1
-        self.exit_code, self.ctl = None, None
+        self.exit_code, self.ctl, self.stdin_is_file = None, None, False
         self.terminal = terminal  # the host pty slave the engine holds the master of
 
     # -- start-up ----------------------------------------------------------
@@ -1586,7 +1613,7 @@ class Monitor:
             msg = str(e) if isinstance(e, Error) else "monitor: %s" % e
             LOG.debug("monitor: boot failed: %s", msg)
             self._notify({"error": msg})
-            self._stop_qemu(0)
+            self._stop_qemu()
             return 1
         self._notify({"ok": True})
         return self._loop()
@@ -1626,7 +1653,7 @@ class Monitor:
                 self._start_vm(self.restore["argv"], deadline, self.restore["dir"])
             except (Error, OSError) as e:
                 LOG.warning("restoring the VM template failed (%s); booting instead", e)
-                self._stop_qemu(0)
+                self._stop_qemu()
                 self.agent, self.qemu_pid, self.qemu_status = None, None, None
                 self.restore = None
         if not self.restore:
@@ -1758,10 +1785,12 @@ class Monitor:
         sel.register(self.ctl.fileno(), selectors.EVENT_READ, ("ctl", None))
         sel.register(self.wake_fd, selectors.EVENT_READ, ("wake", None))
         while self.exit_code is None:
-            for key, _ in sel.select(1.0):
+            for key, _ in sel.select(0 if self.stdin_is_file else 1.0):
                 if self.exit_code is not None:
                     break
                 getattr(self, "_on_" + key.data[0])(key)
+            if self.stdin_is_file and self.exit_code is None:
+                self._on_stdin(None)
             self._handle_signals()
         self._finish()
         return self.exit_code
@@ -1830,35 +1859,56 @@ class Monitor:
         if not data:
             self._drop_client(fd)
             return
-        for kind, stream, payload in client["reader"].feed(data):
+        try:
+            frames = client["reader"].feed(data)
+        except ValueError:  # not our protocol
+            self._drop_client(fd)
+            return
+        for kind, stream, payload in frames:
             if kind == DATA:
                 proc = stream // 4
                 if self.procs.get(proc) == fd:
-                    send_data(self.agent, stream, payload)
+                    self._to_agent(lambda a: send_data(a, stream, payload))
                 continue
             self._on_client_msg(fd, payload)
 
     def _on_client_msg(self, fd, msg):
         """Forward a client's request to the agent, tagging it so that the reply comes back."""
-        op = msg.get("op")
+        op = msg.get("op") if isinstance(msg, dict) else None
+        if op not in CLIENT_OPS:
+            self._reply(fd, {"error": "bad request: %r" % (op,)})
+            return
         if op == "exec":
             msg["proc"] = self.next_proc
             self.procs[self.next_proc] = fd
             self.next_proc += 1
-        elif op == "start":
-            self._watch_stdin()
-            self.signals.append(signal.SIGWINCH)  # pass the initial terminal size
         msg["id"] = self.next_id
         self.pending[self.next_id] = fd
         self.next_id += 1
-        send_msg(self.agent, msg)
+        self._to_agent(lambda a: send_msg(a, msg))
+        if op == "start":  # after start: stdin that arrives earlier has nowhere to go
+            self._watch_stdin()
+            self.signals.append(signal.SIGWINCH)  # pass the initial terminal size
+
+    def _to_agent(self, send):
+        """Run send on the agent channel; a broken channel means the VM is gone."""
+        try:
+            send(self.agent)
+        except OSError:
+            self._reap_qemu_wait(2)
+            if self.exit_code is None:
+                status = self.qemu_status if self.qemu_status is not None else signal.SIGKILL
+                self._record_exit(exit_status(status) if os.WIFSIGNALED(status) else 255)
 
     def _on_stdin(self, _key):
         """The container's stdin, passed on to the workload (empty = EOF)."""
         data = _read_or_eof(self.stdin)
-        send_data(self.agent, stream_id(0, 0), data)
+        self._to_agent(lambda a: send_data(a, stream_id(0, 0), data))
         if not data:
-            self.sel.unregister(self.stdin)
+            if self.stdin_is_file:
+                self.stdin_is_file = False
+            else:
+                self.sel.unregister(self.stdin)
 
     def _on_wake(self, _key):
         """Drain the signal wake-up pipe (signals are handled after each round)."""
@@ -1870,12 +1920,11 @@ class Monitor:
         if self.stdin is None:
             return
         try:
-            os.fstat(self.stdin)
             self.sel.register(self.stdin, selectors.EVENT_READ, ("stdin", None))
-        except (OSError, ValueError):
-            send_data(self.agent, stream_id(0, 0), b"")
-        except PermissionError:
-            pass
+        except PermissionError:  # a regular file or /dev/null: always readable, read each round
+            self.stdin_is_file = True
+        except (OSError, ValueError):  # closed
+            self._to_agent(lambda a: send_data(a, stream_id(0, 0), b""))
 
     def _handle_signals(self):
         """Forward signals to the workload; notice QEMU's death."""
@@ -1887,11 +1936,8 @@ class Monitor:
             msg = {"op": "signal", "proc": 0, "sig": int(sig)}
             if sig == signal.SIGWINCH:
                 msg = resize_message(self.stdin, 0)
-            try:
-                if msg:
-                    send_msg(self.agent, msg)
-            except OSError:
-                pass
+            if msg:
+                self._to_agent(lambda a: send_msg(a, msg))
 
     def _reply(self, fd, msg):
         """Send a JSON reply to a client."""
@@ -1925,7 +1971,7 @@ class Monitor:
     def _finish(self):
         """Let the VM power off (or kill it) and close everything."""
         self._reap_qemu_wait(3)
-        self._stop_qemu(0)
+        self._stop_qemu()
         for fd in list(self.clients):
             self._drop_client(fd)
 
@@ -1935,7 +1981,7 @@ class Monitor:
         while not self._reap_qemu() and time.monotonic() < deadline:
             time.sleep(0.02)
 
-    def _stop_qemu(self, grace):
+    def _stop_qemu(self):
         """Kill QEMU if it still runs, and reap it."""
         if self.qemu_pid and not self._reap_qemu():
             try:
@@ -2172,7 +2218,7 @@ class Agent:
 
     def __init__(self):
         self.port, self.reader, self.conf = None, FrameReader(), None
-        self.procs, self.out_fds = {}, {}
+        self.procs, self.out_fds, self.in_fds = {}, {}, {}
         self.finished = False
 
     def run(self):
@@ -2184,13 +2230,16 @@ class Agent:
         self.poll.register(self.wake_fd, select.POLLIN)
         send_msg(self.port, {"op": "ready"})
         while not self.finished:
-            for fd, _ev in self.poll.poll(1000):
+            for fd, ev in self.poll.poll(1000):
                 if fd == self.port:
                     self._on_port()
                 elif fd == self.wake_fd:
                     self._on_sigchld()
-                elif fd in self.out_fds:
-                    self._on_output(fd)
+                else:
+                    if ev & select.POLLOUT and fd in self.in_fds:
+                        self._flush_stdin(self.in_fds[fd])
+                    if ev & ~select.POLLOUT and fd in self.out_fds:
+                        self._on_output(fd)
             self._report_exits()
 
     # -- boot --------------------------------------------------------------
@@ -2245,10 +2294,12 @@ class Agent:
                 self._on_stdin(stream // 4, payload)
                 continue
             reply = {"id": payload["id"]} if "id" in payload else {}
+            handler = getattr(self, "_op_" + str(payload.get("op")), None)
             try:
-                result = getattr(self, "_op_" + payload.get("op", "none"))(payload)
-                reply.update(result or {"op": "ok"})
-            except (Error, OSError) as e:
+                if handler is None:
+                    raise Error("unknown request %r" % payload.get("op"))
+                reply.update(handler(payload) or {"op": "ok"})
+            except (Error, OSError, KeyError, TypeError, ValueError) as e:
                 reply.update({"op": "error", "error": str(e), "msg": str(e)})
             send_msg(self.port, reply)
 
@@ -2344,7 +2395,11 @@ class Agent:
             raise Error("cannot start a container that is not created")
         # Our next child is PID 1 of a new pid namespace, as runc's container process is.
         _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
-        self._spawn(0, proc, self.exe)
+        try:
+            self._spawn(0, proc, self.exe)
+        except (Error, OSError):
+            proc["status"] = 127  # its pid namespace is spent: the container stops, as runc's does
+            raise
         return {"op": "started", "pid": proc["pid"]}
 
     def _op_exec(self, msg):
@@ -2357,7 +2412,7 @@ class Agent:
         self.procs[msg["proc"]] = proc
         try:
             self._spawn(msg["proc"], proc, exe)
-        except Error:
+        except (Error, OSError):
             del self.procs[msg["proc"]]
             raise
         return {"op": "started", "pid": proc["pid"], "proc": msg["proc"]}
@@ -2432,37 +2487,72 @@ class Agent:
                 os.close(fd)
             raise Error(failure)
         import select
-        proc["pid"] = pid
+        proc["pid"], proc["inbuf"], proc["in_eof"] = pid, bytearray(), False
+        os.set_blocking(proc["stdin"], False)  # stdin is buffered here, never blocking the agent
         for fd, which in outs.items():
             self.out_fds[fd] = (num, which)
             self.poll.register(fd, select.POLLIN)
             proc["open"] += 1
 
     def _on_stdin(self, num, data):
-        """Host stdin for a process; empty data closes it."""
+        """Host stdin for a process, buffered; empty data is end-of-file."""
         proc = self.procs.get(num)
         if proc is None or proc.get("stdin") is None:
             return
-        if not data:
-            try:
-                if proc.get("master") is None:
-                    os.close(proc["stdin"])
-                else:
-                    _write_all(proc["master"], b"\x04")  # ^D: EOF through the line discipline
-            except OSError:
-                pass
-            proc["stdin"] = None
+        if data:
+            proc["inbuf"] += data
+        else:
+            proc["in_eof"] = True
+        self._flush_stdin(num)
+
+    def _flush_stdin(self, num):
+        """Write what the process's stdin takes now; wait for POLLOUT for the rest; EOF last."""
+        import select
+        proc = self.procs[num]
+        fd = proc.get("stdin")
+        if fd is None:
             return
         try:
-            _write_all(proc["stdin"], data)
+            while proc["inbuf"]:
+                del proc["inbuf"][:os.write(fd, proc["inbuf"])]
+        except BlockingIOError:
+            pass
+        except OSError:  # the reader has gone
+            proc["inbuf"].clear()
+        pending = bool(proc["inbuf"])
+        is_master = fd == proc.get("master")
+        if pending != (fd in self.in_fds):
+            events = (select.POLLIN if is_master else 0) | (select.POLLOUT if pending else 0)
+            if pending:
+                self.in_fds[fd] = num
+            else:
+                del self.in_fds[fd]
+            if events and (is_master or pending):
+                self.poll.register(fd, events)  # (re-)registering changes the events
+            elif not is_master:
+                self.poll.unregister(fd)
+        if not pending and proc["in_eof"]:
+            self._close_stdin(proc)
+
+    def _close_stdin(self, proc):
+        """End a process's stdin: close the pipe, or ^D through the pty's line discipline."""
+        fd = proc["stdin"]  # _flush_stdin has already stopped polling it
+        try:
+            if fd == proc.get("master"):
+                os.write(fd, b"\x04")
+            else:
+                os.close(fd)
         except OSError:
             pass
+        proc["stdin"] = None
 
     def _on_output(self, fd):
         """Output of a process, passed to the host; EOF closes the stream."""
         num, which = self.out_fds[fd]
         try:
             data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return
         except OSError:  # EIO: the pty's other side is closed
             data = b""
         if data:
@@ -2470,6 +2560,7 @@ class Agent:
             return
         self.poll.unregister(fd)
         del self.out_fds[fd]
+        self.in_fds.pop(fd, None)
         os.close(fd)
         proc = self.procs[num]
         proc["open"] -= 1
@@ -2505,6 +2596,10 @@ class Agent:
                 continue
             proc["reported"] = True
             if proc.get("stdin") is not None and proc.get("master") is None:
+                proc["inbuf"].clear()
+                if proc["stdin"] in self.in_fds:
+                    self.poll.unregister(proc["stdin"])
+                self.in_fds.pop(proc["stdin"], None)
                 os.close(proc["stdin"])
                 proc["stdin"] = None  # a late EOF from the host must not close it again
             send_msg(self.port, {"op": "exit", "proc": num, "status": proc["status"]})
@@ -3014,6 +3109,8 @@ def cmd_exec(args):
     reply = _read_pipe(rfd, 90)
     result = json.loads(reply) if reply.strip() else {"error": "the exec monitor died"}
     if result.get("error"):
+        if not reply.strip():
+            _forward(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         raise Error(result["error"])
     if args.pid_file:
@@ -3378,7 +3475,8 @@ def build_parser():
         c.add_argument("--console-socket", help="AF_UNIX socket that receives the pty master")
         c.add_argument("--no-pivot", action="store_true", help="accepted (the VM has its own root)")
         c.add_argument("--no-new-keyring", action="store_true", help="accepted and ignored")
-        c.add_argument("--preserve-fds", type=int, default=0, help="accepted and ignored")
+        c.add_argument("--preserve-fds", type=int, default=0,
+                       help="fds above 2 to leave open (not passed into the VM)")
         return c
 
     creating(command("create", cmd_create, "create a container: boot its VM, do not start it"))
@@ -3465,9 +3563,12 @@ def main(argv=None):
     try:
         code = args.func(args)
         return code or 0
-    except Error as e:
-        LOG.error(str(e))
-        sys.stderr.write("%s\n" % e)
+    except (Error, OSError) as e:
+        msg = str(e)
+        if isinstance(e, OSError) and e.filename:
+            msg = "%s: %s" % (e.filename, (e.strerror or str(e)).lower())
+        LOG.error(msg)
+        sys.stderr.write("%s\n" % msg)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -23,9 +23,23 @@ def test_run_exit_code_and_streams_apart(runtime):
 
 
 def test_stdin_is_piped_through_cat(runtime):
-    data = "".join("line %d\n" % i for i in range(2000))
+    data = "".join("line %d\n" % i for i in range(40000))  # far more than a pipe holds
     r = runtime("run", "-b", runtime.bundle(["cat"]), "c-cat", input=data)
     assert r.returncode == 0 and r.stdout == data
+
+
+def test_stdin_from_dev_null_and_from_a_file(runtime, tmp_path):
+    b = runtime.bundle(["sh", "-c", "wc -l; echo done"])
+    with open(os.devnull) as null:
+        r = subprocess.run(runtime.argv("run", "-b", b, "c-null"), stdin=null,
+                           capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout.split()) == (0, ["0", "done"])
+    f = tmp_path / "in.txt"
+    f.write_text("a\nb\nc\n")
+    with open(f) as src:
+        r = subprocess.run(runtime.argv("run", "-b", b, "c-file"), stdin=src,
+                           capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout.split()) == (0, ["3", "done"])
 
 
 def test_kill_of_foreground_run_exits_137(runtime):
