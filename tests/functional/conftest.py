@@ -109,6 +109,16 @@ class Runtime:
 ROOTFS = [None]
 
 
+def poll(fn, timeout=30, interval=0.3):
+    """Call fn until it returns something truthy; return that (or the last value on timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
 @pytest.fixture
 def runtime(rootfs, state_root, tmp_path):
     """A Runtime; every container a test leaves is force-deleted afterwards."""

@@ -15,6 +15,8 @@ import struct
 import termios
 import time
 
+from conftest import poll
+
 ROWS, COLS = 25, 77  # process.consoleSize in config.json
 PROMPT = "cc-prompt# "
 
@@ -34,16 +36,6 @@ def _wait_gone(pid, timeout=20):
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     return not _alive(pid)
-
-
-def _poll(fn, timeout=30, interval=0.3):
-    """Call fn until it returns something truthy; return that (or the last value on timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def _recv_console(listener):
@@ -143,11 +135,11 @@ def test_console_socket_handover_size_resize_and_ctrl_c(runtime, tmp_path):
             m = tty.expect(r"^(\d+ \d+)\r?$")
             tty.expect(re.escape(PROMPT))
             return m.group(1) == "40 100"
-        assert _poll(resized, timeout=20, interval=0.5), "stty size never showed 40 100"
+        assert poll(resized, timeout=20, interval=0.5), "stty size never showed 40 100"
 
         # ^C reaches the foreground job in the guest, the shell survives and prompts again.
         tty.write("sleep 100\n")
-        assert _poll(lambda: runtime("exec", cid, "pidof", "sleep", input="").returncode == 0,
+        assert poll(lambda: runtime("exec", cid, "pidof", "sleep", input="").returncode == 0,
                      timeout=20), "sleep 100 never started"
         t0 = time.monotonic()
         tty.write("\x03")
@@ -204,7 +196,7 @@ def test_exec_attached_and_detached(runtime, tmp_path):
 
     def det():
         return runtime("exec", cid, "cat", "/dev/shm/det", input="").stdout
-    if not _poll(lambda: det() == "started\ndone\n", timeout=30):
+    if not poll(lambda: det() == "started\ndone\n", timeout=30):
         guest = runtime("exec", cid, "ps", input="")
         raise AssertionError("the detached exec did not run to its end: %r; exec monitor %d %s; guest ps:\n%s%s"
                              % (det(), pid, "alive" if _alive(pid) else "gone", guest.stdout, guest.stderr))
@@ -257,7 +249,7 @@ def test_kill_all_reaches_every_process(runtime):
               'while :; do sleep 1; done')
     runtime("run", "-d", "-b", runtime.bundle(["sh", "-c", script]), cid, input="", check=True)
     # Signal only once both traps are set.
-    assert _poll(lambda: runtime("exec", cid, "cat", "/dev/shm/ready", input="").stdout == "child\nparent\n",
+    assert poll(lambda: runtime("exec", cid, "cat", "/dev/shm/ready", input="").stdout == "child\nparent\n",
                  timeout=30)
 
     def marks():
@@ -265,11 +257,11 @@ def test_kill_all_reaches_every_process(runtime):
         return sorted(r.stdout.split()) if r.returncode == 0 else []
     # Without --all only the container's first process gets the signal.
     runtime("kill", cid, "USR1", check=True)
-    assert _poll(lambda: marks() == ["parent"], timeout=20), marks()
+    assert poll(lambda: marks() == ["parent"], timeout=20), marks()
     time.sleep(2)
     assert marks() == ["parent"]
     runtime("kill", "--all", cid, "USR1", check=True)
-    assert _poll(lambda: marks() == ["child", "parent", "parent"], timeout=20), marks()
+    assert poll(lambda: marks() == ["child", "parent", "parent"], timeout=20), marks()
     # --all KILL ends them all: the container stops.
     runtime("kill", "--all", cid, "KILL", check=True)
     runtime.wait_status(cid, "stopped", timeout=30)

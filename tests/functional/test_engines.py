@@ -19,7 +19,7 @@ import time
 import pytest
 
 import engines
-from conftest import RUNTIME
+from conftest import RUNTIME, poll
 
 NAME = "cc-oci-runtime"
 ROWS, COLS = 30, 101  # the terminal size script(1) is given
@@ -135,16 +135,6 @@ def check_tty_output(r, what):
     assert r.returncode == 0, (what, r.returncode, r.stdout, r.stderr)
     assert re.search(r"^/dev/pts/\d+$", out, re.M), (what, r.stdout)
     assert re.search(r"^%d %d$" % (ROWS, COLS), out, re.M), (what, r.stdout)
-
-
-def poll(fn, timeout=30, interval=0.5):
-    """Call fn until it returns something truthy; return that or the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def wait_ready(logs):
