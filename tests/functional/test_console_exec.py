@@ -12,6 +12,7 @@ import re
 import select
 import socket
 import struct
+import subprocess
 import termios
 import time
 
@@ -267,3 +268,41 @@ def test_kill_all_reaches_every_process(runtime):
     runtime.wait_status(cid, "stopped", timeout=30)
     runtime("delete", cid, check=True)
     assert cid not in os.listdir(runtime.root)
+
+
+def test_kill_and_force_delete_of_paused_containers(runtime):
+    b = runtime.bundle(["sleep", "1000"])
+    for cid in ("c-pk", "c-pd"):
+        runtime("run", "-d", "-b", b, cid, input="", check=True)
+        runtime("pause", cid, check=True)
+    runtime("kill", "c-pk", "KILL", check=True)
+    runtime.wait_status("c-pk", "stopped", timeout=15)
+    pid = runtime.state("c-pd")["pid"]
+    runtime("delete", "--force", "c-pd", check=True)
+    assert _wait_gone(pid)
+    assert runtime("state", "c-pd").returncode != 0
+    runtime("delete", "c-pk", check=True)
+
+
+def test_exec_env_cwd_user_and_update(runtime):
+    cid = "c-exopts"
+    runtime("run", "-d", "-b", runtime.bundle(["sleep", "1000"]), cid, input="", check=True)
+    r = runtime("exec", "-e", "FOO=from-exec", "--cwd", "/tmp", "-u", "1000:1001", cid,
+                "sh", "-c", 'echo "$FOO $(pwd) $(id -u):$(id -g)"', input="")
+    assert (r.returncode, r.stdout) == (0, "from-exec /tmp 1000:1001\n"), r.stderr
+    r = runtime("exec", cid, "no-such-program", input="")
+    assert r.returncode != 0 and "no such file or directory" in r.stderr
+    r = runtime("update", "--resources", "-", cid, input='{"memory": {"limit": 1073741824}}')
+    assert r.returncode == 0, r.stderr
+    assert runtime("update", "--resources", "-", cid, input="not json").returncode == 1
+    runtime("delete", "--force", cid, check=True)
+
+
+def test_foreground_run_with_terminal_uses_the_callers_tty(runtime):
+    b = runtime.bundle(["sh", "-c", "tty; stty size; exit 4"], terminal=True)
+    argv = " ".join(runtime.argv("run", "-b", b, "c-fgtty"))
+    r = subprocess.run(["script", "-qec", "stty rows 21 cols 66; %s; echo rc=$?" % argv,
+                        "/dev/null"], capture_output=True, text=True, timeout=120)
+    out = r.stdout.replace("\r", "")
+    assert re.search(r"^/dev/pts/\d+$", out, re.M), out
+    assert "21 66" in out and "rc=4" in out, out
