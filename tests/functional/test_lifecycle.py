@@ -203,3 +203,11 @@ def test_failing_prestart_hook_fails_create_and_tears_down(runtime, tmp_path):
     r = runtime("create", "-b", runtime.bundle(["sleep", "10"], hooks=hooks), "c-badhook")
     assert r.returncode != 0 and "prestart hook" in r.stderr and "nope" in r.stderr
     assert os.listdir(runtime.root) == []
+
+
+def test_runs_under_the_system_python(runtime):
+    """The guest image is built from whichever interpreter runs the runtime: Debian's too."""
+    argv = ["/usr/bin/python3"] + runtime.argv("run", "-b", runtime.bundle(["echo", "sys-py"]),
+                                               "c-syspy")[1:]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    assert (r.returncode, r.stdout) == (0, "sys-py\n"), r.stderr
