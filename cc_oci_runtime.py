@@ -567,10 +567,13 @@ def _spec_hostname(conf, value):
 
 
 def _spec_hooks(conf, value):
-    """hooks: host programs run at the lifecycle points."""
+    """hooks: host programs run at the lifecycle points (createContainer and startContainer
+    would run inside the container, which is a VM without the host's programs: not run)."""
     _obj(value, "hooks")
     hooks = {}
     for name, entries in value.items():
+        if name in ("createContainer", "startContainer") and entries:
+            LOG.warning("hooks.%s: not run (they would run inside the VM)", name)
         _need(isinstance(entries, list), "hooks." + name, "must be a list")
         for i, h in enumerate(entries):
             field = "hooks.%s[%d]" % (name, i)
@@ -3355,8 +3358,7 @@ def cmd_features(_args):
     """features: what this runtime supports (runtime-spec features document)."""
     print(json.dumps({
         "ociVersionMin": "1.0.0", "ociVersionMax": OCI_VERSION,
-        "hooks": ["prestart", "createRuntime", "createContainer", "startContainer",
-                  "poststart", "poststop"],
+        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
         "mountOptions": sorted(list(MOUNT_OPTIONS) + list(PROPAGATION_OPTIONS)),
         "linux": {"namespaces": ["network"], "capabilities": [],
                   "cgroup": {"v1": False, "v2": False}, "seccomp": {"enabled": False},
