@@ -23,7 +23,7 @@ $(BUILD)/demo/config.json: $(RUNTIME)
 	$(PYTHON) $(RUNTIME) spec -b $(BUILD)/demo
 	$(PYTHON) -c 'import json,sys; p=sys.argv[1]; c=json.load(open(p)); \
 		c["process"]["terminal"]=False; \
-		c["process"]["args"]=["sh","-c","echo \"Hello from a container in its own VM\"; echo \"guest kernel: $$(uname -r)\"; echo \"host kernel:  $$(cat /proc/sys/kernel/osrelease)\" >/dev/null"]; \
+		c["process"]["args"]=["sh","-c","echo \"Hello from a container in its own VM\"; echo \"guest kernel: $$(uname -r)\""]; \
 		json.dump(c, open(p, "w"), indent=1)' $(BUILD)/demo/config.json
 
 demo: deps $(BUILD)/demo/config.json  ## run a busybox container in a VM
