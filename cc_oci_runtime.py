@@ -56,6 +56,58 @@ DEFAULT_VM = {
     "cpus": 1,
     "boot_timeout": 60,
 }
+# The built-in hypervisor.args (the repository's copy is the same text): used when no
+# hypervisor.args file is found, so that the runtime works as one copied file.
+DEFAULT_HYPERVISOR_ARGS = """\
+# QEMU arguments for one container's VM: one argument per line, # starts a comment.
+# @TAG@ is replaced by the runtime (see README.md, "hypervisor.args tags"); a line that
+# is only a list tag (@SHARES@) becomes several arguments. QEMU runs in the container's
+# state directory, so the socket tags are short relative paths.
+-name
+@NAME@
+-uuid
+@UUID@
+-machine
+@MACHINE@
+-accel
+@ACCEL@
+-cpu
+@CPU@
+-m
+@MEMORY@
+-smp
+@CPUS@
+-nodefaults
+-no-user-config
+-nographic
+-no-reboot
+-kernel
+@KERNEL@
+-initrd
+@IMAGE@
+-append
+@KERNEL_PARAMS@
+# QMP control socket (pause/resume, stats)
+-qmp
+unix:@COMMS_SOCKET@,server=on,wait=off
+# guest kernel console, kept for debugging
+-chardev
+file,id=console,path=@CONSOLE_DEVICE@
+-serial
+chardev:console
+# host <-> agent channel (QEMU connects to the monitor's socket)
+-chardev
+socket,id=agent,path=@AGENT_CTL_SOCKET@
+-device
+virtio-serial-@VIRTIO@
+-device
+virtserialport,chardev=agent,name=@AGENT_PORT@
+# the rootfs and bind-mount sources over virtio-9p
+@SHARES@
+# warm start: guest RAM in a file, restored from the saved template VM (empty on a cold boot)
+@MEMORY_BACKEND@
+@INCOMING@
+"""
 BASE_KERNEL_PARAMS = ("quiet panic=-1 reboot=k no_timer_check tsc=reliable i8042.noaux "
                       "i8042.nomux i8042.nopnp i8042.dumbkbd console=ttyS0 rdinit=/init")
 # Mount flags (linux/mount.h) used by the agent and by option parsing.
@@ -686,6 +738,14 @@ def find_config_file(name, bundle=None):
     raise Error("%s not found in %s" % (name, ", ".join(dirs)))
 
 
+def _find_optional(name, bundle=None):
+    """find_config_file, or None when there is no such file (the built-in default applies)."""
+    try:
+        return find_config_file(name, bundle)
+    except Error:
+        return None
+
+
 def _merge(base, over):
     """base updated recursively with over (dicts merge, other values replace)."""
     out = dict(base)
@@ -697,10 +757,7 @@ def _merge(base, over):
 def load_vm_config(bundle=None, overrides=None):
     """Defaults, then vm.json (found by lookup order), then config.json's vm object."""
     vm = dict(DEFAULT_VM)
-    try:
-        path = find_config_file("vm.json", bundle)
-    except Error:
-        path = None
+    path = _find_optional("vm.json", bundle)
     if path:
         raw = read_json(path, "vm.json")
         if not isinstance(raw, dict) or not isinstance(raw.get("vm"), dict):
@@ -942,9 +999,16 @@ def qemu_command(cid, vm, conf, state_dir, image, template=None, vm_uuid=None):
                                   % (vm["memory"], _qemu_escape(template["ram"]),
                                      "on" if template["share"] else "off")]
         tags["INCOMING"] = ["-incoming", "defer"] if template["incoming"] else []
+    return [vm["qemu"]] + expand_args(hypervisor_args_text(vm), tags,
+                                      vm["hypervisor_args"] or "built-in hypervisor.args")
+
+
+def hypervisor_args_text(vm):
+    """The hypervisor.args in use: the file found, or the built-in default."""
+    if not vm.get("hypervisor_args"):
+        return DEFAULT_HYPERVISOR_ARGS
     with open(vm["hypervisor_args"]) as f:
-        text = f.read()
-    return [vm["qemu"]] + expand_args(text, tags, vm["hypervisor_args"])
+        return f.read()
 
 
 def resolve_vm(conf):
@@ -962,8 +1026,8 @@ def resolve_vm(conf):
     vm["modules_dir"] = vm.get("modules") or os.path.join("/lib/modules", version)
     vm["accel_used"] = choose_accel(vm["accel"])
     vm["kernel_image"] = uncompressed_kernel(kpath)
-    vm["hypervisor_args"] = vm.get("hypervisor_args") or find_config_file("hypervisor.args",
-                                                                          conf["bundle"])
+    vm["hypervisor_args"] = vm.get("hypervisor_args") or _find_optional("hypervisor.args",
+                                                                        conf["bundle"])
     return vm
 
 
@@ -984,8 +1048,7 @@ def template_for(vm, image):
     """The directory of the saved template VM for this configuration, built on first use;
     None when templates are off or hypervisor.args has no @MEMORY_BACKEND@/@INCOMING@."""
     import hashlib
-    with open(vm["hypervisor_args"]) as f:
-        text = f.read()
+    text = hypervisor_args_text(vm)
     if not vm.get("template", True) or "@MEMORY_BACKEND@" not in text or "@INCOMING@" not in text:
         return None
     empty = os.path.join(CACHE_DIR, "empty")
@@ -1204,13 +1267,16 @@ def read_cpio(data):
 
 def _python_manifest(python):
     """Files the agent needs from this interpreter: modules and mapped shared objects."""
-    code = ("import sys,json,os\nsys.path.insert(0, %r)\nimport cc_oci_runtime as r\n"
+    code = ("import sys,json,os,importlib.util as u,importlib.machinery as m\n"
+            "l = m.SourceFileLoader('cc_oci_runtime', %r)\n"  # the script may have no .py name
+            "r = u.module_from_spec(u.spec_from_loader(l.name, l))\nl.exec_module(r)\n"
             "for m in r.AGENT_IMPORTS: __import__(m)\n"
             "mods = sorted({getattr(m, '__file__', None) or '' for m in list(sys.modules.values())})\n"
             "maps = sorted({l.split(None, 5)[5].strip() for l in open('/proc/self/maps') "
             "if len(l.split(None, 5)) == 6 and l.split(None, 5)[5].startswith('/')})\n"
             "print(json.dumps({'modules': [m for m in mods if m], 'maps': maps, "
-            "'stdlib': os.path.dirname(os.__file__), 'version': sys.version}))\n" % SCRIPT_DIR)
+            "'stdlib': os.path.dirname(os.__file__), 'version': sys.version}))\n"
+            % os.path.realpath(__file__))
     import subprocess
     try:
         out = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True, check=True,
@@ -3420,7 +3486,7 @@ def check_host():
 
     def template():
         vm["kernel_image"] = uncompressed_kernel(vm["kernel_path"])
-        vm["hypervisor_args"] = find_config_file("hypervisor.args")
+        vm["hypervisor_args"] = _find_optional("hypervisor.args")
         found = template_for(vm, vm["image_path"])
         return found or "off (cold boots: vm.json template=false or no @MEMORY_BACKEND@ tag)"
     item("python", lambda: "%s %s" % (sys.executable, sys.version.split()[0]))

@@ -2266,3 +2266,15 @@ def test_cli_create_missing_bundle_text_log(tmp_path):
     assert line.endswith("level=error msg=%s" % json.dumps(message))
     (gline,) = log_lines(glog)
     assert gline.endswith(" error c9: " + message)
+
+
+def test_builtin_hypervisor_args_match_the_repository_copy():
+    with open(os.path.join(REPO, "hypervisor.args")) as f:
+        assert rt.DEFAULT_HYPERVISOR_ARGS == f.read()
+
+
+def test_hypervisor_args_text_falls_back_to_the_builtin(tmp_path):
+    assert rt.hypervisor_args_text({"hypervisor_args": None}) == rt.DEFAULT_HYPERVISOR_ARGS
+    custom = tmp_path / "hypervisor.args"
+    custom.write_text("-name\n@NAME@\n")
+    assert rt.hypervisor_args_text({"hypervisor_args": str(custom)}) == "-name\n@NAME@\n"

@@ -211,3 +211,16 @@ def test_runs_under_the_system_python(runtime):
                                                "c-syspy")[1:]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=180)
     assert (r.returncode, r.stdout) == (0, "sys-py\n"), r.stderr
+
+
+def test_one_copied_file_is_enough(runtime, tmp_path):
+    """Operators copy just the script (no .py name, no hypervisor.args or vm.json beside it)."""
+    import shutil
+    solo = tmp_path / "bin" / "cc-oci-runtime"
+    solo.parent.mkdir()
+    shutil.copy(runtime.argv()[1], solo)
+    argv = [runtime.argv()[0], str(solo)] + runtime.argv("run", "-b",
+                                                         runtime.bundle(["echo", "solo"]),
+                                                         "c-solo")[2:]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    assert (r.returncode, r.stdout) == (0, "solo\n"), r.stderr
