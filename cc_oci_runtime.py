@@ -1614,8 +1614,7 @@ def monitor_request(state, request, timeout=30, wait=True):
         raise Error("container not running") from None
     with sock:
         send_msg(sock.fileno(), request)
-        if not wait:
-            time.sleep(0.05)  # let the monitor read it before the connection closes
+        if not wait:  # the monitor reads what was sent even after we close
             return {}
         reply = read_msg(sock.fileno(), FrameReader(), timeout)
     if reply.get("error"):
@@ -1723,6 +1722,8 @@ class Monitor:
             except (Error, OSError) as e:
                 LOG.warning("restoring the VM template failed (%s); booting instead", e)
                 self._stop_qemu()
+                if self.agent is not None:
+                    self.agent_sock.close()
                 self.agent, self.qemu_pid, self.qemu_status = None, None, None
                 self.restore = None
         if not self.restore:

@@ -130,8 +130,8 @@ def _ids(d):
     return os.listdir(d) if os.path.isdir(d) else []
 
 
-def _procs():
-    """Map pid -> (ppid, cmdline string, state) for all live processes."""
+def proc_table():
+    """Map pid -> (ppid, argv list, state) for every process."""
     res = {}
     for e in os.listdir("/proc"):
         if not e.isdigit():
@@ -140,11 +140,16 @@ def _procs():
             with open("/proc/%s/stat" % e) as f:
                 st = f.read().rsplit(")", 1)[1].split()
             with open("/proc/%s/cmdline" % e, "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+                argv = f.read().decode("utf-8", "replace").split("\0")
         except OSError:
             continue
-        res[int(e)] = (int(st[1]), cmd, st[0])
+        res[int(e)] = (int(st[1]), argv, st[0])
     return res
+
+
+def _procs():
+    """Map pid -> (ppid, cmdline string, state) for all live processes."""
+    return {pid: (pp, " ".join(argv), st) for pid, (pp, argv, st) in proc_table().items()}
 
 
 def find_procs(*markers):

@@ -40,20 +40,7 @@ TTY_TIMEOUT = 90  # a terminal session under script(1): a runtime that never han
 
 def _proc_cmdlines():
     """pid -> argv of every live (non-zombie) process."""
-    out = {}
-    for e in os.listdir("/proc"):
-        if not e.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % e) as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-            with open("/proc/%s/cmdline" % e, "rb") as f:
-                argv = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        out[int(e)] = argv
-    return out
+    return {pid: argv for pid, (_, argv, st) in engines.proc_table().items() if st != "Z"}
 
 
 def runtime_procs(cid, subcommand=None):
