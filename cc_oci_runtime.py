@@ -604,8 +604,9 @@ def _spec_mounts(conf, value):
         _need(isinstance(source, str), field + ".source", "must be a string")
         options = _str_list(m.get("options", []), field + ".options")
         bind = mtype == "bind" or "bind" in options or "rbind" in options
-        if bind:
-            _need(source.startswith("/"), field + ".source", "must be an absolute path for a bind mount")
+        if bind:  # a relative source is relative to the bundle, as runc has it
+            _need(source, field + ".source", "must not be empty for a bind mount")
+            source = os.path.normpath(os.path.join(conf["bundle"], source))
             _need(os.path.exists(source), field + ".source", "%s: no such file or directory" % source)
         mounts.append({"destination": os.path.normpath(dest), "type": "bind" if bind else mtype,
                        "source": source, "options": options})
@@ -941,37 +942,109 @@ def expand_args(text, tags, source="hypervisor.args"):
     return argv
 
 
-def share_list(conf):
-    """The 9p shares: the rootfs, then one per directory that bind mounts need."""
-    shares = [(ROOTFS_TAG, conf["root"]["path"])]
-    by_dir = {}
+FILES_DIR = "files"  # in the state dir: the monitor's staging tmpfs (see stage_files)
+
+
+def _read_only(options):
+    """Whether OCI mount options leave a mount read-only (the last ro/rw wins)."""
+    return bool(mount_options(options)[0] & MS_RDONLY)
+
+
+def share_list(conf, state_dir):
+    """The 9p exports [(tag, host path, read-only)]: the rootfs, each bind-mounted directory
+    (once per mode), and for bind-mounted files one staging directory per mode that holds
+    only those files. Tags each bind mount with its share and subpath; conf["staged"] lists
+    (source file, staged path, read-only) for the monitor to bind (see stage_files)."""
+    shares = [(ROOTFS_TAG, conf["root"]["path"], bool(conf["root"]["readonly"]))]
+    files = os.path.join(state_dir or ".", FILES_DIR)
+    by_key, staged = {}, []
     for m in conf["mounts"]:
         if m["type"] != "bind":
             continue
-        src = os.path.realpath(m["source"])
+        src, ro = os.path.realpath(m["source"]), _read_only(m["options"])
         if os.path.isdir(src):
-            directory, sub = src, ""
+            path, sub = src, ""
         elif os.path.isfile(src):
-            directory, sub = os.path.dirname(src), os.path.basename(src)
+            path, sub = os.path.join(files, "ro" if ro else "rw"), str(len(staged))
+            staged.append((src, os.path.join(path, sub), ro))
         else:
             LOG.debug("mount %s: source %s is not a file or directory, skipped",
                       m["destination"], src)
             m["skip"] = True
             continue
-        if directory not in by_dir:
-            by_dir[directory] = "share%d" % len(by_dir)
-            shares.append((by_dir[directory], directory))
-        m["share"], m["subpath"] = by_dir[directory], sub
+        if (path, ro) not in by_key:
+            by_key[path, ro] = "share%d" % (len(shares) - 1)
+            shares.append((by_key[path, ro], path, ro))
+        m["share"], m["subpath"] = by_key[path, ro], sub
+    conf["staged"] = staged
     return shares
 
 
 def share_args(shares, bus):
-    """-fsdev/-device pairs exporting each share over virtio-9p."""
+    """-fsdev/-device pairs exporting each share over virtio-9p; QEMU itself refuses writes
+    to a read-only one, whatever the guest kernel does."""
     argv = []
-    for i, (tag, path) in enumerate(shares):
-        argv += ["-fsdev", "local,id=fs%d,path=%s,security_model=none" % (i, _qemu_escape(path)),
-                 "-device", "virtio-9p-%s,fsdev=fs%d,mount_tag=%s" % (bus, i, tag)]
+    for i, (tag, path, ro) in enumerate(shares):
+        fsdev = "local,id=fs%d,path=%s,security_model=none" % (i, _qemu_escape(path))
+        if ro:
+            fsdev += ",readonly=on"
+        if os.path.basename(os.path.dirname(path)) == FILES_DIR:  # files of several devices
+            fsdev += ",multidevs=remap"
+        argv += ["-fsdev", fsdev, "-device", "virtio-9p-%s,fsdev=fs%d,mount_tag=%s" % (bus, i, tag)]
     return argv
+
+
+def stage_files(state_dir, staged):
+    """In the monitor's private mount namespace: a small tmpfs at FILES_DIR holding an empty
+    read-only directory (what a restored VM's spare 9p slots export) and each bind-mounted
+    file bound onto a file of its own; then the tmpfs itself is made read-only, so the VM
+    can write the files it was given and nothing else."""
+    files = os.path.join(state_dir, FILES_DIR)
+    os.makedirs(files, exist_ok=True)
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    mount("tmpfs", files, "tmpfs", flags, "mode=0755,size=64k,nr_inodes=%d" % (len(staged) + 8))
+    for sub in ("ro", "rw", "empty"):
+        os.mkdir(os.path.join(files, sub), 0o555)
+    for src, dst, ro in staged:
+        os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o444))
+        try:
+            mount(src, dst, None, MS_BIND)
+            if ro:
+                mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        except OSError as e:
+            raise Error("mounts: cannot export %s: %s" % (src, e.strerror or e)) from None
+    mount(None, files, None, MS_REMOUNT | MS_RDONLY | flags)
+
+
+def make_mountpoints(rootfs, mounts):
+    """Create the mount points a read-only rootfs lacks, as runc does before it makes the
+    root read-only (the VM cannot: QEMU exports that rootfs read-only). Symlinks resolve
+    inside the rootfs: the work is done by a child chrooted there."""
+    points, covered = [("/dev", True)], []
+    for m in mounts:
+        dest = m["destination"]
+        if not any(dest == c or dest.startswith(c.rstrip("/") + "/") for c in covered):
+            src = os.path.realpath(m["source"]) if m["type"] == "bind" else ""
+            points.append((dest, not (src and os.path.isfile(src))))
+        if m["type"] != "bind":
+            covered.append(dest)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            os.chroot(rootfs)
+            for dest, directory in points:
+                _make_mountpoint(dest, directory)
+        except OSError as e:
+            os.write(w, ("mount point %s: %s" % (e.filename or "", e.strerror or e)).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        failure = f.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    if failure:
+        raise Error("root.readonly: " + failure)
 
 
 def qemu_command(cid, vm, conf, state_dir, image, template=None, vm_uuid=None):
@@ -981,7 +1054,7 @@ def qemu_command(cid, vm, conf, state_dir, image, template=None, vm_uuid=None):
     accel = vm["accel_used"]
     machine = vm["machine"]
     bus = "device" if machine == "microvm" else "pci"
-    shares = template["shares"] if template else share_list(conf)
+    shares = template["shares"] if template else share_list(conf, state_dir)
     tags = {
         "NAME": "cc-" + cid[:32], "UUID": vm_uuid or str(uuid.uuid4()), "ACCEL": accel,
         "CPU": "host" if accel == "kvm" else "max",
@@ -1038,10 +1111,12 @@ SHARE_SLOTS = 8  # bind-mount directories a restored VM can export (more: cold b
 
 
 def template_shares(shares, empty_dir):
-    """shares padded to the template's fixed 9p slots, or None when they do not fit."""
+    """shares padded to the template's fixed 9p slots (read-only exports of empty_dir), or
+    None when they do not fit."""
     if len(shares) > SHARE_SLOTS + 1:
         return None
-    return list(shares) + [("share%d" % i, empty_dir) for i in range(len(shares) - 1, SHARE_SLOTS)]
+    return list(shares) + [("share%d" % i, empty_dir, True)
+                           for i in range(len(shares) - 1, SHARE_SLOTS)]
 
 
 def template_for(vm, image):
@@ -1054,7 +1129,7 @@ def template_for(vm, image):
     empty = os.path.join(CACHE_DIR, "empty")
     os.makedirs(empty, exist_ok=True)
     spec = {"ram": "RAM", "share": True, "incoming": False,
-            "shares": template_shares([(ROOTFS_TAG, empty)], empty)}
+            "shares": template_shares([(ROOTFS_TAG, empty, True)], empty)}
     probe = qemu_command("template", vm, None, None, image, spec, vm_uuid=str(UUID_ZERO))
     # the saved VM keeps the TSC rate it booted with; cpu MHz drifting must not rebuild it
     probe = [__import__("re").sub(r"tsc_early_khz=[0-9]+", "tsc_early_khz", a) for a in probe]
@@ -1659,8 +1734,9 @@ class Monitor:
     """Runs QEMU, boots the agent, relays stdio and signals, exits with the workload's status."""
 
     def __init__(self, state_dir, cid, gconf, argv, vm, netns, notify_fd, stdio=(0, 1, 2),
-                 restore=None, terminal=None):
+                 restore=None, terminal=None, staged=()):
         self.dir, self.id, self.gconf, self.argv, self.vm = state_dir, cid, gconf, argv, vm
+        self.staged = staged  # bind-mounted files to export: (source, staged path, read-only)
         self.restore = restore  # {"dir": template, "argv": QEMU restoring it}, or None
         self.netns, self.notify_fd = netns, notify_fd
         self.stdin, self.stdout, self.stderr = stdio
@@ -1690,10 +1766,11 @@ class Monitor:
         """New session, sub-reaper, the container's network namespace, signal wake-ups."""
         os.setsid()
         prctl(PR_SET_CHILD_SUBREAPER, 1)
+        _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")  # QEMU inherits it
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
         if os.getpid() == 1:  # our own pid namespace: a /proc that shows just us and QEMU
-            _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-            mount(None, "/", None, MS_REC | MS_PRIVATE)
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        stage_files(self.dir, self.staged)
         os.chdir(self.dir)
         if self.netns:
             enter_netns(self.netns)
@@ -2217,8 +2294,11 @@ def enter_netns(netns):
 # Agent: this file as PID 1 inside the guest
 # ===========================================================================
 
-GUEST_ROOT = "/run/cc/root"
-GUEST_SHARES = "/run/cc/shares"
+GUEST_RUN = "/run/cc"  # a tmpfs of the agent's: the container's root and the 9p shares
+GUEST_ROOT = GUEST_RUN + "/root"
+GUEST_SHARES = GUEST_RUN + "/shares"
+MNT_DETACH = 2
+SYS_PIVOT_ROOT = 155  # x86_64
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
 DEFAULT_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
                    ("urandom", 1, 9), ("tty", 5, 0))
@@ -2244,6 +2324,35 @@ def mount_options(options):
         elif opt not in PROPAGATION_OPTIONS:
             data.append(opt)
     return flags, ",".join(data)
+
+
+def resolve_in_root(root, path, max_links=40):
+    """root + path with every symlink in path resolved inside root, never above it (what
+    runc's securejoin does for mount destinations)."""
+    todo = [p for p in path.split("/") if p not in ("", ".")]
+    done, links = [], 0
+    while todo:
+        name = todo.pop(0)
+        if name == "..":
+            done = done[:-1]
+            continue
+        try:
+            target = os.readlink(os.path.join(root, *done, name))
+        except OSError:  # not a symlink, or not there (yet)
+            done.append(name)
+            continue
+        links += 1
+        if links > max_links:
+            raise Error("%s: too many levels of symbolic links" % path)
+        if target.startswith("/"):
+            done = []
+        todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+    return os.path.join(root, *done) if done else root
+
+
+def umount(target, flags=MNT_DETACH):
+    """umount2(2) through libc."""
+    _check_libc(_libc().umount2(target.encode(), flags), "umount %s" % target)
 
 
 def resolve_executable(args0, env, cwd="/"):
@@ -2321,6 +2430,8 @@ class Agent:
             except OSError as e:
                 if e.errno != errno.EBUSY:
                     raise
+        os.makedirs(GUEST_RUN, exist_ok=True)  # a mount, so that the container can pivot_root
+        mount("tmpfs", GUEST_RUN, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700")
         for name in sorted(os.listdir(GUEST_MODULES_DIR)):
             fd = os.open(os.path.join(GUEST_MODULES_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -2388,6 +2499,7 @@ class Agent:
                 f.write(value)
         os.makedirs(GUEST_ROOT, exist_ok=True)
         mount(ROOTFS_TAG, GUEST_ROOT, "9p", 0, NINEP_OPTIONS)
+        self.dev_ro = 0
         dests = {m["destination"] for m in c["mounts"]}
         if "/dev" not in dests:
             self._mount_one({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -2398,6 +2510,8 @@ class Agent:
             self._mount_one({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
                              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666",
                                          "mode=0620"]})
+        if self.dev_ro:  # a read-only /dev becomes so once everything is mounted, as in runc
+            mount(None, GUEST_ROOT + "/dev", None, MS_REMOUNT | self.dev_ro)
         if c.get("readonly"):
             mount(None, GUEST_ROOT, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
         self.exe = self._check_process(c["process"])
@@ -2406,7 +2520,7 @@ class Agent:
 
     def _mount_one(self, m):
         """One OCI mount under the container's root."""
-        target = GUEST_ROOT + m["destination"]
+        target = resolve_in_root(GUEST_ROOT, m["destination"])
         flags, data = mount_options(m.get("options", []))
         if m["type"] == "bind":
             share = os.path.join(GUEST_SHARES, m["share"])
@@ -2423,13 +2537,16 @@ class Agent:
         _make_mountpoint(target, True)
         if fstype == "proc":
             return  # mounted at start by the container's PID 1, in its own pid namespace
+        dev = m["destination"] == "/dev" and fstype == "tmpfs"
+        if dev and flags & MS_RDONLY:
+            self.dev_ro, flags = flags, flags & ~MS_RDONLY
         try:
             mount(m.get("source") or fstype, target, fstype, flags, data)
         except OSError:
             if fstype != "cgroup":
                 raise
             mount("cgroup2", target, "cgroup2", flags, "")
-        if m["destination"] == "/dev" and fstype == "tmpfs":
+        if dev:
             _populate_dev(target)
 
     def _check_process(self, process):
@@ -2544,7 +2661,8 @@ class Agent:
         pid = os.fork()
         if pid == 0:
             try:
-                _exec_child(p, exe, child_fds, err_w2, self.conf if num == 0 else None)
+                _exec_child(p, exe, child_fds, err_w2, self.conf if num == 0 else None,
+                            self.procs[0]["pid"])
             finally:
                 os._exit(127)
         for fd in set(child_fds) | {err_w2}:
@@ -2736,22 +2854,25 @@ def _populate_dev(dev):
             os.chmod(path, mode)
 
 
-def _exec_child(p, exe, fds, err_fd, init_conf=None):
+def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None):
     """In the forked child: become the container process and exec it (errors to err_fd).
 
-    For the container's own process (init_conf given, PID 1 of its pid namespace) first
-    mount /proc for that namespace and apply maskedPaths and readonlyPaths."""
+    The container's own process (init_conf given, PID 1 of its pid namespace) gets a mount
+    namespace of its own, mounts /proc for its pid namespace, applies maskedPaths and
+    readonlyPaths and pivots into the rootfs; another process joins that namespace and root
+    (pid1: the container process's pid here)."""
     import resource  # before chroot: the container's root has no Python modules
     import termios
     try:
-        if init_conf is not None:
-            _pid1_mounts(init_conf)
+        if init_conf is not None or not pid1:
+            _pivot_into_container(init_conf)
         os.setsid()
         if p.get("terminal"):
             fcntl.ioctl(fds[0], termios.TIOCSCTTY, 0)
         for i, fd in enumerate(fds):
             os.dup2(fd, i, inheritable=True)
-        os.chroot(GUEST_ROOT)
+        if init_conf is None and pid1:
+            _join_container_root(pid1)
         os.chdir(p["cwd"])
         for sig in range(1, signal.NSIG):
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
@@ -2779,20 +2900,51 @@ def _exec_child(p, exe, fds, err_fd, init_conf=None):
         os.write(err_fd, ('exec: "%s": %r' % (p["args"][0], e)).encode())
 
 
+def _pivot_into_container(conf):
+    """A mount namespace of the container's own whose root is the rootfs (pivot_root): the
+    agent's /proc, /sys, /dev and 9p shares are detached from it, out of the workload's reach.
+    conf (the container's process only) adds its proc mounts and masked/read-only paths."""
+    _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    if conf is not None:
+        _pid1_mounts(conf)
+    for path in ("/proc", "/sys", "/dev"):
+        umount(path)
+    os.chdir(GUEST_RUN)  # pivot_root cannot leave the initramfs: start from the tmpfs above
+    os.chroot(".")
+    os.chdir(GUEST_ROOT[len(GUEST_RUN):])
+    _check_libc(_libc().syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+    umount(".")  # the old root (the tmpfs with the shares), now stacked on "/"
+    os.chdir("/")
+
+
+def _join_container_root(pid1):
+    """Enter the mount namespace and root of the container's process (as nsenter -m -r)."""
+    root = os.open("/proc/%d/root" % pid1, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    ns = os.open("/proc/%d/ns/mnt" % pid1, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check_libc(_libc().setns(ns, CLONE_NEWNS), "setns(mnt)")
+        os.fchdir(root)
+        os.chroot(".")
+    finally:
+        os.close(root)
+        os.close(ns)
+
+
 def _pid1_mounts(conf):
     """proc mounts of the new pid namespace, then maskedPaths and readonlyPaths over them."""
     for m in conf["mounts"]:
         if m["type"] == "proc":
             flags, data = mount_options(m.get("options", []))
-            mount("proc", GUEST_ROOT + m["destination"], "proc", flags, data)
+            mount("proc", resolve_in_root(GUEST_ROOT, m["destination"]), "proc", flags, data)
     for path in conf.get("masked", []):
-        target = GUEST_ROOT + path
+        target = resolve_in_root(GUEST_ROOT, path)
         if os.path.isdir(target):
             mount("tmpfs", target, "tmpfs", MS_RDONLY)
         elif os.path.exists(target):
             mount("/dev/null", target, None, MS_BIND)
     for path in conf.get("readonly_paths", []):
-        target = GUEST_ROOT + path
+        target = resolve_in_root(GUEST_ROOT, path)
         if os.path.exists(target):
             mount(target, target, None, MS_BIND | MS_REC)
             mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC)
@@ -2904,6 +3056,8 @@ def create_container(args, console_socket=None, foreground=False):
     image = vm.get("image") or guest_image(vm)
     if not os.path.isfile(image):
         raise Error("vm.image: %s: no such file" % image)
+    if conf["root"]["readonly"]:
+        make_mountpoints(conf["root"]["path"], conf["mounts"])
     state.make()
     monitor_pid = None
     try:
@@ -2923,7 +3077,7 @@ def create_container(args, console_socket=None, foreground=False):
         def monitor_main(notify_fd):
             state.unlock()
             return Monitor(state.dir, args.id, gconf, argv, vm, conf["netns"], notify_fd, stdio,
-                           restore, host_tty).run()
+                           restore, host_tty, conf["staged"]).run()
         monitor_pid, rfd = _fork_monitor(monitor_main, keep_stdio=host_tty is None,
                                          own_pid_ns=True)
         if host_tty is not None and console_socket:
@@ -2958,7 +3112,9 @@ def _restore_plan(cid, vm, conf, state, image):
     except (Error, OSError) as e:
         LOG.warning("VM template unavailable (%s); booting instead", e)
         return None
-    shares = template_shares(share_list(conf), os.path.join(CACHE_DIR, "empty")) if template else None
+    if not template:
+        return None
+    shares = template_shares(share_list(conf, state.dir), os.path.join(state.dir, FILES_DIR, "empty"))
     if not shares:
         return None
     spec = {"ram": os.path.join(template, "ram"), "share": False, "incoming": True, "shares": shares}

@@ -422,8 +422,8 @@ BAD_SPECS = [
      "mounts[1].type: must be a string"),
     ("mounts", [{"destination": "/a", "source": 5}], "mounts[0].source: must be a string"),
     ("mounts", [{"destination": "/a", "options": "ro"}], "mounts[0].options: must be a list of strings"),
-    ("mounts", [{"destination": "/a", "type": "bind", "source": "rel/dir"}],
-     "mounts[0].source: must be an absolute path for a bind mount"),
+    ("mounts", [{"destination": "/a", "type": "bind", "source": ""}],
+     "mounts[0].source: must not be empty for a bind mount"),
     ("mounts", [{"destination": "/a", "type": "bind", "source": "/nonexistent/cc-test"}],
      "mounts[0].source: /nonexistent/cc-test: no such file or directory"),
     ("mounts", [{"destination": "/a", "type": "none", "source": "/nonexistent/x",
@@ -680,11 +680,13 @@ def test_qemu_command_microvm_kvm(tmp_path, share_bundle):
     assert not any("@" in a for a in argv), "unexpanded tag"
     assert "virtio-serial-device" in values_of(argv, "-device")
     assert "virtserialport,chardev=agent,name=agent" in values_of(argv, "-device")
+    files = tmp_path / "state" / rt.FILES_DIR / "rw"
     assert values_of(argv, "-fsdev") == [
-        "local,id=fs0,path=%s,security_model=none" % (bundle / "rootfs"),
-        "local,id=fs1,path=%s,security_model=none" % data,
+        "local,id=fs0,path=%s,security_model=none,readonly=on" % (bundle / "rootfs"),
+        "local,id=fs1,path=%s,security_model=none,multidevs=remap" % files,
         "local,id=fs2,path=%s,security_model=none" % shared,
     ]
+    assert not any(str(data) in a for a in argv), "a file's parent directory is exported"
     devices_9p = [d for d in values_of(argv, "-device") if d.startswith("virtio-9p")]
     assert devices_9p == ["virtio-9p-device,fsdev=fs0,mount_tag=rootfs",
                           "virtio-9p-device,fsdev=fs1,mount_tag=share0",
@@ -719,34 +721,64 @@ def test_tsc_khz(tmp_path):
     assert rt.tsc_khz(str(tmp_path / "missing")) is None
 
 
-def test_share_list_groups_files_by_directory(share_bundle):
+def test_share_list_stages_files_not_their_directory(share_bundle, tmp_path):
     bundle, data, shared = share_bundle
     conf = rt.load_spec(str(bundle))
-    shares = rt.share_list(conf)
-    assert shares == [("rootfs", str(bundle / "rootfs")), ("share0", str(data)),
-                      ("share1", str(shared))]
+    shares = rt.share_list(conf, "/st")
+    assert shares == [("rootfs", str(bundle / "rootfs"), True),
+                      ("share0", "/st/files/rw", False), ("share1", str(shared), False)]
     proc, a, srv, b = conf["mounts"]
     assert "share" not in proc
-    assert (a["share"], a["subpath"]) == ("share0", "a.txt")
-    assert (b["share"], b["subpath"]) == ("share0", "b.txt")
+    assert (a["share"], a["subpath"]) == ("share0", "0")
+    assert (b["share"], b["subpath"]) == ("share0", "1")
     assert (srv["share"], srv["subpath"]) == ("share1", "")
+    assert conf["staged"] == [(str(data / "a.txt"), "/st/files/rw/0", False),
+                              (str(data / "b.txt"), "/st/files/rw/1", False)]
+
+
+def test_share_list_exports_read_only_mounts_read_only(share_bundle):
+    bundle, data, shared = share_bundle
+    config = json.loads((bundle / "config.json").read_text())
+    config["root"]["readonly"] = True
+    config["mounts"] = [
+        {"destination": "/a", "type": "bind", "source": str(data / "a.txt"), "options": ["ro"]},
+        {"destination": "/b", "type": "bind", "source": str(data / "b.txt"), "options": ["rw"]},
+        {"destination": "/s1", "type": "bind", "source": str(shared), "options": ["rbind", "ro"]},
+        {"destination": "/s2", "type": "bind", "source": str(shared), "options": ["ro", "rw"]},
+        {"destination": "/s3", "type": "bind", "source": str(shared), "options": ["ro"]},
+    ]
+    (bundle / "config.json").write_text(json.dumps(config))
+    conf = rt.load_spec(str(bundle))
+    assert rt.share_list(conf, "/st") == [
+        ("rootfs", str(bundle / "rootfs"), True), ("share0", "/st/files/ro", True),
+        ("share1", "/st/files/rw", False), ("share2", str(shared), True),
+        ("share3", str(shared), False)]
+    assert [m["share"] for m in conf["mounts"]] == ["share0", "share1", "share2", "share3", "share2"]
+    assert conf["staged"] == [(str(data / "a.txt"), "/st/files/ro/0", True),
+                              (str(data / "b.txt"), "/st/files/rw/1", False)]
+
+
+def test_bind_source_relative_to_the_bundle(tmp_path):
+    config = good_config()
+    config["mounts"] = [{"destination": "/b", "type": "bind", "source": "."}]
+    bundle = make_bundle(tmp_path, config)
+    assert rt.load_spec(str(bundle))["mounts"][0]["source"] == str(bundle)
 
 
 def test_share_list_skips_special_files(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    conf = {"root": {"path": "/r"}, "mounts": [{"destination": "/p", "type": "bind",
-                                                "source": str(fifo)}]}
-    assert rt.share_list(conf) == [("rootfs", "/r")]
-    assert conf["mounts"][0]["skip"] is True
+    conf = {"root": {"path": "/r", "readonly": False},
+            "mounts": [{"destination": "/p", "type": "bind", "source": str(fifo), "options": []}]}
+    assert rt.share_list(conf, "/st") == [("rootfs", "/r", False)]
+    assert conf["mounts"][0]["skip"] is True and conf["staged"] == []
     assert rt.guest_config("c1", dict(conf, hostname=None, process={}, masked=[],
-                                      readonly_paths=[], sysctl={},
-                                      root={"path": "/r", "readonly": False}))["mounts"] == []
+                                      readonly_paths=[], sysctl={}))["mounts"] == []
 
 
-def test_share_args_escape_commas():
-    argv = rt.share_args([("rootfs", "/a,b/root"), ("share0", "/x,,y")], "pci")
-    assert argv == ["-fsdev", "local,id=fs0,path=/a,,b/root,security_model=none",
+def test_share_args_escape_commas_and_mark_read_only():
+    argv = rt.share_args([("rootfs", "/a,b/root", True), ("share0", "/x,,y", False)], "pci")
+    assert argv == ["-fsdev", "local,id=fs0,path=/a,,b/root,security_model=none,readonly=on",
                     "-device", "virtio-9p-pci,fsdev=fs0,mount_tag=rootfs",
                     "-fsdev", "local,id=fs1,path=/x,,,,y,security_model=none",
                     "-device", "virtio-9p-pci,fsdev=fs1,mount_tag=share0"]
@@ -756,7 +788,8 @@ def test_qemu_command_escapes_commas_in_share_paths(tmp_path):
     bundle = make_bundle(tmp_path, name="bun,dle")
     argv = rt.qemu_command("c1", fake_vm(tmp_path), rt.load_spec(str(bundle)), "/s", "/i")
     escaped = str(bundle / "rootfs").replace(",", ",,")
-    assert values_of(argv, "-fsdev")[0] == "local,id=fs0,path=%s,security_model=none" % escaped
+    assert values_of(argv, "-fsdev")[0] == \
+        "local,id=fs0,path=%s,security_model=none,readonly=on" % escaped
 
 
 def test_qemu_command_passes_kernel_and_initrd_paths_verbatim(tmp_path):
@@ -777,7 +810,7 @@ def test_hypervisor_args_from_the_bundle(tmp_path, monkeypatch):
     argv = rt.qemu_command("c1", fake_vm(tmp_path, hypervisor_args=path),
                            rt.load_spec(str(bundle)), "/s", "/i")
     assert argv == ["/usr/bin/qemu-fake", "-accel", "kvm", "-fsdev",
-                    "local,id=fs0,path=%s,security_model=none" % (bundle / "rootfs"),
+                    "local,id=fs0,path=%s,security_model=none,readonly=on" % (bundle / "rootfs"),
                     "-device", "virtio-9p-device,fsdev=fs0,mount_tag=rootfs"]
 
 
@@ -799,7 +832,7 @@ needs_template = pytest.mark.skipif(not hasattr(rt, "template_for"), reason="no 
 @pytest.mark.parametrize("share, incoming", [(True, False), (False, True)])
 def test_qemu_command_template(tmp_path, share, incoming):
     bundle = make_bundle(tmp_path)
-    shares = rt.template_shares([("rootfs", str(bundle / "rootfs"))], "/empty")
+    shares = rt.template_shares([("rootfs", str(bundle / "rootfs"), False)], "/empty")
     spec = {"ram": "/cache/tmpl,1/ram", "share": share, "incoming": incoming, "shares": shares}
     argv = rt.qemu_command("c1", fake_vm(tmp_path), None, None, "/i", spec, vm_uuid=rt.UUID_ZERO)
     assert values_of(argv, "-machine") == ["microvm,pit=on,pic=on,rtc=on,memory-backend=mem"]
@@ -809,6 +842,7 @@ def test_qemu_command_template(tmp_path, share, incoming):
     assert values_of(argv, "-incoming") == (["defer"] if incoming else [])
     assert values_of(argv, "-uuid") == [rt.UUID_ZERO]
     assert len(values_of(argv, "-fsdev")) == rt.SHARE_SLOTS + 1
+    assert all(f.endswith(",readonly=on") for f in values_of(argv, "-fsdev")[1:])
     assert not any("@" in a for a in argv)
 
 
@@ -822,12 +856,12 @@ def test_qemu_command_cold_boot_has_no_template_args(tmp_path):
 @needs_template
 def test_template_shares():
     slots = rt.SHARE_SLOTS
-    padded = rt.template_shares([("rootfs", "/r"), ("share0", "/a")], "/e")
-    assert padded == [("rootfs", "/r"), ("share0", "/a")] + [
-        ("share%d" % i, "/e") for i in range(1, slots)]
-    full = [("rootfs", "/r")] + [("share%d" % i, "/d%d" % i) for i in range(slots)]
+    padded = rt.template_shares([("rootfs", "/r", False), ("share0", "/a", False)], "/e")
+    assert padded == [("rootfs", "/r", False), ("share0", "/a", False)] + [
+        ("share%d" % i, "/e", True) for i in range(1, slots)]
+    full = [("rootfs", "/r", False)] + [("share%d" % i, "/d%d" % i, False) for i in range(slots)]
     assert rt.template_shares(full, "/e") == full
-    assert rt.template_shares(full + [("share%d" % slots, "/x")], "/e") is None
+    assert rt.template_shares(full + [("share%d" % slots, "/x", False)], "/e") is None
 
 
 @pytest.fixture
