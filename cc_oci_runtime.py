@@ -1012,7 +1012,7 @@ def stage_files(state_dir, staged):
             if ro:
                 mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
         except OSError as e:
-            raise Error("mounts: cannot export %s: %s" % (src, e.strerror or e)) from None
+            raise Error("mounts: cannot export %s: %s" % (src, os.strerror(e.errno))) from None
     mount(None, files, None, MS_REMOUNT | MS_RDONLY | flags)
 
 
@@ -1020,7 +1020,7 @@ def make_mountpoints(rootfs, mounts):
     """Create the mount points a read-only rootfs lacks, as runc does before it makes the
     root read-only (the VM cannot: QEMU exports that rootfs read-only). Symlinks resolve
     inside the rootfs: the work is done by a child chrooted there."""
-    points, covered = [("/dev", True)], []
+    points, covered = [("/dev", True)], ["/dev"]  # the agent always mounts a /dev tmpfs
     for m in mounts:
         dest = m["destination"]
         if not any(dest == c or dest.startswith(c.rstrip("/") + "/") for c in covered):

@@ -784,6 +784,108 @@ def test_share_args_escape_commas_and_mark_read_only():
                     "-device", "virtio-9p-pci,fsdev=fs1,mount_tag=share0"]
 
 
+def test_resolve_in_root_keeps_symlinks_inside(tmp_path):
+    root = tmp_path / "root"
+    (root / "var" / "cache").mkdir(parents=True)
+    os.symlink("/var/cache", root / "abs")
+    os.symlink("../../../../etc", root / "var" / "up")
+    os.symlink("loop2", root / "loop1")
+    os.symlink("loop1", root / "loop2")
+    r = str(root)
+    assert rt.resolve_in_root(r, "/abs") == r + "/var/cache"
+    assert rt.resolve_in_root(r, "/abs/new/x") == r + "/var/cache/new/x"
+    assert rt.resolve_in_root(r, "/var/up/passwd") == r + "/etc/passwd"
+    assert rt.resolve_in_root(r, "/../../x/./y/..") == r + "/x"
+    assert rt.resolve_in_root(r, "/") == r
+    with pytest.raises(rt.Error, match="too many levels of symbolic links"):
+        rt.resolve_in_root(r, "/loop1/x")
+
+
+def test_make_mountpoints_in_a_read_only_rootfs(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    os.symlink("/etc", root / "link")
+    f = tmp_path / "hosts"
+    f.write_text("x")
+    mounts = [{"destination": "/proc", "type": "proc", "source": "proc"},
+              {"destination": "/link/hosts", "type": "bind", "source": str(f)},
+              {"destination": "/data/sub", "type": "bind", "source": str(tmp_path)},
+              {"destination": "/dev/shm", "type": "tmpfs", "source": "shm"},
+              {"destination": "/proc/sys/x", "type": "bind", "source": str(tmp_path)}]
+    rt.make_mountpoints(str(root), mounts)
+    assert os.path.isfile(root / "etc" / "hosts") and not os.path.exists(tmp_path / "etc")
+    assert os.path.isdir(root / "data" / "sub") and os.path.isdir(root / "dev")
+    assert not os.path.exists(root / "dev" / "shm"), "made inside the /dev tmpfs, not the rootfs"
+    assert not os.path.exists(root / "proc" / "sys")
+    os.chmod(root, 0o555)
+    (root / "etc").chmod(0o555)
+    rt.make_mountpoints(str(root), mounts)  # all there already: nothing to write
+    shutil.rmtree(root / "data")
+    (root / "data").write_text("a file where a directory must go")
+    with pytest.raises(rt.Error, match="^root.readonly: mount point /data/sub: Not a directory$"):
+        rt.make_mountpoints(str(root), mounts)
+
+
+def _in_mount_ns(fn):
+    """Run fn() in a child with a private mount namespace; its return value (a str) or error."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            rt._check_libc(rt._libc().unshare(rt.CLONE_NEWNS), "unshare")
+            rt.mount(None, "/", None, rt.MS_REC | rt.MS_PRIVATE)
+            out = fn()
+        except BaseException as e:
+            out = "error: %s" % e
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return out
+
+
+def test_stage_files_exports_only_the_given_files_read_only_where_asked(tmp_path):
+    src = tmp_path / "engine"
+    src.mkdir()
+    (src / "hosts").write_text("hosts\n")
+    (src / "secret").write_text("secret\n")
+    (src / "init").write_text("init\n")
+    state = tmp_path / "state"
+    state.mkdir()
+    files = str(state / rt.FILES_DIR)
+    staged = [(str(src / "hosts"), files + "/rw/0", False), (str(src / "init"), files + "/ro/1", True)]
+
+    def probe():
+        rt.stage_files(str(state), staged)
+        listing = {d: sorted(os.listdir(os.path.join(files, d))) for d in ("rw", "ro", "empty")}
+        with open(files + "/rw/0", "a") as f:
+            f.write("appended\n")
+        results = []
+        for path in (files + "/ro/1", files + "/rw/new", files + "/empty/new"):
+            try:
+                open(path, "w").close()
+                results.append("written")
+            except OSError as e:
+                results.append(e.strerror)
+        return json.dumps([listing, results])
+
+    listing, results = json.loads(_in_mount_ns(probe))
+    assert listing == {"rw": ["0"], "ro": ["1"], "empty": []}
+    assert results == ["Read-only file system"] * 3
+    assert (src / "hosts").read_text() == "hosts\nappended\n"
+    assert os.listdir(files) == [], "the staging tmpfs lives in the monitor's namespace only"
+
+
+def test_stage_files_names_a_source_that_cannot_be_bound(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    gone = str(tmp_path / "gone")
+    out = _in_mount_ns(lambda: rt.stage_files(str(state), [(gone, str(state / "files/rw/0"), False)]) or "")
+    assert out == "error: mounts: cannot export %s: No such file or directory" % gone
+
+
 def test_qemu_command_escapes_commas_in_share_paths(tmp_path):
     bundle = make_bundle(tmp_path, name="bun,dle")
     argv = rt.qemu_command("c1", fake_vm(tmp_path), rt.load_spec(str(bundle)), "/s", "/i")

@@ -359,6 +359,53 @@ def test_podman_top_lists_the_container_not_the_host(pm, podman_loop):
     assert not foreign, "podman top lists %d host processes, e.g. %s" % (len(foreign), foreign[:3])
 
 
+# ---------------------------------------------------------------------------
+# the VM boundary for files (issue: read-only mounts, staged files, engine files)
+# ---------------------------------------------------------------------------
+
+def qemu_fsdevs(cid):
+    """Paths and options of the -fsdev exports of container cid's QEMU (and whether it was
+    restored from the template)."""
+    argv = next(a for pid, a in _proc_cmdlines().items()
+                if a[0].endswith("qemu-system-x86_64") and "cc-" + cid[:32] in a)
+    return [a for i, a in enumerate(argv) if i and argv[i - 1] == "-fsdev"], "-incoming" in argv
+
+
+def check_engine_files(run_exec, cid, hosts_path, conf_dir):
+    """What a root workload with an engine's mounts can do to the host, checked on the host."""
+    exports, restored = qemu_fsdevs(cid)
+    assert restored, "warm start expected"
+    parent = os.path.dirname(hosts_path)
+    assert not any(("path=%s," % parent) in e for e in exports), exports
+    assert [e for e in exports if ("path=%s," % conf_dir) in e and e.endswith(",readonly=on")], exports
+    r = run_exec("sh", "-c", "mount -o remount,rw /conf; echo hacked > /conf/app.conf; "
+                             "echo hacked > /conf/new; cat /conf/app.conf")
+    assert r.stdout == "original\n", (r.stdout, r.stderr)
+    assert sorted(os.listdir(conf_dir)) == ["app.conf"]
+    with open(hosts_path, "a") as f:  # the engine updates /etc/hosts in place
+        f.write("10.1.2.3 added-by-the-engine\n")
+    assert "added-by-the-engine" in run_exec("cat", "/etc/hosts").stdout
+    with open(os.path.join(parent, "hostname")) as f:
+        assert run_exec("cat", "/etc/hostname").stdout == f.read()
+
+
+@pytest.fixture
+def conf_dir(tmp_path):
+    """A host directory a container gets read-only."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "app.conf").write_text("original\n")
+    return str(tmp_path / "conf")
+
+
+def test_podman_engine_files_and_read_only_volume(pm, conf_dir):
+    r = pm.run_rt("run", "-d", "--name", "files", "-v", conf_dir + ":/conf:ro", "bb", "sh", "-c",
+                  "echo ready; while :; do sleep 1; done", timeout=TIMEOUT)
+    cid = ok(r).stdout.strip().splitlines()[-1]
+    wait_ready(lambda: pm.run("logs", cid, timeout=60).stdout)
+    check_engine_files(lambda *a: pm.run("exec", cid, *a, timeout=TIMEOUT), cid,
+                       pinspect(pm, cid, "{{.HostsPath}}"), conf_dir)
+
+
 def test_podman_stop_honours_sigterm(pm):
     cid = ok(pm.run_rt("run", "-d", "--name", "st", "bb", "sh", "-c", LOOP, timeout=TIMEOUT)).stdout.strip()
     wait_ready(lambda: pm.run("logs", "st", timeout=60).stdout)
@@ -491,6 +538,17 @@ def test_docker_top_lists_the_container(dk, docker_loop):
     full = [" ".join(cmdlines.get(int(row[1]), ["<gone>"])) for row in rows]
     foreign = foreign_rows([[c] for c in full], docker_loop, ("sleep", "trap"))
     assert not foreign, "docker top lists unrelated host processes: %s" % foreign[:3]
+
+
+def test_docker_init_engine_files_and_read_only_volume(dk, conf_dir):
+    r = drun(dk, "-d", "--init", "-v", conf_dir + ":/conf:ro", "bb", "sh", "-c",
+             "echo ready; while :; do sleep 1; done")
+    cid = ok(r).stdout.strip().splitlines()[-1]
+    wait_ready(lambda: dk.run("logs", cid, timeout=60).stdout)
+    assert "docker-init" in dk.run("exec", cid, "cat", "/proc/1/cmdline", timeout=TIMEOUT).stdout
+    assert not any("path=/usr/bin," in e for e in qemu_fsdevs(cid)[0])
+    check_engine_files(lambda *a: dk.run("exec", cid, *a, timeout=TIMEOUT), cid,
+                       dinspect(dk, cid, "{{.HostsPath}}"), conf_dir)
 
 
 def test_docker_stop_honours_sigterm(dk):
