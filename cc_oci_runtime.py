@@ -132,6 +132,7 @@ MOUNT_OPTIONS = {  # option: (flag, set?)
 PROPAGATION_OPTIONS = ("private", "rprivate", "shared", "rshared", "slave", "rslave",
                        "unbindable", "runbindable")
 CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWNS = 0x40000000, 0x20000000, 0x00020000
+CLONE_NEWCGROUP = 0x02000000
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 TIOCGPTN, TIOCSPTLCK = 0x80045430, 0x40045431  # not in the termios module
 
@@ -673,10 +674,54 @@ def _spec_linux(conf, value):
     for k, v in sysctl.items():
         _need(isinstance(v, str), "linux.sysctl." + k, "must be a string")
     conf["sysctl"] = sysctl
-    for ignored in ("resources", "cgroupsPath", "seccomp", "devices", "uidMappings",
+    conf["resources"] = parse_resources(value.get("resources", {}), "linux.resources")
+    cgroups_path = value.get("cgroupsPath", "")
+    _need(isinstance(cgroups_path, str), "linux.cgroupsPath", "must be a string")
+    conf["cgroups_path"] = cgroups_path
+    for ignored in ("seccomp", "devices", "uidMappings",
                     "gidMappings", "rootfsPropagation", "mountLabel"):
         if ignored in value:
             LOG.debug("linux.%s: handled by the VM boundary, not applied", ignored)
+
+
+# linux.resources fields this runtime applies: section -> {field: integer or string}
+RESOURCE_FIELDS = {
+    "memory": {"limit": int, "reservation": int, "swap": int, "kernel": int, "kernelTCP": int,
+               "swappiness": int, "disableOOMKiller": bool},
+    "cpu": {"shares": int, "quota": int, "period": int, "realtimeRuntime": int,
+            "realtimePeriod": int, "cpus": str, "mems": str, "idle": int},
+    "pids": {"limit": int},
+    "blockIO": {"weight": int, "leafWeight": int},
+}
+
+
+def parse_resources(value, field):
+    """linux.resources (or update's JSON): checked types, in the OCI shape."""
+    _obj(value, field)
+    out = {}
+    for section, raw in value.items():
+        if section not in RESOURCE_FIELDS:
+            if section not in ("devices", "hugepageLimits", "network", "rdma", "unified"):
+                LOG.debug("%s.%s: unknown, ignored", field, section)
+            out[section] = raw
+            continue
+        _obj(raw, "%s.%s" % (field, section))
+        for key, v in raw.items():
+            kind = RESOURCE_FIELDS[section].get(key)
+            if kind is None or v is None:
+                continue
+            ok = isinstance(v, bool) if kind is bool else (isinstance(v, str) if kind is str
+                                                              else _is_int(v))
+            _need(ok, "%s.%s.%s" % (field, section, key), "must be %s" % {
+                int: "an integer", str: "a string", bool: "a boolean"}[kind])
+        out[section] = {k: v for k, v in raw.items() if v is not None}
+    return out
+
+
+def _limit(resources, section, key):
+    """A positive integer resource value, or None for unset, 0 or -1 (unlimited)."""
+    v = resources.get(section, {}).get(key)
+    return v if _is_int(v) and v > 0 else None
 
 
 def _spec_vm(conf, value):
@@ -707,7 +752,8 @@ def load_spec(bundle, need_process=True):
     if not isinstance(raw, dict):
         raise Error("config.json: must be a JSON object")
     conf = {"bundle": bundle, "mounts": [], "hooks": {}, "annotations": {}, "hostname": None,
-            "masked": [], "readonly_paths": [], "sysctl": {}, "netns": None, "vm": {}}
+            "masked": [], "readonly_paths": [], "sysctl": {}, "netns": None, "vm": {},
+            "resources": {}, "cgroups_path": ""}
     for section in ("ociVersion", "root"):
         if section not in raw:
             raise Error("config.json: %s: missing" % section)
@@ -1104,6 +1150,46 @@ def resolve_vm(conf):
     return vm
 
 
+# -- the VM's size from linux.resources ------------------------------------------------
+
+GUEST_OVERHEAD_MIB = 128  # guest memory beyond the container's limit: kernel, initramfs, agent
+HOST_OVERHEAD_MIB = 256  # host memory beyond the guest's: QEMU itself, TCG's code cache, monitor
+
+
+def cpuset_count(cpus):
+    """How many CPUs a cpuset list such as "0-2,5" names."""
+    count = 0
+    for part in cpus.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+            raise Error("linux.resources.cpu.cpus: invalid cpuset %r" % cpus)
+        count += int(hi) - int(lo) + 1 if hi else 1
+    return count
+
+
+def size_vm(vm, resources):
+    """Set the VM's memory and vCPUs from linux.resources: the memory limit plus the guest's
+    overhead (GUEST_OVERHEAD_MIB and 1/32 of the limit, rounded up to 32 MiB) else vm.memory;
+    ceil(quota/period), else the cpuset's size, else vm.cpus; at most the host's CPUs."""
+    limit = _limit(resources, "memory", "limit")
+    if limit:
+        mib = -(-limit // (1 << 20))
+        vm["memory"] = "%dM" % (-(-(mib + GUEST_OVERHEAD_MIB + mib // 32) // 32) * 32)
+    quota = _limit(resources, "cpu", "quota")
+    period = _limit(resources, "cpu", "period") or 100000
+    cpuset = resources.get("cpu", {}).get("cpus")
+    cpus = -(-quota // period) if quota else cpuset_count(cpuset) if cpuset else None
+    if cpus:
+        vm["cpus"] = max(1, min(cpus, os.cpu_count() or 1))
+    return vm
+
+
+def memory_room(vm_memory):
+    """The largest memory limit a VM of vm_memory has room for (size_vm's inverse)."""
+    mib = _size_bytes(vm_memory) >> 20
+    return max(0, (mib - GUEST_OVERHEAD_MIB) * 32 // 33) << 20
+
+
 # -- templates: a booted, idle VM saved once and restored for each container --------
 
 UUID_ZERO = "00000000-0000-0000-0000-000000000000"
@@ -1258,6 +1344,190 @@ class Qmp:
         """End the session (the socket is free for the next client)."""
         self.file.close()
         self.sock.close()
+
+
+# ===========================================================================
+# Host cgroups: the monitor and QEMU in linux.cgroupsPath, capped to the VM's size
+# ===========================================================================
+
+CGROUP_V1_FLAGS = ("rw", "ro", "xattr", "noprefix", "clone_children", "cpuset_v2_mode",
+                   "favordynmods", "nsdelegate", "memory_localevents", "memory_recursiveprot")
+
+
+def cgroup_hierarchies(mountinfo="/proc/self/mountinfo"):
+    """[(mount point, version, controllers)] of the host's cgroup filesystems: the v1
+    hierarchies (named ones included), or the v2 one when no v1 controller is mounted."""
+    v1, v2 = [], []
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            rest = fields[fields.index("-") + 1:]
+            if rest[0] == "cgroup":
+                names = [o for o in rest[2].split(",") if o.startswith("name=") or "=" not in o
+                         and o not in CGROUP_V1_FLAGS]
+                if fields[4] not in [m for m, _, _ in v1]:
+                    v1.append((fields[4], 1, frozenset(names)))
+            elif rest[0] == "cgroup2":
+                v2.append((fields[4], 2, frozenset()))
+    return v1 or v2[:1]
+
+
+def _own_cgroup(version, controllers, proc_cgroup="/proc/self/cgroup"):
+    """This process's cgroup in a hierarchy (relative paths in cgroupsPath start there)."""
+    with open(proc_cgroup) as f:
+        for line in f:
+            _, names, path = line.rstrip("\n").split(":", 2)
+            if (version == 2 and names == "") or (version == 1 and names and
+                                                  set(names.split(",")) == set(controllers)):
+                return path
+    return "/"
+
+
+def _systemd_unit_path(cgroups_path, cid):
+    """The cgroupfs path of a systemd "slice:prefix:name" cgroupsPath (runc's expansion)."""
+    parts = cgroups_path.split(":") if cgroups_path else ["", "runc", cid]
+    if len(parts) != 3:
+        raise Error("linux.cgroupsPath: %r: expected \"slice:prefix:name\" with --systemd-cgroup"
+                    % cgroups_path)
+    slice_name, prefix, name = parts
+    slices, path = (slice_name or "system.slice"), []
+    if slices != "-.slice":
+        if not slices.endswith(".slice"):
+            raise Error("linux.cgroupsPath: %r: %s is not a slice" % (cgroups_path, slices))
+        words = slices[:-len(".slice")].split("-")
+        path = ["-".join(words[:i + 1]) + ".slice" for i in range(len(words))]
+    unit = name if name.endswith(".slice") else (prefix + "-" + name if prefix else name) + ".scope"
+    return "/" + "/".join(path + [unit])
+
+
+def host_cgroup_dirs(cgroups_path, cid, systemd=False):
+    """The directories of the container's host cgroup, one per hierarchy (cgroupfs paths,
+    relative ones from the caller's own cgroup; or systemd's slice:prefix:name)."""
+    path = _systemd_unit_path(cgroups_path, cid) if systemd else (cgroups_path or cid)
+    if ".." in path.split("/"):
+        raise Error("linux.cgroupsPath: %r: must not contain .." % cgroups_path)
+    dirs = []
+    for mount_point, version, controllers in cgroup_hierarchies():
+        full = path if path.startswith("/") else os.path.join(_own_cgroup(version, controllers), path)
+        dirs.append((os.path.normpath(mount_point + "/" + full.lstrip("/")), version, controllers))
+    return dirs
+
+
+def host_cgroup_limits(version, controllers, vm_memory, resources):
+    """{file: value} capping a container's host cgroup: memory = the VM plus QEMU's overhead
+    (only when the container has a memory limit), CPU quota/shares and cpuset as asked."""
+    out = {}
+    cpu = resources.get("cpu", {})
+    memory = (_size_bytes(vm_memory) + (HOST_OVERHEAD_MIB << 20)
+              if _limit(resources, "memory", "limit") else None)
+    quota, period = _limit(resources, "cpu", "quota"), _limit(resources, "cpu", "period")
+    if version == 1:
+        if memory and "memory" in controllers:
+            out["memory.limit_in_bytes"] = memory
+        if "cpu" in controllers:
+            if period:
+                out["cpu.cfs_period_us"] = period
+            if quota:
+                out["cpu.cfs_quota_us"] = quota
+            if _limit(resources, "cpu", "shares"):
+                out["cpu.shares"] = cpu["shares"]
+        if "cpuset" in controllers:
+            for key in ("cpus", "mems"):
+                if cpu.get(key):
+                    out["cpuset." + key] = cpu[key]
+        if "blkio" in controllers and _limit(resources, "blockIO", "weight"):
+            out["blkio.weight"] = resources["blockIO"]["weight"]
+        return out
+    if memory:
+        out["memory.max"] = memory
+    if quota or period:
+        out["cpu.max"] = "%s %d" % (quota or "max", period or 100000)
+    if _limit(resources, "cpu", "shares"):
+        out["cpu.weight"] = cpu_weight(cpu["shares"])
+    for key in ("cpus", "mems"):
+        if cpu.get(key):
+            out["cpuset." + key] = cpu[key]
+    return out
+
+
+def cpu_weight(shares):
+    """cgroup v2 cpu.weight of v1 cpu.shares (runc's conversion)."""
+    return 1 + ((max(2, min(shares, 262144)) - 2) * 9999) // 262142
+
+
+def create_host_cgroup(dirs, vm_memory, resources):
+    """Make the container's host cgroup and set its limits; returns the leaf directories."""
+    made = []
+    try:
+        for path, version, controllers in dirs:
+            _make_cgroup_dir(path, version, controllers)
+            made.append(path)
+            _write_cgroup(path, host_cgroup_limits(version, controllers, vm_memory, resources))
+    except OSError as e:
+        remove_host_cgroup(made)
+        raise Error("cgroup %s: %s" % (e.filename or dirs[0][0], e.strerror or e)) from None
+    return made
+
+
+def _make_cgroup_dir(path, version, controllers):
+    """mkdir -p in a cgroup hierarchy: a v1 cpuset level inherits its parent's CPUs and
+    memory nodes; a v2 level's parent delegates the controllers we use."""
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        _make_cgroup_dir(parent, version, controllers)
+    if version == 2:
+        with open(os.path.join(parent, "cgroup.controllers")) as f:
+            have = set(f.read().split()) & {"cpu", "cpuset", "memory", "io", "pids"}
+        if have:
+            try:
+                _write_cgroup(parent, {"cgroup.subtree_control": " ".join("+" + c for c in sorted(have))})
+            except OSError:
+                pass  # the root's own processes keep it from delegating: limits stay unset
+    os.makedirs(path, exist_ok=True)
+    if version == 1 and "cpuset" in controllers:
+        for key in ("cpuset.cpus", "cpuset.mems"):
+            with open(os.path.join(path, key)) as f:
+                if f.read().strip():
+                    continue
+            with open(os.path.join(parent, key)) as f:
+                _write_cgroup(path, {key: f.read().strip()})
+
+
+def _write_cgroup(path, values):
+    """Write each {file: value} of a cgroup directory."""
+    for name, value in values.items():
+        with open(os.path.join(path, name), "w") as f:
+            f.write(str(value))
+
+
+def join_host_cgroup(dirs):
+    """Move the calling process into the cgroup (its children, QEMU, follow)."""
+    for path in dirs:
+        _write_cgroup(path, {"cgroup.procs": 0})
+
+
+def remove_host_cgroup(dirs, timeout=3.0):
+    """rmdir the container's cgroup directories once their processes have gone."""
+    deadline = time.monotonic() + timeout
+    for path in dirs:
+        while True:
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    LOG.warning("cgroup %s: cannot remove: %s", path, e.strerror)
+                    break
+                time.sleep(0.02)
+
+
+def update_host_cgroup(dirs, vm_memory, resources):
+    """Apply changed limits to the host cgroup (the VM's size bounds memory anyway)."""
+    for path, version, controllers in dirs:
+        if os.path.isdir(path):
+            _write_cgroup(path, host_cgroup_limits(version, controllers, vm_memory, resources))
 
 
 # ===========================================================================
@@ -1610,7 +1880,7 @@ def _pyc_from_source(source, name):
 # empty DATA frame is end-of-file. Process 0 is the container's own process.
 
 FRAME = struct.Struct("!BII")
-CLIENT_OPS = ("start", "exec", "signal", "resize", "ps")  # what the monitor's socket accepts
+CLIENT_OPS = ("start", "exec", "signal", "resize", "ps", "stats", "update")  # the monitor's socket
 MSG, DATA = 1, 2
 CHUNK = 65536
 
@@ -1723,7 +1993,8 @@ def guest_config(cid, conf):
     return {"id": cid, "hostname": conf.get("hostname"), "process": conf["process"],
             "mounts": [m for m in conf["mounts"] if not m.get("skip")],
             "readonly": conf["root"]["readonly"], "masked": conf["masked"],
-            "readonly_paths": conf["readonly_paths"], "sysctl": conf["sysctl"]}
+            "readonly_paths": conf["readonly_paths"], "sysctl": conf["sysctl"],
+            "resources": conf.get("resources", {})}
 
 
 # ===========================================================================
@@ -1734,8 +2005,9 @@ class Monitor:
     """Runs QEMU, boots the agent, relays stdio and signals, exits with the workload's status."""
 
     def __init__(self, state_dir, cid, gconf, argv, vm, netns, notify_fd, stdio=(0, 1, 2),
-                 restore=None, terminal=None, staged=()):
+                 restore=None, terminal=None, staged=(), cgroups=()):
         self.dir, self.id, self.gconf, self.argv, self.vm = state_dir, cid, gconf, argv, vm
+        self.cgroups = cgroups  # the host cgroup directories QEMU and we belong in
         self.staged = staged  # bind-mounted files to export: (source, staged path, read-only)
         self.restore = restore  # {"dir": template, "argv": QEMU restoring it}, or None
         self.netns, self.notify_fd = netns, notify_fd
@@ -1766,6 +2038,7 @@ class Monitor:
         """New session, sub-reaper, the container's network namespace, signal wake-ups."""
         os.setsid()
         prctl(PR_SET_CHILD_SUBREAPER, 1)
+        join_host_cgroup(self.cgroups)
         _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")  # QEMU inherits it
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         if os.getpid() == 1:  # our own pid namespace: a /proc that shows just us and QEMU
@@ -1963,6 +2236,9 @@ class Monitor:
             client = self.pending.pop(msg.pop("id"), None)
             if client is not None:
                 self._reply(client, msg)
+            return
+        if msg.get("op") == "oom":  # `events` reports it
+            write_atomic(os.path.join(self.dir, "oom"), str(msg.get("count", 1)))
             return
         if msg.get("op") == "exit":
             proc = msg.get("proc", 0)
@@ -2299,6 +2575,8 @@ GUEST_ROOT = GUEST_RUN + "/root"
 GUEST_SHARES = GUEST_RUN + "/shares"
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = 155  # x86_64
+GUEST_CGROUP = "/sys/fs/cgroup"  # cgroup v2 in the guest
+CONTAINER_CGROUP = GUEST_CGROUP + "/container"  # the container's processes and limits
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
 DEFAULT_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
                    ("urandom", 1, 9), ("tty", 5, 0))
@@ -2399,6 +2677,7 @@ class Agent:
         self.port, self.reader, self.conf = None, FrameReader(), None
         self.procs, self.out_fds, self.in_fds = {}, {}, {}
         self.finished = False
+        self.oom_kills, self.oom_checked = 0, 0.0
 
     def run(self):
         """Boot chores, then serve the host until the container's process ends."""
@@ -2419,6 +2698,8 @@ class Agent:
                         self._flush_stdin(self.in_fds[fd])
                     if ev & ~select.POLLOUT and fd in self.out_fds:
                         self._on_output(fd)
+            self._check_oom(force=any(p["status"] is not None and not p.get("reported")
+                                      for p in self.procs.values()))
             self._report_exits()
 
     # -- boot --------------------------------------------------------------
@@ -2497,6 +2778,7 @@ class Agent:
         for key, value in c.get("sysctl", {}).items():
             with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
                 f.write(value)
+        _setup_guest_cgroup(c.get("resources", {}))
         os.makedirs(GUEST_ROOT, exist_ok=True)
         mount(ROOTFS_TAG, GUEST_ROOT, "9p", 0, NINEP_OPTIONS)
         self.dev_ro = 0
@@ -2535,17 +2817,12 @@ class Agent:
             return
         fstype = m["type"] or m.get("source")
         _make_mountpoint(target, True)
-        if fstype == "proc":
-            return  # mounted at start by the container's PID 1, in its own pid namespace
+        if fstype in ("proc", "cgroup", "cgroup2"):
+            return  # mounted at start by the container's PID 1, in its own pid/cgroup namespace
         dev = m["destination"] == "/dev" and fstype == "tmpfs"
         if dev and flags & MS_RDONLY:
             self.dev_ro, flags = flags, flags & ~MS_RDONLY
-        try:
-            mount(m.get("source") or fstype, target, fstype, flags, data)
-        except OSError:
-            if fstype != "cgroup":
-                raise
-            mount("cgroup2", target, "cgroup2", flags, "")
+        mount(m.get("source") or fstype, target, fstype, flags, data)
         if dev:
             _populate_dev(target)
 
@@ -2619,6 +2896,26 @@ class Agent:
         except ProcessLookupError:
             pass
         return None
+
+    def _op_stats(self, _msg):
+        """The container cgroup's figures (memory, CPU, pids) for `events`."""
+        return {"op": "stats", "cgroup": guest_cgroup_stats()}
+
+    def _op_update(self, msg):
+        """New limits for the container's cgroup."""
+        _apply_guest_limits(msg["resources"])
+        return None
+
+    def _check_oom(self, force=False):
+        """Tell the host when the container's cgroup has had another OOM kill."""
+        now = time.monotonic()
+        if not force and now - self.oom_checked < 0.25:
+            return
+        self.oom_checked = now
+        count = _cgroup_counter("memory.events", "oom_kill")
+        if count > self.oom_kills:
+            self.oom_kills = count
+            send_msg(self.port, {"op": "oom", "count": count})
 
     def _op_resize(self, msg):
         """A new terminal size for a process."""
@@ -2795,6 +3092,88 @@ class Agent:
                 self.finished = True
 
 
+def guest_cgroup_limits(resources):
+    """{file: value} of the container's cgroup v2 from linux.resources, converted as runc
+    converts v1 values (0 leaves a value as it is, -1 is unlimited)."""
+    out, mem, cpu = {}, resources.get("memory", {}), resources.get("cpu", {})
+
+    def value(v):
+        return "max" if v is not None and v < 0 else v
+    if mem.get("limit"):
+        out["memory.max"] = value(mem["limit"])
+    if mem.get("reservation"):
+        out["memory.low"] = max(0, mem["reservation"])
+    if mem.get("swap"):
+        swap, limit = mem["swap"], mem.get("limit") or 0
+        out["memory.swap.max"] = "max" if swap < 0 else max(0, swap - limit) if limit > 0 else swap
+    if cpu.get("quota") or cpu.get("period"):
+        quota = cpu.get("quota") or -1
+        out["cpu.max"] = "%s %d" % (value(quota), cpu.get("period") or 100000)
+    if cpu.get("shares"):
+        out["cpu.weight"] = cpu_weight(cpu["shares"])
+    if resources.get("pids", {}).get("limit"):
+        out["pids.max"] = value(resources["pids"]["limit"])
+    weight = resources.get("blockIO", {}).get("weight")
+    if weight:
+        out["io.weight"] = "default %d" % (1 + (max(10, min(weight, 1000)) - 10) * 9999 // 990)
+    return out
+
+
+def _setup_guest_cgroup(resources):
+    """cgroup2 on /sys/fs/cgroup with every controller delegated to the container's cgroup,
+    which gets the container's limits."""
+    if not os.path.ismount(GUEST_CGROUP):
+        mount("cgroup2", GUEST_CGROUP, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    with open(GUEST_CGROUP + "/cgroup.controllers") as f:
+        controllers = f.read().split()
+    with open(GUEST_CGROUP + "/cgroup.subtree_control", "w") as f:
+        f.write(" ".join("+" + c for c in controllers))
+    os.makedirs(CONTAINER_CGROUP, exist_ok=True)
+    _apply_guest_limits(resources)
+
+
+def _apply_guest_limits(resources):
+    """Write the container cgroup's limits (a file the guest kernel lacks is skipped)."""
+    for name, value in guest_cgroup_limits(resources).items():
+        path = os.path.join(CONTAINER_CGROUP, name)
+        if not os.path.exists(path):
+            print("agent: %s: not in this kernel, not applied" % name)
+            continue
+        try:
+            with open(path, "w") as f:
+                f.write(str(value))
+        except OSError as e:
+            raise Error("linux.resources: cannot set %s to %s: %s"
+                        % (name, value, e.strerror)) from None
+
+
+def _cgroup_counter(name, key):
+    """One counter of a flat-keyed file of the container's cgroup (0 when absent)."""
+    try:
+        with open(os.path.join(CONTAINER_CGROUP, name)) as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k == key:
+                    return int(v)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def guest_cgroup_stats():
+    """The container cgroup's raw figures: {file: text} of the files `events` reads."""
+    out = {}
+    for name in ("memory.current", "memory.max", "memory.peak", "memory.stat", "memory.events",
+                 "memory.swap.current", "memory.swap.max", "cpu.stat", "cpu.max",
+                 "pids.current", "pids.max"):
+        try:
+            with open(os.path.join(CONTAINER_CGROUP, name)) as f:
+                out[name] = f.read()
+        except OSError:
+            pass
+    return out
+
+
 def _container_pid(pid):
     """The pid a guest process has in the container's pid namespace (NSpid's last field)."""
     try:
@@ -2872,6 +3251,7 @@ def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None):
         for i, fd in enumerate(fds):
             os.dup2(fd, i, inheritable=True)
         if init_conf is None and pid1:
+            _enter_container_cgroup(pid1)
             _join_container_root(pid1)
         os.chdir(p["cwd"])
         for sig in range(1, signal.NSIG):
@@ -2906,6 +3286,7 @@ def _pivot_into_container(conf):
     conf (the container's process only) adds its proc mounts and masked/read-only paths."""
     _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _enter_container_cgroup(None)
     if conf is not None:
         _pid1_mounts(conf)
     for path in ("/proc", "/sys", "/dev"):
@@ -2916,6 +3297,22 @@ def _pivot_into_container(conf):
     _check_libc(_libc().syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
     umount(".")  # the old root (the tmpfs with the shares), now stacked on "/"
     os.chdir("/")
+
+
+def _enter_container_cgroup(pid1):
+    """Join the container's cgroup, and its cgroup namespace (pid1's, or a new one)."""
+    if not os.path.isdir(CONTAINER_CGROUP):
+        return
+    with open(CONTAINER_CGROUP + "/cgroup.procs", "w") as f:
+        f.write("0")
+    if not pid1:
+        _check_libc(_libc().unshare(CLONE_NEWCGROUP), "unshare(CLONE_NEWCGROUP)")
+        return
+    ns = os.open("/proc/%d/ns/cgroup" % pid1, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check_libc(_libc().setns(ns, CLONE_NEWCGROUP), "setns(cgroup)")
+    finally:
+        os.close(ns)
 
 
 def _join_container_root(pid1):
@@ -2937,6 +3334,9 @@ def _pid1_mounts(conf):
         if m["type"] == "proc":
             flags, data = mount_options(m.get("options", []))
             mount("proc", resolve_in_root(GUEST_ROOT, m["destination"]), "proc", flags, data)
+        elif m["type"] in ("cgroup", "cgroup2"):  # the guest has cgroup v2 only
+            flags, _ = mount_options(m.get("options", []))
+            mount("cgroup2", resolve_in_root(GUEST_ROOT, m["destination"]), "cgroup2", flags)
     for path in conf.get("masked", []):
         target = resolve_in_root(GUEST_ROOT, path)
         if os.path.isdir(target):
@@ -3052,15 +3452,17 @@ def create_container(args, console_socket=None, foreground=False):
     terminal = conf["process"]["terminal"]
     if terminal and not console_socket and not foreground:
         raise Error("process.terminal: --console-socket is required when terminal is true")
-    vm = resolve_vm(conf)
+    vm = size_vm(resolve_vm(conf), conf["resources"])
+    cgroup_dirs = host_cgroup_dirs(conf["cgroups_path"], args.id, getattr(args, "systemd_cgroup", False))
     image = vm.get("image") or guest_image(vm)
     if not os.path.isfile(image):
         raise Error("vm.image: %s: no such file" % image)
     if conf["root"]["readonly"]:
         make_mountpoints(conf["root"]["path"], conf["mounts"])
     state.make()
-    monitor_pid = None
+    monitor_pid, cgroups = None, []
     try:
+        cgroups = create_host_cgroup(cgroup_dirs, vm["memory"], conf["resources"])
         argv = qemu_command(args.id, vm, conf, state.dir, image)
         restore = _restore_plan(args.id, vm, conf, state, image)
         state.data = {"ociVersion": conf.get("ociVersion", OCI_VERSION), "id": args.id, "pid": 0,
@@ -3069,7 +3471,10 @@ def create_container(args, console_socket=None, foreground=False):
                       "hooks": conf["hooks"], "started": False, "paused": False,
                       "terminal": terminal, "process": conf["process"],
                       "vm": {"accel": vm["accel_used"], "kernel": vm["kernel_image"],
-                             "image": image, "machine": vm["machine"], "memory": vm["memory"]}}
+                             "image": image, "machine": vm["machine"], "memory": vm["memory"],
+                             "cpus": vm["cpus"]},
+                      "resources": conf["resources"],
+                      "cgroups": [[d, v, sorted(c)] for d, v, c in cgroup_dirs]}
         state.save()
         stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
         gconf = guest_config(args.id, conf)
@@ -3077,7 +3482,7 @@ def create_container(args, console_socket=None, foreground=False):
         def monitor_main(notify_fd):
             state.unlock()
             return Monitor(state.dir, args.id, gconf, argv, vm, conf["netns"], notify_fd, stdio,
-                           restore, host_tty, conf["staged"]).run()
+                           restore, host_tty, conf["staged"], cgroups).run()
         monitor_pid, rfd = _fork_monitor(monitor_main, keep_stdio=host_tty is None,
                                          own_pid_ns=True)
         if host_tty is not None and console_socket:
@@ -3099,6 +3504,7 @@ def create_container(args, console_socket=None, foreground=False):
     except BaseException:
         if monitor_pid:
             _kill_container(state)
+        remove_host_cgroup(cgroups)
         state.remove()
         raise
     LOG.info("created %s (monitor %d, %s)", args.id, monitor_pid, vm["accel_used"])
@@ -3225,6 +3631,7 @@ def delete_container(state, force):
     if status in ("running", "paused") and not force:
         raise Error("cannot delete container %s that is not stopped: %s" % (state.id, status))
     _kill_container(state)
+    remove_host_cgroup([c[0] for c in state.data.get("cgroups", [])])
     final = state.oci_state()
     final["status"] = "stopped"
     run_hooks(state.data.get("hooks", {}), "poststop", final, fatal=False)
@@ -3443,19 +3850,83 @@ def _size_bytes(size):
     return int(text) << 20
 
 
+def runc_stats(raw):
+    """runc's stats object (types.Stats) from the guest cgroup's raw files."""
+    def flat(name):
+        return {k: int(v) for k, _, v in (ln.partition(" ") for ln in raw.get(name, "").splitlines())
+                if v.strip().lstrip("-").isdigit()}
+
+    def number(name):
+        text = raw.get(name, "").strip()
+        return 2 ** 64 - 1 if text == "max" else int(text) if text.isdigit() else 0
+    cpu, mem, events = flat("cpu.stat"), flat("memory.stat"), flat("memory.events")
+    return {
+        "cpu": {"usage": {"total": cpu.get("usage_usec", 0) * 1000,
+                          "kernel": cpu.get("system_usec", 0) * 1000,
+                          "user": cpu.get("user_usec", 0) * 1000},
+                "throttling": {"periods": cpu.get("nr_periods", 0),
+                               "throttled_periods": cpu.get("nr_throttled", 0),
+                               "throttled_time": cpu.get("throttled_usec", 0) * 1000}},
+        "memory": {"cache": mem.get("file", 0),
+                   "usage": {"limit": number("memory.max"), "usage": number("memory.current"),
+                             "max": number("memory.peak"), "failcnt": events.get("max", 0)},
+                   "swap": {"limit": number("memory.swap.max"),
+                            "usage": number("memory.swap.current")},
+                   "raw": mem},
+        "pids": {"current": number("pids.current"),
+                 "limit": 0 if raw.get("pids.max", "").strip() == "max" else number("pids.max")},
+    }
+
+
+def container_stats(state):
+    """The container's figures from its guest cgroup; QEMU's as the host sees them when the
+    agent cannot answer (a paused VM)."""
+    if not state.data.get("paused"):
+        try:
+            return runc_stats(monitor_request(state, {"op": "stats"}, timeout=5)["cgroup"])
+        except (Error, OSError, KeyError):
+            if state.status() == "stopped":
+                raise Error("container not running") from None
+    return vm_stats(state)
+
+
+def _oom_count(state):
+    """How many OOM kills the container's cgroup has had (the monitor records them)."""
+    try:
+        with open(state.path("oom")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
 def cmd_events(args):
-    """events: JSON lines of the VM's CPU and memory figures (--stats: once)."""
+    """events: JSON lines: the container's figures every interval and each OOM kill as it
+    happens (--stats: the figures once)."""
     state = _open_state(args)
     interval = _seconds(args.interval)
+    if args.stats:
+        if state.status() == "stopped":
+            raise Error("container not running")
+        print(json.dumps({"type": "stats", "id": state.id, "data": container_stats(state)}),
+              flush=True)
+        return 0
+    ooms, due = 0, 0.0
     while True:
-        if state.status() in ("stopped",):
-            if args.stats:
-                raise Error("container not running")
+        count = _oom_count(state)
+        if count > ooms:
+            for _ in range(count - ooms):
+                print(json.dumps({"type": "oom", "id": state.id}), flush=True)
+            ooms = count
+        if not state.load(must_exist=False) or state.status() == "stopped":
             return 0
-        print(json.dumps({"type": "stats", "id": state.id, "data": vm_stats(state)}), flush=True)
-        if args.stats:
-            return 0
-        time.sleep(interval)
+        if time.monotonic() >= due:
+            try:
+                print(json.dumps({"type": "stats", "id": state.id,
+                                  "data": container_stats(state)}), flush=True)
+            except Error:
+                return 0
+            due = time.monotonic() + interval
+        time.sleep(min(0.2, interval))
 
 
 def _seconds(text):
@@ -3470,15 +3941,90 @@ def _seconds(text):
         raise Error("invalid interval: %s" % text) from None
 
 
-def cmd_update(args):
-    """update: a VM's resources are fixed at boot; record the request and succeed."""
-    state = _open_state(args)
+# update's flags: option -> (section, field, parse, help), runc's names and meanings
+UPDATE_FLAGS = {
+    "--memory": ("memory", "limit", "bytes", "memory limit (in bytes, or 100m, 1g)"),
+    "--memory-reservation": ("memory", "reservation", "bytes", "memory reservation (soft limit)"),
+    "--memory-swap": ("memory", "swap", "bytes", "memory + swap; -1 for unlimited swap"),
+    "--cpu-period": ("cpu", "period", int, "CPU CFS period (usecs)"),
+    "--cpu-quota": ("cpu", "quota", int, "CPU CFS quota (usecs per period)"),
+    "--cpu-share": ("cpu", "shares", int, "CPU shares (relative weight)"),
+    "--cpu-rt-period": ("cpu", "realtimePeriod", int, "realtime period (not applied in a VM)"),
+    "--cpu-rt-runtime": ("cpu", "realtimeRuntime", int, "realtime runtime (not applied in a VM)"),
+    "--cpuset-cpus": ("cpu", "cpus", str, "host CPUs the VM may run on"),
+    "--cpuset-mems": ("cpu", "mems", str, "host memory nodes the VM may use"),
+    "--pids-limit": ("pids", "limit", int, "maximum number of pids in the container"),
+    "--blkio-weight": ("blockIO", "weight", int, "block I/O weight, 10 to 1000"),
+    "--l3-cache-schema": (None, None, str, "Intel RDT L3 schema (not applied in a VM)"),
+    "--mem-bw-schema": (None, None, str, "Intel RDT MBA schema (not applied in a VM)"),
+}
+
+
+def _ram_bytes(text):
+    """Bytes in a memory value as runc reads it: 1048576, 512k, 100m, 1g; -1 is unlimited."""
+    import re
+    m = re.fullmatch(r"\s*(-?[0-9.]+)\s*([kmgtp]?)i?b?\s*", str(text), re.I)
+    if not m:
+        raise Error("invalid memory value: %s" % text)
+    scale = 1 << (10 * "kmgtp".find(m.group(2).lower()) + 10) if m.group(2) else 1
+    return int(float(m.group(1)) * scale)
+
+
+def update_resources(args):
+    """The resources an update asks for: the JSON of -r (file or -), else the flags."""
     if args.resources:
         raw = read_json(args.resources if args.resources != "-" else "/dev/stdin", "resources")
         if not isinstance(raw, dict):
             raise Error("resources: must be a JSON object")
-        LOG.info("update %s: resources %s not applied (the VM's size is fixed at boot)",
-                 state.id, ", ".join(sorted(raw)) or "none")
+        return parse_resources(raw, "resources")
+    out = {}
+    for opt, (section, field, kind, _) in UPDATE_FLAGS.items():
+        value = getattr(args, opt[2:].replace("-", "_"))
+        if value is None or section is None:
+            continue
+        try:
+            value = _ram_bytes(value) if kind == "bytes" else kind(value)
+        except ValueError:
+            raise Error("invalid value for %s: %s" % (opt, value)) from None
+        out.setdefault(section, {})[field] = value
+    if args.cpu_shares is not None:  # an older spelling
+        out.setdefault("cpu", {})["shares"] = int(args.cpu_shares)
+    return out
+
+
+def merge_resources(old, new):
+    """old with the fields new sets (0 or "" leaves a field as it was, as runc's update does)."""
+    merged = json.loads(json.dumps(old))
+    for section, fields in new.items():
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                if value not in (0, "", None):
+                    merged.setdefault(section, {})[key] = value
+        else:
+            merged[section] = fields
+    return merged
+
+
+def cmd_update(args):
+    """update: change the container's limits in its VM (its cgroup there) and on the host."""
+    state = _open_state(args, lock=True)
+    if state.status() not in ("created", "running"):
+        raise Error("container not running")  # runc's words
+    resources = merge_resources(state.data.get("resources", {}), update_resources(args))
+    vm_memory = state.data["vm"]["memory"]
+    limit = _limit(resources, "memory", "limit")
+    if limit and limit > memory_room(vm_memory):
+        raise Error("memory limit %d MiB does not fit the container's VM: it has %s, room for a "
+                    "limit of %d MiB (a VM's size is set when it is created)"
+                    % (-(-limit >> 20), vm_memory, memory_room(vm_memory) >> 20))
+    monitor_request(state, {"op": "update", "resources": resources})
+    dirs = [(d, v, frozenset(c)) for d, v, c in state.data.get("cgroups", [])]
+    try:
+        update_host_cgroup(dirs, vm_memory, resources)
+    except OSError as e:
+        raise Error("cgroup %s: %s" % (e.filename, e.strerror)) from None
+    state.data["resources"] = resources
+    state.save()
     return 0
 
 
@@ -3682,7 +4228,8 @@ def build_parser():
     p.add_argument("--global-log", help="text log of every event, with the container id")
     p.add_argument("--debug", action="store_true", help="log more detail")
     p.add_argument("-v", "--version", action="store_true", help="print the version")
-    p.add_argument("--systemd-cgroup", action="store_true", help="accepted and ignored")
+    p.add_argument("--systemd-cgroup", action="store_true",
+                   help="cgroupsPath is systemd's slice:prefix:name (mapped to cgroupfs)")
     p.add_argument("--criu", help="accepted and ignored")
     p.add_argument("--rootless", help="accepted and ignored")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -3742,13 +4289,12 @@ def build_parser():
     ev = command("events", cmd_events, "print the VM's resource figures as JSON lines")
     ev.add_argument("--stats", action="store_true", help="print once and exit")
     ev.add_argument("--interval", default="5s", help="time between lines (default 5s)")
-    up = command("update", cmd_update, "update resources (a VM's size is fixed: logged only)")
+    up = command("update", cmd_update, "update resource limits, in the VM and on the host")
     up.add_argument("-r", "--resources", help="resources JSON file, - for stdin")
-    for opt in ("--memory", "--cpu-shares", "--cpu-quota", "--cpu-period", "--cpuset-cpus",
-                "--cpuset-mems", "--kernel-memory", "--memory-swap", "--memory-reservation",
-                "--pids-limit", "--blkio-weight", "--cpu-rt-period", "--cpu-rt-runtime",
-                "--l3-cache-schema", "--mem-bw-schema"):
-        up.add_argument(opt, help="accepted and logged")
+    for opt, (_, _, _, text) in UPDATE_FLAGS.items():
+        up.add_argument(opt, help=text)
+    for opt in ("--cpu-shares", "--kernel-memory", "--kernel-memory-tcp"):
+        up.add_argument(opt, help=argparse.SUPPRESS)
     command("features", cmd_features, "print the supported features as JSON", with_id=False)
     command("version", cmd_version, "print the version", with_id=False)
     command("check", cmd_check, "report whether this host can run containers", with_id=False)

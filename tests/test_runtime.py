@@ -2350,7 +2350,7 @@ def test_cli_update_and_events_without_vm(tmp_path):
     fake_container(root, "gone", pid=dead_pid(), pid_start=1)
     write_json(tmp_path / "res.json", {"memory": {"limit": 1}})
     r = cli(tmp_path, "--root", root, "update", "-r", tmp_path / "res.json", "gone")
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", "container not running\n")  # as runc
     r = cli(tmp_path, "--root", root, "events", "gone")
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
 
