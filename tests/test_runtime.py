@@ -442,6 +442,13 @@ BAD_SPECS = [
     ("annotations", [], "annotations: must be an object"),
     ("annotations", {"a": 1}, "annotations.a: must be a string"),
     ("linux", [], "linux: must be an object"),
+    ("linux", {"resources": []}, "linux.resources: must be an object"),
+    ("linux", {"resources": {"memory": 5}}, "linux.resources.memory: must be an object"),
+    ("linux", {"resources": {"memory": {"limit": "1g"}}},
+     "linux.resources.memory.limit: must be an integer"),
+    ("linux", {"resources": {"cpu": {"cpus": 3}}}, "linux.resources.cpu.cpus: must be a string"),
+    ("linux", {"resources": {"pids": {"limit": True}}}, "linux.resources.pids.limit: must be an integer"),
+    ("linux", {"cgroupsPath": 7}, "linux.cgroupsPath: must be a string"),
     ("linux", {"namespaces": {}}, "linux.namespaces: must be a list"),
     ("linux", {"namespaces": ["pid"]}, "linux.namespaces[0]: must be an object"),
     ("linux", {"namespaces": [{"type": "pid"}, {"type": "bogus"}]},
@@ -2414,3 +2421,247 @@ def test_hypervisor_args_text_falls_back_to_the_builtin(tmp_path):
     custom = tmp_path / "hypervisor.args"
     custom.write_text("-name\n@NAME@\n")
     assert rt.hypervisor_args_text({"hypervisor_args": str(custom)}) == "-name\n@NAME@\n"
+
+
+# -- resources: sizing, host cgroups, guest cgroup limits, update, stats (no VM) ------------
+
+MIB = 1 << 20
+
+
+def test_parse_resources_keeps_the_oci_shape_and_drops_nulls():
+    raw = {"memory": {"limit": 5, "swap": None}, "cpu": {"cpus": "0-1"}, "devices": [{"allow": False}]}
+    assert rt.parse_resources(raw, "r") == {"memory": {"limit": 5}, "cpu": {"cpus": "0-1"},
+                                            "devices": [{"allow": False}]}
+
+
+def test_load_spec_reads_resources_and_cgroups_path(tmp_path):
+    config = good_config()
+    config["linux"]["resources"] = {"memory": {"limit": 64 * MIB}}
+    config["linux"]["cgroupsPath"] = "/x/y"
+    conf = rt.load_spec(str(make_bundle(tmp_path, config)))
+    assert conf["resources"]["memory"] == {"limit": 64 * MIB} and conf["cgroups_path"] == "/x/y"
+
+
+@pytest.mark.parametrize("cpus, count", [("0", 1), ("0-3", 4), ("1,3-5", 4), (" 2 , 7", 2)])
+def test_cpuset_count(cpus, count):
+    assert rt.cpuset_count(cpus) == count
+
+
+@pytest.mark.parametrize("cpus", ["", "a", "3-1", "1-x"])
+def test_cpuset_count_rejects(cpus):
+    with pytest.raises(rt.Error, match="invalid cpuset"):
+        rt.cpuset_count(cpus)
+
+
+def test_size_vm(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    base = {"memory": "256M", "cpus": 1}
+    assert rt.size_vm(dict(base), {}) == base
+    assert rt.size_vm(dict(base), {"memory": {"limit": -1}}) == base
+    assert rt.size_vm(dict(base), {"memory": {"limit": 1024 * MIB}})["memory"] == "1184M"
+    assert rt.size_vm(dict(base), {"memory": {"limit": 96 * MIB}})["memory"] == "256M"
+    assert rt.size_vm(dict(base), {"memory": {"limit": 2048 * MIB}})["memory"] == "2240M"
+    assert rt.size_vm(dict(base), {"cpu": {"quota": 150000, "period": 100000}})["cpus"] == 2
+    assert rt.size_vm(dict(base), {"cpu": {"quota": 50000}})["cpus"] == 1
+    assert rt.size_vm(dict(base), {"cpu": {"cpus": "0-2"}})["cpus"] == 3
+    assert rt.size_vm(dict(base), {"cpu": {"quota": 900000, "period": 100000}})["cpus"] == 4
+
+
+@pytest.mark.parametrize("limit_mib", [1, 96, 100, 256, 1000, 1024, 2048, 4000])
+def test_memory_room_holds_what_size_vm_sized_for(limit_mib):
+    vm = rt.size_vm({"memory": "256M", "cpus": 1}, {"memory": {"limit": limit_mib * MIB}})
+    assert rt.memory_room(vm["memory"]) >= limit_mib * MIB
+    bigger = rt.size_vm({"memory": "256M"}, {"memory": {"limit": rt.memory_room(vm["memory"]) + 64 * MIB}})
+    assert rt._size_bytes(bigger["memory"]) > rt._size_bytes(vm["memory"])
+
+
+MOUNTINFO_V1 = """\
+25 24 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+26 25 0:23 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate
+27 25 0:24 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd
+28 25 0:25 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+29 25 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+30 25 0:27 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset,clone_children
+"""
+MOUNTINFO_V2 = "26 25 0:23 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+
+
+def test_cgroup_hierarchies(tmp_path):
+    (tmp_path / "v1").write_text(MOUNTINFO_V1)
+    (tmp_path / "v2").write_text(MOUNTINFO_V2)
+    assert rt.cgroup_hierarchies(str(tmp_path / "v1")) == [
+        ("/sys/fs/cgroup/systemd", 1, frozenset({"name=systemd"})),
+        ("/sys/fs/cgroup/cpu,cpuacct", 1, frozenset({"cpu", "cpuacct"})),
+        ("/sys/fs/cgroup/memory", 1, frozenset({"memory"})),
+        ("/sys/fs/cgroup/cpuset", 1, frozenset({"cpuset"}))]
+    assert rt.cgroup_hierarchies(str(tmp_path / "v2")) == [("/sys/fs/cgroup", 2, frozenset())]
+
+
+def test_own_cgroup(tmp_path):
+    (tmp_path / "cg").write_text("4:memory:/a/b\n3:cpu,cpuacct:/c\n0::/u\n")
+    assert rt._own_cgroup(1, {"memory"}, str(tmp_path / "cg")) == "/a/b"
+    assert rt._own_cgroup(1, {"cpuacct", "cpu"}, str(tmp_path / "cg")) == "/c"
+    assert rt._own_cgroup(2, set(), str(tmp_path / "cg")) == "/u"
+    assert rt._own_cgroup(1, {"pids"}, str(tmp_path / "cg")) == "/"
+
+
+@pytest.mark.parametrize("path, unit", [
+    ("machine.slice:libpod:abc", "/machine.slice/libpod-abc.scope"),
+    ("system-foo-bar.slice:docker:x", "/system.slice/system-foo.slice/system-foo-bar.slice/docker-x.scope"),
+    ("-.slice:p:n", "/p-n.scope"),
+    (":runc:id1", "/system.slice/runc-id1.scope"),
+    ("user.slice::my.slice", "/user.slice/my.slice"),
+    ("", "/system.slice/runc-cid.scope"),
+])
+def test_systemd_unit_path(path, unit):
+    assert rt._systemd_unit_path(path, "cid") == unit
+
+
+@pytest.mark.parametrize("path, message", [("a:b", "expected"), ("nota:b:c", "is not a slice")])
+def test_systemd_unit_path_rejects(path, message):
+    with pytest.raises(rt.Error, match=message):
+        rt._systemd_unit_path(path, "cid")
+
+
+def test_host_cgroup_dirs(monkeypatch):
+    monkeypatch.setattr(rt, "cgroup_hierarchies", lambda: [("/cg/memory", 1, frozenset({"memory"}))])
+    monkeypatch.setattr(rt, "_own_cgroup", lambda v, c: "/mine")
+    assert rt.host_cgroup_dirs("/docker/x", "x") == [("/cg/memory/docker/x", 1, frozenset({"memory"}))]
+    assert rt.host_cgroup_dirs("rel/x", "x")[0][0] == "/cg/memory/mine/rel/x"
+    assert rt.host_cgroup_dirs("", "cid")[0][0] == "/cg/memory/mine/cid"
+    assert rt.host_cgroup_dirs("machine.slice:libpod:x", "x", True)[0][0] == \
+        "/cg/memory/machine.slice/libpod-x.scope"
+    with pytest.raises(rt.Error, match="must not contain"):
+        rt.host_cgroup_dirs("/a/../../etc", "x")
+
+
+def test_host_cgroup_limits():
+    res = {"memory": {"limit": 100 * MIB}, "cpu": {"quota": 50000, "period": 100000, "shares": 512,
+                                                    "cpus": "1", "mems": "0"}, "blockIO": {"weight": 300}}
+    every = frozenset({"memory", "cpu", "cpuset", "blkio"})
+    assert rt.host_cgroup_limits(1, every, "256M", res) == {
+        "memory.limit_in_bytes": (256 + rt.HOST_OVERHEAD_MIB) * MIB, "cpu.cfs_period_us": 100000,
+        "cpu.cfs_quota_us": 50000, "cpu.shares": 512, "cpuset.cpus": "1", "cpuset.mems": "0",
+        "blkio.weight": 300}
+    assert rt.host_cgroup_limits(1, frozenset({"pids"}), "256M", res) == {}
+    assert rt.host_cgroup_limits(2, frozenset(), "256M", res) == {
+        "memory.max": (256 + rt.HOST_OVERHEAD_MIB) * MIB, "cpu.max": "50000 100000",
+        "cpu.weight": rt.cpu_weight(512), "cpuset.cpus": "1", "cpuset.mems": "0"}
+    assert rt.host_cgroup_limits(2, frozenset(), "256M", {}) == {}  # no memory limit asked: none
+
+
+@pytest.mark.parametrize("shares, weight", [(2, 1), (1024, 39), (262144, 10000), (1, 1)])
+def test_cpu_weight_as_runc(shares, weight):
+    assert rt.cpu_weight(shares) == weight
+
+
+def test_guest_cgroup_limits():
+    assert rt.guest_cgroup_limits({}) == {}
+    assert rt.guest_cgroup_limits({
+        "memory": {"limit": 64 * MIB, "reservation": 32 * MIB, "swap": 128 * MIB},
+        "cpu": {"quota": 50000, "period": 20000, "shares": 1024},
+        "pids": {"limit": 40}, "blockIO": {"weight": 500}}) == {
+        "memory.max": 64 * MIB, "memory.low": 32 * MIB, "memory.swap.max": 64 * MIB,
+        "cpu.max": "50000 20000", "cpu.weight": 39, "pids.max": 40, "io.weight": "default 4950"}
+    assert rt.guest_cgroup_limits({"memory": {"limit": -1, "swap": -1}, "cpu": {"quota": -1},
+                                   "pids": {"limit": -1}}) == {
+        "memory.max": "max", "memory.swap.max": "max", "cpu.max": "max 100000", "pids.max": "max"}
+    assert rt.guest_cgroup_limits({"memory": {"limit": 0}, "cpu": {"shares": 0}}) == {}
+
+
+def test_merge_resources_keeps_what_an_update_leaves_at_zero():
+    old = {"memory": {"limit": 100}, "cpu": {"quota": 5, "period": 10, "cpus": "0"}}
+    new = {"memory": {"limit": 200, "swap": 0}, "cpu": {"quota": 0, "period": 20, "cpus": ""},
+           "pids": {"limit": 7}}
+    assert rt.merge_resources(old, new) == {"memory": {"limit": 200}, "pids": {"limit": 7},
+                                            "cpu": {"quota": 5, "period": 20, "cpus": "0"}}
+    assert old == {"memory": {"limit": 100}, "cpu": {"quota": 5, "period": 10, "cpus": "0"}}
+
+
+@pytest.mark.parametrize("text, value", [("1048576", MIB), ("100m", 100 * MIB), ("1g", 1 << 30),
+                                         ("512k", 512 << 10), ("-1", -1), ("2MB", 2 * MIB),
+                                         ("1.5g", 3 << 29)])
+def test_ram_bytes(text, value):
+    assert rt._ram_bytes(text) == value
+
+
+def test_ram_bytes_rejects():
+    with pytest.raises(rt.Error, match="invalid memory value: lots"):
+        rt._ram_bytes("lots")
+
+
+def test_update_resources_from_flags_and_file(tmp_path):
+    parser = rt.build_parser()
+    args = parser.parse_args(["update", "--memory", "64m", "--cpu-quota", "5000", "--cpu-share", "512",
+                              "--cpuset-cpus", "0", "--pids-limit", "9", "--blkio-weight", "300", "c"])
+    assert rt.update_resources(args) == {"memory": {"limit": 64 * MIB},
+                                         "cpu": {"quota": 5000, "shares": 512, "cpus": "0"},
+                                         "pids": {"limit": 9}, "blockIO": {"weight": 300}}
+    with pytest.raises(rt.Error, match="invalid value for --pids-limit: many"):
+        rt.update_resources(parser.parse_args(["update", "--pids-limit", "many", "c"]))
+    write_json(tmp_path / "r.json", {"memory": {"limit": 5}})
+    args = parser.parse_args(["update", "-r", str(tmp_path / "r.json"), "--memory", "1g", "c"])
+    assert rt.update_resources(args) == {"memory": {"limit": 5}}  # a file wins, as in runc
+
+
+def test_runc_stats_from_guest_cgroup_files():
+    raw = {"memory.current": "1048576\n", "memory.max": "max\n", "memory.peak": "2097152\n",
+           "memory.stat": "anon 100\nfile 200\n", "memory.events": "max 3\noom_kill 1\n",
+           "cpu.stat": "usage_usec 10\nuser_usec 6\nsystem_usec 4\nnr_periods 2\n"
+                       "nr_throttled 1\nthrottled_usec 5\n",
+           "pids.current": "3\n", "pids.max": "max\n"}
+    stats = rt.runc_stats(raw)
+    assert stats["cpu"] == {"usage": {"total": 10000, "kernel": 4000, "user": 6000},
+                            "throttling": {"periods": 2, "throttled_periods": 1, "throttled_time": 5000}}
+    assert stats["memory"]["usage"] == {"limit": 2 ** 64 - 1, "usage": MIB, "max": 2 * MIB, "failcnt": 3}
+    assert stats["memory"]["cache"] == 200 and stats["memory"]["raw"] == {"anon": 100, "file": 200}
+    assert stats["pids"] == {"current": 3, "limit": 0}
+    assert rt.runc_stats({"pids.max": "40\n"})["pids"]["limit"] == 40
+
+
+@pytest.fixture
+def host_cgroup(tmp_path):
+    """A real cgroup path on this host, removed afterwards (as root, cgroupfs)."""
+    path = "/cc-oci-unit/%d" % os.getpid()
+    dirs = rt.host_cgroup_dirs(path, "x")
+    yield dirs
+    for d, _, _ in dirs:
+        for p in (d, os.path.dirname(d)):
+            if os.path.isdir(p):
+                try:
+                    os.rmdir(p)
+                except OSError:
+                    pass
+
+
+def test_host_cgroup_create_join_and_remove(host_cgroup):
+    res = {"memory": {"limit": 64 * MIB}, "cpu": {"quota": 50000, "period": 100000}}
+    made = rt.create_host_cgroup(host_cgroup, "256M", res)
+    assert made == [d for d, _, _ in host_cgroup] and all(os.path.isdir(d) for d in made)
+    mem = next(d for d, v, c in host_cgroup if v == 2 or "memory" in c)
+    name = "memory.limit_in_bytes" if os.path.exists(mem + "/memory.limit_in_bytes") else "memory.max"
+    with open(os.path.join(mem, name)) as f:
+        assert int(f.read()) == (256 + rt.HOST_OVERHEAD_MIB) * MIB
+    child = subprocess.Popen([sys.executable, "-c", "import sys, cc_oci_runtime as rt; "
+                              "rt.join_host_cgroup(sys.argv[1:]); sys.stdin.read()"] + made,
+                             stdin=subprocess.PIPE, cwd=REPO)
+    try:
+        assert poll_until(lambda: str(child.pid) in open(os.path.join(mem, "cgroup.procs")).read())
+        rt.update_host_cgroup(host_cgroup, "512M", res)
+        with open(os.path.join(mem, name)) as f:
+            assert int(f.read()) == (512 + rt.HOST_OVERHEAD_MIB) * MIB
+    finally:
+        child.stdin.close()
+        child.wait()
+    rt.remove_host_cgroup(made)
+    assert not any(os.path.exists(d) for d in made)
+
+
+def poll_until(fn, timeout=10):
+    """fn() until truthy or timeout."""
+    deadline = time.monotonic() + timeout
+    while not fn():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

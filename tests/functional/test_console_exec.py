@@ -292,8 +292,10 @@ def test_exec_env_cwd_user_and_update(runtime):
     assert (r.returncode, r.stdout) == (0, "from-exec /tmp 1000:1001\n"), r.stderr
     r = runtime("exec", cid, "no-such-program", input="")
     assert r.returncode != 0 and "no such file or directory" in r.stderr
-    r = runtime("update", "--resources", "-", cid, input='{"memory": {"limit": 1073741824}}')
+    r = runtime("update", "--resources", "-", cid, input='{"memory": {"limit": 67108864}}')
     assert r.returncode == 0, r.stderr
+    r = runtime("update", "--resources", "-", cid, input='{"memory": {"limit": 1073741824}}')
+    assert r.returncode == 1 and "does not fit the container's VM: it has 256M" in r.stderr
     assert runtime("update", "--resources", "-", cid, input="not json").returncode == 1
     runtime("delete", "--force", cid, check=True)
 

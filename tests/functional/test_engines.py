@@ -406,6 +406,29 @@ def test_podman_engine_files_and_read_only_volume(pm, conf_dir):
                        pinspect(pm, cid, "{{.HostsPath}}"), conf_dir)
 
 
+def _mem_usage_bytes(text):
+    """Bytes in the usage half of an engine's "12.3MiB / 1GiB" (or "12.3MB / 1GB")."""
+    m = re.match(r"\s*([0-9.]+)\s*([KMGT]?)i?B", text)
+    assert m, text
+    return float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2)]
+
+
+def test_podman_memory_limit_stats_and_update(pm):
+    r = pm.run_rt("run", "-d", "-m", "1g", "--cpus", "2", "bb", "sh", "-c",
+                  "echo ready; while :; do sleep 1; done", timeout=TIMEOUT)
+    cid = ok(r).stdout.strip().splitlines()[-1]
+    wait_ready(lambda: pm.run("logs", cid, timeout=60).stdout)
+    r = pm.run("exec", cid, "sh", "-c", "grep MemTotal /proc/meminfo; nproc; cat /sys/fs/cgroup/memory.max; "
+               "dd if=/dev/zero of=/dev/null bs=400M count=1 2>/dev/null && echo held", timeout=TIMEOUT)
+    lines = ok(r).stdout.split("\n")
+    assert int(lines[0].split()[1]) * 1024 >= 1 << 30 and lines[1:4] == ["2", str(1 << 30), "held"], r.stdout
+    usage = ok(pm.run("stats", "--no-stream", "--format", "{{.MemUsage}}", cid, timeout=60)).stdout
+    assert _mem_usage_bytes(usage) > 0, usage
+    ok(pm.run("update", "--memory", "512m", cid, timeout=60))
+    assert ok(pm.run("exec", cid, "cat", "/sys/fs/cgroup/memory.max", timeout=TIMEOUT)).stdout.strip() == \
+        str(512 << 20)
+
+
 def test_podman_stop_honours_sigterm(pm):
     cid = ok(pm.run_rt("run", "-d", "--name", "st", "bb", "sh", "-c", LOOP, timeout=TIMEOUT)).stdout.strip()
     wait_ready(lambda: pm.run("logs", "st", timeout=60).stdout)
@@ -468,7 +491,8 @@ def test_docker_run_i_pipes_stdin(dk):
 
 
 def test_docker_run_t_under_script(dk):
-    argv = dk.cmd("run", "--network", "none", "--rm", "-t", "--name", "tty", "bb", "sh", "-c", "tty; stty size")
+    # docker sizes the terminal only after start (as for exec): the workload waits for the size
+    argv = dk.cmd("run", "--network", "none", "--rm", "-t", "--name", "tty", "bb", "sh", "-c", WAIT_SIZE)
     r = under_script(argv, dk.env)
     check_tty_output(r, "docker run -t")
 
@@ -549,6 +573,19 @@ def test_docker_init_engine_files_and_read_only_volume(dk, conf_dir):
     assert not any("path=/usr/bin," in e for e in qemu_fsdevs(cid)[0])
     check_engine_files(lambda *a: dk.run("exec", cid, *a, timeout=TIMEOUT), cid,
                        dinspect(dk, cid, "{{.HostsPath}}"), conf_dir)
+
+
+def test_docker_memory_limit_stats_and_update(dk):
+    r = drun(dk, "-d", "-m", "256m", "bb", "sh", "-c", "echo ready; while :; do sleep 1; done")
+    cid = ok(r).stdout.strip().splitlines()[-1]
+    wait_ready(lambda: dk.run("logs", cid, timeout=60).stdout)
+    assert ok(dk.run("exec", cid, "cat", "/sys/fs/cgroup/memory.max", timeout=TIMEOUT)).stdout.strip() == \
+        str(256 << 20)
+    usage = ok(dk.run("stats", "--no-stream", "--format", "{{.MemUsage}}", cid, timeout=60)).stdout
+    assert _mem_usage_bytes(usage) > 0, usage
+    ok(dk.run("update", "-m", "128m", cid, timeout=60))
+    assert ok(dk.run("exec", cid, "cat", "/sys/fs/cgroup/memory.max", timeout=TIMEOUT)).stdout.strip() == \
+        str(128 << 20)
 
 
 def test_docker_stop_honours_sigterm(dk):
