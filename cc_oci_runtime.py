@@ -3520,6 +3520,10 @@ def _restore_plan(cid, vm, conf, state, image):
         return None
     if not template:
         return None
+    try:
+        os.utime(template)  # in use: prune_cache spares templates used within the hour
+    except OSError:
+        pass
     shares = template_shares(share_list(conf, state.dir), os.path.join(state.dir, FILES_DIR, "empty"))
     if not shares:
         return None

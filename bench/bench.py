@@ -21,7 +21,7 @@ Everything lives in one temporary directory, removed at the end; containers are 
 with delete --force in finally blocks, and any process still naming the temporary
 directory in its command line is reported and killed.
 
-    bench/bench.py [-n 10] [--json] [--boot-timeout S] [--settle 2] [--keep]
+    bench/bench.py [-n 10] [--json] [--boot-timeout S] [--settle 2] [--keep] [--memory-limit 2g]
 """
 import argparse
 import json
@@ -273,13 +273,20 @@ class Bench:
         subprocess.run([self.python, RUNTIME, "spec", "-b", spec_dir], check=True,
                        stdin=subprocess.DEVNULL)
         base = os.path.join(spec_dir, "config.json")
+        if self.opts.memory_limit:  # linux.resources.memory.limit for every bundle (runc's too)
+            with open(base) as f:
+                spec = json.load(f)
+            spec["linux"].setdefault("resources", {})["memory"] = {
+                "limit": rt._ram_bytes(self.opts.memory_limit)}
+            with open(base, "w") as f:
+                json.dump(spec, f, indent=1)
         # one bundle, shared by the runtime and runc (the runtime's default spec is runc's)
         self.bundle = make_bundle(tmp, "bundle", [PROGRAM], self.rootfs, base)
         self.sleep_bundle = make_bundle(tmp, "bundle-sleep", ["sleep", "1000"], self.rootfs, base)
         self.runc_bundle = self.bundle
         # the VM the runtime would start for this bundle (also builds/validates the cache)
         conf = rt.load_spec(self.bundle)
-        self.vm = rt.resolve_vm(conf)
+        self.vm = rt.size_vm(rt.resolve_vm(conf), conf["resources"])
         self.vm_boot_timeout = float(self.vm["boot_timeout"])
         self.timeout = self.opts.boot_timeout or self.vm_boot_timeout + 30
         image = self.vm.get("image") or rt.guest_image(self.vm)
@@ -501,6 +508,8 @@ def main(argv=None):
     ap.add_argument("--settle", type=float, default=2.0,
                     help="seconds between start and the memory reading (default 2)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    ap.add_argument("--memory-limit", default="",
+                    help="a memory limit for the containers (e.g. 256m, 2g): sizes the VM")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     opts = ap.parse_args(argv)
     if opts.n < 1:
