@@ -2711,6 +2711,8 @@ class Agent:
             except OSError as e:
                 if e.errno != errno.EBUSY:
                     raise
+        with open("/proc/sys/vm/overcommit_memory", "w") as f:
+            f.write("1")  # as on a big host: the cgroup limit, not the VM's size, refuses memory
         os.makedirs(GUEST_RUN, exist_ok=True)  # a mount, so that the container can pivot_root
         mount("tmpfs", GUEST_RUN, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700")
         for name in sorted(os.listdir(GUEST_MODULES_DIR)):

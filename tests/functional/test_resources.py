@@ -65,8 +65,7 @@ def test_memory_limit_sizes_the_vm_and_holds_a_big_workload(runtime):
 
 
 def test_oom_inside_the_guest_is_reported_by_events(runtime):
-    # a hog the guest's memory can hold (a bigger malloc is refused outright) but its limit cannot
-    b = limited(runtime, ["sh", "-c", "sleep 1; dd if=/dev/zero of=/dev/null bs=180M count=1; "
+    b = limited(runtime, ["sh", "-c", "sleep 1; dd if=/dev/zero of=/dev/null bs=400M count=1; "
                           "echo status=$?; sleep 1000"], {"memory": {"limit": 96 * MIB}})
     with open(os.path.join(runtime.tmp, "oom.out"), "w") as out:
         subprocess.run(runtime.argv("create", "-b", b, "oom"), stdout=out, check=True)
