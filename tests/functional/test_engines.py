@@ -583,6 +583,10 @@ def test_docker_memory_limit_stats_and_update(dk):
         str(256 << 20)
     usage = ok(dk.run("stats", "--no-stream", "--format", "{{.MemUsage}}", cid, timeout=60)).stdout
     assert _mem_usage_bytes(usage) > 0, usage
+    metrics = ok(dk.ctr("-n", "moby", "task", "metrics", cid, timeout=60)).stdout
+    row = next(ln.split() for ln in metrics.splitlines() if ln.startswith("memory.usage_in_bytes")
+               or ln.startswith("memory.current"))
+    assert int(row[1]) > 0, metrics
     ok(dk.run("update", "-m", "128m", cid, timeout=60))
     assert ok(dk.run("exec", cid, "cat", "/sys/fs/cgroup/memory.max", timeout=TIMEOUT)).stdout.strip() == \
         str(128 << 20)
