@@ -114,6 +114,7 @@ BASE_KERNEL_PARAMS = ("quiet panic=-1 reboot=k no_timer_check tsc=reliable i8042
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS = 1, 2, 4, 8, 16
 MS_REMOUNT, MS_MANDLOCK, MS_DIRSYNC, MS_NOATIME, MS_NODIRATIME = 32, 64, 128, 1024, 2048
 MS_BIND, MS_REC, MS_PRIVATE, MS_SLAVE, MS_SHARED = 4096, 16384, 1 << 18, 1 << 19, 1 << 20
+MS_MOVE = 8192
 MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
 MOUNT_OPTIONS = {  # option: (flag, set?)
     "ro": (MS_RDONLY, True), "rw": (MS_RDONLY, False),
@@ -2942,8 +2943,11 @@ class Agent:
             _masked_and_readonly(c)
             _set_oom_score(c["process"].get("oomScoreAdj"))
             join_device_cgroup(c.get("cgroup"))
-            _pivot_into_container(None, unshare=False)
-            if c.get("id_mappings"):  # after pivot_root: the mounts it needs are then locked
+            if c.get("id_mappings"):  # (unshare(CLONE_NEWUSER) refuses a chrooted caller)
+                _switch_root()
+            else:
+                _pivot_into_container(None, unshare=False)
+            if c.get("id_mappings"):
                 _check_libc(_libc().unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(CLONE_NEWUSER)")
                 sock.sendall(b"maps")
                 sock.recv(16)
@@ -3417,6 +3421,21 @@ def _pivot_into_container(conf, unshare=True):
     os.chdir("/")
 
 
+def _switch_root():
+    """Make the rootfs the root of the container's mount namespace, as switch_root does: the
+    rootfs moved over the initramfs (which stays beneath, unreachable), the agent's mounts
+    detached; the process is then not chrooted, as a new user namespace requires."""
+    new_root = "/newroot"
+    os.makedirs(new_root, exist_ok=True)
+    mount(GUEST_ROOT, new_root, None, MS_MOVE)
+    for path in (GUEST_RUN, "/proc", "/sys", "/dev"):
+        umount(path)
+    os.chdir(new_root)
+    mount(".", "/", None, MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+
+
 def _join_container_root(pid1, userns=False):
     """Enter the user namespace (when it has one), mount namespace and root of the
     container's process (as nsenter -U -m -r)."""
@@ -3550,7 +3569,7 @@ def run_container_hooks(hooks, name, state):
         os.close(in_r)
         os.close(out_w)
         try:
-            os.write(in_w, json.dumps(state).encode())
+            os.write(in_w, json.dumps(state, separators=(",", ":")).encode())
         except OSError:
             pass
         os.close(in_w)
