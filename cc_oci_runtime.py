@@ -929,11 +929,11 @@ def add_exec_capability(process, name):
     process["capabilities"] = caps
 
 
-def _seccomp_action(name, errno_ret, field):
+def _seccomp_action(name, errno_ret, field, errno_field):
     """The SECCOMP_RET_* value of an OCI action."""
     _need(name in SECCOMP_ACTIONS, field, "unknown or unsupported action %r" % (name,))
     _need(errno_ret is None or (_is_int(errno_ret) and 0 <= errno_ret <= 0xFFFF),
-          field.rsplit(".", 1)[0] + ".errnoRet", "must be an integer between 0 and 65535")
+          errno_field, "must be an integer between 0 and 65535")
     ret = SECCOMP_ACTIONS[name]
     if name in ("SCMP_ACT_ERRNO", "SCMP_ACT_TRACE"):
         ret |= errno.EPERM if errno_ret is None else errno_ret
@@ -958,7 +958,7 @@ def seccomp_rules(profile, field="linux.seccomp"):
     a rule without conditions ends its syscall's list. Unknown syscall names are skipped."""
     _obj(profile, field)
     default = _seccomp_action(profile.get("defaultAction"), profile.get("defaultErrnoRet"),
-                              field + ".defaultAction")
+                              field + ".defaultAction", field + ".defaultErrnoRet")
     for arch in _str_list(profile.get("architectures") or [], field + ".architectures"):
         _need(arch.startswith("SCMP_ARCH_"), field + ".architectures", "unknown %r" % arch)
     flags = 0
@@ -974,7 +974,8 @@ def seccomp_rules(profile, field="linux.seccomp"):
         rf = "%s.syscalls[%d]" % (field, i)
         _obj(rule, rf)
         names = _str_list(rule.get("names"), rf + ".names", non_empty=True)
-        action = _seccomp_action(rule.get("action"), rule.get("errnoRet"), rf + ".action")
+        action = _seccomp_action(rule.get("action"), rule.get("errnoRet"), rf + ".action",
+                                 rf + ".errnoRet")
         args = rule.get("args") or []
         _need(isinstance(args, list), rf + ".args", "must be a list")
         conds = [_seccomp_arg(a, "%s.args[%d]" % (rf, j)) for j, a in enumerate(args)]
