@@ -4330,10 +4330,15 @@ def cmd_features(_args):
     """features: what this runtime supports (runtime-spec features document)."""
     print(json.dumps({
         "ociVersionMin": "1.0.0", "ociVersionMax": OCI_VERSION,
-        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
+        "hooks": ["prestart", "createRuntime", "createContainer", "startContainer", "poststart",
+                  "poststop"],
         "mountOptions": sorted(list(MOUNT_OPTIONS) + list(PROPAGATION_OPTIONS)),
-        "linux": {"namespaces": ["network"], "capabilities": [],
-                  "cgroup": {"v1": False, "v2": False}, "seccomp": {"enabled": False},
+        "linux": {"namespaces": ["network", "user"],
+                  "capabilities": ["CAP_" + c for c in CAPABILITIES],
+                  "cgroup": {"v1": False, "v2": False},
+                  "seccomp": {"enabled": True, "actions": sorted(SECCOMP_ACTIONS),
+                              "operators": list(SECCOMP_OPS),
+                              "archs": ["SCMP_ARCH_X86_64"]},
                   "apparmor": {"enabled": False}, "selinux": {"enabled": False}},
         "annotations": {"io.github.cc-oci-runtime.vm": "qemu"},
     }, indent=2))

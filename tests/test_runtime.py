@@ -2193,7 +2193,9 @@ def test_cli_features(tmp_path):
     assert "prestart" in f["hooks"] and "poststop" in f["hooks"]
     assert f["mountOptions"] == sorted(f["mountOptions"])
     assert {"ro", "rbind", "rprivate", "nosuid"} <= set(f["mountOptions"])
-    assert f["linux"]["namespaces"] == ["network"]
+    assert f["linux"]["namespaces"] == ["network", "user"]
+    assert {"createContainer", "startContainer"} <= set(f["hooks"])
+    assert "CAP_SYS_ADMIN" in f["linux"]["capabilities"] and f["linux"]["seccomp"]["enabled"]
 
 
 @pytest.mark.parametrize("argv", [["version"], ["--version"], ["-v"]])

@@ -314,3 +314,36 @@ def test_terminal_owned_by_the_user(both, runtime, tmp_path):
                         runtime.argv("delete", "--force", "tty-o"), tmp_path)
     assert theirs.startswith("1000:5 620")
     assert ours == theirs
+
+
+def _exec_in(argv_prefix, bundle, cid, process_file):
+    """create + start a sleeping container, exec process_file in it; (status, output)."""
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
+             "stderr": subprocess.DEVNULL, "timeout": 180}
+    try:
+        subprocess.run(argv_prefix + ["create", "--bundle", bundle, cid], check=True, **quiet)
+        subprocess.run(argv_prefix + ["start", cid], check=True, **quiet)
+        r = subprocess.run(argv_prefix + ["exec", "--process", process_file, cid],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        return r.returncode, r.stdout + r.stderr
+    finally:
+        subprocess.run(argv_prefix + ["delete", "--force", cid], capture_output=True, timeout=60)
+
+
+def test_exec_capabilities_and_seccomp(both, runtime, tmp_path):
+    profile = {"defaultAction": "SCMP_ACT_ALLOW",
+               "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]}
+    b = both.bundle(["sleep", "60"], capabilities=caps(*DOCKER_CAPS), linux_seccomp=profile,
+                    oomScoreAdj=17)
+    c = caps("CAP_KILL", "CAP_NET_RAW")
+    c["inheritable"] = c["ambient"] = ["CAP_NET_RAW"]
+    process = {"args": ["sh", "-c", CAPS_SCRIPT + "; mkdir /tmp/e-x; echo mkdir=$?; "
+                        "cat /proc/self/oom_score_adj"],
+               "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 1000, "gid": 1000},
+               "capabilities": c, "noNewPrivileges": True}
+    pfile = tmp_path / "process.json"
+    pfile.write_text(json.dumps(process))
+    theirs = _exec_in([RUNC, "--root", str(tmp_path / "runc-root")], b, "exec-r", str(pfile))
+    ours = _exec_in(runtime.argv(), b, "exec-o", str(pfile))
+    assert theirs[0] == 0 and "mkdir=1" in theirs[1] and "CapAmb:\t0000000000002000" in theirs[1]
+    assert ours == theirs
