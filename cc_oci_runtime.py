@@ -2947,7 +2947,7 @@ class Agent:
             if c.get("id_mappings"):  # (unshare(CLONE_NEWUSER) refuses a chrooted caller)
                 _switch_root()
             else:
-                _pivot_into_container(None, unshare=False)
+                _pivot_into_container()
             if c.get("id_mappings"):
                 _check_libc(_libc().unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(CLONE_NEWUSER)")
                 sock.sendall(b"maps")
@@ -3367,6 +3367,8 @@ def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_
     try:
         conf = init_conf or conf or {}
         if init_conf is None:
+            if p.get("capabilities") is None:  # as runc: the container's, for an exec
+                p = dict(p, capabilities=conf.get("process", {}).get("capabilities"))
             oom = p.get("oomScoreAdj")
             _set_oom_score(conf.get("process", {}).get("oomScoreAdj") if oom is None else oom)
             join_device_cgroup(conf.get("cgroup"))
@@ -3403,15 +3405,9 @@ def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_
         os.write(err_fd, ('exec: "%s": %r' % (p["args"][0], e)).encode())
 
 
-def _pivot_into_container(conf, unshare=True):
-    """A mount namespace of the container's own whose root is the rootfs (pivot_root): the
-    agent's /proc, /sys, /dev and 9p shares are detached from it, out of the workload's reach.
-    (The container's first process has mounted everything before; unshare=False then.)"""
-    if unshare:
-        _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-        mount(None, "/", None, MS_REC | MS_PRIVATE)
-    if conf is not None:
-        _masked_and_readonly(conf)
+def _pivot_into_container():
+    """In the container's mount namespace, make the rootfs its root (pivot_root): the
+    agent's /proc, /sys, /dev and 9p shares are detached from it, out of the workload's reach."""
     for path in ("/proc", "/sys", "/dev"):
         umount(path)
     os.chdir(GUEST_RUN)  # pivot_root cannot leave the initramfs: start from the tmpfs above

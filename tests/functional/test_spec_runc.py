@@ -316,16 +316,20 @@ def test_terminal_owned_by_the_user(both, runtime, tmp_path):
     assert ours == theirs
 
 
-def _exec_in(argv_prefix, bundle, cid, process_file):
-    """create + start a sleeping container, exec process_file in it; (status, output)."""
+def _exec_in(argv_prefix, bundle, cid, *process_files):
+    """create + start a sleeping container, exec each process file in it; [(status, output)]."""
     quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
              "stderr": subprocess.DEVNULL, "timeout": 180}
     try:
         subprocess.run(argv_prefix + ["create", "--bundle", bundle, cid], check=True, **quiet)
         subprocess.run(argv_prefix + ["start", cid], check=True, **quiet)
-        r = subprocess.run(argv_prefix + ["exec", "--process", process_file, cid],
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
-        return r.returncode, r.stdout + r.stderr
+        results = []
+        for process_file in process_files:
+            r = subprocess.run(argv_prefix + ["exec", "--process", process_file, cid],
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               timeout=120)
+            results.append((r.returncode, r.stdout + r.stderr))
+        return results
     finally:
         subprocess.run(argv_prefix + ["delete", "--force", cid], capture_output=True, timeout=60)
 
@@ -341,9 +345,14 @@ def test_exec_capabilities_and_seccomp(both, runtime, tmp_path):
                         "cat /proc/self/oom_score_adj"],
                "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 1000, "gid": 1000},
                "capabilities": c, "noNewPrivileges": True}
-    pfile = tmp_path / "process.json"
+    pfile, plain = tmp_path / "process.json", tmp_path / "plain.json"
     pfile.write_text(json.dumps(process))
-    theirs = _exec_in([RUNC, "--root", str(tmp_path / "runc-root")], b, "exec-r", str(pfile))
-    ours = _exec_in(runtime.argv(), b, "exec-o", str(pfile))
-    assert theirs[0] == 0 and "mkdir=1" in theirs[1] and "CapAmb:\t0000000000002000" in theirs[1]
+    del process["capabilities"]  # then the container's, as runc has it
+    plain.write_text(json.dumps(dict(process, user={"uid": 0, "gid": 0})))
+    theirs = _exec_in([RUNC, "--root", str(tmp_path / "runc-root")], b, "exec-r", str(pfile),
+                      str(plain))
+    ours = _exec_in(runtime.argv(), b, "exec-o", str(pfile), str(plain))
+    assert theirs[0][0] == 0 and "mkdir=1" in theirs[0][1]
+    assert "CapAmb:\t0000000000002000" in theirs[0][1]
+    assert "CapEff:\t00000000a80425fb" in theirs[1][1]
     assert ours == theirs
