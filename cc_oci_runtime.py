@@ -114,6 +114,7 @@ BASE_KERNEL_PARAMS = ("quiet panic=-1 reboot=k no_timer_check tsc=reliable i8042
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS = 1, 2, 4, 8, 16
 MS_REMOUNT, MS_MANDLOCK, MS_DIRSYNC, MS_NOATIME, MS_NODIRATIME = 32, 64, 128, 1024, 2048
 MS_BIND, MS_REC, MS_PRIVATE, MS_SLAVE, MS_SHARED = 4096, 16384, 1 << 18, 1 << 19, 1 << 20
+MS_MOVE = 8192
 MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
 MOUNT_OPTIONS = {  # option: (flag, set?)
     "ro": (MS_RDONLY, True), "rw": (MS_RDONLY, False),
@@ -133,6 +134,7 @@ PROPAGATION_OPTIONS = ("private", "rprivate", "shared", "rshared", "slave", "rsl
                        "unbindable", "runbindable")
 CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWNS = 0x40000000, 0x20000000, 0x00020000
 CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUSER = 0x10000000
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 TIOCGPTN, TIOCSPTLCK = 0x80045430, 0x40045431  # not in the termios module
 
@@ -572,8 +574,12 @@ def parse_process(p, field="process"):
               "must be a non-negative integer")
     nnp = p.get("noNewPrivileges", False)
     _need(isinstance(nnp, bool), field + ".noNewPrivileges", "must be a boolean")
-    for ignored in ("capabilities", "apparmorProfile", "selinuxLabel", "oomScoreAdj",
-                    "scheduler", "ioPriority"):
+    caps = p.get("capabilities")
+    caps = None if caps is None else parse_capabilities(caps, field + ".capabilities")
+    oom = p.get("oomScoreAdj")
+    _need(oom is None or (_is_int(oom) and -1000 <= oom <= 1000), field + ".oomScoreAdj",
+          "must be an integer between -1000 and 1000")
+    for ignored in ("apparmorProfile", "selinuxLabel", "scheduler", "ioPriority"):
         if ignored in p:
             LOG.debug("%s.%s: not applied inside the VM", field, ignored)
     return {"args": list(args), "env": env, "cwd": os.path.normpath(cwd), "terminal": terminal,
@@ -581,7 +587,7 @@ def parse_process(p, field="process"):
             "umask": umask, "rlimits": [{"type": r["type"], "soft": r["soft"], "hard": r["hard"]}
                                         for r in rlimits],
             "consoleSize": {"height": size.get("height", 0), "width": size.get("width", 0)},
-            "noNewPrivileges": nnp}
+            "noNewPrivileges": nnp, "capabilities": caps, "oomScoreAdj": oom}
 
 
 def _spec_process(conf, value):
@@ -621,13 +627,11 @@ def _spec_hostname(conf, value):
 
 
 def _spec_hooks(conf, value):
-    """hooks: host programs run at the lifecycle points (createContainer and startContainer
-    would run inside the container, which is a VM without the host's programs: not run)."""
+    """hooks: host programs run at the lifecycle points; createContainer and startContainer
+    are programs inside the container, run by the agent in the guest."""
     _obj(value, "hooks")
     hooks = {}
     for name, entries in value.items():
-        if name in ("createContainer", "startContainer") and entries:
-            LOG.warning("hooks.%s: not run (they would run inside the VM)", name)
         _need(isinstance(entries, list), "hooks." + name, "must be a list")
         for i, h in enumerate(entries):
             field = "hooks.%s[%d]" % (name, i)
@@ -674,12 +678,19 @@ def _spec_linux(conf, value):
     for k, v in sysctl.items():
         _need(isinstance(v, str), "linux.sysctl." + k, "must be a string")
     conf["sysctl"] = sysctl
-    conf["resources"] = parse_resources(value.get("resources", {}), "linux.resources")
+    resources = value.get("resources")
+    conf["resources"] = parse_resources({} if resources is None else resources, "linux.resources")
     cgroups_path = value.get("cgroupsPath", "")
     _need(isinstance(cgroups_path, str), "linux.cgroupsPath", "must be a string")
     conf["cgroups_path"] = cgroups_path
-    for ignored in ("seccomp", "devices", "uidMappings",
-                    "gidMappings", "rootfsPropagation", "mountLabel"):
+    if value.get("seccomp") is not None:
+        prog, flags = compile_seccomp(value["seccomp"])
+        conf["seccomp"] = {"bpf": prog.hex(), "flags": flags}
+    conf["devices"] = _linux_devices(value.get("devices") or [])
+    conf["device_rules"] = _linux_device_rules(conf["resources"].get("devices"))
+    userns = any(ns["type"] == "user" and not ns.get("path") for ns in namespaces)
+    conf["id_mappings"] = _linux_id_mappings(value) if userns else None
+    for ignored in ("rootfsPropagation", "mountLabel"):
         if ignored in value:
             LOG.debug("linux.%s: handled by the VM boundary, not applied", ignored)
 
@@ -724,6 +735,74 @@ def _limit(resources, section, key):
     return v if _is_int(v) and v > 0 else None
 
 
+def _linux_devices(value):
+    """linux.devices: device nodes to create in the container's /dev."""
+    _need(isinstance(value, list), "linux.devices", "must be a list")
+    devices = []
+    for i, d in enumerate(value):
+        field = "linux.devices[%d]" % i
+        _obj(d, field)
+        path = d.get("path")
+        _need(isinstance(path, str) and path.startswith("/"), field + ".path",
+              "must be an absolute path")
+        _need(d.get("type") in ("c", "b", "u", "p"), field + ".type", "must be c, b, u or p")
+        for key in ("major", "minor", "uid", "gid"):
+            _need(_is_int(d.get(key, 0)) and d.get(key, 0) >= 0, field + "." + key,
+                  "must be a non-negative integer")
+        mode = d.get("fileMode", 0o666)
+        _need(_is_int(mode) and 0 <= mode <= 0o7777, field + ".fileMode",
+              "must be a permission mode")
+        devices.append({"path": os.path.normpath(path), "type": d["type"],
+                        "major": d.get("major", 0), "minor": d.get("minor", 0),
+                        "fileMode": mode, "uid": d.get("uid", 0), "gid": d.get("gid", 0)})
+    return devices
+
+
+def _linux_device_rules(value):
+    """linux.resources.devices: the device cgroup's allow/deny list, as cgroup v1 rule lines
+    ((allow?, "c 1:3 rwm")); None when absent."""
+    if value is None:
+        return None
+    _need(isinstance(value, list), "linux.resources.devices", "must be a list")
+    rules = []
+    for i, r in enumerate(value):
+        field = "linux.resources.devices[%d]" % i
+        _obj(r, field)
+        _need(isinstance(r.get("allow"), bool), field + ".allow", "must be a boolean")
+        kind = r.get("type") or "a"
+        _need(kind in ("a", "c", "b"), field + ".type", "must be a, c or b")
+        access = r.get("access") or "rwm"
+        _need(isinstance(access, str) and set(access) <= set("rwm"), field + ".access",
+              "must be letters of rwm")
+        nums = []
+        for key in ("major", "minor"):
+            v = r.get(key, -1)
+            _need(v is None or _is_int(v) and v >= -1, field + "." + key, "must be an integer")
+            nums.append("*" if v is None or v < 0 else str(v))
+        rules.append((r["allow"], "a" if kind == "a" else "%s %s:%s %s" % (kind, nums[0], nums[1],
+                                                                           access)))
+    return rules
+
+
+def _linux_id_mappings(value):
+    """linux.uidMappings and gidMappings for a new user namespace: /proc/PID/uid_map text."""
+    maps = {}
+    for key in ("uidMappings", "gidMappings"):
+        entries = value.get(key) or []
+        _need(isinstance(entries, list) and entries, "linux." + key,
+              "must be a non-empty list with a user namespace")
+        lines = []
+        for i, m in enumerate(entries):
+            field = "linux.%s[%d]" % (key, i)
+            _obj(m, field)
+            for k in ("containerID", "hostID", "size"):
+                _need(_is_int(m.get(k)) and m[k] >= 0, field + "." + k,
+                      "must be a non-negative integer")
+            lines.append("%d %d %d\n" % (m["containerID"], m["hostID"], m["size"]))
+        maps[key] = "".join(lines)
+    return maps
+
+
 def _spec_vm(conf, value):
     """vm: overrides of vm.json for this container."""
     _obj(value, "vm")
@@ -753,7 +832,8 @@ def load_spec(bundle, need_process=True):
         raise Error("config.json: must be a JSON object")
     conf = {"bundle": bundle, "mounts": [], "hooks": {}, "annotations": {}, "hostname": None,
             "masked": [], "readonly_paths": [], "sysctl": {}, "netns": None, "vm": {},
-            "resources": {}, "cgroups_path": ""}
+            "resources": {}, "cgroups_path": "",
+            "seccomp": None, "devices": [], "device_rules": None, "id_mappings": None}
     for section in ("ociVersion", "root"):
         if section not in raw:
             raise Error("config.json: %s: missing" % section)
@@ -769,6 +849,314 @@ def load_spec(bundle, need_process=True):
         except Error as e:
             raise Error("config.json: %s" % e) from None
     return conf
+
+
+# ===========================================================================
+# Process restrictions: capabilities and the seccomp BPF compiler (host side)
+# ===========================================================================
+# linux.seccomp is compiled on the host, where a malformed profile fails create before
+# anything exists, into a classic BPF program that the agent installs just before exec.
+
+CAPABILITIES = (
+    "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP "
+    "LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER "
+    "SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE "
+    "SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
+    "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF "
+    "CHECKPOINT_RESTORE").split()  # capability number = index
+CAP_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
+# x86_64 syscall numbers (asm/unistd_64.h): (first number, names in order).
+SYSCALLS_X86_64 = ((0, """\
+read write open close stat fstat lstat poll lseek mmap mprotect munmap brk rt_sigaction
+rt_sigprocmask rt_sigreturn ioctl pread64 pwrite64 readv writev access pipe select
+sched_yield mremap msync mincore madvise shmget shmat shmctl dup dup2 pause nanosleep
+getitimer alarm setitimer getpid sendfile socket connect accept sendto recvfrom sendmsg
+recvmsg shutdown bind listen getsockname getpeername socketpair setsockopt getsockopt
+clone fork vfork execve exit wait4 kill uname semget semop semctl shmdt msgget msgsnd
+msgrcv msgctl fcntl flock fsync fdatasync truncate ftruncate getdents getcwd chdir
+fchdir rename mkdir rmdir creat link unlink symlink readlink chmod fchmod chown fchown
+lchown umask gettimeofday getrlimit getrusage sysinfo times ptrace getuid syslog getgid
+setuid setgid geteuid getegid setpgid getppid getpgrp setsid setreuid setregid getgroups
+setgroups setresuid getresuid setresgid getresgid getpgid setfsuid setfsgid getsid
+capget capset rt_sigpending rt_sigtimedwait rt_sigqueueinfo rt_sigsuspend sigaltstack
+utime mknod uselib personality ustat statfs fstatfs sysfs getpriority setpriority
+sched_setparam sched_getparam sched_setscheduler sched_getscheduler
+sched_get_priority_max sched_get_priority_min sched_rr_get_interval mlock munlock
+mlockall munlockall vhangup modify_ldt pivot_root _sysctl prctl arch_prctl adjtimex
+setrlimit chroot sync acct settimeofday mount umount2 swapon swapoff reboot sethostname
+setdomainname iopl ioperm create_module init_module delete_module get_kernel_syms
+query_module quotactl nfsservctl getpmsg putpmsg afs_syscall tuxcall security gettid
+readahead setxattr lsetxattr fsetxattr getxattr lgetxattr fgetxattr listxattr llistxattr
+flistxattr removexattr lremovexattr fremovexattr tkill time futex sched_setaffinity
+sched_getaffinity set_thread_area io_setup io_destroy io_getevents io_submit io_cancel
+get_thread_area lookup_dcookie epoll_create epoll_ctl_old epoll_wait_old
+remap_file_pages getdents64 set_tid_address restart_syscall semtimedop fadvise64
+timer_create timer_settime timer_gettime timer_getoverrun timer_delete clock_settime
+clock_gettime clock_getres clock_nanosleep exit_group epoll_wait epoll_ctl tgkill utimes
+vserver mbind set_mempolicy get_mempolicy mq_open mq_unlink mq_timedsend mq_timedreceive
+mq_notify mq_getsetattr kexec_load waitid add_key request_key keyctl ioprio_set
+ioprio_get inotify_init inotify_add_watch inotify_rm_watch migrate_pages openat mkdirat
+mknodat fchownat futimesat newfstatat unlinkat renameat linkat symlinkat readlinkat
+fchmodat faccessat pselect6 ppoll unshare set_robust_list get_robust_list splice tee
+sync_file_range vmsplice move_pages utimensat epoll_pwait signalfd timerfd_create
+eventfd fallocate timerfd_settime timerfd_gettime accept4 signalfd4 eventfd2
+epoll_create1 dup3 pipe2 inotify_init1 preadv pwritev rt_tgsigqueueinfo perf_event_open
+recvmmsg fanotify_init fanotify_mark prlimit64 name_to_handle_at open_by_handle_at
+clock_adjtime syncfs sendmmsg setns getcpu process_vm_readv process_vm_writev kcmp
+finit_module sched_setattr sched_getattr renameat2 seccomp getrandom memfd_create
+kexec_file_load bpf execveat userfaultfd membarrier mlock2 copy_file_range preadv2
+pwritev2 pkey_mprotect pkey_alloc pkey_free statx io_pgetevents rseq"""),
+                   (424, """\
+pidfd_send_signal io_uring_setup io_uring_enter io_uring_register open_tree move_mount
+fsopen fsconfig fsmount fspick pidfd_open clone3 close_range openat2 pidfd_getfd
+faccessat2 process_madvise epoll_pwait2 mount_setattr quotactl_fd
+landlock_create_ruleset landlock_add_rule landlock_restrict_self memfd_secret
+process_mrelease futex_waitv set_mempolicy_home_node"""))
+AUDIT_ARCH_X86_64, X32_SYSCALL_BIT = 0xC000003E, 0x40000000
+SECCOMP_ACTIONS = {  # OCI action: SECCOMP_RET_* (ERRNO and TRACE carry errnoRet)
+    "SCMP_ACT_KILL": 0x00000000, "SCMP_ACT_KILL_THREAD": 0x00000000,
+    "SCMP_ACT_KILL_PROCESS": 0x80000000, "SCMP_ACT_TRAP": 0x00030000,
+    "SCMP_ACT_ERRNO": 0x00050000, "SCMP_ACT_TRACE": 0x7FF00000,
+    "SCMP_ACT_LOG": 0x7FFC0000, "SCMP_ACT_ALLOW": 0x7FFF0000,
+}
+SECCOMP_FLAGS = {"SECCOMP_FILTER_FLAG_TSYNC": 1, "SECCOMP_FILTER_FLAG_LOG": 2,
+                 "SECCOMP_FILTER_FLAG_SPEC_ALLOW": 4}
+SECCOMP_OPS = ("SCMP_CMP_NE", "SCMP_CMP_LT", "SCMP_CMP_LE", "SCMP_CMP_EQ", "SCMP_CMP_GE",
+               "SCMP_CMP_GT", "SCMP_CMP_MASKED_EQ")
+BPF_MAX_INSNS = 4096
+# Classic BPF opcodes (linux/bpf_common.h).
+BPF_LD_W_ABS, BPF_ALU_AND_K, BPF_JA = 0x20, 0x54, 0x05
+BPF_JEQ, BPF_JGT, BPF_JGE, BPF_RET_K = 0x15, 0x25, 0x35, 0x06
+_SYSCALL_NUMBERS = None
+
+
+def syscall_numbers():
+    """x86_64 syscall name -> number, from SYSCALLS_X86_64."""
+    global _SYSCALL_NUMBERS
+    if _SYSCALL_NUMBERS is None:
+        _SYSCALL_NUMBERS = {}
+        for first, names in SYSCALLS_X86_64:
+            for i, name in enumerate(names.split()):
+                _SYSCALL_NUMBERS[name] = first + i
+    return _SYSCALL_NUMBERS
+
+
+def parse_capabilities(value, field):
+    """process.capabilities: the five sets of CAP_ names (unknown names are skipped with a
+    warning, as runc does)."""
+    _obj(value, field)
+    caps = {}
+    for kind in CAP_SETS:
+        names = _str_list(value.get(kind) or [], "%s.%s" % (field, kind))
+        caps[kind] = sorted({n for n in names if n.startswith("CAP_") and n[4:] in CAPABILITIES},
+                            key=lambda n: CAPABILITIES.index(n[4:]))
+        unknown = [n for n in names if not (n.startswith("CAP_") and n[4:] in CAPABILITIES)]
+        if unknown:
+            LOG.warning("%s.%s: unknown capabilities ignored: %s", field, kind, ", ".join(unknown))
+    return caps
+
+
+def cap_numbers(names):
+    """The capability numbers of CAP_ names."""
+    return [CAPABILITIES.index(n[4:]) for n in names]
+
+
+def add_exec_capability(process, name):
+    """exec --cap NAME: add a capability to the process's sets (runc's rule: ambient too only
+    when the process has inheritable capabilities)."""
+    _need(name.upper().replace("CAP_", "", 1) in CAPABILITIES, "exec --cap",
+          "unknown capability %r" % name)
+    name = "CAP_" + name.upper().replace("CAP_", "", 1)
+    caps = process.get("capabilities") or {k: [] for k in CAP_SETS}
+    kinds = ["bounding", "effective", "permitted"] + (["ambient"] if caps["inheritable"] else [])
+    for kind in kinds:
+        if name not in caps[kind]:
+            caps[kind] = caps[kind] + [name]
+    process["capabilities"] = caps
+
+
+def _seccomp_action(name, errno_ret, field, errno_field):
+    """The SECCOMP_RET_* value of an OCI action."""
+    _need(name in SECCOMP_ACTIONS, field, "unknown or unsupported action %r" % (name,))
+    _need(errno_ret is None or (_is_int(errno_ret) and 0 <= errno_ret <= 0xFFFF),
+          errno_field, "must be an integer between 0 and 65535")
+    ret = SECCOMP_ACTIONS[name]
+    if name in ("SCMP_ACT_ERRNO", "SCMP_ACT_TRACE"):
+        ret |= errno.EPERM if errno_ret is None else errno_ret
+    return ret
+
+
+def _seccomp_arg(arg, field):
+    """One args comparison: (index, op, value, valueTwo)."""
+    _obj(arg, field)
+    index, op = arg.get("index"), arg.get("op")
+    _need(_is_int(index) and 0 <= index <= 5, field + ".index", "must be between 0 and 5")
+    _need(op in SECCOMP_OPS, field + ".op", "unknown operator %r" % (op,))
+    for key in ("value", "valueTwo"):
+        v = arg.get(key, 0)
+        _need(_is_int(v) and 0 <= v < 1 << 64, field + "." + key,
+              "must be an unsigned 64-bit integer")
+    return index, op, arg.get("value", 0), arg.get("valueTwo", 0)
+
+
+def seccomp_rules(profile, field="linux.seccomp"):
+    """Validate linux.seccomp: (default action, {nr: [(conditions, action)]}, flags), where
+    a rule without conditions ends its syscall's list. Unknown syscall names are skipped."""
+    _obj(profile, field)
+    default = _seccomp_action(profile.get("defaultAction"), profile.get("defaultErrnoRet"),
+                              field + ".defaultAction", field + ".defaultErrnoRet")
+    for arch in _str_list(profile.get("architectures") or [], field + ".architectures"):
+        _need(arch.startswith("SCMP_ARCH_"), field + ".architectures", "unknown %r" % arch)
+    flags = 0
+    for flag in _str_list(profile.get("flags") or [], field + ".flags"):
+        _need(flag in SECCOMP_FLAGS, field + ".flags", "unknown flag %r" % flag)
+        flags |= SECCOMP_FLAGS[flag]
+    _need(not profile.get("listenerPath"), field + ".listenerPath",
+          "seccomp notification is not supported")
+    syscalls = profile.get("syscalls") or []
+    _need(isinstance(syscalls, list), field + ".syscalls", "must be a list")
+    numbers, rules = syscall_numbers(), {}
+    for i, rule in enumerate(syscalls):
+        rf = "%s.syscalls[%d]" % (field, i)
+        _obj(rule, rf)
+        names = _str_list(rule.get("names"), rf + ".names", non_empty=True)
+        action = _seccomp_action(rule.get("action"), rule.get("errnoRet"), rf + ".action",
+                                 rf + ".errnoRet")
+        args = rule.get("args") or []
+        _need(isinstance(args, list), rf + ".args", "must be a list")
+        conds = [_seccomp_arg(a, "%s.args[%d]" % (rf, j)) for j, a in enumerate(args)]
+        if action == default:
+            continue  # libseccomp refuses a rule that repeats the default; runc skips it
+        # As runc: comparisons on distinct arguments are ANDed in one rule; several on the
+        # same argument become one rule each (ORed).
+        indexes = [c[0] for c in conds]
+        groups = [[c] for c in conds] if len(set(indexes)) < len(indexes) else [conds]
+        for name in names:
+            if name not in numbers:
+                LOG.debug("%s: unknown syscall %s skipped", rf, name)
+                continue
+            todo = rules.setdefault(numbers[name], [])
+            if todo and not todo[-1][0]:
+                continue  # an unconditional rule already decides this syscall
+            todo.extend((g, action) for g in groups)
+    return default, rules, flags
+
+
+class _Bpf:
+    """A classic BPF program under construction, with labels for long jumps."""
+
+    def __init__(self):
+        self.code, self.labels, self.fixups = [], {}, []
+
+    def op(self, code, k=0, jt=0, jf=0):
+        """Append one instruction."""
+        self.code.append([code, jt, jf, k & 0xFFFFFFFF])
+
+    def label(self, name):
+        """Mark the next instruction as name."""
+        self.labels[name] = len(self.code)
+
+    def goto(self, name):
+        """An unconditional jump to a label (32-bit offset)."""
+        self.fixups.append((len(self.code), name))
+        self.op(BPF_JA)
+
+    def jump_if(self, cond, k, name, true=True):
+        """Jump to name when (A cond k) is true (or false with true=False)."""
+        self.op(cond, k, 0, 1) if true else self.op(cond, k, 1, 0)
+        self.goto(name)
+
+    def ret(self, value):
+        """Return value."""
+        self.op(BPF_RET_K, value)
+
+    def assemble(self):
+        """The program as bytes of struct sock_filter."""
+        for pc, name in self.fixups:
+            self.code[pc][3] = self.labels[name] - pc - 1
+        return b"".join(struct.pack("HBBI", *ins) for ins in self.code)
+
+
+def _bpf_condition(b, cond, fail):
+    """Code that jumps to fail unless one 64-bit argument comparison holds."""
+    index, op, value, two = cond
+    lo_off, hi_off = 16 + 8 * index, 20 + 8 * index
+    vhi, vlo = value >> 32, value & 0xFFFFFFFF
+    ok = "ok%d" % len(b.code)
+    b.op(BPF_LD_W_ABS, hi_off)
+    if op == "SCMP_CMP_MASKED_EQ":
+        b.op(BPF_ALU_AND_K, vhi)
+        b.jump_if(BPF_JEQ, two >> 32, fail, true=False)
+        b.op(BPF_LD_W_ABS, lo_off)
+        b.op(BPF_ALU_AND_K, vlo)
+        b.jump_if(BPF_JEQ, two & 0xFFFFFFFF, fail, true=False)
+        return
+    if op == "SCMP_CMP_EQ":
+        b.jump_if(BPF_JEQ, vhi, fail, true=False)
+    elif op == "SCMP_CMP_NE":
+        b.jump_if(BPF_JEQ, vhi, ok, true=False)
+    elif op in ("SCMP_CMP_GT", "SCMP_CMP_GE"):
+        b.jump_if(BPF_JGT, vhi, ok)
+        b.jump_if(BPF_JEQ, vhi, fail, true=False)
+    else:  # LT, LE
+        b.jump_if(BPF_JGE, vhi, ok, true=False)
+        b.jump_if(BPF_JEQ, vhi, fail, true=False)
+    b.op(BPF_LD_W_ABS, lo_off)
+    low = {"SCMP_CMP_EQ": (BPF_JEQ, False), "SCMP_CMP_NE": (BPF_JEQ, True),
+           "SCMP_CMP_GT": (BPF_JGT, False), "SCMP_CMP_GE": (BPF_JGE, False),
+           "SCMP_CMP_LT": (BPF_JGE, True), "SCMP_CMP_LE": (BPF_JGT, True)}[op]
+    b.jump_if(low[0], vlo, fail, true=low[1])
+    b.label(ok)
+
+
+def _bpf_search(b, numbers, targets):
+    """A binary search over sorted syscall numbers (A holds the number); each found number
+    jumps to its target label, others to "default"."""
+    if len(numbers) <= 8:
+        for nr in numbers:
+            b.jump_if(BPF_JEQ, nr, targets[nr])
+        b.goto("default")
+        return
+    mid = len(numbers) // 2
+    upper = "ge%d_%d" % (numbers[mid], len(b.code))
+    b.jump_if(BPF_JGE, numbers[mid], upper)
+    _bpf_search(b, numbers[:mid], targets)
+    b.label(upper)
+    _bpf_search(b, numbers[mid:], targets)
+
+
+def compile_seccomp(profile, field="linux.seccomp"):
+    """linux.seccomp -> (BPF program bytes, seccomp(2) flags); raises Error when malformed."""
+    default, rules, flags = seccomp_rules(profile, field)
+    b = _Bpf()
+    b.op(BPF_LD_W_ABS, 4)  # seccomp_data.arch
+    b.jump_if(BPF_JEQ, AUDIT_ARCH_X86_64, "badarch", true=False)
+    b.op(BPF_LD_W_ABS, 0)  # seccomp_data.nr
+    b.jump_if(BPF_JGE, X32_SYSCALL_BIT, "badarch")
+    if default not in (SECCOMP_ACTIONS["SCMP_ACT_ALLOW"], SECCOMP_ACTIONS["SCMP_ACT_LOG"]):
+        # As runc: syscalls newer than the table fail with ENOSYS (so libc falls back).
+        b.jump_if(BPF_JGT, max(syscall_numbers().values()), "enosys")
+    targets = {nr: "nr%d" % nr for nr in rules}
+    _bpf_search(b, sorted(rules), targets)
+    for nr in sorted(rules):
+        b.label(targets[nr])
+        for i, (conds, action) in enumerate(rules[nr]):
+            fail = "nr%d_%d" % (nr, i)
+            for cond in conds:
+                _bpf_condition(b, cond, fail)
+            b.ret(action)
+            b.label(fail)
+            if conds and i == len(rules[nr]) - 1:
+                b.ret(default)
+    b.label("default")
+    b.ret(default)
+    b.label("enosys")
+    b.ret(SECCOMP_ACTIONS["SCMP_ACT_ERRNO"] | errno.ENOSYS)
+    b.label("badarch")
+    b.ret(SECCOMP_ACTIONS["SCMP_ACT_KILL_PROCESS"])
+    _need(len(b.code) <= BPF_MAX_INSNS, field, "compiles to %d BPF instructions, more than "
+          "the kernel's %d" % (len(b.code), BPF_MAX_INSNS))
+    return b.assemble(), flags
 
 
 # ===========================================================================
@@ -1994,7 +2382,13 @@ def guest_config(cid, conf):
             "mounts": [m for m in conf["mounts"] if not m.get("skip")],
             "readonly": conf["root"]["readonly"], "masked": conf["masked"],
             "readonly_paths": conf["readonly_paths"], "sysctl": conf["sysctl"],
-            "resources": conf.get("resources", {})}
+            "resources": conf.get("resources", {}),
+            "seccomp": conf.get("seccomp"), "devices": conf.get("devices", []),
+            "device_rules": conf.get("device_rules"), "id_mappings": conf.get("id_mappings"),
+            "hooks": {k: v for k, v in conf.get("hooks", {}).items()
+                      if k in ("createContainer", "startContainer")},
+            "state": {"ociVersion": conf.get("ociVersion", OCI_VERSION), "id": cid,
+                      "bundle": conf.get("bundle"), "annotations": conf.get("annotations", {})}}
 
 
 # ===========================================================================
@@ -2783,6 +3177,88 @@ class Agent:
         _setup_guest_cgroup(c.get("resources", {}))
         os.makedirs(GUEST_ROOT, exist_ok=True)
         mount(ROOTFS_TAG, GUEST_ROOT, "9p", 0, NINEP_OPTIONS)
+        c["cgroup"] = setup_device_cgroup(c["id"], c.get("device_rules"))
+        # The container's first process is created now, PID 1 of a new pid namespace as
+        # runc's init is: it mounts everything in order (proc of its own pid namespace
+        # included), runs the createContainer hooks and waits for start.
+        _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        pid, sock = self._fork_init(c)
+        self.procs[0] = {"pid": pid, "status": None, "process": c["process"], "open": 0,
+                         "init": sock, "started": False}
+        return {"op": "created"}
+
+    def _fork_init(self, c):
+        """Fork the container's first process and wait until it is created (see
+        _container_init); returns its pid and the socket it waits for start on."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            try:
+                self._container_init(c, child)
+            finally:
+                os._exit(127)
+        child.close()
+        try:
+            reply = parent.recv(65536)
+            if reply == b"maps":  # in its user namespace: the maps are written from outside
+                write_id_mappings(pid, c["id_mappings"])
+                parent.sendall(b"ok")
+                reply = parent.recv(65536)
+            if reply != b"created":
+                raise Error(reply.decode(errors="replace") or "the container process died")
+        except BaseException:
+            parent.close()
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+        return pid, parent
+
+    def _container_init(self, c, sock):
+        """In the container's first process: mounts in order, devices, masked and read-only
+        paths, device cgroup, pivot_root, user namespace, createContainer hooks, the check
+        of the process; then wait for start (stdio fds on sock) and exec."""
+        import resource  # noqa: F401 (imported before pivot_root: the rootfs has no Python)
+        import termios  # noqa: F401
+        signal.set_wakeup_fd(-1)  # the agent's wake-up pipe is the agent's
+        try:
+            _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+            mount(None, "/", None, MS_REC | MS_PRIVATE)
+            _enter_container_cgroup(None)  # before the mounts: a cgroup mount shows its own
+            self._mount_all(c)
+            _masked_and_readonly(c)
+            _set_oom_score(c["process"].get("oomScoreAdj"))
+            join_device_cgroup(c.get("cgroup"))
+            if c.get("id_mappings"):  # (unshare(CLONE_NEWUSER) refuses a chrooted caller)
+                _switch_root()
+            else:
+                _pivot_into_container()
+            if c.get("id_mappings"):
+                _check_libc(_libc().unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(CLONE_NEWUSER)")
+                sock.sendall(b"maps")
+                sock.recv(16)
+            state = dict(c.get("state") or {}, status="creating", pid=os.getpid())
+            run_container_hooks(c.get("hooks", {}), "createContainer", state)
+            p = c["process"]
+            try:
+                os.chdir(p["cwd"])
+            except OSError as e:
+                raise Error('chdir to cwd ("%s") set in config.json failed: %s'
+                            % (p["cwd"], e.strerror.lower())) from None
+            exe = resolve_executable(p["args"][0], p["env"], p["cwd"])
+        except (Error, OSError) as e:
+            sock.sendall(str(e).encode())
+            return
+        sock.sendall(b"created")
+        _msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 3)
+        if len(fds) != 3:
+            return  # the container was deleted or killed before start
+        state["status"] = "created"
+        _exec_child(p, exe, fds, sock.fileno(), init_conf=c, hook_state=state)
+
+    def _mount_all(self, c):
+        """The container's mounts under its root in the order given, with runc's /dev
+        (populated, then linux.devices) and /dev/pts when not given."""
         self.dev_ro = 0
         dests = {m["destination"] for m in c["mounts"]}
         if "/dev" not in dests:
@@ -2794,13 +3270,11 @@ class Agent:
             self._mount_one({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
                              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666",
                                          "mode=0620"]})
+        make_devices(GUEST_ROOT, c.get("devices", []))
         if self.dev_ro:  # a read-only /dev becomes so once everything is mounted, as in runc
             mount(None, GUEST_ROOT + "/dev", None, MS_REMOUNT | self.dev_ro)
         if c.get("readonly"):
             mount(None, GUEST_ROOT, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-        self.exe = self._check_process(c["process"])
-        self.procs[0] = {"pid": None, "status": None, "process": c["process"], "open": 0}
-        return {"op": "created"}
 
     def _mount_one(self, m):
         """One OCI mount under the container's root."""
@@ -2816,26 +3290,28 @@ class Agent:
             mount(source, target, None, MS_BIND | (flags & MS_REC))
             if flags & ~(MS_BIND | MS_REC):
                 mount(None, target, None, MS_BIND | MS_REMOUNT | (flags & ~MS_REC))
+            _set_propagation(target, m.get("options", []))
             return
         fstype = m["type"] or m.get("source")
         _make_mountpoint(target, True)
-        if fstype in ("proc", "cgroup", "cgroup2"):
-            return  # mounted at start by the container's PID 1, in its own pid/cgroup namespace
         dev = m["destination"] == "/dev" and fstype == "tmpfs"
         if dev and flags & MS_RDONLY:
             self.dev_ro, flags = flags, flags & ~MS_RDONLY
+        if fstype in ("cgroup", "cgroup2"):  # the guest has cgroup v2 (the container's own)
+            fstype, data = "cgroup2", ""
         mount(m.get("source") or fstype, target, fstype, flags, data)
         if dev:
             _populate_dev(target)
+        _set_propagation(target, m.get("options", []))
 
-    def _check_process(self, process):
+    def _check_process(self, process, root=GUEST_ROOT):
         """Resolve the executable and cwd inside the rootfs (in a chrooted child)."""
         r, w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             os.close(r)
             try:
-                os.chroot(GUEST_ROOT)
+                os.chroot(root)
                 try:
                     os.chdir(process["cwd"])
                 except OSError as e:
@@ -2857,15 +3333,29 @@ class Agent:
     def _op_start(self, msg):
         """Start the container's process."""
         proc = self.procs.get(0)
-        if proc is None or proc["pid"] is not None or proc["status"] is not None:
+        if proc is None or proc["started"] or proc["status"] is not None:
             raise Error("cannot start a container that is not created")
-        # Our next child is PID 1 of a new pid namespace, as runc's container process is.
-        _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        proc["started"] = True
+        sock = proc.pop("init")
         try:
-            self._spawn(0, proc, self.exe)
+            child_fds, outs = self._stdio(proc, "/proc/%d/root" % proc["pid"])
+            try:
+                socket.send_fds(sock, [b"s"], list(child_fds))
+            finally:
+                for fd in set(child_fds):
+                    os.close(fd)
+            failure = b"".join(iter(lambda: sock.recv(65536), b""))  # EOF: exec'd
+            if failure:
+                for fd in set(outs) | {proc["stdin"]}:
+                    os.close(fd)
+                raise Error(failure.decode(errors="replace"))
         except (Error, OSError):
             proc["status"] = 127  # its pid namespace is spent: the container stops, as runc's does
+            _kill_all()
             raise
+        finally:
+            sock.close()
+        self._watch(0, proc, proc["pid"], outs)
         return {"op": "started", "pid": proc["pid"]}
 
     def _op_exec(self, msg):
@@ -2873,7 +3363,7 @@ class Agent:
         if self.procs.get(0, {}).get("status") is not None:
             raise Error("container not running")
         process = msg["process"]
-        exe = self._check_process(process)
+        exe = self._check_process(process, "/proc/%d/root" % self.procs[0]["pid"])
         proc = {"pid": None, "status": None, "process": process, "open": 0}
         self.procs[msg["proc"]] = proc
         try:
@@ -2889,9 +3379,10 @@ class Agent:
         sig = msg["sig"]
         if proc is None or proc["status"] is not None:
             raise Error("container not running")
-        if proc["pid"] is None:  # created, never started
+        if not proc.get("started", True):  # created, never started
             if sig not in HARMLESS_SIGNALS:
                 proc["status"] = 128 + sig
+                os.kill(proc["pid"], signal.SIGKILL)
             return None
         try:
             os.kill(-1 if msg.get("all") else proc["pid"], sig)
@@ -2944,24 +3435,13 @@ class Agent:
     def _spawn(self, num, proc, exe):
         """fork/exec a process with pipes (or a pty) for its stdio."""
         p = proc["process"]
-        if p.get("terminal"):
-            master, slave = _open_container_pty()
-            size = p.get("consoleSize") or {}
-            if size.get("height") and size.get("width"):
-                _set_winsize(master, size["height"], size["width"])
-            child_fds, proc["stdin"], outs = (slave, slave, slave), master, {master: 1}
-            proc["master"] = master
-        else:
-            in_r, in_w = os.pipe2(os.O_CLOEXEC)
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            child_fds, proc["stdin"], outs = (in_r, out_w, err_w), in_w, {out_r: 1, err_r: 2}
+        pid1 = self.procs[0]["pid"]
+        child_fds, outs = self._stdio(proc, "/proc/%d/root" % pid1)
         err_r2, err_w2 = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             try:
-                _exec_child(p, exe, child_fds, err_w2, self.conf if num == 0 else None,
-                            self.procs[0]["pid"])
+                _exec_child(p, exe, child_fds, err_w2, None, pid1, self.conf)
             finally:
                 os._exit(127)
         for fd in set(child_fds) | {err_w2}:
@@ -2973,6 +3453,28 @@ class Agent:
             for fd in set(outs) | {proc["stdin"]}:
                 os.close(fd)
             raise Error(failure)
+        self._watch(num, proc, pid, outs)
+
+    def _stdio(self, proc, root):
+        """A process's stdio: pipes, or a pty from the container's devpts under root; returns
+        the child's three fds and {our fd: 1 or 2} to read its output from."""
+        p = proc["process"]
+        if p.get("terminal"):
+            master, slave = _open_container_pty(root)
+            size = p.get("consoleSize") or {}
+            if size.get("height") and size.get("width"):
+                _set_winsize(master, size["height"], size["width"])
+            child_fds, proc["stdin"], outs = (slave, slave, slave), master, {master: 1}
+            proc["master"] = master
+        else:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            child_fds, proc["stdin"], outs = (in_r, out_w, err_w), in_w, {out_r: 1, err_r: 2}
+        return child_fds, outs
+
+    def _watch(self, num, proc, pid, outs):
+        """Record a started process and poll its output."""
         import select
         proc["pid"], proc["inbuf"], proc["in_eof"] = pid, bytearray(), False
         os.set_blocking(proc["stdin"], False)  # stdin is buffered here, never blocking the agent
@@ -3069,7 +3571,8 @@ class Agent:
                 return
             for num, proc in self.procs.items():
                 if proc["pid"] == pid:
-                    proc["status"] = exit_status(status)
+                    if proc["status"] is None:  # (a container killed before start has one)
+                        proc["status"] = exit_status(status)
                     if num == 0:
                         _kill_all()
 
@@ -3193,12 +3696,13 @@ def _kill_all():
         pass
 
 
-def _open_container_pty():
-    """A pty pair from the container's own devpts (so that `tty` inside names /dev/pts/N)."""
-    master = os.open(GUEST_ROOT + "/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+def _open_container_pty(root):
+    """A pty pair from the container's own devpts (so that `tty` inside names /dev/pts/N);
+    root: the container's root seen from the agent (/proc/PID/root)."""
+    master = os.open(root + "/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
     num = struct.unpack("i", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
-    slave = os.open(GUEST_ROOT + "/dev/pts/%d" % num, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    slave = os.open(root + "/dev/pts/%d" % num, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     return master, slave
 
 
@@ -3235,18 +3739,23 @@ def _populate_dev(dev):
             os.chmod(path, mode)
 
 
-def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None):
+def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_state=None):
     """In the forked child: become the container process and exec it (errors to err_fd).
 
-    The container's own process (init_conf given, PID 1 of its pid namespace) gets a mount
-    namespace of its own, mounts /proc for its pid namespace, applies maskedPaths and
-    readonlyPaths and pivots into the rootfs; another process joins that namespace and root
-    (pid1: the container process's pid here)."""
+    The container's own process (init_conf given) is already in its mount namespace and
+    root (Agent._container_init); another process joins the device cgroup, then the user
+    namespace, mount namespace and root of the container's process (pid1: its pid here).
+    conf: the container's configuration (seccomp), for another process."""
     import resource  # before chroot: the container's root has no Python modules
     import termios
     try:
-        if init_conf is not None or not pid1:
-            _pivot_into_container(init_conf)
+        conf = init_conf or conf or {}
+        if init_conf is None:
+            if p.get("capabilities") is None:  # as runc: the container's, for an exec
+                p = dict(p, capabilities=conf.get("process", {}).get("capabilities"))
+            oom = p.get("oomScoreAdj")
+            _set_oom_score(conf.get("process", {}).get("oomScoreAdj") if oom is None else oom)
+            join_device_cgroup(conf.get("cgroup"))
         os.setsid()
         if p.get("terminal"):
             fcntl.ioctl(fds[0], termios.TIOCSCTTY, 0)
@@ -3254,7 +3763,7 @@ def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None):
             os.dup2(fd, i, inheritable=True)
         if init_conf is None and pid1:
             _enter_container_cgroup(pid1)
-            _join_container_root(pid1)
+            _join_container_root(pid1, bool(conf.get("id_mappings")))
         os.chdir(p["cwd"])
         for sig in range(1, signal.NSIG):
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
@@ -3268,29 +3777,22 @@ def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None):
         env = list(p["env"])
         if not any(e.startswith("HOME=") for e in env):
             env.append("HOME=" + _home_of(p["uid"]))
-        os.setgroups(p.get("additionalGids") or [])
-        os.setgid(p["gid"])
-        os.setuid(p["uid"])
-        os.umask(p["umask"] if p.get("umask") is not None else 0o022)
-        if p.get("noNewPrivileges"):
-            prctl(PR_SET_NO_NEW_PRIVS, 1)
+        finalize_process(p, conf.get("seccomp"))
+        if hook_state is not None:
+            run_container_hooks(conf.get("hooks", {}), "startContainer", hook_state)
         os.execve(exe, p["args"], dict(e.split("=", 1) for e in env))
     except OSError as e:
         msg = 'exec: "%s": %s' % (p["args"][0], e.strerror.lower() if e.strerror else e)
         os.write(err_fd, msg.encode())
+    except Error as e:
+        os.write(err_fd, str(e).encode())
     except Exception as e:  # a bug: still tell the host rather than exit silently
         os.write(err_fd, ('exec: "%s": %r' % (p["args"][0], e)).encode())
 
 
-def _pivot_into_container(conf):
-    """A mount namespace of the container's own whose root is the rootfs (pivot_root): the
-    agent's /proc, /sys, /dev and 9p shares are detached from it, out of the workload's reach.
-    conf (the container's process only) adds its proc mounts and masked/read-only paths."""
-    _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
-    _enter_container_cgroup(None)
-    if conf is not None:
-        _pid1_mounts(conf)
+def _pivot_into_container():
+    """In the container's mount namespace, make the rootfs its root (pivot_root): the
+    agent's /proc, /sys, /dev and 9p shares are detached from it, out of the workload's reach."""
     for path in ("/proc", "/sys", "/dev"):
         umount(path)
     os.chdir(GUEST_RUN)  # pivot_root cannot leave the initramfs: start from the tmpfs above
@@ -3317,8 +3819,30 @@ def _enter_container_cgroup(pid1):
         os.close(ns)
 
 
-def _join_container_root(pid1):
-    """Enter the mount namespace and root of the container's process (as nsenter -m -r)."""
+def _switch_root():
+    """Make the rootfs the root of the container's mount namespace, as switch_root does: the
+    rootfs moved over the initramfs (which stays beneath, unreachable), the agent's mounts
+    detached; the process is then not chrooted, as a new user namespace requires."""
+    new_root = "/newroot"
+    os.makedirs(new_root, exist_ok=True)
+    mount(GUEST_ROOT, new_root, None, MS_MOVE)
+    for path in (GUEST_RUN, "/proc", "/sys", "/dev"):
+        umount(path)
+    os.chdir(new_root)
+    mount(".", "/", None, MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+
+
+def _join_container_root(pid1, userns=False):
+    """Enter the user namespace (when it has one), mount namespace and root of the
+    container's process (as nsenter -U -m -r)."""
+    if userns:
+        user = os.open("/proc/%d/ns/user" % pid1, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _check_libc(_libc().setns(user, CLONE_NEWUSER), "setns(user)")
+        finally:
+            os.close(user)
     root = os.open("/proc/%d/root" % pid1, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     ns = os.open("/proc/%d/ns/mnt" % pid1, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -3330,26 +3854,244 @@ def _join_container_root(pid1):
         os.close(ns)
 
 
-def _pid1_mounts(conf):
-    """proc mounts of the new pid namespace, then maskedPaths and readonlyPaths over them."""
-    for m in conf["mounts"]:
-        if m["type"] == "proc":
-            flags, data = mount_options(m.get("options", []))
-            mount("proc", resolve_in_root(GUEST_ROOT, m["destination"]), "proc", flags, data)
-        elif m["type"] in ("cgroup", "cgroup2"):  # the guest has cgroup v2 only
-            flags, _ = mount_options(m.get("options", []))
-            mount("cgroup2", resolve_in_root(GUEST_ROOT, m["destination"]), "cgroup2", flags)
-    for path in conf.get("masked", []):
-        target = resolve_in_root(GUEST_ROOT, path)
-        if os.path.isdir(target):
-            mount("tmpfs", target, "tmpfs", MS_RDONLY)
-        elif os.path.exists(target):
-            mount("/dev/null", target, None, MS_BIND)
+def _masked_and_readonly(conf):
+    """readonlyPaths then maskedPaths (runc's order), over the container's mounts (proc
+    included); files are masked with the container's own /dev/null."""
     for path in conf.get("readonly_paths", []):
         target = resolve_in_root(GUEST_ROOT, path)
         if os.path.exists(target):
             mount(target, target, None, MS_BIND | MS_REC)
             mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC)
+    null = resolve_in_root(GUEST_ROOT, "/dev/null")
+    for path in conf.get("masked", []):
+        target = resolve_in_root(GUEST_ROOT, path)
+        if os.path.isdir(target):
+            mount("tmpfs", target, "tmpfs", MS_RDONLY)
+        elif os.path.exists(target):
+            mount(null if os.path.exists(null) else "/dev/null", target, None, MS_BIND)
+
+
+# -- process set-up: devices, device cgroup, user namespace, hooks, capabilities, seccomp --
+
+DEVICE_CGROUP = GUEST_RUN + "/devices"  # the cgroup v1 devices hierarchy, the agent's only
+# runc's rules added after linux.resources.devices (libcontainer/specconv AllowedDevices).
+RUNC_ALLOWED_DEVICES = ("c *:* m", "b *:* m", "c 1:3 rwm", "c 1:8 rwm", "c 1:7 rwm", "c 5:0 rwm",
+                        "c 1:5 rwm", "c 1:9 rwm", "c 136:* rwm", "c 5:2 rwm", "c 10:200 rwm")
+MS_UNBINDABLE = 1 << 17
+PROPAGATION_FLAGS = {"private": MS_PRIVATE, "shared": MS_SHARED, "slave": MS_SLAVE,
+                     "unbindable": MS_UNBINDABLE}
+PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_CAP_AMBIENT = 8, 24, 47
+PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 2, 4
+SYS_CAPSET, SYS_SECCOMP = 126, 317
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+SECCOMP_SET_MODE_FILTER = 1
+
+
+def _set_propagation(target, options):
+    """The propagation options of a mount (shared, rslave, ...), applied after it."""
+    for opt in options:
+        if opt in PROPAGATION_OPTIONS:
+            flag = PROPAGATION_FLAGS[opt[1:] if opt.startswith("r") else opt]
+            mount(None, target, None, flag | (MS_REC if opt.startswith("r") else 0))
+
+
+def make_devices(root, devices):
+    """linux.devices: nodes with their type, numbers, mode and owner (an existing one is
+    kept, as runc does)."""
+    import stat
+    kinds = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
+    for d in devices:
+        target = resolve_in_root(root, d["path"])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            os.mknod(target, kinds[d["type"]] | d["fileMode"], os.makedev(d["major"], d["minor"]))
+        except FileExistsError:
+            continue
+        os.chmod(target, d["fileMode"])
+        os.chown(target, d["uid"], d["gid"])
+
+
+def setup_device_cgroup(cid, rules):
+    """linux.resources.devices as a cgroup v1 devices group in the guest (rules in order,
+    then runc's default ones); returns its directory, or None without rules."""
+    if rules is None:
+        return None
+    os.makedirs(DEVICE_CGROUP, exist_ok=True)
+    if not os.path.ismount(DEVICE_CGROUP):
+        mount("cgroup", DEVICE_CGROUP, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC, "devices")
+    path = os.path.join(DEVICE_CGROUP, "container")
+    os.makedirs(path, exist_ok=True)
+    for allow, rule in list(rules) + [(True, r) for r in RUNC_ALLOWED_DEVICES]:
+        try:
+            with open(os.path.join(path, "devices.allow" if allow else "devices.deny"), "w") as f:
+                f.write(rule)
+        except OSError as e:
+            raise Error("linux.resources.devices: %s: %s" % (rule, e.strerror)) from None
+    return path
+
+
+def join_device_cgroup(path):
+    """Move the calling process into the container's device cgroup (if it has one)."""
+    if path:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write("0")
+
+
+def write_id_mappings(pid, maps):
+    """linux.uidMappings/gidMappings of a process's new user namespace."""
+    for key, name in (("uidMappings", "uid_map"), ("gidMappings", "gid_map")):
+        try:
+            with open("/proc/%d/%s" % (pid, name), "w") as f:
+                f.write(maps[key])
+        except OSError as e:
+            raise Error("linux.%s: %s" % (key, e.strerror)) from None
+
+
+def run_container_hooks(hooks, name, state):
+    """Run createContainer/startContainer hooks (programs of the container) with the state
+    on stdin; a failure or a timeout raises."""
+    for hook in hooks.get(name, []):
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for i, fd in enumerate((in_r, out_w, out_w)):
+                    os.dup2(fd, i)
+                os.execve(hook["path"], hook.get("args") or [hook["path"]],
+                          dict(e.split("=", 1) for e in hook.get("env", [])))
+            except OSError as e:
+                os.write(2, ("exec %s: %s" % (hook["path"], e.strerror)).encode())
+            finally:
+                os._exit(127)
+        os.close(in_r)
+        os.close(out_w)
+        try:
+            os.write(in_w, json.dumps(state, separators=(",", ":")).encode())
+        except OSError:
+            pass
+        os.close(in_w)
+        output, status = _wait_hook(pid, out_r, hook.get("timeout"))
+        if status is None:
+            raise Error("%s hook %s timed out after %ss" % (name, hook["path"], hook["timeout"]))
+        if status != 0:
+            raise Error("%s hook %s failed: exit status %d: %s" % (
+                name, hook["path"], status, output.decode(errors="replace").strip()))
+
+
+def _wait_hook(pid, out_fd, timeout):
+    """(output, exit status) of a hook; status None (and the hook killed) after timeout."""
+    deadline = time.monotonic() + timeout if timeout else None
+    output = bytearray()
+    os.set_blocking(out_fd, False)
+    while True:
+        try:
+            output += os.read(out_fd, 4096)[:4096 - len(output)]
+        except BlockingIOError:
+            pass
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            os.close(out_fd)
+            return bytes(output), exit_status(status)
+        if deadline and time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(out_fd)
+            return bytes(output), None
+        time.sleep(0.005)
+
+
+def _set_oom_score(value):
+    """process.oomScoreAdj of the calling process."""
+    if value is not None:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+
+
+def _prctl(option, *args):
+    """prctl(2) with up to four unsigned long arguments."""
+    import ctypes
+    args = [ctypes.c_ulong(a) for a in args] + [ctypes.c_ulong(0)] * (4 - len(args))
+    return _check_libc(_libc().prctl(option, *args), "prctl(%d)" % option)
+
+
+def _cap_mask(names):
+    """A 64-bit capability mask from CAP_ names."""
+    return sum(1 << n for n in cap_numbers(names))
+
+
+def _capset(effective, permitted, inheritable):
+    """capset(2) of the calling thread (version 3: two 32-bit halves per set)."""
+    import ctypes
+    header = ctypes.create_string_buffer(struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0))
+    data = ctypes.create_string_buffer(b"".join(
+        struct.pack("III", e >> shift & 0xFFFFFFFF, p >> shift & 0xFFFFFFFF, i >> shift & 0xFFFFFFFF)
+        for e, p, i, shift in ((effective, permitted, inheritable, 0),
+                               (effective, permitted, inheritable, 32))))
+    _check_libc(_libc().syscall(SYS_CAPSET, header, data), "capset")
+
+
+def _fix_stdio_owner(uid):
+    """runc's fixStdioPermissions: stdio (a pty, pipes) owned by the process's user, group
+    kept, unless it is /dev/null."""
+    try:
+        null = os.stat("/dev/null").st_rdev
+    except OSError:
+        null = None
+    for fd in (0, 1, 2):
+        st = os.fstat(fd)
+        if st.st_uid == uid or (null is not None and st.st_rdev == null):
+            continue
+        try:
+            os.fchown(fd, uid, st.st_gid)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EPERM, errno.EROFS):
+                raise
+
+
+def install_seccomp(seccomp):
+    """Install a compiled linux.seccomp filter (compile_seccomp) on the calling process."""
+    import ctypes
+    prog = bytes.fromhex(seccomp["bpf"])
+    code = ctypes.create_string_buffer(prog, len(prog))
+    fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(prog) // 8,
+                                                    ctypes.addressof(code)))
+    _check_libc(_libc().syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER,
+                                ctypes.c_ulong(seccomp.get("flags", 0)), fprog), "seccomp")
+
+
+def finalize_process(p, seccomp=None):
+    """User, groups, capabilities (all five sets), umask, noNewPrivileges and seccomp, in
+    runc's order (finalizeNamespace): bounding set, keep caps across setuid, the user,
+    capset, ambient; seccomp before the drop without noNewPrivileges, last with it."""
+    caps = p.get("capabilities") or {k: [] for k in CAP_SETS}
+    nnp = p.get("noNewPrivileges")
+    if nnp:
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if seccomp and not nnp:
+        install_seccomp(seccomp)
+    bounding = set(cap_numbers(caps["bounding"]))
+    for cap in range(64):
+        if cap not in bounding:
+            try:
+                _prctl(PR_CAPBSET_DROP, cap)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # beyond the kernel's last capability
+                    raise
+    _prctl(PR_SET_KEEPCAPS, 1)
+    _fix_stdio_owner(p["uid"])
+    os.setgroups(p.get("additionalGids") or [])
+    os.setgid(p["gid"])
+    os.setuid(p["uid"])
+    _prctl(PR_SET_KEEPCAPS, 0)
+    _capset(_cap_mask(caps["effective"]), _cap_mask(caps["permitted"]),
+            _cap_mask(caps["inheritable"]))
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    for cap in cap_numbers(caps["ambient"]):
+        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
+    os.umask(p["umask"] if p.get("umask") is not None else 0o022)
+    if seccomp and nnp:
+        install_seccomp(seccomp)
 
 
 def _home_of(uid, passwd="/etc/passwd"):
@@ -3728,6 +4470,8 @@ def exec_process(args, state):
         process = parse_process(raw, "process")
     if args.tty:
         process["terminal"] = True
+    for cap in getattr(args, "cap", None) or []:
+        add_exec_capability(process, cap)
     return process
 
 
@@ -4133,10 +4877,15 @@ def cmd_features(_args):
     """features: what this runtime supports (runtime-spec features document)."""
     print(json.dumps({
         "ociVersionMin": "1.0.0", "ociVersionMax": OCI_VERSION,
-        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
+        "hooks": ["prestart", "createRuntime", "createContainer", "startContainer", "poststart",
+                  "poststop"],
         "mountOptions": sorted(list(MOUNT_OPTIONS) + list(PROPAGATION_OPTIONS)),
-        "linux": {"namespaces": ["network"], "capabilities": [],
-                  "cgroup": {"v1": False, "v2": False}, "seccomp": {"enabled": False},
+        "linux": {"namespaces": ["network", "user"],
+                  "capabilities": ["CAP_" + c for c in CAPABILITIES],
+                  "cgroup": {"v1": False, "v2": False},
+                  "seccomp": {"enabled": True, "actions": sorted(SECCOMP_ACTIONS),
+                              "operators": list(SECCOMP_OPS),
+                              "archs": ["SCMP_ARCH_X86_64"]},
                   "apparmor": {"enabled": False}, "selinux": {"enabled": False}},
         "annotations": {"io.github.cc-oci-runtime.vm": "qemu"},
     }, indent=2))

@@ -12,6 +12,7 @@ vm.json, state, cpio, logging, signals, accelerator, other helpers, CLI commands
 """
 
 import datetime
+import errno
 import fcntl
 import gzip
 import json
@@ -585,7 +586,8 @@ def test_parse_process_exec_style():
                           "terminal": True, "user": {"uid": 5}}, field="process.json")
     assert p == {"args": ["ls", "-l"], "env": ["K=V"], "cwd": "/a/c", "terminal": True,
                  "uid": 5, "gid": 0, "additionalGids": [], "umask": None, "rlimits": [],
-                 "consoleSize": {"height": 0, "width": 0}, "noNewPrivileges": False}
+                 "consoleSize": {"height": 0, "width": 0}, "noNewPrivileges": False,
+                 "capabilities": None, "oomScoreAdj": None}
 
 
 @pytest.mark.parametrize("process, message", [
@@ -2198,7 +2200,9 @@ def test_cli_features(tmp_path):
     assert "prestart" in f["hooks"] and "poststop" in f["hooks"]
     assert f["mountOptions"] == sorted(f["mountOptions"])
     assert {"ro", "rbind", "rprivate", "nosuid"} <= set(f["mountOptions"])
-    assert f["linux"]["namespaces"] == ["network"]
+    assert f["linux"]["namespaces"] == ["network", "user"]
+    assert {"createContainer", "startContainer"} <= set(f["hooks"])
+    assert "CAP_SYS_ADMIN" in f["linux"]["capabilities"] and f["linux"]["seccomp"]["enabled"]
 
 
 @pytest.mark.parametrize("argv", [["version"], ["--version"], ["-v"]])
@@ -2665,3 +2669,344 @@ def poll_until(fn, timeout=10):
             return False
         time.sleep(0.05)
     return True
+
+
+# ---------------------------------------------------------------------------
+# Process restrictions: capabilities, seccomp BPF compiler, devices, id maps (issue 9)
+# ---------------------------------------------------------------------------
+
+FIXTURES = "/work/shared/fixtures/engine-configs"
+EPERM_RET = 0x00050000 | 1
+
+
+def test_capability_numbers_match_the_kernel():
+    assert rt.cap_numbers(["CAP_CHOWN", "CAP_SYS_ADMIN", "CAP_CHECKPOINT_RESTORE"]) == [0, 21, 40]
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        assert len(rt.CAPABILITIES) - 1 <= int(f.read())
+
+
+def test_parse_capabilities_skips_unknown_names():
+    caps = rt.parse_capabilities({"bounding": ["CAP_KILL", "CAP_CHOWN", "CAP_NOPE"],
+                                  "ambient": ["CAP_KILL"]}, "process.capabilities")
+    assert caps == {"bounding": ["CAP_CHOWN", "CAP_KILL"], "effective": [], "inheritable": [],
+                    "permitted": [], "ambient": ["CAP_KILL"]}
+    with pytest.raises(rt.Error, match=r"^process.capabilities.effective: must be a list"):
+        rt.parse_capabilities({"effective": "CAP_KILL"}, "process.capabilities")
+
+
+def test_parse_process_capabilities_and_oom_score():
+    p = rt.parse_process({"args": ["a"], "oomScoreAdj": -5,
+                          "capabilities": {"effective": ["CAP_KILL"]}})
+    assert p["oomScoreAdj"] == -5 and p["capabilities"]["effective"] == ["CAP_KILL"]
+    assert rt.parse_process(dict(p, user={}))["capabilities"] == p["capabilities"]  # re-parse
+    with pytest.raises(rt.Error, match="^process.oomScoreAdj: must be an integer between"):
+        rt.parse_process({"args": ["a"], "oomScoreAdj": 1001})
+
+
+def test_exec_cap_adds_like_runc():
+    p = {"capabilities": {k: [] for k in rt.CAP_SETS}}
+    rt.add_exec_capability(p, "net_admin")
+    assert p["capabilities"]["effective"] == ["CAP_NET_ADMIN"]
+    assert p["capabilities"]["ambient"] == [] and p["capabilities"]["inheritable"] == []
+    p["capabilities"]["inheritable"] = ["CAP_KILL"]
+    rt.add_exec_capability(p, "CAP_SYS_TIME")
+    assert p["capabilities"]["ambient"] == ["CAP_SYS_TIME"]
+    with pytest.raises(rt.Error, match="^exec --cap: unknown capability"):
+        rt.add_exec_capability(p, "CAP_NOPE")
+
+
+def test_syscall_table_matches_the_headers():
+    import re
+    table = rt.syscall_numbers()
+    with open("/usr/include/x86_64-linux-gnu/asm/unistd_64.h") as f:
+        for m in re.finditer(r"#define __NR_(\w+) (\d+)", f.read()):
+            assert table.get(m.group(1)) == int(m.group(2)), m.group(1)
+
+
+def _decode(prog):
+    """struct sock_filter tuples of a compiled program."""
+    return [struct.unpack("HBBI", prog[i:i + 8]) for i in range(0, len(prog), 8)]
+
+
+def _run_bpf(prog, nr, args=(), arch=rt.AUDIT_ARCH_X86_64):
+    """A classic-BPF interpreter over struct seccomp_data: the value the filter returns."""
+    data = struct.pack("iIQ6Q", nr, arch, 0, *(list(args) + [0] * (6 - len(args))))
+    a, pc, code = 0, 0, _decode(prog)
+    while True:
+        op, jt, jf, k = code[pc]
+        pc += 1
+        if op == rt.BPF_LD_W_ABS:
+            a = struct.unpack_from("I", data, k)[0]
+        elif op == rt.BPF_ALU_AND_K:
+            a &= k
+        elif op == rt.BPF_JA:
+            pc += k
+        elif op in (rt.BPF_JEQ, rt.BPF_JGT, rt.BPF_JGE):
+            hit = {rt.BPF_JEQ: a == k, rt.BPF_JGT: a > k, rt.BPF_JGE: a >= k}[op]
+            pc += jt if hit else jf
+        elif op == rt.BPF_RET_K:
+            return k
+        else:
+            raise AssertionError("unknown opcode %#x" % op)
+
+
+def _profile(*rules, default="SCMP_ACT_ALLOW", **extra):
+    return dict({"defaultAction": default, "syscalls": list(rules)}, **extra)
+
+
+NR = rt.syscall_numbers()
+
+
+@pytest.mark.parametrize("action, errno_ret, expected", [
+    ("SCMP_ACT_ERRNO", None, 0x00050001), ("SCMP_ACT_ERRNO", 38, 0x00050026),
+    ("SCMP_ACT_KILL", None, 0), ("SCMP_ACT_KILL_THREAD", None, 0),
+    ("SCMP_ACT_KILL_PROCESS", None, 0x80000000), ("SCMP_ACT_TRAP", None, 0x00030000),
+    ("SCMP_ACT_TRACE", 7, 0x7FF00007), ("SCMP_ACT_LOG", None, 0x7FFC0000),
+])
+def test_seccomp_each_action(action, errno_ret, expected):
+    rule = {"names": ["mkdir"], "action": action}
+    if errno_ret is not None:
+        rule["errnoRet"] = errno_ret
+    prog, _ = rt.compile_seccomp(_profile(rule))
+    assert _run_bpf(prog, NR["mkdir"]) == expected
+    assert _run_bpf(prog, NR["read"]) == 0x7FFF0000
+
+
+@pytest.mark.parametrize("op, value, two, passes, fails", [
+    ("SCMP_CMP_EQ", 5, 0, [5], [4, 6, 5 | 1 << 32]),
+    ("SCMP_CMP_NE", 5, 0, [4, 5 | 1 << 32], [5]),
+    ("SCMP_CMP_GT", 1 << 32, 0, [(1 << 32) + 1, 1 << 40], [1 << 32, 7]),
+    ("SCMP_CMP_GE", 1 << 32, 0, [1 << 32, 1 << 33], [(1 << 32) - 1]),
+    ("SCMP_CMP_LT", (1 << 32) + 3, 0, [3, 1 << 32, (1 << 32) + 2], [(1 << 32) + 3, 1 << 33]),
+    ("SCMP_CMP_LE", 7, 0, [0, 7], [8, 1 << 32]),
+    ("SCMP_CMP_MASKED_EQ", 0xFF00000000F0, 0x0100000000A0, [0x0100000000A5, 0x0100000100AF],
+     [0x0100000000B0, 0x0200000000A0]),
+])
+def test_seccomp_argument_comparisons(op, value, two, passes, fails):
+    rule = {"names": ["ioctl"], "action": "SCMP_ACT_ERRNO", "args": [
+        {"index": 1, "value": value, "valueTwo": two, "op": op}]}
+    prog, _ = rt.compile_seccomp(_profile(rule))
+    for arg in passes:
+        assert _run_bpf(prog, NR["ioctl"], (0, arg)) == EPERM_RET, hex(arg)
+    for arg in fails:
+        assert _run_bpf(prog, NR["ioctl"], (0, arg)) == 0x7FFF0000, hex(arg)
+
+
+def test_seccomp_conditions_and_or_like_runc():
+    both = {"names": ["ioctl"], "action": "SCMP_ACT_ERRNO", "args": [
+        {"index": 0, "value": 1, "op": "SCMP_CMP_EQ"}, {"index": 1, "value": 2, "op": "SCMP_CMP_EQ"}]}
+    prog, _ = rt.compile_seccomp(_profile(both))
+    assert _run_bpf(prog, NR["ioctl"], (1, 2)) == EPERM_RET
+    assert _run_bpf(prog, NR["ioctl"], (1, 3)) == 0x7FFF0000
+    same_arg = {"names": ["ioctl"], "action": "SCMP_ACT_ERRNO", "args": [
+        {"index": 0, "value": 1, "op": "SCMP_CMP_EQ"}, {"index": 0, "value": 2, "op": "SCMP_CMP_EQ"}]}
+    prog, _ = rt.compile_seccomp(_profile(same_arg))
+    assert _run_bpf(prog, NR["ioctl"], (2,)) == EPERM_RET  # one rule per condition: ORed
+    assert _run_bpf(prog, NR["ioctl"], (3,)) == 0x7FFF0000
+
+
+def test_seccomp_arch_x32_unknown_and_new_syscalls():
+    prog, flags = rt.compile_seccomp(_profile(
+        {"names": ["read", "no_such_call"], "action": "SCMP_ACT_ALLOW"},
+        default="SCMP_ACT_ERRNO", flags=["SECCOMP_FILTER_FLAG_LOG"]))
+    assert flags == 2
+    assert _run_bpf(prog, NR["read"]) == 0x7FFF0000
+    assert _run_bpf(prog, NR["write"]) == EPERM_RET
+    assert _run_bpf(prog, NR["read"], arch=0x40000003) == 0x80000000  # i386: bad arch
+    assert _run_bpf(prog, NR["read"] | rt.X32_SYSCALL_BIT) == 0x80000000
+    assert _run_bpf(prog, 1000) == 0x00050000 | errno.ENOSYS  # newer than the table
+
+
+@pytest.mark.parametrize("fixture", ["docker-bridge-config.json", "podman-config.json"])
+def test_seccomp_engine_profiles_compile_small(fixture):
+    with open(os.path.join(FIXTURES, fixture)) as f:
+        profile = json.load(f)["linux"]["seccomp"]
+    prog, _ = rt.compile_seccomp(profile)
+    assert len(prog) // 8 < rt.BPF_MAX_INSNS
+    assert _run_bpf(prog, NR["write"]) == 0x7FFF0000
+    assert _run_bpf(prog, NR["kexec_load"]) & 0xFFFF0000 == 0x00050000
+    if "docker" in fixture:
+        assert _run_bpf(prog, NR["clone3"]) == 0x00050000 | errno.ENOSYS
+        assert _run_bpf(prog, NR["personality"], (8,)) == 0x7FFF0000
+        assert _run_bpf(prog, NR["personality"], (9,)) & 0xFFFF0000 == 0x00050000
+
+
+def test_seccomp_every_syscall_fits():
+    names = list(rt.syscall_numbers())
+    rules = [{"names": [n], "action": "SCMP_ACT_ERRNO", "errnoRet": i % 100,
+              "args": [{"index": 0, "value": i, "op": "SCMP_CMP_NE"}]} for i, n in enumerate(names)]
+    prog, _ = rt.compile_seccomp(_profile(*rules))
+    for i, n in enumerate(names):
+        assert _run_bpf(prog, NR[n], (i + 1,)) == 0x00050000 | i % 100
+        assert _run_bpf(prog, NR[n], (i,)) == 0x7FFF0000
+
+
+@pytest.mark.parametrize("profile, message", [
+    ({"defaultAction": "SCMP_ACT_NOPE"}, r"linux.seccomp.defaultAction: unknown or unsupported"),
+    ({"defaultAction": "SCMP_ACT_NOTIFY"}, r"linux.seccomp.defaultAction: unknown or unsupp"),
+    ({"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": -1}, r"linux.seccomp.defaultErrnoRet"),
+    ({"defaultAction": "SCMP_ACT_ALLOW", "flags": ["NOPE"]}, r"linux.seccomp.flags: unknown"),
+    (_profile({"names": [], "action": "SCMP_ACT_KILL"}), r"syscalls\[0\].names: must be a non-empty"),
+    (_profile({"names": ["read"], "action": "SCMP_ACT_KILL", "args": [{"index": 6, "op": "SCMP_CMP_EQ"}]}),
+     r"syscalls\[0\].args\[0\].index: must be between 0 and 5"),
+    (_profile({"names": ["read"], "action": "SCMP_ACT_KILL", "args": [{"index": 0, "op": "EQ"}]}),
+     r"syscalls\[0\].args\[0\].op: unknown operator"),
+    (_profile({"names": ["read"], "action": "SCMP_ACT_KILL",
+               "args": [{"index": 0, "op": "SCMP_CMP_EQ", "value": -1}]}),
+     r"args\[0\].value: must be an unsigned 64-bit integer"),
+])
+def test_seccomp_malformed_profiles(profile, message):
+    with pytest.raises(rt.Error, match=message):
+        rt.compile_seccomp(profile)
+
+
+def test_malformed_seccomp_fails_load_spec(tmp_path):
+    conf = good_config()
+    conf.setdefault("linux", {})["seccomp"] = {"defaultAction": "SCMP_ACT_BOGUS"}
+    bundle = make_bundle(tmp_path, conf)
+    with pytest.raises(rt.Error, match="^config.json: linux.seccomp.defaultAction: unknown"):
+        rt.load_spec(str(bundle))
+
+
+def _in_child(fn):
+    """Run fn in a forked child; (its result text, wait status)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            res = fn()
+        except OSError as e:
+            res = "errno %d" % e.errno
+        except BaseException as e:  # noqa: B902
+            res = repr(e)
+        os.write(w, str(res).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    return out, os.waitpid(pid, 0)[1]
+
+
+def _with_filter(profile, fn):
+    """fn's result under the compiled profile, installed for real in a child."""
+    prog, flags = rt.compile_seccomp(profile)
+
+    def child():
+        rt.prctl(rt.PR_SET_NO_NEW_PRIVS, 1)
+        rt.install_seccomp({"bpf": prog.hex(), "flags": flags})
+        return fn()
+    return _in_child(child)
+
+
+def test_seccomp_filter_really_denies_on_the_host(tmp_path):
+    profile = _profile({"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 71},
+                       {"names": ["getppid"], "action": "SCMP_ACT_KILL_PROCESS"},
+                       {"names": ["fchmodat", "chmod"], "action": "SCMP_ACT_ERRNO",
+                        "args": [{"index": 1, "value": 0o700, "op": "SCMP_CMP_EQ"}]})
+    assert _with_filter(profile, lambda: os.mkdir(str(tmp_path / "d"))) == ("errno 71", 0)
+    f = tmp_path / "f"
+    f.write_text("")
+    assert _with_filter(profile, lambda: rt._libc().syscall(NR["chmod"], str(f).encode(), 0o755)) \
+        == ("0", 0)
+    out, status = _with_filter(profile, lambda: rt._libc().syscall(NR["chmod"], str(f).encode(),
+                                                                   0o700))
+    assert out == "-1" and status == 0
+    assert _with_filter(profile, os.getppid)[1] == signal.SIGSYS  # killed
+    with open(os.path.join(FIXTURES, "docker-bridge-config.json")) as fh:
+        docker = json.load(fh)["linux"]["seccomp"]
+    assert _with_filter(docker, lambda: subprocess.run(["sh", "-c", "echo ok"], capture_output=True,
+                                                       text=True).stdout) == ("ok\n", 0)
+
+
+def test_finalize_process_sets_capabilities_on_the_host():
+    caps = {"bounding": ["CAP_KILL", "CAP_NET_RAW"], "effective": ["CAP_KILL"],
+            "permitted": ["CAP_KILL", "CAP_NET_RAW"], "inheritable": ["CAP_NET_RAW"],
+            "ambient": ["CAP_NET_RAW"]}
+    p = {"uid": 1000, "gid": 1000, "additionalGids": [], "umask": None, "capabilities": caps,
+         "noNewPrivileges": True}
+
+    def child():
+        rt.finalize_process(p)
+        with open("/proc/self/status") as f:
+            return "".join(ln for ln in f if ln.startswith(("Cap", "NoNew", "Uid")))
+    out, status = _in_child(child)
+    assert status == 0
+    assert "CapInh:\t0000000000002000" in out and "CapPrm:\t0000000000002020" in out
+    assert "CapEff:\t0000000000000020" in out and "CapBnd:\t0000000000002020" in out
+    assert "CapAmb:\t0000000000002000" in out and "NoNewPrivs:\t1" in out
+    assert "Uid:\t1000\t1000\t1000\t1000" in out
+
+
+def test_linux_devices_handler():
+    devs = rt._linux_devices([{"path": "/dev/x/../fuse", "type": "c", "major": 10, "minor": 229}])
+    assert devs == [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229,
+                     "fileMode": 0o666, "uid": 0, "gid": 0}]
+    for bad, message in (([{"path": "dev/x", "type": "c"}], r"\[0\].path: must be an absolute"),
+                         ([{"path": "/dev/x", "type": "z"}], r"\[0\].type: must be c, b, u or p"),
+                         ([{"path": "/dev/x", "type": "c", "fileMode": 0o10000}], "fileMode"),
+                         ([{"path": "/dev/x", "type": "c", "uid": -1}], r"\[0\].uid")):
+        with pytest.raises(rt.Error, match=message):
+            rt._linux_devices(bad)
+
+
+def test_make_devices(tmp_path):
+    rt.make_devices(str(tmp_path), [{"path": "/a/b/null2", "type": "c", "major": 1, "minor": 3,
+                                     "fileMode": 0o640, "uid": 7, "gid": 8},
+                                    {"path": "/fifo", "type": "p", "major": 0, "minor": 0,
+                                     "fileMode": 0o600, "uid": 0, "gid": 0}])
+    st = os.stat(tmp_path / "a/b/null2")
+    assert stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 1 and os.minor(st.st_rdev) == 3
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 7, 8)
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
+
+
+def test_device_rules_handler():
+    assert rt._linux_device_rules(None) is None
+    rules = rt._linux_device_rules([{"allow": False, "access": "rwm"},
+                                    {"allow": True, "type": "c", "major": 136, "access": "rw"},
+                                    {"allow": True, "type": "b", "major": 7, "minor": 1}])
+    assert rules == [(False, "a"), (True, "c 136:* rw"), (True, "b 7:1 rwm")]
+    with pytest.raises(rt.Error, match=r"^linux.resources.devices\[0\].allow: must be a boolean"):
+        rt._linux_device_rules([{"access": "rwm"}])
+    with pytest.raises(rt.Error, match=r"\[0\].access: must be letters of rwm"):
+        rt._linux_device_rules([{"allow": True, "access": "x"}])
+
+
+def test_id_mappings_handler():
+    maps = rt._linux_id_mappings({"uidMappings": [{"containerID": 0, "hostID": 1000, "size": 10}],
+                                  "gidMappings": [{"containerID": 0, "hostID": 2000, "size": 1}]})
+    assert maps == {"uidMappings": "0 1000 10\n", "gidMappings": "0 2000 1\n"}
+    with pytest.raises(rt.Error, match="^linux.gidMappings: must be a non-empty list"):
+        rt._linux_id_mappings({"uidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]})
+
+
+def test_guest_config_carries_the_restrictions(tmp_path):
+    conf = good_config()
+    conf["linux"] = {"seccomp": _profile({"names": ["read"], "action": "SCMP_ACT_KILL"}),
+                     "devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}],
+                     "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+                     "namespaces": [{"type": "user"}],
+                     "uidMappings": [{"containerID": 0, "hostID": 0, "size": 5}],
+                     "gidMappings": [{"containerID": 0, "hostID": 0, "size": 5}]}
+    conf["hooks"] = {"startContainer": [{"path": "/bin/true"}], "prestart": [{"path": "/bin/true"}]}
+    spec = rt.load_spec(str(make_bundle(tmp_path, conf)))
+    g = rt.guest_config("c1", spec)
+    assert g["seccomp"]["bpf"] and g["devices"][0]["path"] == "/dev/fuse"
+    assert g["device_rules"] == [(False, "a")]
+    assert g["id_mappings"]["uidMappings"] == "0 0 5\n"
+    assert list(g["hooks"]) == ["startContainer"] and g["state"]["id"] == "c1"
+
+
+def test_container_hooks_run_with_state_and_fail(tmp_path):
+    out = tmp_path / "out"
+    ok = {"path": "/bin/sh", "args": ["sh", "-c", "cat > %s" % out]}
+    assert _in_child(lambda: rt.run_container_hooks({"startContainer": [ok]}, "startContainer",
+                                                    {"id": "c"})) == ("None", 0)
+    assert out.read_text() == '{"id":"c"}'
+    bad = {"path": "/bin/sh", "args": ["sh", "-c", "echo oops >&2; exit 3"]}
+    with pytest.raises(rt.Error, match="^createContainer hook /bin/sh failed: exit status 3: oops$"):
+        rt.run_container_hooks({"createContainer": [bad]}, "createContainer", {})
+    slow = {"path": "/bin/sleep", "args": ["sleep", "5"], "timeout": 1}
+    with pytest.raises(rt.Error, match="timed out after 1s"):
+        rt.run_container_hooks({"startContainer": [slow]}, "startContainer", {})

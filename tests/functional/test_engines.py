@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -277,6 +278,15 @@ def pinspect(p, cid, fmt):
 def test_podman_run_rm_echo(pm):
     ok(pm.run_rt("run", "--rm", "bb", "echo", "hello from a VM", timeout=TIMEOUT), "hello from a VM")
     assert [i for i in pm.run("ps", "-aq").stdout.split() if i not in pm.keep] == []
+
+
+def test_podman_cap_drop_all_cap_add_net_admin_as_runc(pm):
+    args = ("run", "--rm", "--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "bb", "sh", "-c",
+            "grep -E '^Cap|NoNewPrivs' /proc/self/status; echo ok")
+    theirs = pm.run("--runtime", shutil.which("runc"), *args, timeout=TIMEOUT)
+    ours = pm.run_rt(*args, timeout=TIMEOUT)
+    assert theirs.returncode == 0 and "CapEff:\t0000000000001000" in theirs.stdout, theirs
+    assert (ours.returncode, ours.stdout) == (0, theirs.stdout)
 
 
 def test_podman_exit_code(pm):

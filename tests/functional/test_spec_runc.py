@@ -1,0 +1,358 @@
+"""The spec inside the VM, measured against runc: the same bundle run by runc (installed) and
+by this runtime, and what the workload itself observes compared. runc's output is the
+expected value (never hard-coded); only what the guest kernel (6.1) legitimately shows
+differently from the host's is normalised."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import rt
+
+FIXTURES = "/work/shared/fixtures/engine-configs"
+RUNC = shutil.which("runc")
+DOCKER_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+               "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+               "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
+CAPS_SCRIPT = "grep -E '^(Cap|NoNewPrivs)' /proc/self/status; id"
+
+pytestmark = pytest.mark.skipif(RUNC is None, reason="runc is not installed")
+
+
+class Both:
+    """Runs one bundle under runc and under this runtime."""
+
+    def __init__(self, runtime, tmp):
+        self.runtime, self.tmp, self.n = runtime, tmp, 0
+
+    def bundle(self, args, **changes):
+        """A bundle (conftest's Runtime.bundle); linux.* keys given as linux_KEY."""
+        linux = {k[6:]: changes.pop(k) for k in list(changes) if k.startswith("linux_")}
+        process = {k: changes.pop(k) for k in ("oomScoreAdj",) if k in changes}
+        b = self.runtime.bundle(args, **changes)
+        path = os.path.join(b, "config.json")
+        with open(path) as f:
+            conf = json.load(f)
+        conf["linux"].update(linux)
+        conf["process"].update(process)
+        with open(path, "w") as f:
+            json.dump(conf, f)
+        return b
+
+    def runc(self, bundle):
+        """runc run of the bundle: (exit status, output)."""
+        self.n += 1
+        cid = "spec-runc-%d-%d" % (os.getpid(), self.n)
+        root = str(self.tmp / "runc-root")
+        try:
+            p = subprocess.run([RUNC, "--root", root, "run", "--bundle", bundle, cid],
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               timeout=60)
+        finally:
+            subprocess.run([RUNC, "--root", root, "delete", "--force", cid], capture_output=True)
+        return p.returncode, p.stdout + p.stderr
+
+    def ours(self, bundle):
+        """This runtime's run of the bundle: (exit status, output)."""
+        self.n += 1
+        cid = "spec-ours-%d" % self.n
+        r = self.runtime("run", "--bundle", bundle, cid, input="", timeout=180)
+        return r.returncode, r.stdout + r.stderr
+
+    def both(self, args, **changes):
+        """(runc's, ours) for one bundle."""
+        b = self.bundle(args, **changes)
+        return self.runc(b), self.ours(b)
+
+
+@pytest.fixture
+def both(runtime, tmp_path):
+    """A Both for the test."""
+    return Both(runtime, tmp_path)
+
+
+def caps(*names):
+    """A process.capabilities object with the same names in the usual three sets."""
+    return {k: list(names) for k in ("bounding", "effective", "permitted")}
+
+
+def test_capabilities_docker_default(both):
+    theirs, ours = both.both(["sh", "-c", CAPS_SCRIPT], capabilities=caps(*DOCKER_CAPS),
+                             noNewPrivileges=False)
+    assert "CapEff:\t00000000a80425fb" in theirs[1]
+    assert ours == theirs
+
+
+def test_capabilities_non_root_ambient_inheritable(both):
+    c = caps("CAP_NET_BIND_SERVICE", "CAP_NET_RAW", "CAP_KILL")
+    c["inheritable"] = ["CAP_NET_BIND_SERVICE", "CAP_NET_RAW"]
+    c["ambient"] = ["CAP_NET_BIND_SERVICE"]
+    theirs, ours = both.both(["sh", "-c", CAPS_SCRIPT], capabilities=c,
+                             user={"uid": 1000, "gid": 1000, "additionalGids": [5]})
+    assert ours == theirs
+
+
+def test_no_capabilities_object(both):
+    b = both.bundle(["sh", "-c", CAPS_SCRIPT])
+    path = os.path.join(b, "config.json")
+    with open(path) as f:
+        conf = json.load(f)
+    del conf["process"]["capabilities"]
+    with open(path, "w") as f:
+        json.dump(conf, f)
+    assert both.ours(b) == both.runc(b)
+
+
+def test_seccomp_errno_and_argument_comparison(both):
+    profile = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+               "syscalls": [{"names": ["mkdirat", "mkdir"], "action": "SCMP_ACT_ERRNO"},
+                            {"names": ["fchmodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 22,
+                             "args": [{"index": 2, "value": 0o700, "op": "SCMP_CMP_EQ"}]},
+                            {"names": ["chmod"], "action": "SCMP_ACT_ERRNO", "errnoRet": 22,
+                             "args": [{"index": 1, "value": 0o700, "op": "SCMP_CMP_EQ"}]},
+                            {"names": ["no_such_syscall"], "action": "SCMP_ACT_KILL"}]}
+    script = ("mkdir /tmp/sc-$$; echo mkdir=$?; touch /tmp/f-$$; chmod 755 /tmp/f-$$; "
+              "echo chmod755=$?; chmod 700 /tmp/f-$$; echo chmod700=$?; rm -f /tmp/f-$$")
+    theirs, ours = both.both(["sh", "-c", script], linux_seccomp=profile)
+    assert "mkdir=1" in theirs[1] and "chmod700=1" in theirs[1]
+    assert ours == theirs
+
+
+def test_seccomp_kill_action(both):
+    profile = {"defaultAction": "SCMP_ACT_ALLOW",
+               "syscalls": [{"names": ["getppid"], "action": "SCMP_ACT_KILL_PROCESS"}]}
+    theirs, ours = both.both(["sh", "-c", "echo before; exec sh -c 'echo $PPID'"],
+                             linux_seccomp=profile)
+    assert ours[0] == theirs[0] != 0
+
+
+@pytest.mark.parametrize("fixture", ["docker-bridge-config.json", "podman-config.json"])
+def test_engine_default_seccomp_profiles_load(both, fixture):
+    with open(os.path.join(FIXTURES, fixture)) as f:
+        profile = json.load(f)["linux"]["seccomp"]
+    theirs, ours = both.both(["sh", "-c", "echo ok; ls / >/dev/null && echo ls"],
+                             linux_seccomp=profile, capabilities=caps(*DOCKER_CAPS))
+    assert theirs == (0, "ok\nls\n")
+    assert ours == theirs
+
+
+DEVICES = [{"path": "/dev/cc-null", "type": "c", "major": 1, "minor": 3, "fileMode": 0o640,
+            "uid": 1000, "gid": 1001},
+           {"path": "/dev/sub/cc-loop", "type": "b", "major": 7, "minor": 200, "fileMode": 0o600,
+            "uid": 0, "gid": 6},
+           {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]
+
+
+def test_linux_devices_nodes(both):
+    script = "stat -c '%n %F %t:%T %a %u:%g' /dev/cc-null /dev/sub/cc-loop /dev/fuse"
+    theirs, ours = both.both(["sh", "-c", script], linux_devices=DEVICES)
+    assert theirs[0] == 0
+    assert ours == theirs
+
+
+def test_device_cgroup_denies(both):
+    rules = [{"allow": False, "access": "rwm"},
+             {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
+             {"allow": True, "type": "c", "major": 10, "minor": 229, "access": "r"}]
+    script = ("for d in /dev/cc-null /dev/zero /dev/full /dev/sub/cc-loop; do "
+              "head -c1 $d 2>&1 >/dev/null | sed 's/.*: //'; echo $d=$?; done; "
+              "(echo x >/dev/fuse) 2>&1 | sed 's/.*: //'")
+    c = caps(*DOCKER_CAPS)
+    theirs, ours = both.both(["sh", "-c", script], linux_devices=DEVICES, capabilities=c,
+                             linux_resources={"devices": rules})
+    assert theirs[1].count("Operation not permitted") == 2  # the block device, fuse for writing
+    assert ours == theirs
+
+
+def _mounts(out, binds=()):
+    """(mount point, type, options) of each /proc/self/mounts line; options that only the
+    kernel version changes are dropped; the root and bind mounts (a 9p share here, the host's
+    filesystem under runc) keep their mount point and ro/rw only."""
+    rows = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) != 6:
+            continue
+        opts = [o for o in parts[3].split(",") if o not in ("inode64",)]
+        if parts[1] == "/" or parts[1] in binds:
+            rows.append((parts[1], opts[0]))
+        else:
+            rows.append((parts[1], parts[2], ",".join(opts)))
+    return rows
+
+
+def test_mount_order_proc_included(both, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    conf = rt.default_spec()
+    mounts = [m for m in conf["mounts"] if m["destination"] != "/proc"]
+    mounts.insert(3, {"destination": "/proc", "type": "proc", "source": "proc"})
+    mounts.append({"destination": "/proc/driver", "type": "tmpfs", "source": "tmpfs",
+                   "options": ["nosuid"]})
+    for i, prop in enumerate(("rshared", "rslave", "rprivate", "shared")):
+        mounts.append({"destination": "/mnt/p%d" % i, "type": "bind", "source": str(shared),
+                       "options": ["rbind", prop]})
+    theirs, ours = both.both(["cat", "/proc/self/mounts"], mounts=mounts,
+                             linux_maskedPaths=[], linux_readonlyPaths=[])
+    assert theirs[0] == 0 and [r[0] for r in _mounts(theirs[1])][:5] == [
+        "/", "/dev", "/dev/pts", "/dev/shm", "/proc"]
+    binds = [m["destination"] for m in mounts if m["type"] == "bind"]
+    assert _mounts(ours[1], binds) == _mounts(theirs[1], binds)
+
+
+def test_mount_propagation_shared(both, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    conf = rt.default_spec()
+    mounts = conf["mounts"] + [{"destination": "/mnt/s", "type": "bind", "source": str(shared),
+                                "options": ["rbind", "rshared"]}]
+    script = "grep -c ' /mnt/s .*shared:' /proc/self/mountinfo"
+    theirs, ours = both.both(["sh", "-c", script], mounts=mounts)
+    assert theirs == (0, "1\n")
+    assert ours == theirs
+
+
+def test_oom_score_adj(both):
+    theirs, ours = both.both(["cat", "/proc/self/oom_score_adj"], oomScoreAdj=437)
+    assert theirs == (0, "437\n")
+    assert ours == theirs
+
+
+def test_user_namespace_maps(both):
+    maps = {"uidMappings": [{"containerID": 0, "hostID": 0, "size": 2000},
+                            {"containerID": 2000, "hostID": 102000, "size": 1000}],
+            "gidMappings": [{"containerID": 0, "hostID": 0, "size": 3000}]}
+    conf = rt.default_spec()
+    mounts = [m for m in conf["mounts"] if m["destination"] != "/sys"]
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")]
+    theirs, ours = both.both(["sh", "-c", "cat /proc/self/uid_map /proc/self/gid_map; id"],
+                             mounts=mounts, linux_namespaces=namespaces,
+                             linux_uidMappings=maps["uidMappings"],
+                             linux_gidMappings=maps["gidMappings"])
+    assert theirs[0] == 0, theirs
+    assert " 102000 " in theirs[1]
+    assert ours == theirs
+
+
+def test_start_container_hook_runs_inside(both):
+    hook = {"path": "/bin/sh", "args": ["sh", "-c", "cat > /tmp/hook-$(id -u); echo hook ran"]}
+    script = "grep -o '\"status\":\"[a-z]*\"' /tmp/hook-1000; rm -f /tmp/hook-1000; id -u"
+    theirs, ours = both.both(["sh", "-c", script], hooks={"startContainer": [hook]},
+                             user={"uid": 1000, "gid": 1000})
+    assert theirs == (0, '"status":"created"\n1000\n')
+    assert ours == theirs
+
+
+def test_failing_start_container_hook_fails(both):
+    hook = {"path": "/bin/false"}
+    theirs, ours = both.both(["echo", "never"], hooks={"startContainer": [hook]})
+    assert theirs[0] != 0 and ours[0] != 0
+    assert "never" not in theirs[1] and "never" not in ours[1]
+
+
+def test_create_container_hook_in_the_guest(runtime, both):
+    """createContainer: runc runs the host's program (the runtime namespace, before pivot_root);
+    here the program is the container's, run after the mounts in its mount namespace."""
+    hook = {"path": "/bin/sh", "args": ["sh", "-c", "grep -c ' /dev/shm ' /proc/self/mounts "
+                                                    "> /tmp/create-hook"]}
+    r = both.ours(both.bundle(["sh", "-c", "cat /tmp/create-hook; rm /tmp/create-hook"],
+                              hooks={"createContainer": [hook]}))
+    assert r == (0, "1\n")
+    bad = both.bundle(["echo", "never"], hooks={"createContainer": [{"path": "/bin/false"}]})
+    r = runtime("create", "--bundle", bad, "spec-bad-hook")
+    assert r.returncode != 0 and "createContainer hook /bin/false failed" in r.stderr
+    assert runtime("state", "spec-bad-hook").returncode != 0
+
+
+def _console_run(argv_create, argv_start, argv_delete, tmp_path):
+    """create with --console-socket, start, and read the pty's output until the end."""
+    path = str(tmp_path / ("console-%d.sock" % time.monotonic_ns()))
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    try:
+        with tempfile.TemporaryFile() as err:
+            c = subprocess.run(argv_create + ["--console-socket", path], stdin=subprocess.DEVNULL,
+                               stdout=err, stderr=err, timeout=180)
+            assert c.returncode == 0, (argv_create, err.seek(0) or err.read())
+        server.settimeout(30)
+        conn, _ = server.accept()
+        with conn:
+            _msg, fds, _f, _a = socket.recv_fds(conn, 1024, 1)
+        master = fds[0]
+        subprocess.run(argv_start, check=True, timeout=60, capture_output=True)
+        out = b""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+        os.close(master)
+        return out.decode().replace("\r", "")
+    finally:
+        server.close()
+        subprocess.run(argv_delete, capture_output=True, timeout=60)
+
+
+def test_terminal_owned_by_the_user(both, runtime, tmp_path):
+    b = both.bundle(["sh", "-c", "stat -c '%u:%g %a' $(readlink /proc/self/fd/0); sleep 1"],
+                    user={"uid": 1000, "gid": 1000}, terminal=True)
+    root = str(tmp_path / "runc-root")
+    theirs = _console_run([RUNC, "--root", root, "create", "--bundle", b, "tty-r"],
+                          [RUNC, "--root", root, "start", "tty-r"],
+                          [RUNC, "--root", root, "delete", "--force", "tty-r"], tmp_path)
+    ours = _console_run(runtime.argv("create", "--bundle", b, "tty-o"), runtime.argv("start", "tty-o"),
+                        runtime.argv("delete", "--force", "tty-o"), tmp_path)
+    assert theirs.startswith("1000:5 620")
+    assert ours == theirs
+
+
+def _exec_in(argv_prefix, bundle, cid, *process_files):
+    """create + start a sleeping container, exec each process file in it; [(status, output)]."""
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
+             "stderr": subprocess.DEVNULL, "timeout": 180}
+    try:
+        subprocess.run(argv_prefix + ["create", "--bundle", bundle, cid], check=True, **quiet)
+        subprocess.run(argv_prefix + ["start", cid], check=True, **quiet)
+        results = []
+        for process_file in process_files:
+            r = subprocess.run(argv_prefix + ["exec", "--process", process_file, cid],
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               timeout=120)
+            results.append((r.returncode, r.stdout + r.stderr))
+        return results
+    finally:
+        subprocess.run(argv_prefix + ["delete", "--force", cid], capture_output=True, timeout=60)
+
+
+def test_exec_capabilities_and_seccomp(both, runtime, tmp_path):
+    profile = {"defaultAction": "SCMP_ACT_ALLOW",
+               "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]}
+    b = both.bundle(["sleep", "60"], capabilities=caps(*DOCKER_CAPS), linux_seccomp=profile,
+                    oomScoreAdj=17)
+    c = caps("CAP_KILL", "CAP_NET_RAW")
+    c["inheritable"] = c["ambient"] = ["CAP_NET_RAW"]
+    process = {"args": ["sh", "-c", CAPS_SCRIPT + "; mkdir /tmp/e-x; echo mkdir=$?; "
+                        "cat /proc/self/oom_score_adj"],
+               "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 1000, "gid": 1000},
+               "capabilities": c, "noNewPrivileges": True}
+    pfile, plain = tmp_path / "process.json", tmp_path / "plain.json"
+    pfile.write_text(json.dumps(process))
+    del process["capabilities"]  # then the container's, as runc has it
+    plain.write_text(json.dumps(dict(process, user={"uid": 0, "gid": 0})))
+    theirs = _exec_in([RUNC, "--root", str(tmp_path / "runc-root")], b, "exec-r", str(pfile),
+                      str(plain))
+    ours = _exec_in(runtime.argv(), b, "exec-o", str(pfile), str(plain))
+    assert theirs[0][0] == 0 and "mkdir=1" in theirs[0][1]
+    assert "CapAmb:\t0000000000002000" in theirs[0][1]
+    assert "CapEff:\t00000000a80425fb" in theirs[1][1]
+    assert ours == theirs
