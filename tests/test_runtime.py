@@ -118,6 +118,19 @@ def cli(tmp_path, *args, cwd=None):
                           text=True, timeout=60, cwd=cwd or str(tmp_path), env=env)
 
 
+LOGRUS_LINE = re.compile(r'^time="[^"]+" level=(\w+) msg=(.*)$')
+
+
+def stderr_text(stderr):
+    """stderr with runc's logrus lines (no --log) reduced to their messages, one a line."""
+    out = []
+    for line in stderr.splitlines():
+        m = LOGRUS_LINE.match(line)
+        msg = m.group(2) if m else line
+        out.append(json.loads(msg) if m and msg.startswith('"') else msg)
+    return "".join(line + "\n" for line in out)
+
+
 def values_of(argv, flag):
     """Every argument that follows flag in argv."""
     return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
@@ -152,14 +165,14 @@ def test_log_format_forms(argv):
     assert parse(*argv, "list").log_format == "json"
 
 
-@pytest.mark.parametrize("argv, field", [
-    (["--log-format", "xml", "list"], "--log-format"),
-    (["--criu"], "--criu"),
-    (["bogus-command"], "bogus-command"),
+@pytest.mark.parametrize("argv, field, code", [
+    (["--criu"], "--criu", 1),
+    (["list", "--form", "json"], "--form", 1),  # no abbreviations: runc has none
+    (["bogus-command"], "No help topic for 'bogus-command'", 3),
 ])
-def test_bad_global_options(capsys, argv, field):
-    code, err = parse_fails(capsys, *argv)
-    assert code == 2 and field in err
+def test_bad_global_options(capsys, argv, field, code):
+    got, err = parse_fails(capsys, *argv)
+    assert got == code and field in err
 
 
 @pytest.mark.parametrize("flag", ["-v", "--version"])
@@ -191,7 +204,7 @@ def test_create_and_run_defaults(command):
 ])
 def test_bad_create_options(capsys, argv, field):
     code, err = parse_fails(capsys, *argv)
-    assert code == 2 and field in err
+    assert code == 1 and field in err
 
 
 @pytest.mark.parametrize("argv, detach", [(["run", "c1"], False), (["run", "-d", "c1"], True),
@@ -209,7 +222,7 @@ def test_id_commands(capsys, command, func):
     a = parse(command, "c1")
     assert (a.func, a.id) == (func, "c1")
     code, err = parse_fails(capsys, command)
-    assert code == 2 and "CONTAINER_ID" in err
+    assert code == 1 and "CONTAINER_ID" in err
 
 
 @pytest.mark.parametrize("argv, sig, all_", [
@@ -227,9 +240,9 @@ def test_kill(argv, sig, all_):
 
 def test_kill_bad(capsys):
     code, err = parse_fails(capsys, "kill")
-    assert code == 2 and "CONTAINER_ID" in err
+    assert code == 1 and "CONTAINER_ID" in err
     code, err = parse_fails(capsys, "kill", "c1", "9", "extra")
-    assert code == 2 and "extra" in err
+    assert code == 1 and "extra" in err
 
 
 @pytest.mark.parametrize("argv, force", [(["delete", "c1"], False), (["delete", "-f", "c1"], True),
@@ -249,9 +262,11 @@ def test_list(argv, fmt, quiet):
     assert (a.func, a.format, a.quiet) == (rt.cmd_list, fmt, quiet)
 
 
-def test_list_bad_format(capsys):
-    code, err = parse_fails(capsys, "list", "-f", "yaml")
-    assert code == 2 and "-f/--format" in err
+def test_list_and_ps_bad_format(tmp_path):
+    for argv in (["list", "-f", "yaml"], ["ps", "-f", "yaml", "c1"]):
+        r = cli(tmp_path, "--root", tmp_path, *argv)
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr.endswith('level=error msg="invalid format option"\n'), r.stderr
 
 
 def test_spec_bundle():
@@ -266,13 +281,13 @@ def test_spec_bundle():
 def test_commands_without_id(capsys, command, func):
     assert parse(command).func is func
     code, err = parse_fails(capsys, command, "c1")
-    assert code == 2 and "unrecognized arguments: c1" in err
+    assert code == 1 and "unrecognized arguments: c1" in err
 
 
 def parser_commands():
     """Every sub-command the parser knows."""
     sub = [a for a in rt.build_parser()._actions if a.__class__.__name__ == "_SubParsersAction"]
-    return list(sub[0].choices)
+    return [name for name, c in sub[0].choices.items() if c.prog.split()[-1] == name]
 
 
 BASE_COMMANDS = ["create", "start", "run", "state", "kill", "delete", "list", "spec", "features",
@@ -293,9 +308,13 @@ def test_base_commands_exist():
     (["exec", "-p", "/p.json", "-d", "--pid-file", "/pf", "--console-socket", "/s", "c1"],
      dict(command_args=[], process="/p.json", detach=True, pid_file="/pf", console_socket="/s")),
     (["exec", "--process=-", "--no-new-privs", "--cap", "CAP_KILL", "--preserve-fds", "1", "c1"],
-     dict(process="-", no_new_privs=True, cap=["CAP_KILL"], preserve_fds="1")),
-    (["ps", "c1"], dict(id="c1", format="table")),
-    (["ps", "-f", "json", "c1"], dict(id="c1", format="json")),
+     dict(process="-", no_new_privs=True, cap=["CAP_KILL"], preserve_fds=1)),
+    (["exec", "-g", "5", "--additional-gids", "6", "--ignore-paused", "c1", "id"],
+     dict(additional_gids=[5, 6], ignore_paused=True, command_args=["id"])),
+    (["ps", "c1"], dict(id="c1", format="table", ps_args=[])),
+    (["ps", "-f", "json", "c1"], dict(id="c1", format="json", ps_args=[])),
+    (["ps", "c1", "-e", "-x"], dict(id="c1", format="table", ps_args=["-e", "-x"])),
+    (["ps", "c1", "--format", "json"], dict(format="table", ps_args=["--format", "json"])),
     (["events", "c1"], dict(id="c1", stats=False, interval="5s")),
     (["events", "--stats", "--interval", "1s", "c1"], dict(stats=True, interval="1s")),
     (["update", "-r", "-", "--memory", "1G", "c1"], dict(id="c1", resources="-", memory="1G")),
@@ -310,14 +329,15 @@ def test_newer_commands(argv, expected):
 
 
 @pytest.mark.parametrize("argv, field", [
-    (["exec"], "CONTAINER_ID"), (["ps", "-f", "yaml", "c1"], "-f/--format"),
+    (["exec"], "CONTAINER_ID"), (["exec", "-g", "x", "c1", "id"], "-g/--additional-gids"),
+    (["exec", "--preserve-fds", "x", "c1", "id"], "--preserve-fds"),
     (["events"], "CONTAINER_ID"), (["update"], "CONTAINER_ID"),
 ])
 def test_newer_commands_bad(capsys, argv, field):
     if argv[0] not in HELP_COMMANDS:
         pytest.skip("no %s command" % argv[0])
     code, err = parse_fails(capsys, *argv)
-    assert code == 2 and field in err
+    assert code == 1 and field in err
 
 
 @pytest.mark.parametrize("command", HELP_COMMANDS)
@@ -1343,6 +1363,13 @@ def check_time(value):
     assert abs((datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()) < 60
 
 
+def check_log_time(value):
+    """A log line's time as runc's logrus writes it: RFC 3339 in seconds, with its zone."""
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|[+-]\d\d:\d\d)$", value), value
+    when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()) < 60
+
+
 def test_configure_creates_files(tmp_path):
     log = rt.Log()
     log.configure(str(tmp_path / "log"), "json", str(tmp_path / "global"))
@@ -1356,9 +1383,9 @@ def test_text_format(tmp_path):
     log.warning('quote " and\nnewline')
     lines = log_lines(tmp_path / "log")
     assert len(lines) == 2
-    m = re.match(r'^time=(\S+) level=info msg="hello world"$', lines[0])
+    m = re.match(r'^time="(\S+)" level=info msg="hello world"$', lines[0])
     assert m, lines[0]
-    check_time(m.group(1))
+    check_log_time(m.group(1))
     assert lines[1].endswith('level=warning msg="quote \\" and\\nnewline"')
 
 
@@ -1373,7 +1400,9 @@ def test_json_format(tmp_path):
         ("info", "one"), ("warning", "two"), ("error", 'three "quoted"\nline')]
     for r in records:
         assert set(r) == {"level", "msg", "time"}
-        check_time(r["time"])
+        check_log_time(r["time"])
+    assert log_lines(tmp_path / "log")[0] == '{"level":"info","msg":"one","time":"%s"}' % (
+        records[0]["time"])  # compact, keys in logrus's order
 
 
 def test_now_rfc3339():
@@ -1434,23 +1463,26 @@ def test_no_log_configured_writes_nothing(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("value, expected", [
     ("KILL", 9), ("SIGKILL", 9), ("kill", 9), ("sigkill", 9), ("9", 9), (9, 9), (" 9 ", 9),
     ("TERM", 15), ("SIGTERM", 15), ("HUP", 1), ("usr1", int(signal.SIGUSR1)), ("1", 1),
-    ("64", 64), ("WINCH", int(signal.SIGWINCH)),
+    ("64", 64), ("WINCH", int(signal.SIGWINCH)), ("0", 0), (0, 0),
 ])
 def test_parse_signal_good(value, expected):
     assert rt.parse_signal(value) == expected
 
 
-@pytest.mark.parametrize("value", ["", "BOGUS", "SIGBOGUS", "SIG", "0", 0, "65", 65, "-9", "9x",
-                                   "KILL9", "SIG KILL", "1.5", "SIG_DFL", "__class__"])
-def test_parse_signal_bad(value):
+@pytest.mark.parametrize("value", ["", "BOGUS", "SIGBOGUS", "SIG", "9x", "KILL9", "SIG KILL", "1.5",
+                                   "SIG_DFL", "__class__", "²", 'a"b'])
+def test_parse_signal_unknown_name(value):
     with pytest.raises(rt.Error) as exc:
         rt.parse_signal(value)
-    assert str(exc.value) == "invalid signal: %s" % value
+    assert str(exc.value) == "unknown signal %s" % json.dumps(value, ensure_ascii=False)
 
 
-def test_parse_signal_unicode_digit():
-    with pytest.raises(rt.Error, match="invalid signal"):
-        rt.parse_signal("²")
+@pytest.mark.parametrize("value", ["65", 65, "-9", "99"])
+def test_parse_signal_number_without_signal(value):
+    """runc passes any number to kill(2), which fails with EINVAL."""
+    with pytest.raises(rt.Error) as exc:
+        rt.parse_signal(value)
+    assert str(exc.value) == "unable to signal init: invalid argument"
 
 
 @pytest.mark.parametrize("wait_status, code", [(0, 0), (3 << 8, 3), (255 << 8, 255), (9, 137),
@@ -1872,7 +1904,8 @@ def needs(name):
 
 def exec_args(**over):
     import argparse
-    base = dict(process=None, command_args=["ls", "-l"], env=None, cwd=None, user=None, tty=False)
+    base = dict(process=None, command_args=["ls", "-l"], env=None, cwd=None, user=None, tty=False,
+                additional_gids=None)
     base.update(over)
     return argparse.Namespace(**base)
 
@@ -1890,8 +1923,10 @@ def test_exec_process_from_the_container_process(exec_state):
     assert p["args"] == ["ls", "-l"] and p["env"] == ["PATH=/bin", "A=b=c", "X=1"]
     assert (p["cwd"], p["uid"], p["gid"], p["terminal"]) == ("/srv", 5, 6, False)
     assert p["rlimits"] == [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 2048}]
-    p = rt.exec_process(exec_args(tty=True, user="7"), exec_state)
-    assert (p["cwd"], p["uid"], p["gid"], p["terminal"]) == ("/tmp", 7, 0, True)
+    p = rt.exec_process(exec_args(tty=True, user="7", additional_gids=[8, 9]), exec_state)
+    gid = exec_state.data["process"]["gid"]  # runc keeps the process's gid without uid:gid
+    assert (p["cwd"], p["uid"], p["gid"], p["terminal"]) == ("/tmp", 7, gid, True)
+    assert p["additionalGids"] == exec_state.data["process"]["additionalGids"] + [8, 9]
 
 
 @needs("exec_process")
@@ -1903,9 +1938,11 @@ def test_exec_process_file(exec_state, tmp_path):
 
 @needs("exec_process")
 @pytest.mark.parametrize("over, message", [
-    (dict(command_args=[]), "exec: a command or --process is required"),
-    (dict(user="root"), "exec: --user must be uid[:gid] in numbers: root"),
-    (dict(user="1:x"), "exec: --user must be uid[:gid] in numbers: 1:x"),
+    (dict(command_args=[]), "process args cannot be empty"),
+    (dict(user="root"),
+     'parsing root as int for uid failed: strconv.Atoi: parsing "root": invalid syntax'),
+    (dict(user="1:x"), 'parsing x as int for gid failed: strconv.Atoi: parsing "x": invalid syntax'),
+    (dict(additional_gids=[-1]), "additional-gids must be a positive number -1"),
     (dict(env=["BAD"]), "process.env: 'BAD' is not of the form NAME=VALUE"),
     (dict(cwd="rel"), "process.cwd: must be an absolute path"),
     (dict(process="/nonexistent/process.json"),
@@ -2026,11 +2063,32 @@ def test_cli_spec(tmp_path):
     bundle = tmp_path / "b"
     bundle.mkdir()
     r = cli(tmp_path, "--root", tmp_path / "root", "spec", "-b", bundle)
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
-    assert json.loads((bundle / "config.json").read_text()) == rt.default_spec()
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (0, "", "")
+    text = (bundle / "config.json").read_text()
+    assert json.loads(text) == rt.runc_spec() and text == json.dumps(rt.runc_spec(), indent="\t")
     r = cli(tmp_path, "--root", tmp_path / "root", "spec", "--bundle", bundle)
     assert r.returncode == 1
-    assert r.stderr == "File %s exists. Remove it first\n" % (bundle / "config.json")
+    assert stderr_text(r.stderr) == "File config.json exists. Remove it first\n"
+
+
+def test_runc_spec_is_default_spec_with_runc_extras():
+    spec, base = rt.runc_spec(), rt.default_spec()
+    assert spec["process"]["capabilities"]["ambient"] == base["process"]["capabilities"]["bounding"]
+    assert spec["mounts"][:-1] == base["mounts"] and spec["mounts"][-1]["type"] == "cgroup"
+
+
+def test_runc_spec_rootless():
+    spec = rt.runc_spec(rootless=True)
+    linux = spec["linux"]
+    assert list(linux)[:3] == ["uidMappings", "gidMappings", "namespaces"]
+    assert "resources" not in linux
+    assert linux["uidMappings"] == [{"containerID": 0, "hostID": os.geteuid(), "size": 1}]
+    assert [ns["type"] for ns in linux["namespaces"]] == ["pid", "ipc", "uts", "mount", "user"]
+    sys_mount = next(m for m in spec["mounts"] if m["destination"] == "/sys")
+    assert sys_mount == {"destination": "/sys", "type": "none", "source": "/sys",
+                         "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
+    assert not any(o.startswith(("gid=", "uid=")) for m in spec["mounts"]
+                   for o in m.get("options", []))
 
 
 def test_cli_spec_in_current_dir(tmp_path):
@@ -2044,7 +2102,7 @@ def test_cli_spec_in_current_dir(tmp_path):
 def test_cli_spec_missing_bundle(tmp_path):
     r = cli(tmp_path, "--root", tmp_path / "root", "spec", "-b", tmp_path / "nope")
     assert r.returncode == 1
-    assert r.stderr == "%s: No such file or directory\n" % (tmp_path / "nope" / "config.json")
+    assert stderr_text(r.stderr) == "chdir %s: no such file or directory\n" % (tmp_path / "nope")
 
 
 def test_cli_features(tmp_path):
@@ -2067,20 +2125,28 @@ def test_cli_version(tmp_path, argv):
                                          "spec: %s" % rt.OCI_VERSION]
 
 
-def test_cli_no_command(tmp_path):
-    r = cli(tmp_path, "--root", tmp_path / "root")
-    assert r.returncode == 1 and r.stdout.startswith("usage: cc-oci-runtime")
+@pytest.mark.parametrize("argv", [[], ["help"], ["h"]])
+def test_cli_no_command_and_help(tmp_path, argv):
+    r = cli(tmp_path, "--root", tmp_path / "root", *argv)
+    assert r.returncode == 0 and r.stdout.startswith("usage: cc-oci-runtime [-h]")
+
+
+def test_cli_help_of_a_command(tmp_path):
+    r = cli(tmp_path, "help", "exec")
+    assert r.returncode == 0 and r.stdout.startswith("usage: cc-oci-runtime exec ")
+    r = cli(tmp_path, "help", "bogus")
+    assert (r.returncode, r.stdout, r.stderr) == (3, "", "No help topic for 'bogus'\n")
 
 
 @pytest.mark.parametrize("argv, out", [
-    (["list"], "ID   PID   STATUS   BUNDLE   CREATED   OWNER\n"),
-    (["list", "-f", "json"], "[]\n"),
+    (["list"], "ID          PID         STATUS      BUNDLE      CREATED     OWNER\n"),
+    (["list", "-f", "json"], "null\n"),  # runc encodes its empty (nil) list
     (["list", "-q"], ""),
 ])
 def test_cli_list_empty(tmp_path, argv, out):
     for root in (tmp_path / "missing-root", tmp_path):
         r = cli(tmp_path, "--root", root, *argv)
-        assert (r.returncode, r.stdout, r.stderr) == (0, out, "")
+        assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (0, out, "")
 
 
 def test_cli_list_and_state_of_fake_containers(tmp_path):
@@ -2098,7 +2164,7 @@ def test_cli_list_and_state_of_fake_containers(tmp_path):
     header, first, second = r.stdout.splitlines()
     assert header.split() == ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"]
     assert first.split() == ["alive", str(os.getpid()), "created", "/bundles/alive",
-                             "2026-01-02T03:04:05.000000000Z", "root"]
+                             "2026-01-02T03:04:05Z", "root"]  # Go's time: no trailing zeros
     assert first.index("created") == header.index("STATUS")
     r = cli(tmp_path, "--root", root, "state", "alive")
     assert r.returncode == 0
@@ -2111,18 +2177,18 @@ def test_cli_list_and_state_of_fake_containers(tmp_path):
                                   ["delete", "ghost"], ["start", "ghost"]])
 def test_cli_unknown_container(tmp_path, argv):
     r = cli(tmp_path, "--root", tmp_path / "root", *argv)
-    assert (r.returncode, r.stdout, r.stderr) == (1, "", "container does not exist\n")
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (1, "", "container does not exist\n")
 
 
 @pytest.mark.parametrize("flag", ["-f", "--force"])
 def test_cli_delete_force_unknown(tmp_path, flag):
     r = cli(tmp_path, "--root", tmp_path / "root", "delete", flag, "ghost")
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (0, "", "")
 
 
 def test_cli_invalid_id(tmp_path):
     r = cli(tmp_path, "--root", tmp_path / "root", "state", "../etc")
-    assert (r.returncode, r.stderr) == (1, "invalid container id: ../etc\n")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, "invalid container id: ../etc\n")
 
 
 def test_cli_kill_bad_signal_and_stopped(tmp_path):
@@ -2130,11 +2196,15 @@ def test_cli_kill_bad_signal_and_stopped(tmp_path):
     fake_container(root, "alive", **me())
     fake_container(root, "gone", pid=dead_pid(), pid_start=1)
     r = cli(tmp_path, "--root", root, "kill", "alive", "NOPE")
-    assert (r.returncode, r.stderr) == (1, "invalid signal: NOPE\n")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, 'unknown signal "NOPE"\n')
+    r = cli(tmp_path, "--root", root, "kill", "alive", "0")  # liveness: the monitor is alive
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    r = cli(tmp_path, "--root", root, "kill", "gone", "0")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, "container not running\n")
     r = cli(tmp_path, "--root", root, "kill", "gone", "KILL")
-    assert (r.returncode, r.stderr) == (1, "container not running\n")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, "container not running\n")
     r = cli(tmp_path, "--root", root, "kill", "alive", "KILL")  # no monitor socket
-    assert (r.returncode, r.stderr) == (1, "container not running\n")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, "container not running\n")
 
 
 def test_cli_delete_running_needs_force(tmp_path):
@@ -2144,11 +2214,11 @@ def test_cli_delete_running_needs_force(tmp_path):
         fake_container(root, "c1", pid=sleeper.pid, pid_start=rt.proc_start_time(sleeper.pid),
                        started=True)
         r = cli(tmp_path, "--root", root, "delete", "c1")
-        assert (r.returncode, r.stderr) == (1, "cannot delete container c1 that is not stopped: "
+        assert (r.returncode, stderr_text(r.stderr)) == (1, "cannot delete container c1 that is not stopped: "
                                                "running\n")
         assert sleeper.poll() is None and (root / "c1").exists()
         r = cli(tmp_path, "--root", root, "delete", "--force", "c1")
-        assert (r.returncode, r.stderr) == (0, "")
+        assert (r.returncode, stderr_text(r.stderr)) == (0, "")
         assert sleeper.wait(timeout=10) == -signal.SIGKILL
         assert not (root / "c1").exists()
     finally:
@@ -2165,7 +2235,7 @@ def test_cli_delete_stopped_kills_leftovers(tmp_path):
                             started=True)
         rt.write_atomic(st.path("exit.json"), json.dumps({"status": 0}))
         r = cli(tmp_path, "--root", root, "delete", "c1")
-        assert (r.returncode, r.stderr) == (0, "")
+        assert (r.returncode, stderr_text(r.stderr)) == (0, "")
         assert sleeper.wait(timeout=10) == -signal.SIGKILL
         assert os.listdir(root) == []
     finally:
@@ -2183,15 +2253,18 @@ def test_cli_newer_commands_unknown_container(tmp_path, argv):
     if argv[0] not in HELP_COMMANDS:
         pytest.skip("no %s command" % argv[0])
     r = cli(tmp_path, "--root", tmp_path / "root", *argv)
-    assert (r.returncode, r.stdout, r.stderr) == (1, "", "container does not exist\n")
+    prefix, code = ("exec failed: ", 255) if argv[0] == "exec" else ("", 1)  # as runc
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (
+        code, "", prefix + "container does not exist\n")
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["exec", "alive", "ls"], "cannot exec in a created container"),
-    (["exec", "gone", "ls"], "cannot exec in a stopped container"),
+    (["exec", "alive", "ls"], "exec failed: container not running"),  # created: no monitor here
+    (["exec", "gone", "ls"], "exec failed: cannot exec in a stopped container"),
+    (["exec", "frozen", "ls"],
+     "exec failed: cannot exec in a paused container (use --ignore-paused to override)"),
     (["pause", "alive"], "container not running"),
     (["resume", "alive"], "container not paused"),
-    (["ps", "gone"], "container not running"),
     (["events", "--stats", "gone"], "container not running"),
     (["update", "-r", "RESOURCES", "alive"], "resources: must be a JSON object"),
 ])
@@ -2201,10 +2274,24 @@ def test_cli_newer_commands_on_fake_containers(tmp_path, argv, message):
     root = tmp_path / "root"
     fake_container(root, "alive", **me())
     fake_container(root, "gone", pid=dead_pid(), pid_start=1)
+    fake_container(root, "frozen", started=True, paused=True, **me())
     write_json(tmp_path / "res.json", [1])
     argv = [str(tmp_path / "res.json") if a == "RESOURCES" else a for a in argv]
     r = cli(tmp_path, "--root", root, *argv)
-    assert (r.returncode, r.stderr) == (1, message + "\n")
+    code = 255 if argv[0] == "exec" else 1
+    assert (r.returncode, stderr_text(r.stderr)) == (code, message + "\n")
+
+
+def test_cli_ps_of_a_stopped_container(tmp_path):
+    """runc lists no process (the header alone; json null) and succeeds."""
+    root = tmp_path / "root"
+    fake_container(root, "gone", pid=dead_pid(), pid_start=1)
+    r = cli(tmp_path, "--root", root, "ps", "gone")
+    assert (r.returncode, r.stdout) == (0, "UID        PID  PPID  C STIME TTY          TIME CMD\n")
+    r = cli(tmp_path, "--root", root, "ps", "--format", "json", "gone")
+    assert (r.returncode, r.stdout) == (0, "null\n")
+    r = cli(tmp_path, "--root", root, "ps", "gone", "-o", "comm")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, "couldn't find PID field in ps output\n")
 
 
 def test_cli_update_and_events_without_vm(tmp_path):
@@ -2214,9 +2301,9 @@ def test_cli_update_and_events_without_vm(tmp_path):
     fake_container(root, "gone", pid=dead_pid(), pid_start=1)
     write_json(tmp_path / "res.json", {"memory": {"limit": 1}})
     r = cli(tmp_path, "--root", root, "update", "-r", tmp_path / "res.json", "gone")
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (0, "", "")
     r = cli(tmp_path, "--root", root, "events", "gone")
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (0, "", "")
 
 
 def test_cli_kill_paused_with_sigkill_kills_the_monitor(tmp_path):
@@ -2226,10 +2313,10 @@ def test_cli_kill_paused_with_sigkill_kills_the_monitor(tmp_path):
         fake_container(root, "c1", pid=sleeper.pid, pid_start=rt.proc_start_time(sleeper.pid),
                        started=True, paused=True)
         r = cli(tmp_path, "--root", root, "kill", "c1", "TERM")  # no monitor to queue it
-        assert (r.returncode, r.stderr) == (1, "container not running\n")
+        assert (r.returncode, stderr_text(r.stderr)) == (1, "container not running\n")
         assert sleeper.poll() is None
         r = cli(tmp_path, "--root", root, "kill", "c1", "KILL")
-        assert (r.returncode, r.stderr) == (0, "")
+        assert (r.returncode, stderr_text(r.stderr)) == (0, "")
         assert sleeper.wait(timeout=10) == -signal.SIGKILL
     finally:
         if sleeper.poll() is None:
@@ -2246,13 +2333,13 @@ def test_cli_create_with_broken_config(tmp_path):
     r = cli(tmp_path, "--root", root, "--log", log, "--log-format", "json", "create",
             "--bundle", bundle, "c1")
     message = "config.json: process.args: must be a non-empty list of strings"
-    assert (r.returncode, r.stdout, r.stderr) == (1, "", message + "\n")
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (1, "", message + "\n")
     assert os.listdir(root) == []
     lines = log_lines(log)
     assert len(lines) == 1
     record = json.loads(lines[0])
     assert (record["level"], record["msg"]) == ("error", message)
-    check_time(record["time"])
+    check_log_time(record["time"])
 
 
 def test_cli_create_missing_bundle_text_log(tmp_path):
@@ -2260,7 +2347,7 @@ def test_cli_create_missing_bundle_text_log(tmp_path):
     r = cli(tmp_path, "--root", root, "--log", log, "--global-log", glog, "create", "-b",
             tmp_path / "nope", "c9")
     message = "bundle %s: no such directory" % (tmp_path / "nope")
-    assert (r.returncode, r.stderr) == (1, message + "\n")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, message + "\n")
     assert not root.exists()
     (line,) = log_lines(log)
     assert line.endswith("level=error msg=%s" % json.dumps(message))
