@@ -2732,7 +2732,7 @@ class Agent:
 def guest_processes():
     """Every guest process but the agent and kernel threads, in the container's pid numbers:
     [{pid, ppid, uid, ruid, gid, comm, args, state, tty, cpu (s), start (epoch s), vsz, rss
-    (KiB), nlwp, pgid, sid, nice}], sorted by pid."""
+    (KiB), nlwp, pgid, sid, nice, env}], sorted by pid."""
     ticks, page_kb = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE") // 1024
     with open("/proc/stat") as f:
         btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
@@ -2747,6 +2747,8 @@ def guest_processes():
                 head, _, tail = f.read().decode(errors="replace").rpartition(")")
             with open("/proc/%s/status" % name) as f:
                 status = {k: v.split() for k, _, v in (ln.partition(":") for ln in f)}
+            with open("/proc/%s/environ" % name, "rb") as f:
+                status["env"] = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if args:  # kernel threads have none
@@ -2760,7 +2762,7 @@ def guest_processes():
                     "cpu": (int(f[11]) + int(f[12])) / ticks, "start": btime + int(f[19]) / ticks,
                     "vsz": int(f[20]) // 1024, "rss": int(f[21]) * page_kb, "nlwp": int(f[17]),
                     "pgid": nspid.get(int(f[2]), 0), "sid": nspid.get(int(f[3]), 0),
-                    "nice": int(f[16])})
+                    "nice": int(f[16]), "env": st["env"]})
     return sorted(out, key=lambda p: p["pid"])
 
 
@@ -3377,7 +3379,7 @@ def cmd_ps(args):
         pids = [state.data["pid"], state.data["vm"].get("qemu_pid")] if status != "stopped" else []
         print(go_json([p for p in pids if p] or None))
         return
-    columns, header = ps_columns(args.ps_args)
+    columns, env = ps_columns(args.ps_args)
     if status == "stopped":
         procs, mem_total = [], 1
     elif status == "paused":
@@ -3385,7 +3387,7 @@ def cmd_ps(args):
     else:
         reply = monitor_request(state, {"op": "ps"})
         procs, mem_total = reply["processes"], reply.get("mem_total") or 1
-    sys.stdout.write(ps_table(columns, procs, header, time.time(), mem_total))
+    sys.stdout.write(ps_table(columns, procs, time.time(), mem_total, env))
 
 
 # name: (header, width, right-aligned?, value(process, context)); widths are procps-ng's
@@ -3401,7 +3403,7 @@ PS_COLUMNS = {
     "group": ("GROUP", 8, False, lambda p, c: _ps_group(p["gid"])),
     "comm": ("COMMAND", 15, False, lambda p, c: p["comm"]),
     "ucmd": ("CMD", 15, False, lambda p, c: p["comm"]),
-    "args": ("COMMAND", 27, False, lambda p, c: p["args"]),
+    "args": ("COMMAND", 27, False, lambda p, c: _ps_args(p, c)),
     "cmd": ("CMD", 27, False, lambda p, c: p["args"]),
     "c": ("C", 2, True, lambda p, c: min(99, int(_ps_share(p, c)))),
     "pcpu": ("%CPU", 4, True, lambda p, c: "%.1f" % _ps_share(p, c)),
@@ -3434,24 +3436,45 @@ PS_ALIASES = {"euid": "uid", "uname": "user", "egid": "gid", "egroup": "group",
 PS_FORMATS = {"default": "pid,tname,time,ucmd",
               "f": "uid_hack,pid,ppid,c,stime,tname,time,cmd",
               "F": "uid_hack,pid,ppid,c,sz,rss,psr,stime,tname,time,cmd",
-              "u": "user,pid,pcpu,pmem,vsz,rss,tname,stat,bsdstart,bsdtime,args"}
+              "u": "user,pid,pcpu,pmem,vsz,rss,tname,stat,bsdstart,bsdtime,args",
+              "bsd": "pid,tname,stat,bsdtime,args"}
 PS_SELECTION = set("eAadgNrxTw")  # process selection and width: every container process is listed
+PS_EMULATED = "emulated: -e -A -a -x -f -F -o FORMAT, BSD a x u"
 
 
 def ps_columns(argv):
-    """The columns ([(key, header)]) and whether to print the header, for ps options in argv.
+    """The columns ([(key, title)]) for the ps options in argv, and whether the command
+    lines carry the environment.
 
     runc runs the host's ps with these and keeps the container's lines; the guest has no ps,
     so the common options are emulated: selection (-e -A -a -x ax ...) lists every process,
-    formats -f -F u, -o/o/--format FORMAT (with =HEADER), --no-headers."""
-    args = list(argv) or ["-ef"]
-    style, custom, header = "default", [], True
+    formats -f -F u, -o/o/--format FORMAT (with =HEADER). As with runc, the header must
+    have a PID column (--no-headers or pid= fail: runc finds the pids through it)."""
+    style, custom, header, env = _ps_options(list(argv) or ["-ef"])
+    specs = custom or [PS_FORMATS[style]]
+    columns = []
+    for spec in specs:
+        for item in _ps_format_items(spec):
+            name, eq, title = item.partition("=")
+            key = PS_ALIASES.get(name.lower(), name.lower())
+            if key not in PS_COLUMNS:
+                raise Error("ps: unknown user-defined format specifier %s" % go_quote(name))
+            columns.append((key, title if eq else PS_COLUMNS[key][0]))
+    if not header or "PID" not in [title for _, title in columns]:
+        raise Error("couldn't find PID field in ps output")  # runc finds it in the header
+    return columns, env
+
+
+def _ps_options(args):
+    """(format style, custom formats, header?) from ps options, as procps-ng picks them:
+    -o wins, then BSD u, then BSD a/x (even -x), then -f/-F."""
+    styles, custom, header, dashed = set(), [], True, set()
     while args:
         arg = args.pop(0)
         if arg in ("--no-headers", "--no-heading"):
             header = False
         elif arg.startswith("--format") or arg in ("-o", "o"):
-            if "=" in arg and arg.startswith("--format="):
+            if arg.startswith("--format="):
                 custom.append(arg.split("=", 1)[1])
             elif not args:
                 raise Error("ps: %s needs a format" % arg)
@@ -3462,28 +3485,16 @@ def ps_columns(argv):
                 if ch == "o":
                     custom.append(arg[i + 1:] or (args.pop(0) if args else ""))
                     break
-                if ch in "fF":
-                    style = ch
-                elif ch not in PS_SELECTION:
-                    raise Error("ps: unsupported option -%s (emulated: -e -A -a -x -f -F -o FORMAT,"
-                                " u aux, --no-headers)" % ch)
+                if ch not in PS_SELECTION | set("fF"):
+                    raise Error("ps: unsupported option -%s (%s)" % (ch, PS_EMULATED))
+                styles.add("bsd" if ch == "x" else ch)
+                dashed.add(ch)
         elif arg and not arg.startswith("-") and set(arg) <= PS_SELECTION | {"u"}:
-            style = "u" if "u" in arg else style
+            styles.add("u" if "u" in arg else "bsd")
         else:
-            raise Error("ps: unsupported option %s (emulated: -e -A -a -x -f -F -o FORMAT, u aux,"
-                        " --no-headers)" % arg)
-    specs = custom or [PS_FORMATS[style]]
-    columns = []
-    for spec in specs:
-        for item in _ps_format_items(spec):
-            name, eq, title = item.partition("=")
-            key = PS_ALIASES.get(name.lower(), name.lower())
-            if key not in PS_COLUMNS:
-                raise Error("ps: unknown user-defined format specifier %s" % go_quote(name))
-            columns.append((key, title if eq else PS_COLUMNS[key][0]))
-    if not any(key == "pid" for key, _ in columns):
-        raise Error("couldn't find PID field in ps output")
-    return columns, header and any(title for _, title in columns)
+            raise Error("ps: unsupported option %s (%s)" % (arg, PS_EMULATED))
+    style = next((s for s in ("u", "bsd", "F", "f") if s in styles), "default")
+    return style, custom, header, {"e", "x"} <= dashed  # -e beside -x is BSD e: environment
 
 
 def _ps_format_items(spec):
@@ -3496,10 +3507,11 @@ def _ps_format_items(spec):
     return items
 
 
-def ps_table(columns, procs, header, now, mem_total):
-    """The ps table text: procps-ng's column widths and alignment, the last column unpadded."""
-    ctx = {"now": now, "mem": mem_total}
-    rows = [[title for _, title in columns]] if header else []
+def ps_table(columns, procs, now, mem_total, env=False):
+    """The ps table text: procps-ng's column widths and alignment, the last column unpadded
+    (env: each command line followed by its environment)."""
+    ctx = {"now": now, "mem": mem_total, "env": env}
+    rows = [[title for _, title in columns]]
     rows += [[str(PS_COLUMNS[key][3](p, ctx)) for key, _ in columns] for p in procs]
     lines = []
     for row in rows:
@@ -3512,6 +3524,11 @@ def ps_table(columns, procs, header, now, mem_total):
             cells.append(cell.rjust(width) if right else cell if last else cell.ljust(width))
         lines.append(" ".join(cells).rstrip() + "\n")
     return "".join(lines)
+
+
+def _ps_args(p, ctx):
+    """The command line, and its environment after it when asked (BSD e)."""
+    return p["args"] + (" " + p["env"] if ctx.get("env") and p.get("env") else "")
 
 
 def _ps_user(uid, numeric_if_long=False):
