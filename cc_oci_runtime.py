@@ -3140,6 +3140,8 @@ def start_container(state):
     status = state.status()
     if status == "stopped":
         raise Error("cannot start a container that has stopped")
+    if status == "paused":
+        raise Error("cannot start a container in the paused state")
     if status != "created":
         raise Error("cannot start an already %s container" % status)
     monitor_request(state, {"op": "start"})
@@ -3343,11 +3345,10 @@ def qmp(state, command):
 
 
 def cmd_pause(args):
-    """pause: stop the container's VM (QMP stop)."""
+    """pause: stop the container's VM (QMP stop); a created one too, as runc freezes it."""
     state = _open_state(args, lock=True)
-    status = state.status()
-    if status != "running":
-        raise Error("container not running" if status != "paused" else "container already paused")
+    if state.status() not in ("created", "running"):
+        raise Error("container not running")
     qmp(state, "stop")
     state.data["paused"] = True
     state.save()
@@ -3642,10 +3643,10 @@ def cmd_events(args):
     interval = _seconds(args.interval)
     if interval <= 0:
         raise Error("duration interval must be greater than 0")
+    if state.status() == "stopped":
+        raise Error("container with id %s is not running" % state.id)
     while True:
-        if state.status() in ("stopped",):
-            if args.stats:
-                raise Error("container not running")
+        if state.status() == "stopped":
             return 0
         print(go_json({"type": "stats", "id": state.id, "data": vm_stats(state)}), flush=True)
         if args.stats:
@@ -3668,6 +3669,8 @@ def _seconds(text):
 def cmd_update(args):
     """update: a VM's resources are fixed at boot; record the request and succeed."""
     state = _open_state(args)
+    if state.status() == "stopped":
+        raise Error("container not running")
     if args.resources:
         raw = _arg_json(args, "resources")
         if not isinstance(raw, dict):

@@ -2265,7 +2265,7 @@ def test_cli_newer_commands_unknown_container(tmp_path, argv):
      "exec failed: cannot exec in a paused container (use --ignore-paused to override)"),
     (["pause", "alive"], "container not running"),
     (["resume", "alive"], "container not paused"),
-    (["events", "--stats", "gone"], "container not running"),
+    (["events", "--stats", "gone"], "container with id gone is not running"),
     (["update", "-r", "RESOURCES", "alive"], "resources: must be a JSON object"),
 ])
 def test_cli_newer_commands_on_fake_containers(tmp_path, argv, message):
@@ -2300,10 +2300,14 @@ def test_cli_update_and_events_without_vm(tmp_path):
     root = tmp_path / "root"
     fake_container(root, "gone", pid=dead_pid(), pid_start=1)
     write_json(tmp_path / "res.json", {"memory": {"limit": 1}})
+    fake_container(root, "alive", **me())
+    r = cli(tmp_path, "--root", root, "update", "-r", tmp_path / "res.json", "alive")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
     r = cli(tmp_path, "--root", root, "update", "-r", tmp_path / "res.json", "gone")
-    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (0, "", "")
-    r = cli(tmp_path, "--root", root, "events", "gone")
-    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (0, "", "")
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (1, "", "container not running\n")
+    r = cli(tmp_path, "--root", root, "events", "gone")  # runc's message
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (
+        1, "", "container with id gone is not running\n")
 
 
 def test_cli_kill_paused_with_sigkill_kills_the_monitor(tmp_path):

@@ -84,6 +84,8 @@ def test_container_commands_match_runc(pair):
     same(pair, "exec", CID, "echo", "in-created")
     same(pair, "exec", "-u", "1000", "-g", "5", "-g", "7", CID, "id")
     same(pair, "kill", CID, "0")
+    for argv in (["pause", CID], ["start", CID], ["pause", CID], ["resume", CID]):
+        same(pair, *argv)  # a created container pauses; start refuses a paused one
     for cli in (runc, ours):
         assert cli("start", CID) == (0, "", "")
     st_theirs, st_mine = runc("state", CID)[1], ours("state", CID)[1]
@@ -111,8 +113,9 @@ def test_container_commands_match_runc(pair):
     for cli in (runc, ours):
         assert cli("kill", CID, "KILL")[0] == 0
         assert _poll(lambda: json.loads(cli("state", CID)[1])["status"] == "stopped")
-    same(pair, "kill", CID, "0")
-    same(pair, "start", CID)
+    for argv in (["kill", CID, "0"], ["start", CID], ["events", "--stats", CID], ["events", CID],
+                 ["update", "--memory", "1000000", CID], ["pause", CID]):
+        same(pair, *argv)
     same(pair, "exec", CID, "true")
     same(pair, "ps", "--format", "json", CID)
     assert table(ours("ps", CID)[1]) == table(runc("ps", CID)[1])  # the header alone
