@@ -3747,7 +3747,8 @@ def _owner_of(path):
 
 def tabwriter(rows, minwidth=12, padding=3):
     """Rows laid out as Go's text/tabwriter does for runc (cells padded, the last one not)."""
-    widths = [max(minwidth, max(len(r[i]) for r in rows) + padding) for i in range(len(rows[0]) - 1)]
+    widths = [max(minwidth, max(len(r[i]) for r in rows) + padding)
+              for i in range(len(rows[0]) - 1)]
     return "".join("".join(c.ljust(w) for c, w in zip(r, widths)) + r[-1] + "\n" for r in rows)
 
 
@@ -3992,7 +3993,8 @@ def build_parser():
     command("start", cmd_start, "start a created container's process")
     run = creating(command("run", cmd_run, "create and start a container, then wait for it"))
     run.add_argument("-d", "--detach", action="store_true", help="do not wait for the container")
-    run.add_argument("--keep", action="store_true", help="do not delete the container after it exits")
+    run.add_argument("--keep", action="store_true",
+                     help="do not delete the container after it exits")
     run.add_argument("--no-subreaper", action="store_true", help="accepted and ignored")
     command("state", cmd_state, "print a container's state as JSON")
     kill = command("kill", cmd_kill, "send a signal to a container's process")

@@ -1941,7 +1941,8 @@ def test_exec_process_file(exec_state, tmp_path):
     (dict(command_args=[]), "process args cannot be empty"),
     (dict(user="root"),
      'parsing root as int for uid failed: strconv.Atoi: parsing "root": invalid syntax'),
-    (dict(user="1:x"), 'parsing x as int for gid failed: strconv.Atoi: parsing "x": invalid syntax'),
+    (dict(user="1:x"),
+     'parsing x as int for gid failed: strconv.Atoi: parsing "x": invalid syntax'),
     (dict(additional_gids=[-1]), "additional-gids must be a positive number -1"),
     (dict(env=["BAD"]), "process.env: 'BAD' is not of the form NAME=VALUE"),
     (dict(cwd="rel"), "process.cwd: must be an absolute path"),
@@ -2214,8 +2215,8 @@ def test_cli_delete_running_needs_force(tmp_path):
         fake_container(root, "c1", pid=sleeper.pid, pid_start=rt.proc_start_time(sleeper.pid),
                        started=True)
         r = cli(tmp_path, "--root", root, "delete", "c1")
-        assert (r.returncode, stderr_text(r.stderr)) == (1, "cannot delete container c1 that is not stopped: "
-                                               "running\n")
+        assert (r.returncode, stderr_text(r.stderr)) == (
+            1, "cannot delete container c1 that is not stopped: running\n")
         assert sleeper.poll() is None and (root / "c1").exists()
         r = cli(tmp_path, "--root", root, "delete", "--force", "c1")
         assert (r.returncode, stderr_text(r.stderr)) == (0, "")
@@ -2380,7 +2381,8 @@ HOST_PS = shutil.which("ps")
 
 
 @pytest.mark.parametrize("obj, compact, indented", [
-    ({"a": [1, 2], "b": None}, '{"a":[1,2],"b":null}', '{\n  "a": [\n    1,\n    2\n  ],\n  "b": null\n}'),
+    ({"a": [1, 2], "b": None}, '{"a":[1,2],"b":null}',
+     '{\n  "a": [\n    1,\n    2\n  ],\n  "b": null\n}'),
     (["<x> & é \u2028"], '["\\u003cx\\u003e \\u0026 é \\u2028"]', None),
     ([], "[]", "[]"),
 ])
@@ -2405,7 +2407,8 @@ def test_log_lines_are_logrus_lines():
     assert log.format_line("error", "container does not exist", "2026-01-02T03:04:05Z") == \
         'time="2026-01-02T03:04:05Z" level=error msg="container does not exist"\n'
     log.configure(None, "json")
-    assert log.format_line("debug", "a<b", "T") == '{"level":"debug","msg":"a\\u003cb","time":"T"}\n'
+    assert log.format_line("debug", "a<b", "T") == \
+        '{"level":"debug","msg":"a\\u003cb","time":"T"}\n'
 
 
 @pytest.mark.parametrize("debug, levels", [(False, ["error"]), (True, ["debug", "info", "warning",
@@ -2436,7 +2439,8 @@ def test_oci_state_omits_empty_annotations(tmp_path):
     st = rt.State(str(tmp_path), "c1")
     st.data = {"pid": 0, "annotations": {}, "created": "2026-01-02T03:04:05.500000000Z"}
     out = st.oci_state()
-    assert list(out) == ["ociVersion", "id", "pid", "status", "bundle", "rootfs", "created", "owner"]
+    assert list(out) == ["ociVersion", "id", "pid", "status", "bundle", "rootfs", "created",
+                         "owner"]
     assert out["created"] == "2026-01-02T03:04:05.5Z"
     st.data["annotations"] = {"k": "v"}
     assert list(st.oci_state())[7:] == ["annotations", "owner"]
@@ -2516,9 +2520,9 @@ def test_ps_environment_with_bsd_e():
     assert rt.ps_table(columns, [proc], 0, 1, env).splitlines()[1].endswith(" sleep 9 A=1")
 
 
-@pytest.mark.parametrize("dev, name", [(0, "?"), ((136 << 8) | 3, "pts/3"), ((4 << 8) | 64, "ttyS0"),
-                                       ((4 << 8) | 1, "tty1"), ((5 << 8) | 1, "console"),
-                                       ((137 << 8) | 2, "pts/258"), ((229 << 8) | 0, "hvc0")])
+@pytest.mark.parametrize("dev, name", [
+    (0, "?"), ((136 << 8) | 3, "pts/3"), ((4 << 8) | 64, "ttyS0"), ((4 << 8) | 1, "tty1"),
+    ((5 << 8) | 1, "console"), ((137 << 8) | 2, "pts/258"), ((229 << 8) | 0, "hvc0")])
 def test_tty_name(dev, name):
     assert rt._tty_name(dev) == name
 

@@ -35,7 +35,7 @@ class Cli:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             p = subprocess.run(self.argv0 + ["--root", self.root] + [str(a) for a in args],
                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, timeout=timeout,
-                               pass_fds=pass_fds, env=ENV)
+                               pass_fds=pass_fds, env=ENV, cwd=os.path.dirname(self.root))
             out.seek(0)
             err.seek(0)
             return p.returncode, out.read().decode(), LOG_TIME.sub('time="T"', err.read().decode())
@@ -106,8 +106,9 @@ def test_container_commands_match_runc(pair):
     _check_process_file_from_fd(pair)
     _check_ps(pair)
     _check_events(pair)
-    for argv in (["list", "-f", "xml"], ["ps", "-f", "xml", CID], ["events", "--interval", "0", CID],
-                 ["resume", CID], ["delete", CID], ["state", "nosuch"], ["--log-format", "xml", "list"]):
+    for argv in (["list", "-f", "xml"], ["ps", "-f", "xml", CID], ["resume", CID], ["delete", CID],
+                 ["events", "--interval", "0", CID], ["state", "nosuch"],
+                 ["--log-format", "xml", "list"]):
         same(pair, *argv)
     assert both(pair, "checkpoint", CID)[1][0] == runc("checkpoint", CID)[0] == 1
     for cli in (runc, ours):
@@ -163,7 +164,8 @@ def _check_process_file_from_fd(pair):
     results = []
     for cli in pair[:2]:
         r, w = os.pipe()
-        os.write(w, json.dumps({"args": ["echo", "from-fd"], "cwd": "/", "env": ["PATH=/bin"]}).encode())
+        process = {"args": ["echo", "from-fd"], "cwd": "/", "env": ["PATH=/bin"]}
+        os.write(w, json.dumps(process).encode())
         os.close(w)
         try:
             results.append(cli("exec", "-p", "/dev/fd/%d" % r, CID, pass_fds=(r,)))
@@ -175,7 +177,8 @@ def _check_process_file_from_fd(pair):
 def _check_ps(pair):
     """ps: the table is ps -ef's (header byte for byte); options after the id are ps's."""
     runc, ours, _ = pair
-    for opts in ([], ["-e", "-x"], ["aux"], ["-o", "pid,comm,stat"], ["-ef"], ["-o", "pid=PID,args=X"]):
+    for opts in ([], ["-e", "-x"], ["aux"], ["-o", "pid,comm,stat"], ["-ef"],
+                 ["-o", "pid=PID,args=X"]):
         t, m = runc("ps", CID, *opts), ours("ps", CID, *opts)
         assert (t[0], m[0], t[2], m[2]) == (0, 0, "", ""), (opts, t, m)
         t_lines, m_lines = t[1].splitlines(), m[1].splitlines()
@@ -193,7 +196,8 @@ def _check_ps(pair):
     for opts in (["-o", "comm"], ["-o", "pid=,args"], ["--no-headers"]):
         same(pair, "ps", CID, *opts)  # no PID in the header: runc cannot filter the rows
     t, m = runc("ps", "--format", "json", CID), ours("ps", "--format", "json", CID)
-    assert t[1] == rt.go_json(json.loads(t[1])) + "\n" and m[1] == rt.go_json(json.loads(m[1])) + "\n"
+    for out in (t[1], m[1]):
+        assert out == rt.go_json(json.loads(out)) + "\n"
 
 
 def _check_events(pair):
