@@ -3669,10 +3669,8 @@ def _seconds(text):
 def cmd_update(args):
     """update: a VM's resources are fixed at boot; record the request and succeed."""
     state = _open_state(args)
-    if state.status() == "stopped":
-        raise Error("container not running")
     if args.resources:
-        raw = _arg_json(args, "resources")
+        raw = read_json(args.resources if args.resources != "-" else "/dev/stdin", "resources")
         if not isinstance(raw, dict):
             raise Error("resources: must be a JSON object")
         LOG.info("update %s: resources %s not applied (the VM's size is fixed at boot)",
@@ -3967,7 +3965,7 @@ def build_parser():
     p.add_argument("--debug", action="store_true", help="log more detail")
     p.add_argument("-v", "--version", action="store_true", help="print the version")
     p.add_argument("--systemd-cgroup", action="store_true", help="accepted and ignored")
-    p.add_argument("--criu", help="accepted and ignored (no checkpoint/restore)")
+    p.add_argument("--criu", help="accepted and ignored")
     p.add_argument("--rootless", help="accepted and ignored")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_class())
 
@@ -4039,10 +4037,10 @@ def build_parser():
     ev.add_argument("--interval", default="5s", help="time between lines (default 5s)")
     up = command("update", cmd_update, "update resources (a VM's size is fixed: logged only)")
     up.add_argument("-r", "--resources", help="resources JSON file, - for stdin")
-    for opt in ("--memory", "--cpu-share", "--cpu-shares", "--cpu-quota", "--cpu-period",
-                "--cpuset-cpus", "--cpuset-mems", "--kernel-memory", "--kernel-memory-tcp",
-                "--memory-swap", "--memory-reservation", "--pids-limit", "--blkio-weight",
-                "--cpu-rt-period", "--cpu-rt-runtime", "--l3-cache-schema", "--mem-bw-schema"):
+    for opt in ("--memory", "--cpu-shares", "--cpu-quota", "--cpu-period", "--cpuset-cpus",
+                "--cpuset-mems", "--kernel-memory", "--memory-swap", "--memory-reservation",
+                "--pids-limit", "--blkio-weight", "--cpu-rt-period", "--cpu-rt-runtime",
+                "--l3-cache-schema", "--mem-bw-schema"):
         up.add_argument(opt, help="accepted and logged")
     command("features", cmd_features, "print the supported features as JSON", with_id=False)
     for name, fn in (("checkpoint", cmd_checkpoint), ("restore", cmd_restore)):
@@ -4078,9 +4076,9 @@ def _help(parser, sub, topic):
 
 
 def _preload_fd_files(args):
-    """Read --process / --resources files given as /dev/fd/N (`-p <(...)`) before the fds
-    they name are closed; the command then reads the content, not the path."""
-    for name in ("process", "resources"):
+    """Read a --process file given as /dev/fd/N (`-p <(...)`) before the fds are closed;
+    exec then reads the content, not the path."""
+    for name in ("process",):
         path = getattr(args, name, None)
         if path and path.startswith(("/dev/fd/", "/proc/self/fd/")):
             try:
