@@ -2729,47 +2729,13 @@ class Agent:
                 self.finished = True
 
 
-def guest_processes():
-    """Every guest process but the agent and kernel threads, in the container's pid numbers:
-    [{pid, ppid, uid, ruid, gid, comm, args, state, tty, cpu (s), start (epoch s), vsz, rss
-    (KiB), nlwp, pgid, sid, nice, env}], sorted by pid."""
-    ticks, page_kb = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE") // 1024
-    with open("/proc/stat") as f:
-        btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
-    raw = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or name == "1":
-            continue
-        try:
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                args = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-            with open("/proc/%s/stat" % name, "rb") as f:
-                head, _, tail = f.read().decode(errors="replace").rpartition(")")
-            with open("/proc/%s/status" % name) as f:
-                status = {k: v.split() for k, _, v in (ln.partition(":") for ln in f)}
-            with open("/proc/%s/environ" % name, "rb") as f:
-                status["env"] = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if args:  # kernel threads have none
-            raw[int(name)] = (args, head.partition("(")[2], tail.split(), status)
-    nspid = {pid: int(st.get("NSpid", [pid])[-1]) for pid, (_, _, _, st) in raw.items()}
-    out = []
-    for pid, (args, comm, f, st) in raw.items():
-        out.append({"pid": nspid[pid], "ppid": nspid.get(int(f[1]), 0), "uid": int(st["Uid"][1]),
-                    "ruid": int(st["Uid"][0]), "gid": int(st["Gid"][1]), "comm": comm,
-                    "args": args, "state": f[0], "tty": int(f[4]),
-                    "cpu": (int(f[11]) + int(f[12])) / ticks, "start": btime + int(f[19]) / ticks,
-                    "vsz": int(f[20]) // 1024, "rss": int(f[21]) * page_kb, "nlwp": int(f[17]),
-                    "pgid": nspid.get(int(f[2]), 0), "sid": nspid.get(int(f[3]), 0),
-                    "nice": int(f[16]), "env": st["env"]})
-    return sorted(out, key=lambda p: p["pid"])
-
-
-def _mem_total_kb():
-    """The guest's MemTotal in KiB (for %MEM)."""
-    with open("/proc/meminfo") as f:
-        return int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal:")))
+def _container_pid(pid):
+    """The pid a guest process has in the container's pid namespace (NSpid's last field)."""
+    try:
+        with open("/proc/%s/status" % pid) as f:
+            return int(next(ln for ln in f if ln.startswith("NSpid:")).split()[-1])
+    except (OSError, StopIteration, ValueError):
+        return int(pid)
 
 
 def _kill_all():
@@ -2895,6 +2861,49 @@ def _home_of(uid, passwd="/etc/passwd"):
     except OSError:
         pass
     return "/"
+
+
+def guest_processes():
+    """Every guest process but the agent and kernel threads, in the container's pid numbers:
+    [{pid, ppid, uid, ruid, gid, comm, args, state, tty, cpu (s), start (epoch s), vsz, rss
+    (KiB), nlwp, pgid, sid, nice, env}], sorted by pid."""
+    ticks, page_kb = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE") // 1024
+    with open("/proc/stat") as f:
+        btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
+    raw = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or name == "1":
+            continue
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                args = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+            with open("/proc/%s/stat" % name, "rb") as f:
+                head, _, tail = f.read().decode(errors="replace").rpartition(")")
+            with open("/proc/%s/status" % name) as f:
+                status = {k: v.split() for k, _, v in (ln.partition(":") for ln in f)}
+            with open("/proc/%s/environ" % name, "rb") as f:
+                status["env"] = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if args:  # kernel threads have none
+            raw[int(name)] = (args, head.partition("(")[2], tail.split(), status)
+    nspid = {pid: int(st.get("NSpid", [pid])[-1]) for pid, (_, _, _, st) in raw.items()}
+    out = []
+    for pid, (args, comm, f, st) in raw.items():
+        out.append({"pid": nspid[pid], "ppid": nspid.get(int(f[1]), 0), "uid": int(st["Uid"][1]),
+                    "ruid": int(st["Uid"][0]), "gid": int(st["Gid"][1]), "comm": comm,
+                    "args": args, "state": f[0], "tty": int(f[4]),
+                    "cpu": (int(f[11]) + int(f[12])) / ticks, "start": btime + int(f[19]) / ticks,
+                    "vsz": int(f[20]) // 1024, "rss": int(f[21]) * page_kb, "nlwp": int(f[17]),
+                    "pgid": nspid.get(int(f[2]), 0), "sid": nspid.get(int(f[3]), 0),
+                    "nice": int(f[16]), "env": st["env"]})
+    return sorted(out, key=lambda p: p["pid"])
+
+
+def _mem_total_kb():
+    """The guest's MemTotal in KiB (for %MEM)."""
+    with open("/proc/meminfo") as f:
+        return int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal:")))
 
 
 # ===========================================================================
