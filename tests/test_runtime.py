@@ -2045,6 +2045,180 @@ def test_default_spec_needs_rootfs(tmp_path):
 
 
 # ===========================================================================
+# 10b. runc-compatible output: Go's JSON, logrus lines, tabwriter, procps tables
+# ===========================================================================
+
+RUNC = shutil.which("runc")
+HOST_PS = shutil.which("ps")
+
+
+@pytest.mark.parametrize("obj, compact, indented", [
+    ({"a": [1, 2], "b": None}, '{"a":[1,2],"b":null}',
+     '{\n  "a": [\n    1,\n    2\n  ],\n  "b": null\n}'),
+    (["<x> & é \u2028"], '["\\u003cx\\u003e \\u0026 é \\u2028"]', None),
+    ([], "[]", "[]"),
+])
+def test_go_json(obj, compact, indented):
+    assert rt.go_json(obj) == compact
+    if indented is not None:
+        assert rt.go_json(obj, indent=2) == indented
+
+
+@pytest.mark.parametrize("text, value", [
+    ("simple-msg_1.2/x@y^z+", "simple-msg_1.2/x@y^z+"), ("", ""), ("two words", '"two words"'),
+    ('say "hi"\n\t\x01', '"say \\"hi\\"\\n\\t\\x01"'), ("é", '"é"'),
+    ("2026-01-02T03:04:05Z", '"2026-01-02T03:04:05Z"'),
+])
+def test_logfmt_value_quotes_as_logrus(text, value):
+    assert rt._logfmt_value(text) == value
+
+
+def test_log_lines_are_logrus_lines():
+    log = rt.Log()
+    log.configure(None, "text")
+    assert log.format_line("error", "container does not exist", "2026-01-02T03:04:05Z") == \
+        'time="2026-01-02T03:04:05Z" level=error msg="container does not exist"\n'
+    log.configure(None, "json")
+    assert log.format_line("debug", "a<b", "T") == \
+        '{"level":"debug","msg":"a\\u003cb","time":"T"}\n'
+
+
+@pytest.mark.parametrize("debug, levels", [(False, ["error"]), (True, ["debug", "info", "warning",
+                                                                         "error"])])
+def test_stderr_without_log_file(capsys, debug, levels):
+    log = rt.Log()
+    log.configure(None, "text", debug=debug)
+    log.stderr = True
+    log.debug("d")
+    log.info("i")
+    log.warning("w")
+    log.error("e")
+    lines = capsys.readouterr().err.splitlines()
+    assert [re.match(r'^time="\S+" level=(\w+) msg=\w$', ln).group(1) for ln in lines] == levels
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("2026-01-02T03:04:05.000000000Z", "2026-01-02T03:04:05Z"),
+    ("2026-01-02T03:04:05.120000000Z", "2026-01-02T03:04:05.12Z"),
+    ("2026-01-02T03:04:05.123456789Z", "2026-01-02T03:04:05.123456789Z"),
+    ("", ""),
+])
+def test_go_time(value, expected):
+    assert rt._go_time(value) == expected
+
+
+def test_oci_state_omits_empty_annotations(tmp_path):
+    st = rt.State(str(tmp_path), "c1")
+    st.data = {"pid": 0, "annotations": {}, "created": "2026-01-02T03:04:05.500000000Z"}
+    out = st.oci_state()
+    assert list(out) == ["ociVersion", "id", "pid", "status", "bundle", "rootfs", "created",
+                         "owner"]
+    assert out["created"] == "2026-01-02T03:04:05.5Z"
+    st.data["annotations"] = {"k": "v"}
+    assert list(st.oci_state())[7:] == ["annotations", "owner"]
+
+
+def test_tabwriter_reproduces_runc_list(tmp_path):
+    rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"),
+            ("a-very-long-container-id", "7", "running", "/b", "2026-01-02T03:04:05Z", "root")]
+    text = rt.tabwriter(rows)
+    assert [ln.split() for ln in text.splitlines()] == [list(r) for r in rows]
+    assert text.splitlines()[1].index("7") == len("a-very-long-container-id") + 3
+    assert text.splitlines()[0].index("STATUS") == 24 + 3 + 12  # PID's column: minwidth 12
+    if RUNC:  # runc's own header for an empty root
+        out = subprocess.run([RUNC, "--root", str(tmp_path), "list"], capture_output=True,
+                             text=True).stdout
+        assert rt.tabwriter([tuple(out.split())]) == out
+
+
+PS_OPTIONS = [[], ["-ef"], ["-e"], ["-x"], ["ax"], ["aux"], ["-F"], ["-efx"], ["a"],
+              ["-o", "pid,comm,stat"], ["-o", "pid=PID,args=Command"], ["o", "pid,ppid,user"],
+              ["--format", "pid,etime,time,nlwp,pgid,sid,ni,vsz,rss,sz,tty,tname,uid,gid,group"],
+              ["-opid,ruser,euser,s,pcpu,pmem,c"]]
+
+
+@pytest.mark.skipif(HOST_PS is None, reason="no ps on the host")
+@pytest.mark.parametrize("opts", PS_OPTIONS, ids=[" ".join(o) or "none" for o in PS_OPTIONS])
+def test_ps_header_is_procps(opts):
+    """The emulated header is the host ps's (procps-ng), which runc prints."""
+    columns, _ = rt.ps_columns(opts)
+    ours = rt.ps_table(columns, [], time.time(), 1)
+    theirs = subprocess.run([HOST_PS] + (opts or ["-ef"]) + ["-p", "1"], capture_output=True,
+                            text=True, env={"PATH": os.environ["PATH"]}).stdout
+    assert ours == theirs.splitlines(True)[0]
+
+
+STABLE = "pid,ppid,uid,user,gid,group,comm,tname,stat,nlwp,pgid,sid,ni,stime,time,args"
+
+
+@pytest.mark.skipif(HOST_PS is None, reason="no ps on the host")
+def test_ps_row_matches_procps_on_a_real_process():
+    """guest_processes() and the table, run on the host: a sleeper's row is ps's own."""
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        time.sleep(0.2)
+        (proc,) = [p for p in rt.guest_processes() if p["pid"] == sleeper.pid]
+        assert proc["args"] == "sleep 60" and proc["comm"] == "sleep" and proc["nlwp"] == 1
+        columns, _ = rt.ps_columns(["-o", STABLE])
+        ours = rt.ps_table(columns, [proc], time.time(), 1)
+        theirs = subprocess.run([HOST_PS, "-o", STABLE, "-p", str(sleeper.pid)],
+                                capture_output=True, text=True).stdout
+        assert ours == theirs
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["-o", "comm"], "couldn't find PID field in ps output"),
+    (["-o", "pid="], "couldn't find PID field in ps output"),
+    (["--no-headers"], "couldn't find PID field in ps output"),
+    (["-o", "pid,bogus"], 'ps: unknown user-defined format specifier "bogus"'),
+    (["-L"], "ps: unsupported option -L (%s)" % rt.PS_EMULATED),
+    (["--forest"], "ps: unsupported option --forest (%s)" % rt.PS_EMULATED),
+    (["-o"], "ps: -o needs a format"),
+])
+def test_ps_columns_errors(opts, message):
+    with pytest.raises(rt.Error) as exc:
+        rt.ps_columns(opts)
+    assert str(exc.value) == message
+
+
+def test_ps_environment_with_bsd_e():
+    assert rt.ps_columns(["-e", "-x"])[1] is True and rt.ps_columns(["-ex"])[1] is True
+    assert rt.ps_columns(["-e"])[1] is False and rt.ps_columns(["x"])[1] is False
+    proc = {"pid": 1, "args": "sleep 9", "env": "A=1", "tty": 0, "cpu": 0, "state": "S"}
+    columns, env = rt.ps_columns(["-e", "-x"])
+    assert rt.ps_table(columns, [proc], 0, 1, env).splitlines()[1].endswith(" sleep 9 A=1")
+
+
+@pytest.mark.parametrize("dev, name", [
+    (0, "?"), ((136 << 8) | 3, "pts/3"), ((4 << 8) | 64, "ttyS0"), ((4 << 8) | 1, "tty1"),
+    ((5 << 8) | 1, "console"), ((137 << 8) | 2, "pts/258"), ((229 << 8) | 0, "hvc0")])
+def test_tty_name(dev, name):
+    assert rt._tty_name(dev) == name
+
+
+@pytest.mark.parametrize("seconds, hours, text", [(0, True, "00:00:00"), (61, True, "00:01:01"),
+                                                  (90061, True, "1-01:01:01"), (59, False, "00:59"),
+                                                  (3601, False, "01:00:01"), (-5, False, "00:00")])
+def test_ps_duration(seconds, hours, text):
+    assert rt._ps_duration(seconds, hours) == text
+
+
+def test_preloaded_process_file_from_an_fd():
+    """exec -p /dev/fd/N reads the file before the inherited fds are closed."""
+    import argparse
+    r, w = os.pipe()
+    os.write(w, b'{"args": ["true"]}')
+    os.close(w)
+    args = argparse.Namespace(process="/dev/fd/%d" % r)
+    rt._preload_fd_files(args)
+    os.close(r)
+    assert rt._arg_json(args, "process") == {"args": ["true"]}
+
+
+# ===========================================================================
 # 11. CLI commands that need no VM (separate processes, --root in tmp_path)
 # ===========================================================================
 
@@ -2368,177 +2542,3 @@ def test_hypervisor_args_text_falls_back_to_the_builtin(tmp_path):
     custom = tmp_path / "hypervisor.args"
     custom.write_text("-name\n@NAME@\n")
     assert rt.hypervisor_args_text({"hypervisor_args": str(custom)}) == "-name\n@NAME@\n"
-
-
-# ===========================================================================
-# 12. runc-compatible output: Go's JSON, logrus lines, tabwriter, procps tables
-# ===========================================================================
-
-RUNC = shutil.which("runc")
-HOST_PS = shutil.which("ps")
-
-
-@pytest.mark.parametrize("obj, compact, indented", [
-    ({"a": [1, 2], "b": None}, '{"a":[1,2],"b":null}',
-     '{\n  "a": [\n    1,\n    2\n  ],\n  "b": null\n}'),
-    (["<x> & é \u2028"], '["\\u003cx\\u003e \\u0026 é \\u2028"]', None),
-    ([], "[]", "[]"),
-])
-def test_go_json(obj, compact, indented):
-    assert rt.go_json(obj) == compact
-    if indented is not None:
-        assert rt.go_json(obj, indent=2) == indented
-
-
-@pytest.mark.parametrize("text, value", [
-    ("simple-msg_1.2/x@y^z+", "simple-msg_1.2/x@y^z+"), ("", ""), ("two words", '"two words"'),
-    ('say "hi"\n\t\x01', '"say \\"hi\\"\\n\\t\\x01"'), ("é", '"é"'),
-    ("2026-01-02T03:04:05Z", '"2026-01-02T03:04:05Z"'),
-])
-def test_logfmt_value_quotes_as_logrus(text, value):
-    assert rt._logfmt_value(text) == value
-
-
-def test_log_lines_are_logrus_lines():
-    log = rt.Log()
-    log.configure(None, "text")
-    assert log.format_line("error", "container does not exist", "2026-01-02T03:04:05Z") == \
-        'time="2026-01-02T03:04:05Z" level=error msg="container does not exist"\n'
-    log.configure(None, "json")
-    assert log.format_line("debug", "a<b", "T") == \
-        '{"level":"debug","msg":"a\\u003cb","time":"T"}\n'
-
-
-@pytest.mark.parametrize("debug, levels", [(False, ["error"]), (True, ["debug", "info", "warning",
-                                                                         "error"])])
-def test_stderr_without_log_file(capsys, debug, levels):
-    log = rt.Log()
-    log.configure(None, "text", debug=debug)
-    log.stderr = True
-    log.debug("d")
-    log.info("i")
-    log.warning("w")
-    log.error("e")
-    lines = capsys.readouterr().err.splitlines()
-    assert [re.match(r'^time="\S+" level=(\w+) msg=\w$', ln).group(1) for ln in lines] == levels
-
-
-@pytest.mark.parametrize("value, expected", [
-    ("2026-01-02T03:04:05.000000000Z", "2026-01-02T03:04:05Z"),
-    ("2026-01-02T03:04:05.120000000Z", "2026-01-02T03:04:05.12Z"),
-    ("2026-01-02T03:04:05.123456789Z", "2026-01-02T03:04:05.123456789Z"),
-    ("", ""),
-])
-def test_go_time(value, expected):
-    assert rt._go_time(value) == expected
-
-
-def test_oci_state_omits_empty_annotations(tmp_path):
-    st = rt.State(str(tmp_path), "c1")
-    st.data = {"pid": 0, "annotations": {}, "created": "2026-01-02T03:04:05.500000000Z"}
-    out = st.oci_state()
-    assert list(out) == ["ociVersion", "id", "pid", "status", "bundle", "rootfs", "created",
-                         "owner"]
-    assert out["created"] == "2026-01-02T03:04:05.5Z"
-    st.data["annotations"] = {"k": "v"}
-    assert list(st.oci_state())[7:] == ["annotations", "owner"]
-
-
-def test_tabwriter_reproduces_runc_list(tmp_path):
-    rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"),
-            ("a-very-long-container-id", "7", "running", "/b", "2026-01-02T03:04:05Z", "root")]
-    text = rt.tabwriter(rows)
-    assert [ln.split() for ln in text.splitlines()] == [list(r) for r in rows]
-    assert text.splitlines()[1].index("7") == len("a-very-long-container-id") + 3
-    assert text.splitlines()[0].index("STATUS") == 24 + 3 + 12  # PID's column: minwidth 12
-    if RUNC:  # runc's own header for an empty root
-        out = subprocess.run([RUNC, "--root", str(tmp_path), "list"], capture_output=True,
-                             text=True).stdout
-        assert rt.tabwriter([tuple(out.split())]) == out
-
-
-PS_OPTIONS = [[], ["-ef"], ["-e"], ["-x"], ["ax"], ["aux"], ["-F"], ["-efx"], ["a"],
-              ["-o", "pid,comm,stat"], ["-o", "pid=PID,args=Command"], ["o", "pid,ppid,user"],
-              ["--format", "pid,etime,time,nlwp,pgid,sid,ni,vsz,rss,sz,tty,tname,uid,gid,group"],
-              ["-opid,ruser,euser,s,pcpu,pmem,c"]]
-
-
-@pytest.mark.skipif(HOST_PS is None, reason="no ps on the host")
-@pytest.mark.parametrize("opts", PS_OPTIONS, ids=[" ".join(o) or "none" for o in PS_OPTIONS])
-def test_ps_header_is_procps(opts):
-    """The emulated header is the host ps's (procps-ng), which runc prints."""
-    columns, _ = rt.ps_columns(opts)
-    ours = rt.ps_table(columns, [], time.time(), 1)
-    theirs = subprocess.run([HOST_PS] + (opts or ["-ef"]) + ["-p", "1"], capture_output=True,
-                            text=True, env={"PATH": os.environ["PATH"]}).stdout
-    assert ours == theirs.splitlines(True)[0]
-
-
-STABLE = "pid,ppid,uid,user,gid,group,comm,tname,stat,nlwp,pgid,sid,ni,stime,time,args"
-
-
-@pytest.mark.skipif(HOST_PS is None, reason="no ps on the host")
-def test_ps_row_matches_procps_on_a_real_process():
-    """guest_processes() and the table, run on the host: a sleeper's row is ps's own."""
-    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    try:
-        time.sleep(0.2)
-        (proc,) = [p for p in rt.guest_processes() if p["pid"] == sleeper.pid]
-        assert proc["args"] == "sleep 60" and proc["comm"] == "sleep" and proc["nlwp"] == 1
-        columns, _ = rt.ps_columns(["-o", STABLE])
-        ours = rt.ps_table(columns, [proc], time.time(), 1)
-        theirs = subprocess.run([HOST_PS, "-o", STABLE, "-p", str(sleeper.pid)],
-                                capture_output=True, text=True).stdout
-        assert ours == theirs
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-
-
-@pytest.mark.parametrize("opts, message", [
-    (["-o", "comm"], "couldn't find PID field in ps output"),
-    (["-o", "pid="], "couldn't find PID field in ps output"),
-    (["--no-headers"], "couldn't find PID field in ps output"),
-    (["-o", "pid,bogus"], 'ps: unknown user-defined format specifier "bogus"'),
-    (["-L"], "ps: unsupported option -L (%s)" % rt.PS_EMULATED),
-    (["--forest"], "ps: unsupported option --forest (%s)" % rt.PS_EMULATED),
-    (["-o"], "ps: -o needs a format"),
-])
-def test_ps_columns_errors(opts, message):
-    with pytest.raises(rt.Error) as exc:
-        rt.ps_columns(opts)
-    assert str(exc.value) == message
-
-
-def test_ps_environment_with_bsd_e():
-    assert rt.ps_columns(["-e", "-x"])[1] is True and rt.ps_columns(["-ex"])[1] is True
-    assert rt.ps_columns(["-e"])[1] is False and rt.ps_columns(["x"])[1] is False
-    proc = {"pid": 1, "args": "sleep 9", "env": "A=1", "tty": 0, "cpu": 0, "state": "S"}
-    columns, env = rt.ps_columns(["-e", "-x"])
-    assert rt.ps_table(columns, [proc], 0, 1, env).splitlines()[1].endswith(" sleep 9 A=1")
-
-
-@pytest.mark.parametrize("dev, name", [
-    (0, "?"), ((136 << 8) | 3, "pts/3"), ((4 << 8) | 64, "ttyS0"), ((4 << 8) | 1, "tty1"),
-    ((5 << 8) | 1, "console"), ((137 << 8) | 2, "pts/258"), ((229 << 8) | 0, "hvc0")])
-def test_tty_name(dev, name):
-    assert rt._tty_name(dev) == name
-
-
-@pytest.mark.parametrize("seconds, hours, text", [(0, True, "00:00:00"), (61, True, "00:01:01"),
-                                                  (90061, True, "1-01:01:01"), (59, False, "00:59"),
-                                                  (3601, False, "01:00:01"), (-5, False, "00:00")])
-def test_ps_duration(seconds, hours, text):
-    assert rt._ps_duration(seconds, hours) == text
-
-
-def test_preloaded_process_file_from_an_fd():
-    """exec -p /dev/fd/N reads the file before the inherited fds are closed."""
-    import argparse
-    r, w = os.pipe()
-    os.write(w, b'{"args": ["true"]}')
-    os.close(w)
-    args = argparse.Namespace(process="/dev/fd/%d" % r)
-    rt._preload_fd_files(args)
-    os.close(r)
-    assert rt._arg_json(args, "process") == {"args": ["true"]}
