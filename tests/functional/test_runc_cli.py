@@ -20,25 +20,37 @@ from conftest import RUNTIME, rt
 RUNC = shutil.which("runc")
 pytestmark = pytest.mark.skipif(RUNC is None, reason="runc is not installed")
 CID = "diff-c1"
-LOG_TIME = re.compile(r'time="[^"]+"')
+NAMES = (CID, "kept", "dbg", "nosuch")
+LOG_TIME = re.compile(r'time="[^"]+"|"time":"[^"]+"')
 ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # ps's width
 
 
 class Cli:
-    """One runtime's command line with a private --root."""
+    """One runtime's command line with a private --root and its own container ids (the same
+    length as the test's): runc's default cgroup path is the id, and a runtime that mirrors
+    it must not share (and freeze) runc's. Its ids in the output read as the test's."""
 
-    def __init__(self, argv0, root):
-        self.argv0, self.root = argv0, root
+    def __init__(self, argv0, root, tag):
+        self.argv0, self.root, self.tag = argv0, root, tag
+
+    def cid(self, name):
+        """This runtime's id for the test's container name."""
+        return name[:-1] + self.tag
 
     def __call__(self, *args, pass_fds=(), timeout=120):
         """(exit code, stdout, stderr) of one call; output through files (monitors keep it)."""
+        ids = {self.cid(n): n for n in NAMES}
+        args = [self.cid(a) if a in NAMES else str(a) for a in args]
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            p = subprocess.run(self.argv0 + ["--root", self.root] + [str(a) for a in args],
+            p = subprocess.run(self.argv0 + ["--root", self.root] + args,
                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, timeout=timeout,
                                pass_fds=pass_fds, env=ENV, cwd=os.path.dirname(self.root))
             out.seek(0)
             err.seek(0)
-            return p.returncode, out.read().decode(), LOG_TIME.sub('time="T"', err.read().decode())
+            texts = [out.read().decode(), LOG_TIME.sub(_no_time, err.read().decode())]
+        for mine, name in ids.items():
+            texts = [t.replace(mine, name) for t in texts]
+        return p.returncode, texts[0], texts[1]
 
 
 @pytest.fixture
@@ -50,12 +62,18 @@ def pair(rootfs, tmp_path):
     conf["root"] = {"path": rootfs, "readonly": False}
     conf["process"].update(terminal=False, args=["sleep", "300"])
     (bundle / "config.json").write_text(json.dumps(conf))
-    runc = Cli([RUNC], str(tmp_path / "runc-root"))
-    ours = Cli([sys.executable, RUNTIME], str(tmp_path / "our-root"))
+    runc = Cli([RUNC], str(tmp_path / "runc-root"), "R")
+    ours = Cli([sys.executable, RUNTIME], str(tmp_path / "our-root"), "O")
     yield runc, ours, str(bundle)
     for cli in (runc, ours):
         for cid in (os.listdir(cli.root) if os.path.isdir(cli.root) else []):
-            cli("delete", "--force", cid)
+            subprocess.run(cli.argv0 + ["--root", cli.root, "delete", "--force", cid],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+
+
+def _no_time(match):
+    """A log line's time, blanked (text or JSON)."""
+    return 'time="T"' if match.group(0).startswith("time=") else '"time":"T"'
 
 
 def both(pair, *args, **kw):
@@ -256,7 +274,7 @@ def test_debug_and_log_formats_match_runc(pair, tmp_path):
         log = tmp_path / name
         assert cli("--log", log, "--log-format", "json", "kill", "nosuch") == \
             (1, "", "container does not exist\n")
-        logs.append(LOG_TIME.sub("", re.sub(r'"time":"[^"]+"', '"time":"T"', log.read_text())))
+        logs.append(LOG_TIME.sub(_no_time, log.read_text()))
     assert logs[1] == logs[0] == '{"level":"error","msg":"container does not exist","time":"T"}\n'
     for fmt in ("text", "json"):
         same(pair, "--log-format", fmt, "kill", "nosuch")
