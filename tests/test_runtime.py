@@ -2218,6 +2218,55 @@ def test_preloaded_process_file_from_an_fd():
     assert rt._arg_json(args, "process") == {"args": ["true"]}
 
 
+RUNC_FLAG_LINE = re.compile(r"^ {3}(-{1,2}[\w-]+(?: value)?(?:, -{1,2}[\w-]+(?: value)?)*)(?: {2,}|$)")
+RUNC_COMMANDS = ["create", "run", "start", "state", "kill", "delete", "list", "ps", "exec", "pause",
+                 "resume", "events", "update", "spec", "features", "checkpoint", "restore"]
+NOT_YET_HERE = {("update", "--cpu-share")}  # comes with the resources work on main
+
+
+def runc_flags(*command):
+    """[(flag, takes a value)] from `runc [COMMAND] --help`, and whether it lists options."""
+    out = subprocess.run([RUNC] + list(command) + ["--help"], capture_output=True,
+                         text=True).stdout
+    flags = []
+    for line in out.splitlines():
+        m = RUNC_FLAG_LINE.match(line)
+        if m:
+            for item in m.group(1).split(", "):
+                name, _, value = item.partition(" ")
+                flags.append((name, bool(value)))
+    return flags, "OPTIONS:" in out
+
+
+@pytest.mark.skipif(RUNC is None, reason="runc is not installed")
+@pytest.mark.parametrize("command", [None] + RUNC_COMMANDS)
+def test_every_runc_flag_is_accepted(command):
+    """Each flag `runc [COMMAND] --help` lists is an option here, taking a value as runc's."""
+    parser = rt.build_parser()
+    if command is not None:
+        sub = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"][0]
+        parser = sub.choices[command]
+    flags, listed = runc_flags(*([command] if command else []))
+    assert bool(flags) == listed, "runc %s --help: options not read" % command
+    missing, wrong = set(), []
+    for flag, takes_value in flags:
+        action = parser._option_string_actions.get(flag)
+        if action is None:
+            missing.add((command, flag))
+        elif flag not in ("-h", "--help") and (action.nargs != 0) != takes_value:
+            wrong.append(flag)
+    assert missing <= NOT_YET_HERE and not wrong, (missing, wrong)
+
+
+@pytest.mark.skipif(RUNC is None, reason="runc is not installed")
+def test_every_runc_command_exists():
+    out = subprocess.run([RUNC, "--help"], capture_output=True, text=True).stdout
+    listed = re.findall(r"^ {3}([a-z]+)(?:, ([a-z]+))? {2,}", out.split("COMMANDS:")[1], re.M)
+    names = {n for pair in listed for n in pair if n}
+    assert names and names <= set(HELP_COMMANDS) | {"h"}
+    assert set(RUNC_COMMANDS) <= names
+
+
 # ===========================================================================
 # 11. CLI commands that need no VM (separate processes, --root in tmp_path)
 # ===========================================================================
