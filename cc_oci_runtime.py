@@ -3955,10 +3955,38 @@ def _parser_class():
             self.print_usage(sys.stderr)
             if message.startswith("argument COMMAND: invalid choice: "):
                 name = message.split(": ", 2)[2].split(" (choose", 1)[0].strip("'")
-                sys.stderr.write("No help topic for '%s'\n" % name)
-                self.exit(3)
-            self.exit(1, "%s: error: %s\n" % (self.prog, message))
+                message, code = "No help topic for '%s'" % name, 3
+                sys.stderr.write(message + "\n")
+            else:
+                code = 1
+                sys.stderr.write("%s: error: %s\n" % (self.prog, message))
+            raise UsageExit(code, message)
     return Parser
+
+
+class UsageExit(SystemExit):
+    """A bad command line (argparse's exit), carrying its message for the --log file."""
+
+    def __init__(self, code, message):
+        super().__init__(code)
+        self.message = message
+
+
+def _log_usage_error(argv, message):
+    """Write a usage error to the --log file the command line names (an engine reads it)."""
+    opts, i = {"--log": None, "--log-format": "text"}, 0
+    while i < len(argv) and argv[i].startswith("-"):  # the global options, up to the command
+        name, eq, value = argv[i].partition("=")
+        if not eq and name in GLOBAL_VALUE_OPTIONS:
+            value, i = (argv[i + 1] if i + 1 < len(argv) else None), i + 1
+        opts[name] = value
+        i += 1
+    if opts["--log"]:
+        LOG.configure(opts["--log"], "json" if opts["--log-format"] == "json" else "text")
+        LOG.error(message)
+
+
+GLOBAL_VALUE_OPTIONS = ("--root", "--log", "--log-format", "--global-log", "--criu", "--rootless")
 
 
 def build_parser():
@@ -4113,7 +4141,11 @@ def main(argv=None):
     if os.getpid() == 1 and argv is None:
         agent_main()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageExit as e:
+        _log_usage_error(sys.argv[1:] if argv is None else argv, e.message)
+        return e.code
     if argv is None:
         _preload_fd_files(args)
         _close_inherited_fds(3 + (getattr(args, "preserve_fds", 0) or 0))

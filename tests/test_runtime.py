@@ -2258,6 +2258,25 @@ def test_every_runc_flag_is_accepted(command):
     assert missing <= NOT_YET_HERE and not wrong, (missing, wrong)
 
 
+@pytest.mark.parametrize("argv, code", [(["state"], 1), (["exec", "-g", "x", "c1", "id"], 1),
+                                         (["bogus"], 3)])
+def test_usage_errors_reach_the_log_file(tmp_path, argv, code):
+    """As runc's: one JSON error line in --log (engines read it), the exit code runc gives."""
+    log = tmp_path / "log.json"
+    r = cli(tmp_path, "--root", tmp_path, "--log", log, "--log-format=json", *argv)
+    assert r.returncode == code and r.stdout == ""
+    (line,) = log_lines(log)
+    record = json.loads(line)
+    assert list(record) == ["level", "msg", "time"] and record["level"] == "error"
+    assert record["msg"] in r.stderr
+    if RUNC:
+        runc_log = tmp_path / "runc.json"
+        rr = subprocess.run([RUNC, "--root", str(tmp_path / "runc"), "--log", str(runc_log),
+                             "--log-format=json"] + argv, capture_output=True, text=True)
+        assert rr.returncode == code
+        assert list(json.loads(runc_log.read_text())) == list(record)
+
+
 @pytest.mark.skipif(RUNC is None, reason="runc is not installed")
 def test_every_runc_command_exists():
     out = subprocess.run([RUNC, "--help"], capture_output=True, text=True).stdout
