@@ -4100,6 +4100,51 @@ def build_parser():
     return p
 
 
+GO_TRUE = ("1", "t", "T", "true", "TRUE", "True")
+GO_FALSE = ("0", "f", "F", "false", "FALSE", "False")
+
+
+def go_style_argv(argv, parser):
+    """argv with Go's flag forms made argparse's: -name for --name, and --flag=true/false for a
+    boolean (runc's urfave/cli takes both). Options of exec and ps after the id are left alone."""
+    out, current, args = [], parser, list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            return out + [arg] + args
+        name, eq, value = arg.partition("=")
+        one_dash = name[:1] == "-" and name[1:2] not in ("-", "") and len(name) > 2
+        long = "-" + name if one_dash else name
+        action = current._option_string_actions.get(long) if long[:1] == "-" else None
+        if action is None:
+            out.append(arg)
+            if arg.startswith("-"):
+                continue
+            if current is parser:  # the command
+                current = _subcommand(parser, arg) or parser
+            elif current.prog.split()[-1] in ("exec", "ps"):
+                return out + args  # the id: the process's (or ps's) own arguments follow
+            continue
+        if action.nargs == 0 and eq:  # a boolean given a value
+            if value in GO_TRUE:
+                out.append(long)
+            elif value not in GO_FALSE:
+                out.append(arg)
+            continue
+        out.append(long + eq + value)
+        if action.nargs != 0 and not eq and args:
+            out.append(args.pop(0))
+    return out
+
+
+def _subcommand(parser, name):
+    """The sub-command parser for name, or None."""
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            return action.choices.get(name)
+    return None
+
+
 def _help(parser, sub, topic):
     """help [COMMAND]: the program's or one command's help on stdout, as `runc help`."""
     if topic is None:
@@ -4141,12 +4186,14 @@ def main(argv=None):
     if os.getpid() == 1 and argv is None:
         agent_main()
     parser = build_parser()
+    argv_given = argv
+    argv = go_style_argv(sys.argv[1:] if argv is None else argv, parser)
     try:
         args = parser.parse_args(argv)
     except UsageExit as e:
-        _log_usage_error(sys.argv[1:] if argv is None else argv, e.message)
+        _log_usage_error(argv, e.message)
         return e.code
-    if argv is None:
+    if argv_given is None:
         _preload_fd_files(args)
         _close_inherited_fds(3 + (getattr(args, "preserve_fds", 0) or 0))
     if args.log_format not in ("text", "json"):
