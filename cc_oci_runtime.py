@@ -153,6 +153,58 @@ def _now_rfc3339():
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + ".%09dZ" % (ns % 10**9)
 
 
+def _go_time(rfc3339):
+    """An RFC 3339 time as Go's time.Time marshals it: trailing zeros of the fraction dropped."""
+    head, dot, frac = rfc3339.partition(".")
+    if not dot or not frac.endswith("Z"):
+        return rfc3339
+    digits = frac[:-1].rstrip("0")
+    return head + ("." + digits if digits else "") + "Z"
+
+
+def _log_time():
+    """The time of a log line as runc's logrus writes it: RFC 3339 in seconds, local time."""
+    now = time.localtime()
+    off = now.tm_gmtoff or 0
+    zone = "Z" if off == 0 else "%s%02d:%02d" % ("+" if off > 0 else "-", abs(off) // 3600,
+                                                 abs(off) % 3600 // 60)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", now) + zone
+
+
+def _logfmt_value(text):
+    """A logrus text-format value: bare when it is made of safe characters, else Go-quoted."""
+    if all(c.isascii() and (c.isalnum() or c in "-._/@^+") for c in text):
+        return text
+    return go_quote(text)
+
+
+def go_quote(text):
+    """A string quoted as Go's %q does (JSON-like escapes, \\x for other control bytes)."""
+    out = []
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif c in "\a\b\f\n\r\t\v":
+            out.append("\\" + "abfnrtv"["\a\b\f\n\r\t\v".index(c)])
+        elif ord(c) < 0x20 or ord(c) == 0x7f:
+            out.append("\\x%02x" % ord(c))
+        elif not c.isprintable() and ord(c) > 0x7f:
+            out.append("\\u%04x" % ord(c) if ord(c) < 0x10000 else "\\U%08x" % ord(c))
+        else:
+            out.append(c)
+    return '"%s"' % "".join(out)
+
+
+def go_json(obj, indent=None):
+    """JSON as Go's encoding/json writes it: compact (or indented), UTF-8, <>& escaped."""
+    text = json.dumps(obj, ensure_ascii=False, indent=indent,
+                      separators=(",", ": ") if indent is not None else (",", ":"))
+    for c, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                   ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(c, esc)
+    return text
+
+
 def write_atomic(path, data, mode=0o644):
     """Write data to path through a temp file, fsync and rename."""
     if isinstance(data, str):
@@ -241,19 +293,22 @@ def prctl(option, arg):
 
 
 def parse_signal(value):
-    """A signal number from a name (KILL, SIGKILL, kill) or a number, as runc accepts."""
+    """A signal number from a name (KILL, SIGKILL, kill) or a number, as runc accepts.
+
+    0 is the liveness check; a number the kernel has no signal for fails as runc's kill(2)."""
     text = str(value).strip()
-    if text.isascii() and text.isdigit():
+    body = text[1:] if text[:1] == "-" else text
+    if body.isascii() and body.isdigit():
         num = int(text)
-        if 0 < num < signal.NSIG:
+        if 0 <= num < signal.NSIG:
             return num
-    else:
-        name = text.upper()
-        name = name if name.startswith("SIG") else "SIG" + name
-        sig = getattr(signal.Signals, name, None) if name.isidentifier() else None
-        if isinstance(sig, signal.Signals):
-            return int(sig)
-    raise Error("invalid signal: %s" % value)
+        raise Error("unable to signal init: invalid argument")
+    name = text.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    sig = getattr(signal.Signals, name, None) if name.isidentifier() else None
+    if isinstance(sig, signal.Signals):
+        return int(sig)
+    raise Error("unknown signal %s" % go_quote(str(value)))
 
 
 def exit_status(wait_status):
@@ -307,23 +362,27 @@ class Log:
         self._emit("error", msg)
 
     def format_line(self, level, msg, when=None):
-        """One line of the --log file in the configured format."""
-        when = when or _now_rfc3339()
+        """One line of the --log file in the configured format (runc's logrus text or JSON)."""
+        when = when or _log_time()
         if self.fmt == "json":
-            return json.dumps({"level": level, "msg": msg, "time": when}) + "\n"
-        return "time=%s level=%s msg=%s\n" % (when, level, json.dumps(msg))
+            return go_json({"level": level, "msg": msg, "time": when}) + "\n"
+        return "time=%s level=%s msg=%s\n" % (_logfmt_value(when), level, _logfmt_value(msg))
 
     def _emit(self, level, msg):
-        """Write one event to the log, the global log and (debug) stderr."""
-        when = _now_rfc3339()
+        """Write one event to the log, the global log, or stderr when there is no --log.
+
+        Without --log runc's logrus writes to stderr; here only errors go there, and every
+        level with --debug (a create's stderr is the container's: keep it clean)."""
+        when = _log_time()
         if self.path:
             self._append(self.path, self.format_line(level, msg, when), level, msg)
+        elif self.stderr and (level == "error" or self.debug_enabled):
+            sys.stderr.write(self.format_line(level, msg, when))
+            sys.stderr.flush()
         if self.global_path:
-            line = "%s %s[%d] %s %s: %s\n" % (when, PROG, os.getpid(), level,
+            line = "%s %s[%d] %s %s: %s\n" % (_now_rfc3339(), PROG, os.getpid(), level,
                                              self.container_id or "-", msg)
             self._append(self.global_path, line, level, msg)
-        if self.stderr and level == "debug":
-            sys.stderr.write("%s: %s\n" % (PROG, msg))
 
     def _append(self, path, line, level, msg):
         """Append a line to path, falling back to syslog."""
@@ -453,11 +512,14 @@ class State:
         """The runtime-spec state object (runc's fields)."""
         d = self.data
         status = self.status()
-        return {"ociVersion": d.get("ociVersion", OCI_VERSION), "id": self.id,
-                "pid": d.get("pid", 0) if status != "stopped" else 0, "status": status,
-                "bundle": d.get("bundle", ""), "rootfs": d.get("rootfs", ""),
-                "created": d.get("created", ""), "annotations": d.get("annotations", {}),
-                "owner": ""}
+        out = {"ociVersion": d.get("ociVersion", OCI_VERSION), "id": self.id,
+               "pid": d.get("pid", 0) if status != "stopped" else 0, "status": status,
+               "bundle": d.get("bundle", ""), "rootfs": d.get("rootfs", ""),
+               "created": _go_time(d.get("created", "")), "annotations": d.get("annotations"),
+               "owner": ""}
+        if not out["annotations"]:  # omitted when empty, as runc does
+            del out["annotations"]
+        return out
 
     def remove(self):
         """Delete the container's directory and everything in it."""
@@ -3418,18 +3480,8 @@ class Agent:
         return None
 
     def _op_ps(self, _msg):
-        """The container's processes in the guest: [pid, command line] (not the agent)."""
-        procs = []
-        for name in os.listdir("/proc"):
-            if name.isdigit() and int(name) > 1:
-                try:
-                    with open("/proc/%s/cmdline" % name, "rb") as f:
-                        cmd = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
-                    continue
-                if cmd:  # kernel threads have none
-                    procs.append([_container_pid(name), cmd])
-        return {"op": "ps", "processes": sorted(procs)}
+        """The container's processes in the guest (not the agent), for the host's ps table."""
+        return {"op": "ps", "processes": guest_processes(), "mem_total": _mem_total_kb()}
 
     # -- processes ---------------------------------------------------------
     def _spawn(self, num, proc, exe):
@@ -3677,15 +3729,6 @@ def guest_cgroup_stats():
         except OSError:
             pass
     return out
-
-
-def _container_pid(pid):
-    """The pid a guest process has in the container's pid namespace (NSpid's last field)."""
-    try:
-        with open("/proc/%s/status" % pid) as f:
-            return int(next(ln for ln in f if ln.startswith("NSpid:")).split()[-1])
-    except (OSError, StopIteration, ValueError):
-        return int(pid)
 
 
 def _kill_all():
@@ -4088,7 +4131,10 @@ def finalize_process(p, seccomp=None):
             _cap_mask(caps["inheritable"]))
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     for cap in cap_numbers(caps["ambient"]):
-        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
+        try:  # not permitted and inheritable: runc ignores the failure, and so do we
+            _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
+        except OSError:
+            pass
     os.umask(p["umask"] if p.get("umask") is not None else 0o022)
     if seccomp and nnp:
         install_seccomp(seccomp)
@@ -4105,6 +4151,49 @@ def _home_of(uid, passwd="/etc/passwd"):
     except OSError:
         pass
     return "/"
+
+
+def guest_processes():
+    """Every guest process but the agent and kernel threads, in the container's pid numbers:
+    [{pid, ppid, uid, ruid, gid, comm, args, state, tty, cpu (s), start (epoch s), vsz, rss
+    (KiB), nlwp, pgid, sid, nice, env}], sorted by pid."""
+    ticks, page_kb = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE") // 1024
+    with open("/proc/stat") as f:
+        btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
+    raw = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or name == "1":
+            continue
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                args = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+            with open("/proc/%s/stat" % name, "rb") as f:
+                head, _, tail = f.read().decode(errors="replace").rpartition(")")
+            with open("/proc/%s/status" % name) as f:
+                status = {k: v.split() for k, _, v in (ln.partition(":") for ln in f)}
+            with open("/proc/%s/environ" % name, "rb") as f:
+                status["env"] = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if args:  # kernel threads have none
+            raw[int(name)] = (args, head.partition("(")[2], tail.split(), status)
+    nspid = {pid: int(st.get("NSpid", [pid])[-1]) for pid, (_, _, _, st) in raw.items()}
+    out = []
+    for pid, (args, comm, f, st) in raw.items():
+        out.append({"pid": nspid[pid], "ppid": nspid.get(int(f[1]), 0), "uid": int(st["Uid"][1]),
+                    "ruid": int(st["Uid"][0]), "gid": int(st["Gid"][1]), "comm": comm,
+                    "args": args, "state": f[0], "tty": int(f[4]),
+                    "cpu": (int(f[11]) + int(f[12])) / ticks, "start": btime + int(f[19]) / ticks,
+                    "vsz": int(f[20]) // 1024, "rss": int(f[21]) * page_kb, "nlwp": int(f[17]),
+                    "pgid": nspid.get(int(f[2]), 0), "sid": nspid.get(int(f[3]), 0),
+                    "nice": int(f[16]), "env": st["env"]})
+    return sorted(out, key=lambda p: p["pid"])
+
+
+def _mem_total_kb():
+    """The guest's MemTotal in KiB (for %MEM)."""
+    with open("/proc/meminfo") as f:
+        return int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal:")))
 
 
 # ===========================================================================
@@ -4364,6 +4453,8 @@ def start_container(state):
     status = state.status()
     if status == "stopped":
         raise Error("cannot start a container that has stopped")
+    if status == "paused":
+        raise Error("cannot start a container in the paused state")
     if status != "created":
         raise Error("cannot start an already %s container" % status)
     monitor_request(state, {"op": "start"})
@@ -4412,17 +4503,22 @@ def cmd_run(args):
     if args.detach:
         return 0
     state.unlock()
-    return _wait_foreground(state, monitor_pid)
+    return _wait_foreground(state, monitor_pid, keep=args.keep)
 
 
-def _wait_foreground(state, monitor_pid):
-    """Wait for the monitor (signals forwarded), delete the container; the workload's status."""
+def _wait_foreground(state, monitor_pid, keep=False):
+    """Wait for the monitor (signals forwarded), delete the container (unless keep: it stays
+    stopped, as runc run --keep leaves it); the workload's status."""
     code = _wait_child(monitor_pid, state.data.get("terminal"))
     record = state.exit_record()
     if record is not None:
         code = record["status"]
     state.lock()
-    delete_container(state, force=True)
+    if keep:
+        _kill_container(state)
+        state.unlock()
+    else:
+        delete_container(state, force=True)
     return code
 
 
@@ -4446,26 +4542,56 @@ def _raw_terminal():
     return lambda: termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
+def _arg_json(args, name):
+    """The JSON of a file option (- for stdin; a /dev/fd/N file read before fds were closed)."""
+    data = getattr(args, name + "_data", None)
+    if data is None:
+        path = getattr(args, name)
+        return read_json(path if path != "-" else "/dev/stdin", name)
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Error("%s: %s: invalid JSON: %s" % (name, getattr(args, name), e)) from None
+
+
+def _go_atoi(text, what):
+    """An integer as Go's strconv.Atoi reads it, with runc's message when it is not one."""
+    body = text[1:] if text[:1] in "+-" else text
+    if not (body.isascii() and body.isdigit()):
+        raise Error('parsing %s as int for %s failed: strconv.Atoi: parsing %s: invalid syntax'
+                    % (text, what, go_quote(text)))
+    return int(text)
+
+
+def _exec_user(user, gid):
+    """(uid, gid) from exec's --user uid[:gid]; the process's gid stays without :gid (runc)."""
+    uid_text, sep, gid_text = user.partition(":")
+    if sep:
+        gid = _go_atoi(gid_text, "gid")
+    return _go_atoi(uid_text, "uid"), gid
+
+
 def exec_process(args, state):
     """The process to exec: --process FILE, or the container's own with args and overrides."""
     if args.process:
-        raw = read_json(args.process if args.process != "-" else "/dev/stdin", "process")
+        raw = _arg_json(args, "process")
         process = parse_process(raw, "process")
     else:
         if not args.command_args:
-            raise Error("exec: a command or --process is required")
+            raise Error("process args cannot be empty")
         base = dict(state.data.get("process") or {"env": [], "cwd": "/", "uid": 0, "gid": 0})
         base.update(args=args.command_args, terminal=False, consoleSize={"height": 0, "width": 0})
         base["env"] = list(base.get("env", [])) + list(args.env or [])
         if args.cwd:
             base["cwd"] = args.cwd
         if args.user:
-            uid, _, gid = args.user.partition(":")
-            if not uid.isdigit() or (gid and not gid.isdigit()):
-                raise Error("exec: --user must be uid[:gid] in numbers: %s" % args.user)
-            base["uid"], base["gid"] = int(uid), int(gid or 0)
-        raw = dict(base, user={"uid": base["uid"], "gid": base["gid"],
-                               "additionalGids": base.get("additionalGids", []),
+            base["uid"], base["gid"] = _exec_user(args.user, base.get("gid", 0))
+        gids = list(base.get("additionalGids", []))
+        for gid in args.additional_gids or []:
+            if gid < 0:
+                raise Error("additional-gids must be a positive number %d" % gid)
+            gids.append(gid)
+        raw = dict(base, user={"uid": base["uid"], "gid": base["gid"], "additionalGids": gids,
                                "umask": base.get("umask")})
         process = parse_process(raw, "process")
     if args.tty:
@@ -4479,7 +4605,9 @@ def cmd_exec(args):
     """exec: run another process in the container's VM."""
     state = _open_state(args)
     status = state.status()
-    if status != "running":
+    if status == "paused" and not args.ignore_paused:
+        raise Error("cannot exec in a paused container (use --ignore-paused to override)")
+    if status not in ("created", "running", "paused"):
         raise Error("cannot exec in a %s container" % status)
     process = exec_process(args, state)
     if process["terminal"] and not args.console_socket and args.detach:
@@ -4533,11 +4661,10 @@ def qmp(state, command):
 
 
 def cmd_pause(args):
-    """pause: stop the container's VM (QMP stop)."""
+    """pause: stop the container's VM (QMP stop); a created one too, as runc freezes it."""
     state = _open_state(args, lock=True)
-    status = state.status()
-    if status != "running":
-        raise Error("container not running" if status != "paused" else "container already paused")
+    if state.status() not in ("created", "running"):
+        raise Error("container not running")
     qmp(state, "stop")
     state.data["paused"] = True
     state.save()
@@ -4556,21 +4683,247 @@ def cmd_resume(args):
 
 
 def cmd_ps(args):
-    """ps: the guest's processes (table), or the host pids of monitor and QEMU (json).
+    """ps: the guest's processes as a ps table (ps options emulated), or the host pids of the
+    monitor and QEMU (json).
 
     Engines read the json pids as host processes (docker top runs the host's ps on them),
     and on the host a container is its monitor and its VM."""
+    if args.format not in ("table", "json"):
+        raise Error("invalid format option")
     state = _open_state(args)
-    if state.status() not in ("running", "created", "paused"):
-        raise Error("container not running")
+    status = state.status()
     if args.format == "json":
-        print(json.dumps([state.data["pid"], state.data["vm"]["qemu_pid"]]))
+        pids = [state.data["pid"], state.data["vm"].get("qemu_pid")] if status != "stopped" else []
+        print(go_json([p for p in pids if p] or None))
         return
-    if state.status() == "paused":
+    columns, env = ps_columns(args.ps_args)
+    if status == "stopped":
+        procs, mem_total = [], 1
+    elif status == "paused":
         raise Error("container is paused: its processes cannot be listed")
-    print("%-7s %s" % ("PID", "CMD"))
-    for pid, cmd in monitor_request(state, {"op": "ps"})["processes"]:
-        print("%-7d %s" % (pid, cmd))
+    else:
+        reply = monitor_request(state, {"op": "ps"})
+        procs, mem_total = reply["processes"], reply.get("mem_total") or 1
+    sys.stdout.write(ps_table(columns, procs, time.time(), mem_total, env))
+
+
+# name: (header, width, right-aligned?, value(process, context)); widths are procps-ng's
+PS_COLUMNS = {
+    "pid": ("PID", 5, True, lambda p, c: p["pid"]),
+    "ppid": ("PPID", 5, True, lambda p, c: p["ppid"]),
+    "uid": ("UID", 5, True, lambda p, c: p["uid"]),
+    "uid_hack": ("UID", 8, False, lambda p, c: _ps_user(p["uid"], numeric_if_long=True)),
+    "user": ("USER", 8, False, lambda p, c: _ps_user(p["uid"])),
+    "euser": ("EUSER", 8, False, lambda p, c: _ps_user(p["uid"])),
+    "ruser": ("RUSER", 8, False, lambda p, c: _ps_user(p.get("ruid", p["uid"]))),
+    "gid": ("GID", 5, True, lambda p, c: p["gid"]),
+    "group": ("GROUP", 8, False, lambda p, c: _ps_group(p["gid"])),
+    "comm": ("COMMAND", 15, False, lambda p, c: p["comm"]),
+    "ucmd": ("CMD", 15, False, lambda p, c: p["comm"]),
+    "args": ("COMMAND", 27, False, lambda p, c: _ps_args(p, c)),
+    "cmd": ("CMD", 27, False, lambda p, c: p["args"]),
+    "c": ("C", 2, True, lambda p, c: min(99, int(_ps_share(p, c)))),
+    "pcpu": ("%CPU", 4, True, lambda p, c: "%.1f" % _ps_share(p, c)),
+    "pmem": ("%MEM", 4, True, lambda p, c: "%.1f" % (p.get("rss", 0) * 100.0 / c["mem"])),
+    "stime": ("STIME", 5, True, lambda p, c: _ps_stime(p["start"], c["now"])),
+    "start_time": ("START", 5, True, lambda p, c: _ps_stime(p["start"], c["now"])),
+    "start": ("STARTED", 8, True, lambda p, c: _ps_started(p["start"], c["now"])),
+    "bsdstart": ("START", 5, True, lambda p, c: _ps_started(p["start"], c["now"], bsd=True)),
+    "tname": ("TTY", 8, False, lambda p, c: _tty_name(p.get("tty", 0))),
+    "tty": ("TT", 8, False, lambda p, c: _tty_name(p.get("tty", 0))),
+    "time": ("TIME", 8, True, lambda p, c: _ps_duration(p.get("cpu", 0), hours=True)),
+    "bsdtime": ("TIME", 6, True, lambda p, c: "%3d:%02d" % divmod(int(p.get("cpu", 0)), 60)),
+    "etime": ("ELAPSED", 11, True, lambda p, c: _ps_duration(c["now"] - p["start"])),
+    "stat": ("STAT", 4, False, lambda p, c: _ps_stat(p)),
+    "s": ("S", 1, False, lambda p, c: p.get("state", "?")),
+    "rss": ("RSS", 5, True, lambda p, c: p.get("rss", 0)),
+    "vsz": ("VSZ", 6, True, lambda p, c: p.get("vsz", 0)),
+    "sz": ("SZ", 5, True, lambda p, c: p.get("vsz", 0) // 4),
+    "nlwp": ("NLWP", 4, True, lambda p, c: p.get("nlwp", 1)),
+    "pgid": ("PGID", 5, True, lambda p, c: p.get("pgid", 0)),
+    "sid": ("SID", 5, True, lambda p, c: p.get("sid", 0)),
+    "ni": ("NI", 3, True, lambda p, c: p.get("nice", 0)),
+    "psr": ("PSR", 3, True, lambda p, c: 0),
+}
+PS_ALIASES = {"euid": "uid", "uname": "user", "egid": "gid", "egroup": "group",
+              "ucomm": "comm", "command": "args", "%cpu": "pcpu", "%mem": "pmem",
+              "tt": "tty", "cputime": "time", "state": "s", "rssize": "rss", "rsz": "rss",
+              "vsize": "vsz", "thcount": "nlwp", "pgrp": "pgid", "sess": "sid", "session": "sid",
+              "nice": "ni"}
+PS_FORMATS = {"default": "pid,tname,time,ucmd",
+              "f": "uid_hack,pid,ppid,c,stime,tname,time,cmd",
+              "F": "uid_hack,pid,ppid,c,sz,rss,psr,stime,tname,time,cmd",
+              "u": "user,pid,pcpu,pmem,vsz,rss,tname,stat,bsdstart,bsdtime,args",
+              "bsd": "pid,tname,stat,bsdtime,args"}
+PS_SELECTION = set("eAadgNrxTw")  # process selection and width: every container process is listed
+PS_EMULATED = "emulated: -e -A -a -x -f -F -o FORMAT, BSD a x u"
+
+
+def ps_columns(argv):
+    """The columns ([(key, title)]) for the ps options in argv, and whether the command
+    lines carry the environment.
+
+    runc runs the host's ps with these and keeps the container's lines; the guest has no ps,
+    so the common options are emulated: selection (-e -A -a -x ax ...) lists every process,
+    formats -f -F u, -o/o/--format FORMAT (with =HEADER). As with runc, the header must
+    have a PID column (--no-headers or pid= fail: runc finds the pids through it)."""
+    style, custom, header, env = _ps_options(list(argv) or ["-ef"])
+    specs = custom or [PS_FORMATS[style]]
+    columns = []
+    for spec in specs:
+        for item in _ps_format_items(spec):
+            name, eq, title = item.partition("=")
+            key = PS_ALIASES.get(name.lower(), name.lower())
+            if key not in PS_COLUMNS:
+                raise Error("ps: unknown user-defined format specifier %s" % go_quote(name))
+            columns.append((key, title if eq else PS_COLUMNS[key][0]))
+    if not header or "PID" not in [title for _, title in columns]:
+        raise Error("couldn't find PID field in ps output")  # runc finds it in the header
+    return columns, env
+
+
+def _ps_options(args):
+    """(format style, custom formats, header?) from ps options, as procps-ng picks them:
+    -o wins, then BSD u, then BSD a/x (even -x), then -f/-F."""
+    styles, custom, header, dashed = set(), [], True, set()
+    while args:
+        arg = args.pop(0)
+        if arg in ("--no-headers", "--no-heading"):
+            header = False
+        elif arg.startswith("--format") or arg in ("-o", "o"):
+            if arg.startswith("--format="):
+                custom.append(arg.split("=", 1)[1])
+            elif not args:
+                raise Error("ps: %s needs a format" % arg)
+            else:
+                custom.append(args.pop(0))
+        elif arg.startswith("-") and not arg.startswith("--") and len(arg) > 1:
+            for i, ch in enumerate(arg[1:], 1):
+                if ch == "o":
+                    custom.append(arg[i + 1:] or (args.pop(0) if args else ""))
+                    break
+                if ch not in PS_SELECTION | set("fF"):
+                    raise Error("ps: unsupported option -%s (%s)" % (ch, PS_EMULATED))
+                styles.add("bsd" if ch == "x" else ch)
+                dashed.add(ch)
+        elif arg and not arg.startswith("-") and set(arg) <= PS_SELECTION | {"u"}:
+            styles.add("u" if "u" in arg else "bsd")
+        else:
+            raise Error("ps: unsupported option %s (%s)" % (arg, PS_EMULATED))
+    style = next((s for s in ("u", "bsd", "F", "f") if s in styles), "default")
+    return style, custom, header, {"e", "x"} <= dashed  # -e beside -x is BSD e: environment
+
+
+def _ps_format_items(spec):
+    """The items of a ps format: comma separated (or space separated before any =HEADER)."""
+    items = []
+    for part in spec.split(","):
+        name, eq, title = part.partition("=")
+        words = name.split()
+        items += words[:-1] + [words[-1] + eq + title] if words else []
+    return items
+
+
+def ps_table(columns, procs, now, mem_total, env=False):
+    """The ps table text: procps-ng's column widths and alignment, the last column unpadded
+    (env: each command line followed by its environment)."""
+    ctx = {"now": now, "mem": mem_total, "env": env}
+    rows = [[title for _, title in columns]]
+    rows += [[str(PS_COLUMNS[key][3](p, ctx)) for key, _ in columns] for p in procs]
+    lines = []
+    for row in rows:
+        cells = []
+        for i, (cell, (key, _)) in enumerate(zip(row, columns)):
+            _, width, right, _ = PS_COLUMNS[key]
+            last = i == len(columns) - 1
+            if not last and key in ("args", "cmd", "comm", "ucmd"):
+                cell = cell[:width]
+            cells.append(cell.rjust(width) if right else cell if last else cell.ljust(width))
+        lines.append(" ".join(cells).rstrip() + "\n")
+    return "".join(lines)
+
+
+def _ps_args(p, ctx):
+    """The command line, and its environment after it when asked (BSD e)."""
+    return p["args"] + (" " + p["env"] if ctx.get("env") and p.get("env") else "")
+
+
+def _ps_user(uid, numeric_if_long=False):
+    """The host's name for uid as ps prints it (runc runs the host's ps): 8 characters at most."""
+    import pwd
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+    if len(name) > 8:
+        return str(uid) if numeric_if_long else name[:7] + "+"
+    return name
+
+
+def _ps_group(gid):
+    """The host's name for gid, as ps prints it."""
+    import grp
+    try:
+        name = grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+    return name if len(name) <= 8 else name[:7] + "+"
+
+
+def _ps_share(p, ctx):
+    """Percent of one CPU the process used since it started (ps's C and %CPU)."""
+    elapsed = ctx["now"] - p["start"]
+    return p.get("cpu", 0) * 100.0 / elapsed if elapsed > 0 else 0.0
+
+
+def _ps_stime(start, now):
+    """ps's STIME: HH:MM today, MonDD this year, else the year (local time)."""
+    t, n = time.localtime(start), time.localtime(now)
+    fmt = "%H:%M" if (t.tm_year, t.tm_yday) == (n.tm_year, n.tm_yday) else \
+        "%b%d" if t.tm_year == n.tm_year else "%Y"
+    return time.strftime(fmt, t)
+
+
+def _ps_started(start, now, bsd=False):
+    """ps's STARTED (HH:MM:SS) or BSD START (HH:MM) within a day, else MonDD or the year."""
+    ago = now - start
+    if ago < 24 * 3600:
+        return time.strftime("%H:%M" if bsd else "%H:%M:%S", time.localtime(start))
+    return time.strftime("%b%d" if ago < 365 * 24 * 3600 else "%Y", time.localtime(start))
+
+
+def _ps_duration(seconds, hours=False):
+    """[DD-]HH:MM:SS (hours=True, ps's TIME) or [[DD-]HH:]MM:SS (ELAPSED)."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    text = "%02d:%02d" % (m, sec)
+    if hours or h or days:
+        text = "%02d:%s" % (h, text)
+    return ("%d-" % days if days else "") + text
+
+
+def _ps_stat(p):
+    """ps's STAT: the state letter, then < or N (nice), s (session leader), l (threads)."""
+    out = p.get("state", "?")
+    out += "<" if p.get("nice", 0) < 0 else "N" if p.get("nice", 0) > 0 else ""
+    out += "s" if p.get("sid") == p["pid"] else ""
+    return out + ("l" if p.get("nlwp", 1) > 1 else "")
+
+
+def _tty_name(dev):
+    """The terminal name of a tty_nr device number (pts/N, ttySN, ttyN, console), or ?."""
+    major, minor = (dev >> 8) & 0xfff, (dev & 0xff) | ((dev >> 12) & 0xfff00)
+    if 136 <= major <= 143:
+        return "pts/%d" % ((major - 136) * 256 + minor)
+    if major == 4:
+        return "tty%d" % minor if minor < 64 else "ttyS%d" % (minor - 64)
+    if (major, minor) == (5, 1):
+        return "console"
+    if major == 229:
+        return "hvc%d" % minor
+    return "?"
 
 
 def vm_stats(state):
@@ -4654,10 +5007,12 @@ def cmd_events(args):
     happens (--stats: the figures once)."""
     state = _open_state(args)
     interval = _seconds(args.interval)
+    if interval <= 0:
+        raise Error("duration interval must be greater than 0")
+    if state.status() == "stopped":
+        raise Error("container with id %s is not running" % state.id)
     if args.stats:
-        if state.status() == "stopped":
-            raise Error("container not running")
-        print(json.dumps({"type": "stats", "id": state.id, "data": container_stats(state)}),
+        print(go_json({"type": "stats", "id": state.id, "data": container_stats(state)}),
               flush=True)
         return 0
     ooms, due = 0, 0.0
@@ -4665,14 +5020,14 @@ def cmd_events(args):
         count = _oom_count(state)
         if count > ooms:
             for _ in range(count - ooms):
-                print(json.dumps({"type": "oom", "id": state.id}), flush=True)
+                print(go_json({"type": "oom", "id": state.id}), flush=True)
             ooms = count
         if not state.load(must_exist=False) or state.status() == "stopped":
             return 0
         if time.monotonic() >= due:
             try:
-                print(json.dumps({"type": "stats", "id": state.id,
-                                  "data": container_stats(state)}), flush=True)
+                print(go_json({"type": "stats", "id": state.id,
+                               "data": container_stats(state)}), flush=True)
             except Error:
                 return 0
             due = time.monotonic() + interval
@@ -4780,7 +5135,7 @@ def cmd_update(args):
 
 def cmd_state(args):
     """state: print the runtime-spec state JSON."""
-    print(json.dumps(_open_state(args).oci_state(), indent=2))
+    sys.stdout.write(go_json(_open_state(args).oci_state(), indent=2))  # runc: no newline
 
 
 def cmd_kill(args):
@@ -4790,6 +5145,8 @@ def cmd_kill(args):
     status = state.status()
     if status in ("stopped", "creating"):
         raise Error("container not running")
+    if sig == 0:  # the liveness check: the status came from the live monitor and QEMU
+        return
     if status == "paused" and sig == signal.SIGKILL:
         _kill_container(state)  # a stopped VM cannot run the agent; the monitor dies of KILL
         return
@@ -4812,19 +5169,40 @@ def cmd_delete(args):
 
 def cmd_list(args):
     """list: the containers under --root."""
-    states = [s.oci_state() for s in list_states(args.root)]
+    if args.format not in ("table", "json"):
+        raise Error("invalid format option")
+    states = []
+    for st in list_states(args.root):
+        s = st.oci_state()
+        s["owner"] = _owner_of(st.dir)
+        states.append(s)
     if args.quiet:
         for s in states:
             print(s["id"])
     elif args.format == "json":
-        print(json.dumps(states))
+        print(go_json(states or None))
     else:
         rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
-        rows += [(s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"] or "root")
+        rows += [(s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"])
                  for s in states]
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        for r in rows:
-            print("   ".join(c.ljust(w) for c, w in zip(r, widths)) + "   " + r[5])
+        sys.stdout.write(tabwriter(rows))
+
+
+def _owner_of(path):
+    """The user name owning path (runc's list OWNER), or #uid when it has none."""
+    import pwd
+    uid = os.stat(path).st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "#%d" % uid
+
+
+def tabwriter(rows, minwidth=12, padding=3):
+    """Rows laid out as Go's text/tabwriter does for runc (cells padded, the last one not)."""
+    widths = [max(minwidth, max(len(r[i]) for r in rows) + padding)
+              for i in range(len(rows[0]) - 1)]
+    return "".join("".join(c.ljust(w) for c, w in zip(r, widths)) + r[-1] + "\n" for r in rows)
 
 
 def default_spec():
@@ -4862,20 +5240,66 @@ def default_spec():
     }
 
 
+def runc_spec(rootless=False):
+    """The config.json runc spec writes: default_spec plus ambient caps and /sys/fs/cgroup
+    (--rootless: runc's rootless conversion)."""
+    spec = default_spec()
+    caps = spec["process"]["capabilities"]
+    caps["ambient"] = list(caps["bounding"])
+    spec["mounts"].append({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                           "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]})
+    if rootless:
+        _to_rootless(spec)
+    return spec
+
+
+def _to_rootless(spec):
+    """runc's specconv.ToRootless: a user namespace mapping the caller, /sys bound, no ids."""
+    linux = spec["linux"]
+    namespaces = [ns for ns in linux["namespaces"] if ns["type"] not in ("network", "user")]
+    mapping = lambda host: [{"containerID": 0, "hostID": host, "size": 1}]  # noqa: E731
+    rest = {k: v for k, v in linux.items() if k not in ("resources", "namespaces")}
+    linux.clear()
+    linux.update(uidMappings=mapping(os.geteuid()), gidMappings=mapping(os.getegid()),
+                 namespaces=namespaces + [{"type": "user"}], **rest)
+    mounts = []
+    for m in spec["mounts"]:
+        if os.path.normpath(m["destination"]) == "/sys":
+            m = {"destination": "/sys", "type": "none", "source": "/sys",
+                 "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
+        elif "options" in m:
+            m = dict(m, options=[o for o in m["options"] if not o.startswith(("gid=", "uid="))])
+        mounts.append(m)
+    spec["mounts"] = mounts
+
+
 def cmd_spec(args):
-    """spec: write a default config.json into the bundle."""
+    """spec: write runc's default config.json into the bundle (tab-indented, no newline)."""
+    if not os.path.isdir(args.bundle):
+        raise Error("chdir %s: no such file or directory" % args.bundle)
     path = os.path.join(args.bundle, "config.json")
     if os.path.exists(path):
-        raise Error("File %s exists. Remove it first" % path)
+        raise Error("File config.json exists. Remove it first")
     try:
-        write_atomic(path, json.dumps(default_spec(), indent="\t") + "\n")
+        write_atomic(path, go_json(runc_spec(args.rootless), indent="\t"))
     except OSError as e:
         raise Error("%s: %s" % (path, e.strerror)) from None
 
 
+def cmd_checkpoint(args):
+    """checkpoint: not supported (a VM's state is not criu's); fails as runc without criu."""
+    _open_state(args)
+    raise Error("checkpoint is not supported: the container runs in a VM (runc needs criu)")
+
+
+def cmd_restore(args):
+    """restore: not supported (nothing can be checkpointed); fails as runc without an image."""
+    raise Error("restore is not supported: the container runs in a VM (runc needs criu)")
+
+
 def cmd_features(_args):
     """features: what this runtime supports (runtime-spec features document)."""
-    print(json.dumps({
+    print(go_json({
         "ociVersionMin": "1.0.0", "ociVersionMax": OCI_VERSION,
         "hooks": ["prestart", "createRuntime", "createContainer", "startContainer", "poststart",
                   "poststop"],
@@ -4888,7 +5312,7 @@ def cmd_features(_args):
                               "archs": ["SCMP_ARCH_X86_64"]},
                   "apparmor": {"enabled": False}, "selinux": {"enabled": False}},
         "annotations": {"io.github.cc-oci-runtime.vm": "qemu"},
-    }, indent=2))
+    }, indent=4))
 
 
 def version_text():
@@ -4972,14 +5396,59 @@ def cmd_check(_args):
 # Main: the command line
 # ===========================================================================
 
-def build_parser():
-    """runc's command line: global options, then a sub-command."""
+def _parser_class():
+    """argparse.ArgumentParser whose errors exit as runc's do (1; 3 for an unknown command)."""
     import argparse
-    p = argparse.ArgumentParser(prog=PROG, description="OCI runtime that runs each container "
-                                "in its own QEMU virtual machine.")
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            """Usage and the error on stderr; exit 1, or 3 for an unknown command as runc."""
+            self.print_usage(sys.stderr)
+            if message.startswith("argument COMMAND: invalid choice: "):
+                name = message.split(": ", 2)[2].split(" (choose", 1)[0].strip("'")
+                message, code = "No help topic for '%s'" % name, 3
+                sys.stderr.write(message + "\n")
+            else:
+                code = 1
+                sys.stderr.write("%s: error: %s\n" % (self.prog, message))
+            raise UsageExit(code, message)
+    return Parser
+
+
+class UsageExit(SystemExit):
+    """A bad command line (argparse's exit), carrying its message for the --log file."""
+
+    def __init__(self, code, message):
+        super().__init__(code)
+        self.message = message
+
+
+def _log_usage_error(argv, message):
+    """Write a usage error to the --log file the command line names (an engine reads it)."""
+    opts, i = {"--log": None, "--log-format": "text"}, 0
+    while i < len(argv) and argv[i].startswith("-"):  # the global options, up to the command
+        name, eq, value = argv[i].partition("=")
+        if not eq and name in GLOBAL_VALUE_OPTIONS:
+            value, i = (argv[i + 1] if i + 1 < len(argv) else None), i + 1
+        opts[name] = value
+        i += 1
+    if opts["--log"]:
+        LOG.configure(opts["--log"], "json" if opts["--log-format"] == "json" else "text")
+        LOG.error(message)
+
+
+GLOBAL_VALUE_OPTIONS = ("--root", "--log", "--log-format", "--global-log", "--criu", "--rootless")
+
+
+def build_parser():
+    """runc 1.1's command line: global options, then a sub-command (every runc flag accepted)."""
+    import argparse
+    p = _parser_class()(prog=PROG, allow_abbrev=False,
+                        description="OCI runtime that runs each container in its own QEMU "
+                                    "virtual machine.")
     p.add_argument("--root", default=DEFAULT_ROOT, help="state directory (default %(default)s)")
-    p.add_argument("--log", help="log file (created at start-up)")
-    p.add_argument("--log-format", choices=("text", "json"), default="text", help="log format")
+    p.add_argument("--log", help="log file (created at start-up; default: errors on stderr)")
+    p.add_argument("--log-format", default="text", help="log format: text (default) or json")
     p.add_argument("--global-log", help="text log of every event, with the container id")
     p.add_argument("--debug", action="store_true", help="log more detail")
     p.add_argument("-v", "--version", action="store_true", help="print the version")
@@ -4987,10 +5456,11 @@ def build_parser():
                    help="cgroupsPath is systemd's slice:prefix:name (mapped to cgroupfs)")
     p.add_argument("--criu", help="accepted and ignored")
     p.add_argument("--rootless", help="accepted and ignored")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_class())
 
-    def command(name, fn, help_text, with_id=True):
-        c = sub.add_parser(name, help=help_text, description=help_text)
+    def command(name, fn, help_text, with_id=True, aliases=()):
+        c = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False,
+                           aliases=list(aliases))
         c.set_defaults(func=fn)
         if with_id:
             c.add_argument("id", metavar="CONTAINER_ID", help="the container's id")
@@ -5010,6 +5480,9 @@ def build_parser():
     command("start", cmd_start, "start a created container's process")
     run = creating(command("run", cmd_run, "create and start a container, then wait for it"))
     run.add_argument("-d", "--detach", action="store_true", help="do not wait for the container")
+    run.add_argument("--keep", action="store_true",
+                     help="do not delete the container after it exits")
+    run.add_argument("--no-subreaper", action="store_true", help="accepted and ignored")
     command("state", cmd_state, "print a container's state as JSON")
     kill = command("kill", cmd_kill, "send a signal to a container's process")
     kill.add_argument("signal", nargs="?", default="TERM", help="name or number (default TERM)")
@@ -5017,11 +5490,12 @@ def build_parser():
     delete = command("delete", cmd_delete, "delete a stopped container")
     delete.add_argument("-f", "--force", action="store_true", help="kill it first if it runs")
     lst = command("list", cmd_list, "list containers", with_id=False)
-    lst.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    lst.add_argument("-f", "--format", default="table", help="table (default) or json")
     lst.add_argument("-q", "--quiet", action="store_true", help="only ids")
     spec = command("spec", cmd_spec, "write a default config.json", with_id=False)
     spec.add_argument("-b", "--bundle", default=".", help="where to write config.json")
-    ex = command("exec", cmd_exec, "run another process in a running container")
+    spec.add_argument("--rootless", action="store_true", help="a config for a rootless container")
+    ex = command("exec", cmd_exec, "run another process in a created or running container")
     ex.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND",
                     help="command and arguments (unless --process)")
     ex.add_argument("-p", "--process", help="process.json to run (- for stdin)")
@@ -5032,15 +5506,21 @@ def build_parser():
     ex.add_argument("-e", "--env", action="append", help="extra environment NAME=VALUE")
     ex.add_argument("--cwd", help="working directory")
     ex.add_argument("-u", "--user", help="uid[:gid]")
+    ex.add_argument("-g", "--additional-gids", action="append", type=int,
+                    help="an additional gid (repeat for more)")
+    ex.add_argument("--preserve-fds", type=int, default=0,
+                    help="fds above 2 to leave open (not passed into the VM)")
     for flag in ("--no-new-privs", "--ignore-paused", "--no-subreaper"):
         ex.add_argument(flag, action="store_true", help="accepted and ignored")
-    for opt in ("--apparmor", "--process-label", "--cgroup", "--preserve-fds"):
+    for opt in ("--apparmor", "--process-label", "--cgroup"):
         ex.add_argument(opt, help="accepted and ignored")
     ex.add_argument("-c", "--cap", action="append", help="accepted and ignored")
     command("pause", cmd_pause, "pause a container's VM")
     command("resume", cmd_resume, "resume a paused container's VM")
     ps = command("ps", cmd_ps, "list the container's processes (guest pids)")
-    ps.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    ps.add_argument("-f", "--format", default="table", help="table (default) or json")
+    ps.add_argument("ps_args", nargs=argparse.REMAINDER, metavar="PS_OPTION",
+                    help="ps options (emulated: -e -f -F -l -o FORMAT u aux ...)")
     ev = command("events", cmd_events, "print the VM's resource figures as JSON lines")
     ev.add_argument("--stats", action="store_true", help="print once and exit")
     ev.add_argument("--interval", default="5s", help="time between lines (default 5s)")
@@ -5051,9 +5531,94 @@ def build_parser():
     for opt in ("--cpu-shares", "--kernel-memory", "--kernel-memory-tcp"):
         up.add_argument(opt, help=argparse.SUPPRESS)
     command("features", cmd_features, "print the supported features as JSON", with_id=False)
+    for name, fn in (("checkpoint", cmd_checkpoint), ("restore", cmd_restore)):
+        c = command(name, fn, "%s a container (not supported: fails as runc without criu)" % name)
+        for flag in ("--leave-running", "--tcp-established", "--ext-unix-sk", "--shell-job",
+                     "--lazy-pages", "--file-locks", "--pre-dump", "--auto-dedup",
+                     "-d", "--detach", "--no-subreaper", "--no-pivot"):
+            c.add_argument(flag, action="store_true", help="accepted")
+        for opt in ("--image-path", "--work-path", "--parent-path", "--status-fd", "--page-server",
+                    "--manage-cgroups-mode", "--empty-ns", "--console-socket", "--pid-file",
+                    "--lsm-profile", "--lsm-mount-context"):
+            c.add_argument(opt, help="accepted")
+        c.add_argument("-b", "--bundle", help="accepted")
+    hlp = command("help", None, "show the commands, or one command's help", with_id=False,
+                  aliases=("h",))
+    hlp.add_argument("topic", nargs="?", metavar="COMMAND", help="the command to explain")
+    hlp.set_defaults(func=lambda args: _help(p, sub, args.topic))
     command("version", cmd_version, "print the version", with_id=False)
     command("check", cmd_check, "report whether this host can run containers", with_id=False)
     return p
+
+
+GO_TRUE = ("1", "t", "T", "true", "TRUE", "True")
+GO_FALSE = ("0", "f", "F", "false", "FALSE", "False")
+
+
+def go_style_argv(argv, parser):
+    """argv with Go's flag forms made argparse's: -name for --name, and --flag=true/false for a
+    boolean (runc's urfave/cli takes both). Options of exec and ps after the id are left alone."""
+    out, current, args = [], parser, list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            return out + [arg] + args
+        name, eq, value = arg.partition("=")
+        one_dash = name[:1] == "-" and name[1:2] not in ("-", "") and len(name) > 2
+        long = "-" + name if one_dash else name
+        action = current._option_string_actions.get(long) if long[:1] == "-" else None
+        if action is None:
+            out.append(arg)
+            if arg.startswith("-"):
+                continue
+            if current is parser:  # the command
+                current = _subcommand(parser, arg) or parser
+            elif current.prog.split()[-1] in ("exec", "ps"):
+                return out + args  # the id: the process's (or ps's) own arguments follow
+            continue
+        if action.nargs == 0 and eq:  # a boolean given a value
+            if value in GO_TRUE:
+                out.append(long)
+            elif value not in GO_FALSE:
+                out.append(arg)
+            continue
+        out.append(long + eq + value)
+        if action.nargs != 0 and not eq and args:
+            out.append(args.pop(0))
+    return out
+
+
+def _subcommand(parser, name):
+    """The sub-command parser for name, or None."""
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            return action.choices.get(name)
+    return None
+
+
+def _help(parser, sub, topic):
+    """help [COMMAND]: the program's or one command's help on stdout, as `runc help`."""
+    if topic is None:
+        parser.print_help()
+        return 0
+    if topic not in sub.choices:
+        sys.stderr.write("No help topic for '%s'\n" % topic)
+        return 3
+    sub.choices[topic].print_help()
+    return 0
+
+
+def _preload_fd_files(args):
+    """Read a --process file given as /dev/fd/N (`-p <(...)`) before the fds are closed;
+    exec then reads the content, not the path."""
+    for name in ("process",):
+        path = getattr(args, name, None)
+        if path and path.startswith(("/dev/fd/", "/proc/self/fd/")):
+            try:
+                with open(path, "rb") as f:
+                    setattr(args, name + "_data", f.read())
+            except OSError:
+                pass  # the command reports the missing file
 
 
 def _close_inherited_fds(first):
@@ -5072,10 +5637,24 @@ def main(argv=None):
     if os.getpid() == 1 and argv is None:
         agent_main()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if argv is None:
+    argv_given = argv
+    argv = go_style_argv(sys.argv[1:] if argv is None else argv, parser)
+    try:
+        args = parser.parse_args(argv)
+    except UsageExit as e:
+        _log_usage_error(argv, e.message)
+        return e.code
+    if argv_given is None:
+        _preload_fd_files(args)
         _close_inherited_fds(3 + (getattr(args, "preserve_fds", 0) or 0))
+    if args.log_format not in ("text", "json"):
+        args.log_format, bad = "text", args.log_format
+        LOG.configure(None, "text")
+        LOG.stderr = True
+        LOG.error("invalid log-format: %s" % bad)
+        return 1
     LOG.configure(args.log, args.log_format, args.global_log, args.debug)
+    LOG.stderr = not args.log
     LOG.container_id = getattr(args, "id", None)
     for flag in ("systemd_cgroup", "criu", "rootless"):
         if getattr(args, flag):
@@ -5085,7 +5664,7 @@ def main(argv=None):
         return 0
     if not args.command:
         parser.print_help()
-        return 1
+        return 0
     try:
         code = args.func(args)
         return code or 0
@@ -5093,9 +5672,12 @@ def main(argv=None):
         msg = str(e)
         if isinstance(e, OSError) and e.filename:
             msg = "%s: %s" % (e.filename, (e.strerror or str(e)).lower())
+        if args.command == "exec":
+            msg = "exec failed: " + msg
         LOG.error(msg)
-        sys.stderr.write("%s\n" % msg)
-        return 1
+        if args.log:  # runc: the error goes to the log, and its text alone to stderr
+            sys.stderr.write("%s\n" % msg)
+        return 255 if args.command == "exec" else 1
     except KeyboardInterrupt:
         return 130
 

@@ -119,6 +119,19 @@ def cli(tmp_path, *args, cwd=None):
                           text=True, timeout=60, cwd=cwd or str(tmp_path), env=env)
 
 
+LOGRUS_LINE = re.compile(r'^time="[^"]+" level=(\w+) msg=(.*)$')
+
+
+def stderr_text(stderr):
+    """stderr with runc's logrus lines (no --log) reduced to their messages, one a line."""
+    out = []
+    for line in stderr.splitlines():
+        m = LOGRUS_LINE.match(line)
+        msg = m.group(2) if m else line
+        out.append(json.loads(msg) if m and msg.startswith('"') else msg)
+    return "".join(line + "\n" for line in out)
+
+
 def values_of(argv, flag):
     """Every argument that follows flag in argv."""
     return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
@@ -153,14 +166,14 @@ def test_log_format_forms(argv):
     assert parse(*argv, "list").log_format == "json"
 
 
-@pytest.mark.parametrize("argv, field", [
-    (["--log-format", "xml", "list"], "--log-format"),
-    (["--criu"], "--criu"),
-    (["bogus-command"], "bogus-command"),
+@pytest.mark.parametrize("argv, field, code", [
+    (["--criu"], "--criu", 1),
+    (["list", "--form", "json"], "--form", 1),  # no abbreviations: runc has none
+    (["bogus-command"], "No help topic for 'bogus-command'", 3),
 ])
-def test_bad_global_options(capsys, argv, field):
-    code, err = parse_fails(capsys, *argv)
-    assert code == 2 and field in err
+def test_bad_global_options(capsys, argv, field, code):
+    got, err = parse_fails(capsys, *argv)
+    assert got == code and field in err
 
 
 @pytest.mark.parametrize("flag", ["-v", "--version"])
@@ -192,7 +205,7 @@ def test_create_and_run_defaults(command):
 ])
 def test_bad_create_options(capsys, argv, field):
     code, err = parse_fails(capsys, *argv)
-    assert code == 2 and field in err
+    assert code == 1 and field in err
 
 
 @pytest.mark.parametrize("argv, detach", [(["run", "c1"], False), (["run", "-d", "c1"], True),
@@ -210,7 +223,7 @@ def test_id_commands(capsys, command, func):
     a = parse(command, "c1")
     assert (a.func, a.id) == (func, "c1")
     code, err = parse_fails(capsys, command)
-    assert code == 2 and "CONTAINER_ID" in err
+    assert code == 1 and "CONTAINER_ID" in err
 
 
 @pytest.mark.parametrize("argv, sig, all_", [
@@ -228,9 +241,9 @@ def test_kill(argv, sig, all_):
 
 def test_kill_bad(capsys):
     code, err = parse_fails(capsys, "kill")
-    assert code == 2 and "CONTAINER_ID" in err
+    assert code == 1 and "CONTAINER_ID" in err
     code, err = parse_fails(capsys, "kill", "c1", "9", "extra")
-    assert code == 2 and "extra" in err
+    assert code == 1 and "extra" in err
 
 
 @pytest.mark.parametrize("argv, force", [(["delete", "c1"], False), (["delete", "-f", "c1"], True),
@@ -250,9 +263,11 @@ def test_list(argv, fmt, quiet):
     assert (a.func, a.format, a.quiet) == (rt.cmd_list, fmt, quiet)
 
 
-def test_list_bad_format(capsys):
-    code, err = parse_fails(capsys, "list", "-f", "yaml")
-    assert code == 2 and "-f/--format" in err
+def test_list_and_ps_bad_format(tmp_path):
+    for argv in (["list", "-f", "yaml"], ["ps", "-f", "yaml", "c1"]):
+        r = cli(tmp_path, "--root", tmp_path, *argv)
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr.endswith('level=error msg="invalid format option"\n'), r.stderr
 
 
 def test_spec_bundle():
@@ -267,13 +282,13 @@ def test_spec_bundle():
 def test_commands_without_id(capsys, command, func):
     assert parse(command).func is func
     code, err = parse_fails(capsys, command, "c1")
-    assert code == 2 and "unrecognized arguments: c1" in err
+    assert code == 1 and "unrecognized arguments: c1" in err
 
 
 def parser_commands():
     """Every sub-command the parser knows."""
     sub = [a for a in rt.build_parser()._actions if a.__class__.__name__ == "_SubParsersAction"]
-    return list(sub[0].choices)
+    return [name for name, c in sub[0].choices.items() if c.prog.split()[-1] == name]
 
 
 BASE_COMMANDS = ["create", "start", "run", "state", "kill", "delete", "list", "spec", "features",
@@ -294,9 +309,13 @@ def test_base_commands_exist():
     (["exec", "-p", "/p.json", "-d", "--pid-file", "/pf", "--console-socket", "/s", "c1"],
      dict(command_args=[], process="/p.json", detach=True, pid_file="/pf", console_socket="/s")),
     (["exec", "--process=-", "--no-new-privs", "--cap", "CAP_KILL", "--preserve-fds", "1", "c1"],
-     dict(process="-", no_new_privs=True, cap=["CAP_KILL"], preserve_fds="1")),
-    (["ps", "c1"], dict(id="c1", format="table")),
-    (["ps", "-f", "json", "c1"], dict(id="c1", format="json")),
+     dict(process="-", no_new_privs=True, cap=["CAP_KILL"], preserve_fds=1)),
+    (["exec", "-g", "5", "--additional-gids", "6", "--ignore-paused", "c1", "id"],
+     dict(additional_gids=[5, 6], ignore_paused=True, command_args=["id"])),
+    (["ps", "c1"], dict(id="c1", format="table", ps_args=[])),
+    (["ps", "-f", "json", "c1"], dict(id="c1", format="json", ps_args=[])),
+    (["ps", "c1", "-e", "-x"], dict(id="c1", format="table", ps_args=["-e", "-x"])),
+    (["ps", "c1", "--format", "json"], dict(format="table", ps_args=["--format", "json"])),
     (["events", "c1"], dict(id="c1", stats=False, interval="5s")),
     (["events", "--stats", "--interval", "1s", "c1"], dict(stats=True, interval="1s")),
     (["update", "-r", "-", "--memory", "1G", "c1"], dict(id="c1", resources="-", memory="1G")),
@@ -311,14 +330,15 @@ def test_newer_commands(argv, expected):
 
 
 @pytest.mark.parametrize("argv, field", [
-    (["exec"], "CONTAINER_ID"), (["ps", "-f", "yaml", "c1"], "-f/--format"),
+    (["exec"], "CONTAINER_ID"), (["exec", "-g", "x", "c1", "id"], "-g/--additional-gids"),
+    (["exec", "--preserve-fds", "x", "c1", "id"], "--preserve-fds"),
     (["events"], "CONTAINER_ID"), (["update"], "CONTAINER_ID"),
 ])
 def test_newer_commands_bad(capsys, argv, field):
     if argv[0] not in HELP_COMMANDS:
         pytest.skip("no %s command" % argv[0])
     code, err = parse_fails(capsys, *argv)
-    assert code == 2 and field in err
+    assert code == 1 and field in err
 
 
 @pytest.mark.parametrize("command", HELP_COMMANDS)
@@ -1488,6 +1508,13 @@ def check_time(value):
     assert abs((datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()) < 60
 
 
+def check_log_time(value):
+    """A log line's time as runc's logrus writes it: RFC 3339 in seconds, with its zone."""
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|[+-]\d\d:\d\d)$", value), value
+    when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()) < 60
+
+
 def test_configure_creates_files(tmp_path):
     log = rt.Log()
     log.configure(str(tmp_path / "log"), "json", str(tmp_path / "global"))
@@ -1501,9 +1528,9 @@ def test_text_format(tmp_path):
     log.warning('quote " and\nnewline')
     lines = log_lines(tmp_path / "log")
     assert len(lines) == 2
-    m = re.match(r'^time=(\S+) level=info msg="hello world"$', lines[0])
+    m = re.match(r'^time="(\S+)" level=info msg="hello world"$', lines[0])
     assert m, lines[0]
-    check_time(m.group(1))
+    check_log_time(m.group(1))
     assert lines[1].endswith('level=warning msg="quote \\" and\\nnewline"')
 
 
@@ -1518,7 +1545,9 @@ def test_json_format(tmp_path):
         ("info", "one"), ("warning", "two"), ("error", 'three "quoted"\nline')]
     for r in records:
         assert set(r) == {"level", "msg", "time"}
-        check_time(r["time"])
+        check_log_time(r["time"])
+    assert log_lines(tmp_path / "log")[0] == '{"level":"info","msg":"one","time":"%s"}' % (
+        records[0]["time"])  # compact, keys in logrus's order
 
 
 def test_now_rfc3339():
@@ -1579,23 +1608,26 @@ def test_no_log_configured_writes_nothing(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("value, expected", [
     ("KILL", 9), ("SIGKILL", 9), ("kill", 9), ("sigkill", 9), ("9", 9), (9, 9), (" 9 ", 9),
     ("TERM", 15), ("SIGTERM", 15), ("HUP", 1), ("usr1", int(signal.SIGUSR1)), ("1", 1),
-    ("64", 64), ("WINCH", int(signal.SIGWINCH)),
+    ("64", 64), ("WINCH", int(signal.SIGWINCH)), ("0", 0), (0, 0),
 ])
 def test_parse_signal_good(value, expected):
     assert rt.parse_signal(value) == expected
 
 
-@pytest.mark.parametrize("value", ["", "BOGUS", "SIGBOGUS", "SIG", "0", 0, "65", 65, "-9", "9x",
-                                   "KILL9", "SIG KILL", "1.5", "SIG_DFL", "__class__"])
-def test_parse_signal_bad(value):
+@pytest.mark.parametrize("value", ["", "BOGUS", "SIGBOGUS", "SIG", "9x", "KILL9", "SIG KILL", "1.5",
+                                   "SIG_DFL", "__class__", "²", 'a"b'])
+def test_parse_signal_unknown_name(value):
     with pytest.raises(rt.Error) as exc:
         rt.parse_signal(value)
-    assert str(exc.value) == "invalid signal: %s" % value
+    assert str(exc.value) == "unknown signal %s" % json.dumps(value, ensure_ascii=False)
 
 
-def test_parse_signal_unicode_digit():
-    with pytest.raises(rt.Error, match="invalid signal"):
-        rt.parse_signal("²")
+@pytest.mark.parametrize("value", ["65", 65, "-9", "99"])
+def test_parse_signal_number_without_signal(value):
+    """runc passes any number to kill(2), which fails with EINVAL."""
+    with pytest.raises(rt.Error) as exc:
+        rt.parse_signal(value)
+    assert str(exc.value) == "unable to signal init: invalid argument"
 
 
 @pytest.mark.parametrize("wait_status, code", [(0, 0), (3 << 8, 3), (255 << 8, 255), (9, 137),
@@ -2017,7 +2049,8 @@ def needs(name):
 
 def exec_args(**over):
     import argparse
-    base = dict(process=None, command_args=["ls", "-l"], env=None, cwd=None, user=None, tty=False)
+    base = dict(process=None, command_args=["ls", "-l"], env=None, cwd=None, user=None, tty=False,
+                additional_gids=None)
     base.update(over)
     return argparse.Namespace(**base)
 
@@ -2035,8 +2068,10 @@ def test_exec_process_from_the_container_process(exec_state):
     assert p["args"] == ["ls", "-l"] and p["env"] == ["PATH=/bin", "A=b=c", "X=1"]
     assert (p["cwd"], p["uid"], p["gid"], p["terminal"]) == ("/srv", 5, 6, False)
     assert p["rlimits"] == [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 2048}]
-    p = rt.exec_process(exec_args(tty=True, user="7"), exec_state)
-    assert (p["cwd"], p["uid"], p["gid"], p["terminal"]) == ("/tmp", 7, 0, True)
+    p = rt.exec_process(exec_args(tty=True, user="7", additional_gids=[8, 9]), exec_state)
+    gid = exec_state.data["process"]["gid"]  # runc keeps the process's gid without uid:gid
+    assert (p["cwd"], p["uid"], p["gid"], p["terminal"]) == ("/tmp", 7, gid, True)
+    assert p["additionalGids"] == exec_state.data["process"]["additionalGids"] + [8, 9]
 
 
 @needs("exec_process")
@@ -2048,9 +2083,12 @@ def test_exec_process_file(exec_state, tmp_path):
 
 @needs("exec_process")
 @pytest.mark.parametrize("over, message", [
-    (dict(command_args=[]), "exec: a command or --process is required"),
-    (dict(user="root"), "exec: --user must be uid[:gid] in numbers: root"),
-    (dict(user="1:x"), "exec: --user must be uid[:gid] in numbers: 1:x"),
+    (dict(command_args=[]), "process args cannot be empty"),
+    (dict(user="root"),
+     'parsing root as int for uid failed: strconv.Atoi: parsing "root": invalid syntax'),
+    (dict(user="1:x"),
+     'parsing x as int for gid failed: strconv.Atoi: parsing "x": invalid syntax'),
+    (dict(additional_gids=[-1]), "additional-gids must be a positive number -1"),
     (dict(env=["BAD"]), "process.env: 'BAD' is not of the form NAME=VALUE"),
     (dict(cwd="rel"), "process.cwd: must be an absolute path"),
     (dict(process="/nonexistent/process.json"),
@@ -2152,6 +2190,277 @@ def test_default_spec_needs_rootfs(tmp_path):
 
 
 # ===========================================================================
+# 10b. runc-compatible output: Go's JSON, logrus lines, tabwriter, procps tables
+# ===========================================================================
+
+RUNC = shutil.which("runc")
+HOST_PS = shutil.which("ps")
+
+
+@pytest.mark.parametrize("obj, compact, indented", [
+    ({"a": [1, 2], "b": None}, '{"a":[1,2],"b":null}',
+     '{\n  "a": [\n    1,\n    2\n  ],\n  "b": null\n}'),
+    (["<x> & é \u2028"], '["\\u003cx\\u003e \\u0026 é \\u2028"]', None),
+    ([], "[]", "[]"),
+])
+def test_go_json(obj, compact, indented):
+    assert rt.go_json(obj) == compact
+    if indented is not None:
+        assert rt.go_json(obj, indent=2) == indented
+
+
+@pytest.mark.parametrize("text, value", [
+    ("simple-msg_1.2/x@y^z+", "simple-msg_1.2/x@y^z+"), ("", ""), ("two words", '"two words"'),
+    ('say "hi"\n\t\x01', '"say \\"hi\\"\\n\\t\\x01"'), ("é", '"é"'),
+    ("2026-01-02T03:04:05Z", '"2026-01-02T03:04:05Z"'),
+])
+def test_logfmt_value_quotes_as_logrus(text, value):
+    assert rt._logfmt_value(text) == value
+
+
+def test_log_lines_are_logrus_lines():
+    log = rt.Log()
+    log.configure(None, "text")
+    assert log.format_line("error", "container does not exist", "2026-01-02T03:04:05Z") == \
+        'time="2026-01-02T03:04:05Z" level=error msg="container does not exist"\n'
+    log.configure(None, "json")
+    assert log.format_line("debug", "a<b", "T") == \
+        '{"level":"debug","msg":"a\\u003cb","time":"T"}\n'
+
+
+@pytest.mark.parametrize("debug, levels", [(False, ["error"]), (True, ["debug", "info", "warning",
+                                                                         "error"])])
+def test_stderr_without_log_file(capsys, debug, levels):
+    log = rt.Log()
+    log.configure(None, "text", debug=debug)
+    log.stderr = True
+    log.debug("d")
+    log.info("i")
+    log.warning("w")
+    log.error("e")
+    lines = capsys.readouterr().err.splitlines()
+    assert [re.match(r'^time="\S+" level=(\w+) msg=\w$', ln).group(1) for ln in lines] == levels
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("2026-01-02T03:04:05.000000000Z", "2026-01-02T03:04:05Z"),
+    ("2026-01-02T03:04:05.120000000Z", "2026-01-02T03:04:05.12Z"),
+    ("2026-01-02T03:04:05.123456789Z", "2026-01-02T03:04:05.123456789Z"),
+    ("", ""),
+])
+def test_go_time(value, expected):
+    assert rt._go_time(value) == expected
+
+
+def test_oci_state_omits_empty_annotations(tmp_path):
+    st = rt.State(str(tmp_path), "c1")
+    st.data = {"pid": 0, "annotations": {}, "created": "2026-01-02T03:04:05.500000000Z"}
+    out = st.oci_state()
+    assert list(out) == ["ociVersion", "id", "pid", "status", "bundle", "rootfs", "created",
+                         "owner"]
+    assert out["created"] == "2026-01-02T03:04:05.5Z"
+    st.data["annotations"] = {"k": "v"}
+    assert list(st.oci_state())[7:] == ["annotations", "owner"]
+
+
+def test_tabwriter_reproduces_runc_list(tmp_path):
+    rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"),
+            ("a-very-long-container-id", "7", "running", "/b", "2026-01-02T03:04:05Z", "root")]
+    text = rt.tabwriter(rows)
+    assert [ln.split() for ln in text.splitlines()] == [list(r) for r in rows]
+    assert text.splitlines()[1].index("7") == len("a-very-long-container-id") + 3
+    assert text.splitlines()[0].index("STATUS") == 24 + 3 + 12  # PID's column: minwidth 12
+    if RUNC:  # runc's own header for an empty root
+        out = subprocess.run([RUNC, "--root", str(tmp_path), "list"], capture_output=True,
+                             text=True).stdout
+        assert rt.tabwriter([tuple(out.split())]) == out
+
+
+PS_OPTIONS = [[], ["-ef"], ["-e"], ["-x"], ["ax"], ["aux"], ["-F"], ["-efx"], ["a"],
+              ["-o", "pid,comm,stat"], ["-o", "pid=PID,args=Command"], ["o", "pid,ppid,user"],
+              ["--format", "pid,etime,time,nlwp,pgid,sid,ni,vsz,rss,sz,tty,tname,uid,gid,group"],
+              ["-opid,ruser,euser,s,pcpu,pmem,c"]]
+
+
+@pytest.mark.skipif(HOST_PS is None, reason="no ps on the host")
+@pytest.mark.parametrize("opts", PS_OPTIONS, ids=[" ".join(o) or "none" for o in PS_OPTIONS])
+def test_ps_header_is_procps(opts):
+    """The emulated header is the host ps's (procps-ng), which runc prints."""
+    columns, _ = rt.ps_columns(opts)
+    ours = rt.ps_table(columns, [], time.time(), 1)
+    theirs = subprocess.run([HOST_PS] + (opts or ["-ef"]) + ["-p", "1"], capture_output=True,
+                            text=True, env={"PATH": os.environ["PATH"]}).stdout
+    assert ours == theirs.splitlines(True)[0]
+
+
+STABLE = "pid,ppid,uid,user,gid,group,comm,tname,stat,nlwp,pgid,sid,ni,stime,time,args"
+
+
+@pytest.mark.skipif(HOST_PS is None, reason="no ps on the host")
+def test_ps_row_matches_procps_on_a_real_process():
+    """guest_processes() and the table, run on the host: a sleeper's row is ps's own."""
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        time.sleep(0.2)
+        (proc,) = [p for p in rt.guest_processes() if p["pid"] == sleeper.pid]
+        assert proc["args"] == "sleep 60" and proc["comm"] == "sleep" and proc["nlwp"] == 1
+        columns, _ = rt.ps_columns(["-o", STABLE])
+        ours = rt.ps_table(columns, [proc], time.time(), 1)
+        theirs = subprocess.run([HOST_PS, "-o", STABLE, "-p", str(sleeper.pid)],
+                                capture_output=True, text=True).stdout
+        assert ours == theirs
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["-o", "comm"], "couldn't find PID field in ps output"),
+    (["-o", "pid="], "couldn't find PID field in ps output"),
+    (["--no-headers"], "couldn't find PID field in ps output"),
+    (["-o", "pid,bogus"], 'ps: unknown user-defined format specifier "bogus"'),
+    (["-L"], "ps: unsupported option -L (%s)" % rt.PS_EMULATED),
+    (["--forest"], "ps: unsupported option --forest (%s)" % rt.PS_EMULATED),
+    (["-o"], "ps: -o needs a format"),
+])
+def test_ps_columns_errors(opts, message):
+    with pytest.raises(rt.Error) as exc:
+        rt.ps_columns(opts)
+    assert str(exc.value) == message
+
+
+def test_ps_environment_with_bsd_e():
+    assert rt.ps_columns(["-e", "-x"])[1] is True and rt.ps_columns(["-ex"])[1] is True
+    assert rt.ps_columns(["-e"])[1] is False and rt.ps_columns(["x"])[1] is False
+    proc = {"pid": 1, "args": "sleep 9", "env": "A=1", "tty": 0, "cpu": 0, "state": "S"}
+    columns, env = rt.ps_columns(["-e", "-x"])
+    assert rt.ps_table(columns, [proc], 0, 1, env).splitlines()[1].endswith(" sleep 9 A=1")
+
+
+@pytest.mark.parametrize("dev, name", [
+    (0, "?"), ((136 << 8) | 3, "pts/3"), ((4 << 8) | 64, "ttyS0"), ((4 << 8) | 1, "tty1"),
+    ((5 << 8) | 1, "console"), ((137 << 8) | 2, "pts/258"), ((229 << 8) | 0, "hvc0")])
+def test_tty_name(dev, name):
+    assert rt._tty_name(dev) == name
+
+
+@pytest.mark.parametrize("seconds, hours, text", [(0, True, "00:00:00"), (61, True, "00:01:01"),
+                                                  (90061, True, "1-01:01:01"), (59, False, "00:59"),
+                                                  (3601, False, "01:00:01"), (-5, False, "00:00")])
+def test_ps_duration(seconds, hours, text):
+    assert rt._ps_duration(seconds, hours) == text
+
+
+def test_preloaded_process_file_from_an_fd():
+    """exec -p /dev/fd/N reads the file before the inherited fds are closed."""
+    import argparse
+    r, w = os.pipe()
+    os.write(w, b'{"args": ["true"]}')
+    os.close(w)
+    args = argparse.Namespace(process="/dev/fd/%d" % r)
+    rt._preload_fd_files(args)
+    os.close(r)
+    assert rt._arg_json(args, "process") == {"args": ["true"]}
+
+
+RUNC_FLAG_LINE = re.compile(r"^ {3}(-{1,2}[\w-]+(?: value)?(?:, -{1,2}[\w-]+(?: value)?)*)(?: {2,}|$)")
+RUNC_COMMANDS = ["create", "run", "start", "state", "kill", "delete", "list", "ps", "exec", "pause",
+                 "resume", "events", "update", "spec", "features", "checkpoint", "restore"]
+NOT_YET_HERE = set()
+
+
+def runc_flags(*command):
+    """[(flag, takes a value)] from `runc [COMMAND] --help`, and whether it lists options."""
+    out = subprocess.run([RUNC] + list(command) + ["--help"], capture_output=True,
+                         text=True).stdout
+    flags = []
+    for line in out.splitlines():
+        m = RUNC_FLAG_LINE.match(line)
+        if m:
+            for item in m.group(1).split(", "):
+                name, _, value = item.partition(" ")
+                flags.append((name, bool(value)))
+    return flags, "OPTIONS:" in out
+
+
+@pytest.mark.skipif(RUNC is None, reason="runc is not installed")
+@pytest.mark.parametrize("command", [None] + RUNC_COMMANDS)
+def test_every_runc_flag_is_accepted(command):
+    """Each flag `runc [COMMAND] --help` lists is an option here, taking a value as runc's."""
+    parser = rt.build_parser()
+    if command is not None:
+        sub = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"][0]
+        parser = sub.choices[command]
+    flags, listed = runc_flags(*([command] if command else []))
+    assert bool(flags) == listed, "runc %s --help: options not read" % command
+    missing, wrong = set(), []
+    for flag, takes_value in flags:
+        action = parser._option_string_actions.get(flag)
+        if action is None:
+            missing.add((command, flag))
+        elif flag not in ("-h", "--help") and (action.nargs != 0) != takes_value:
+            wrong.append(flag)
+    assert missing <= NOT_YET_HERE and not wrong, (missing, wrong)
+
+
+@pytest.mark.parametrize("argv, code", [(["state"], 1), (["exec", "-g", "x", "c1", "id"], 1),
+                                         (["bogus"], 3)])
+def test_usage_errors_reach_the_log_file(tmp_path, argv, code):
+    """As runc's: one JSON error line in --log (engines read it), the exit code runc gives."""
+    log = tmp_path / "log.json"
+    r = cli(tmp_path, "--root", tmp_path, "--log", log, "--log-format=json", *argv)
+    assert r.returncode == code and r.stdout == ""
+    (line,) = log_lines(log)
+    record = json.loads(line)
+    assert list(record) == ["level", "msg", "time"] and record["level"] == "error"
+    assert record["msg"] in r.stderr
+    if RUNC:
+        runc_log = tmp_path / "runc.json"
+        rr = subprocess.run([RUNC, "--root", str(tmp_path / "runc"), "--log", str(runc_log),
+                             "--log-format=json"] + argv, capture_output=True, text=True)
+        assert rr.returncode == code
+        assert list(json.loads(runc_log.read_text())) == list(record)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["-root", "/x", "list", "-format", "json"], ["--root", "/x", "list", "--format", "json"]),
+    (["list", "-q=true"], ["list", "-q"]), (["list", "--quiet=false"], ["list"]),
+    (["run", "-detach=1", "-b", "/b", "c1"], ["run", "--detach", "-b", "/b", "c1"]),
+    (["run", "--detach=yes", "c1"], ["run", "--detach=yes", "c1"]),
+    (["-log-format=json", "exec", "-e", "A=1", "-user", "1", "c1", "sh", "-root", "-c"],
+     ["--log-format=json", "exec", "-e", "A=1", "--user", "1", "c1", "sh", "-root", "-c"]),
+    (["ps", "c1", "-ef", "-format"], ["ps", "c1", "-ef", "-format"]),
+    (["kill", "c1", "-9"], ["kill", "c1", "-9"]), (["--", "-root"], ["--", "-root"]),
+])
+def test_go_style_argv(argv, expected):
+    assert rt.go_style_argv(argv, rt.build_parser()) == expected
+
+
+@pytest.mark.skipif(RUNC is None, reason="runc is not installed")
+@pytest.mark.parametrize("argv", [["-root", "R", "list", "-format", "json"],
+                                  ["--root=R", "list", "-q=true"], ["-root", "R", "list", "-quiet=0"],
+                                  ["-debug", "--root", "R", "list", "-f", "json"],
+                                  ["--root", "R", "list", "--quiet=maybe"]])
+def test_go_style_flags_as_runc(tmp_path, argv):
+    """runc's urfave/cli takes -name and --bool=true: the same calls give the same results."""
+    argv = [a.replace("R", str(tmp_path)) for a in argv]
+    ours = cli(tmp_path, *argv)
+    theirs = subprocess.run([RUNC] + argv, capture_output=True, text=True)
+    assert ours.returncode == theirs.returncode
+    if theirs.returncode == 0:  # (runc prints its usage on stdout after a usage error)
+        assert ours.stdout == theirs.stdout
+
+
+@pytest.mark.skipif(RUNC is None, reason="runc is not installed")
+def test_every_runc_command_exists():
+    out = subprocess.run([RUNC, "--help"], capture_output=True, text=True).stdout
+    listed = re.findall(r"^ {3}([a-z]+)(?:, ([a-z]+))? {2,}", out.split("COMMANDS:")[1], re.M)
+    names = {n for pair in listed for n in pair if n}
+    assert names and names <= set(HELP_COMMANDS) | {"h"}
+    assert set(RUNC_COMMANDS) <= names
+
+
+# ===========================================================================
 # 11. CLI commands that need no VM (separate processes, --root in tmp_path)
 # ===========================================================================
 
@@ -2171,11 +2480,32 @@ def test_cli_spec(tmp_path):
     bundle = tmp_path / "b"
     bundle.mkdir()
     r = cli(tmp_path, "--root", tmp_path / "root", "spec", "-b", bundle)
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
-    assert json.loads((bundle / "config.json").read_text()) == rt.default_spec()
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (0, "", "")
+    text = (bundle / "config.json").read_text()
+    assert json.loads(text) == rt.runc_spec() and text == json.dumps(rt.runc_spec(), indent="\t")
     r = cli(tmp_path, "--root", tmp_path / "root", "spec", "--bundle", bundle)
     assert r.returncode == 1
-    assert r.stderr == "File %s exists. Remove it first\n" % (bundle / "config.json")
+    assert stderr_text(r.stderr) == "File config.json exists. Remove it first\n"
+
+
+def test_runc_spec_is_default_spec_with_runc_extras():
+    spec, base = rt.runc_spec(), rt.default_spec()
+    assert spec["process"]["capabilities"]["ambient"] == base["process"]["capabilities"]["bounding"]
+    assert spec["mounts"][:-1] == base["mounts"] and spec["mounts"][-1]["type"] == "cgroup"
+
+
+def test_runc_spec_rootless():
+    spec = rt.runc_spec(rootless=True)
+    linux = spec["linux"]
+    assert list(linux)[:3] == ["uidMappings", "gidMappings", "namespaces"]
+    assert "resources" not in linux
+    assert linux["uidMappings"] == [{"containerID": 0, "hostID": os.geteuid(), "size": 1}]
+    assert [ns["type"] for ns in linux["namespaces"]] == ["pid", "ipc", "uts", "mount", "user"]
+    sys_mount = next(m for m in spec["mounts"] if m["destination"] == "/sys")
+    assert sys_mount == {"destination": "/sys", "type": "none", "source": "/sys",
+                         "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
+    assert not any(o.startswith(("gid=", "uid=")) for m in spec["mounts"]
+                   for o in m.get("options", []))
 
 
 def test_cli_spec_in_current_dir(tmp_path):
@@ -2189,7 +2519,7 @@ def test_cli_spec_in_current_dir(tmp_path):
 def test_cli_spec_missing_bundle(tmp_path):
     r = cli(tmp_path, "--root", tmp_path / "root", "spec", "-b", tmp_path / "nope")
     assert r.returncode == 1
-    assert r.stderr == "%s: No such file or directory\n" % (tmp_path / "nope" / "config.json")
+    assert stderr_text(r.stderr) == "chdir %s: no such file or directory\n" % (tmp_path / "nope")
 
 
 def test_cli_features(tmp_path):
@@ -2214,20 +2544,28 @@ def test_cli_version(tmp_path, argv):
                                          "spec: %s" % rt.OCI_VERSION]
 
 
-def test_cli_no_command(tmp_path):
-    r = cli(tmp_path, "--root", tmp_path / "root")
-    assert r.returncode == 1 and r.stdout.startswith("usage: cc-oci-runtime")
+@pytest.mark.parametrize("argv", [[], ["help"], ["h"]])
+def test_cli_no_command_and_help(tmp_path, argv):
+    r = cli(tmp_path, "--root", tmp_path / "root", *argv)
+    assert r.returncode == 0 and r.stdout.startswith("usage: cc-oci-runtime [-h]")
+
+
+def test_cli_help_of_a_command(tmp_path):
+    r = cli(tmp_path, "help", "exec")
+    assert r.returncode == 0 and r.stdout.startswith("usage: cc-oci-runtime exec ")
+    r = cli(tmp_path, "help", "bogus")
+    assert (r.returncode, r.stdout, r.stderr) == (3, "", "No help topic for 'bogus'\n")
 
 
 @pytest.mark.parametrize("argv, out", [
-    (["list"], "ID   PID   STATUS   BUNDLE   CREATED   OWNER\n"),
-    (["list", "-f", "json"], "[]\n"),
+    (["list"], "ID          PID         STATUS      BUNDLE      CREATED     OWNER\n"),
+    (["list", "-f", "json"], "null\n"),  # runc encodes its empty (nil) list
     (["list", "-q"], ""),
 ])
 def test_cli_list_empty(tmp_path, argv, out):
     for root in (tmp_path / "missing-root", tmp_path):
         r = cli(tmp_path, "--root", root, *argv)
-        assert (r.returncode, r.stdout, r.stderr) == (0, out, "")
+        assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (0, out, "")
 
 
 def test_cli_list_and_state_of_fake_containers(tmp_path):
@@ -2245,7 +2583,7 @@ def test_cli_list_and_state_of_fake_containers(tmp_path):
     header, first, second = r.stdout.splitlines()
     assert header.split() == ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"]
     assert first.split() == ["alive", str(os.getpid()), "created", "/bundles/alive",
-                             "2026-01-02T03:04:05.000000000Z", "root"]
+                             "2026-01-02T03:04:05Z", "root"]  # Go's time: no trailing zeros
     assert first.index("created") == header.index("STATUS")
     r = cli(tmp_path, "--root", root, "state", "alive")
     assert r.returncode == 0
@@ -2258,18 +2596,18 @@ def test_cli_list_and_state_of_fake_containers(tmp_path):
                                   ["delete", "ghost"], ["start", "ghost"]])
 def test_cli_unknown_container(tmp_path, argv):
     r = cli(tmp_path, "--root", tmp_path / "root", *argv)
-    assert (r.returncode, r.stdout, r.stderr) == (1, "", "container does not exist\n")
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (1, "", "container does not exist\n")
 
 
 @pytest.mark.parametrize("flag", ["-f", "--force"])
 def test_cli_delete_force_unknown(tmp_path, flag):
     r = cli(tmp_path, "--root", tmp_path / "root", "delete", flag, "ghost")
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (0, "", "")
 
 
 def test_cli_invalid_id(tmp_path):
     r = cli(tmp_path, "--root", tmp_path / "root", "state", "../etc")
-    assert (r.returncode, r.stderr) == (1, "invalid container id: ../etc\n")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, "invalid container id: ../etc\n")
 
 
 def test_cli_kill_bad_signal_and_stopped(tmp_path):
@@ -2277,11 +2615,15 @@ def test_cli_kill_bad_signal_and_stopped(tmp_path):
     fake_container(root, "alive", **me())
     fake_container(root, "gone", pid=dead_pid(), pid_start=1)
     r = cli(tmp_path, "--root", root, "kill", "alive", "NOPE")
-    assert (r.returncode, r.stderr) == (1, "invalid signal: NOPE\n")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, 'unknown signal "NOPE"\n')
+    r = cli(tmp_path, "--root", root, "kill", "alive", "0")  # liveness: the monitor is alive
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    r = cli(tmp_path, "--root", root, "kill", "gone", "0")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, "container not running\n")
     r = cli(tmp_path, "--root", root, "kill", "gone", "KILL")
-    assert (r.returncode, r.stderr) == (1, "container not running\n")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, "container not running\n")
     r = cli(tmp_path, "--root", root, "kill", "alive", "KILL")  # no monitor socket
-    assert (r.returncode, r.stderr) == (1, "container not running\n")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, "container not running\n")
 
 
 def test_cli_delete_running_needs_force(tmp_path):
@@ -2291,11 +2633,11 @@ def test_cli_delete_running_needs_force(tmp_path):
         fake_container(root, "c1", pid=sleeper.pid, pid_start=rt.proc_start_time(sleeper.pid),
                        started=True)
         r = cli(tmp_path, "--root", root, "delete", "c1")
-        assert (r.returncode, r.stderr) == (1, "cannot delete container c1 that is not stopped: "
-                                               "running\n")
+        assert (r.returncode, stderr_text(r.stderr)) == (
+            1, "cannot delete container c1 that is not stopped: running\n")
         assert sleeper.poll() is None and (root / "c1").exists()
         r = cli(tmp_path, "--root", root, "delete", "--force", "c1")
-        assert (r.returncode, r.stderr) == (0, "")
+        assert (r.returncode, stderr_text(r.stderr)) == (0, "")
         assert sleeper.wait(timeout=10) == -signal.SIGKILL
         assert not (root / "c1").exists()
     finally:
@@ -2312,7 +2654,7 @@ def test_cli_delete_stopped_kills_leftovers(tmp_path):
                             started=True)
         rt.write_atomic(st.path("exit.json"), json.dumps({"status": 0}))
         r = cli(tmp_path, "--root", root, "delete", "c1")
-        assert (r.returncode, r.stderr) == (0, "")
+        assert (r.returncode, stderr_text(r.stderr)) == (0, "")
         assert sleeper.wait(timeout=10) == -signal.SIGKILL
         assert os.listdir(root) == []
     finally:
@@ -2330,16 +2672,19 @@ def test_cli_newer_commands_unknown_container(tmp_path, argv):
     if argv[0] not in HELP_COMMANDS:
         pytest.skip("no %s command" % argv[0])
     r = cli(tmp_path, "--root", tmp_path / "root", *argv)
-    assert (r.returncode, r.stdout, r.stderr) == (1, "", "container does not exist\n")
+    prefix, code = ("exec failed: ", 255) if argv[0] == "exec" else ("", 1)  # as runc
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (
+        code, "", prefix + "container does not exist\n")
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["exec", "alive", "ls"], "cannot exec in a created container"),
-    (["exec", "gone", "ls"], "cannot exec in a stopped container"),
+    (["exec", "alive", "ls"], "exec failed: container not running"),  # created: no monitor here
+    (["exec", "gone", "ls"], "exec failed: cannot exec in a stopped container"),
+    (["exec", "frozen", "ls"],
+     "exec failed: cannot exec in a paused container (use --ignore-paused to override)"),
     (["pause", "alive"], "container not running"),
     (["resume", "alive"], "container not paused"),
-    (["ps", "gone"], "container not running"),
-    (["events", "--stats", "gone"], "container not running"),
+    (["events", "--stats", "gone"], "container with id gone is not running"),
     (["update", "-r", "RESOURCES", "alive"], "resources: must be a JSON object"),
 ])
 def test_cli_newer_commands_on_fake_containers(tmp_path, argv, message):
@@ -2348,10 +2693,24 @@ def test_cli_newer_commands_on_fake_containers(tmp_path, argv, message):
     root = tmp_path / "root"
     fake_container(root, "alive", **me())
     fake_container(root, "gone", pid=dead_pid(), pid_start=1)
+    fake_container(root, "frozen", started=True, paused=True, **me())
     write_json(tmp_path / "res.json", [1])
     argv = [str(tmp_path / "res.json") if a == "RESOURCES" else a for a in argv]
     r = cli(tmp_path, "--root", root, *argv)
-    assert (r.returncode, r.stderr) == (1, message + "\n")
+    code = 255 if argv[0] == "exec" else 1
+    assert (r.returncode, stderr_text(r.stderr)) == (code, message + "\n")
+
+
+def test_cli_ps_of_a_stopped_container(tmp_path):
+    """runc lists no process (the header alone; json null) and succeeds."""
+    root = tmp_path / "root"
+    fake_container(root, "gone", pid=dead_pid(), pid_start=1)
+    r = cli(tmp_path, "--root", root, "ps", "gone")
+    assert (r.returncode, r.stdout) == (0, "UID        PID  PPID  C STIME TTY          TIME CMD\n")
+    r = cli(tmp_path, "--root", root, "ps", "--format", "json", "gone")
+    assert (r.returncode, r.stdout) == (0, "null\n")
+    r = cli(tmp_path, "--root", root, "ps", "gone", "-o", "comm")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, "couldn't find PID field in ps output\n")
 
 
 def test_cli_update_and_events_without_vm(tmp_path):
@@ -2361,9 +2720,10 @@ def test_cli_update_and_events_without_vm(tmp_path):
     fake_container(root, "gone", pid=dead_pid(), pid_start=1)
     write_json(tmp_path / "res.json", {"memory": {"limit": 1}})
     r = cli(tmp_path, "--root", root, "update", "-r", tmp_path / "res.json", "gone")
-    assert (r.returncode, r.stdout, r.stderr) == (1, "", "container not running\n")  # as runc
-    r = cli(tmp_path, "--root", root, "events", "gone")
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (1, "", "container not running\n")  # as runc
+    r = cli(tmp_path, "--root", root, "events", "gone")  # runc's message
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (
+        1, "", "container with id gone is not running\n")
 
 
 def test_cli_kill_paused_with_sigkill_kills_the_monitor(tmp_path):
@@ -2373,10 +2733,10 @@ def test_cli_kill_paused_with_sigkill_kills_the_monitor(tmp_path):
         fake_container(root, "c1", pid=sleeper.pid, pid_start=rt.proc_start_time(sleeper.pid),
                        started=True, paused=True)
         r = cli(tmp_path, "--root", root, "kill", "c1", "TERM")  # no monitor to queue it
-        assert (r.returncode, r.stderr) == (1, "container not running\n")
+        assert (r.returncode, stderr_text(r.stderr)) == (1, "container not running\n")
         assert sleeper.poll() is None
         r = cli(tmp_path, "--root", root, "kill", "c1", "KILL")
-        assert (r.returncode, r.stderr) == (0, "")
+        assert (r.returncode, stderr_text(r.stderr)) == (0, "")
         assert sleeper.wait(timeout=10) == -signal.SIGKILL
     finally:
         if sleeper.poll() is None:
@@ -2393,13 +2753,13 @@ def test_cli_create_with_broken_config(tmp_path):
     r = cli(tmp_path, "--root", root, "--log", log, "--log-format", "json", "create",
             "--bundle", bundle, "c1")
     message = "config.json: process.args: must be a non-empty list of strings"
-    assert (r.returncode, r.stdout, r.stderr) == (1, "", message + "\n")
+    assert (r.returncode, r.stdout, stderr_text(r.stderr)) == (1, "", message + "\n")
     assert os.listdir(root) == []
     lines = log_lines(log)
     assert len(lines) == 1
     record = json.loads(lines[0])
     assert (record["level"], record["msg"]) == ("error", message)
-    check_time(record["time"])
+    check_log_time(record["time"])
 
 
 def test_cli_create_missing_bundle_text_log(tmp_path):
@@ -2407,7 +2767,7 @@ def test_cli_create_missing_bundle_text_log(tmp_path):
     r = cli(tmp_path, "--root", root, "--log", log, "--global-log", glog, "create", "-b",
             tmp_path / "nope", "c9")
     message = "bundle %s: no such directory" % (tmp_path / "nope")
-    assert (r.returncode, r.stderr) == (1, message + "\n")
+    assert (r.returncode, stderr_text(r.stderr)) == (1, message + "\n")
     assert not root.exists()
     (line,) = log_lines(log)
     assert line.endswith("level=error msg=%s" % json.dumps(message))

@@ -230,6 +230,16 @@ def test_ps_json_and_events_stats(runtime):
     assert isinstance(pids, list) and pids, r.stdout
     assert all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in pids), r.stdout
 
+    r = runtime("ps", cid)  # ps -ef's table of the guest's processes, in the container's pids
+    assert r.returncode == 0, r.stderr
+    header, *rows = [line.split(None, 7) for line in r.stdout.splitlines()]
+    assert header == ["UID", "PID", "PPID", "C", "STIME", "TTY", "TIME", "CMD"]
+    by_cmd = sorted((row[7], row[2]) for row in rows)
+    assert by_cmd == [("sh -c sleep 1000 & sleep 1000; wait", "0"), ("sleep 1000", "1"),
+                      ("sleep 1000", "1")], r.stdout
+    r = runtime("ps", cid, "-o", "pid,comm")
+    assert sorted(r.stdout.splitlines()[1:]) == ["    1 sh", "    2 sleep", "    3 sleep"], r.stdout
+
     r = runtime("events", "--stats", cid, timeout=60)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()

@@ -145,7 +145,8 @@ def test_update_changes_the_limits_inside_and_refuses_beyond_the_vm(runtime):
         vm_memory = json.load(f)["vm"]["memory"]
     r = runtime("update", "--memory", "8g", "upd")
     assert r.returncode == 1
-    assert r.stderr.startswith("memory limit 8192 MiB does not fit the container's VM: it has %s" % vm_memory), r.stderr
+    assert 'msg="memory limit 8192 MiB does not fit the container\'s VM: it has %s, room for' % vm_memory \
+        in r.stderr, r.stderr
     stats = json.loads(runtime("events", "--stats", "upd", check=True).stdout)
     assert stats["type"] == "stats" and stats["id"] == "upd"
     data = stats["data"]
