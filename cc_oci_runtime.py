@@ -4598,6 +4598,8 @@ def exec_process(args, state):
         process["terminal"] = True
     for cap in getattr(args, "cap", None) or []:
         add_exec_capability(process, cap)
+    if getattr(args, "no_new_privs", False):
+        process["noNewPrivileges"] = True
     return process
 
 
@@ -5510,11 +5512,15 @@ def build_parser():
                     help="an additional gid (repeat for more)")
     ex.add_argument("--preserve-fds", type=int, default=0,
                     help="fds above 2 to leave open (not passed into the VM)")
-    for flag in ("--no-new-privs", "--ignore-paused", "--no-subreaper"):
-        ex.add_argument(flag, action="store_true", help="accepted and ignored")
+    ex.add_argument("--no-new-privs", action="store_true", help="set no_new_privs for the process")
+    ex.add_argument("--ignore-paused", action="store_true",
+                    help="on a paused container, wait for resume instead of failing")
+    ex.add_argument("--no-subreaper", action="store_true", help="accepted and ignored")
     for opt in ("--apparmor", "--process-label", "--cgroup"):
         ex.add_argument(opt, help="accepted and ignored")
-    ex.add_argument("-c", "--cap", action="append", help="accepted and ignored")
+    ex.add_argument("-c", "--cap", action="append",
+                    help="add a capability to the process's bounding, effective, permitted "
+                         "and inheritable sets")
     command("pause", cmd_pause, "pause a container's VM")
     command("resume", cmd_resume, "resume a paused container's VM")
     ps = command("ps", cmd_ps, "list the container's processes (guest pids)")
