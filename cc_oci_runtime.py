@@ -1,4 +1,39 @@
-#!/usr/bin/env python3
+#!/bin/sh
+# Run as a program, this file starts as a shell script: the line below has Python run the
+# code compiled once and kept in the cache directory, keyed by this file's content (to
+# Python it is a string, and `python3 cc_oci_runtime.py` compiles the file as usual).
+''''exec "${CC_OCI_PYTHON:-python3}" -S -c '
+import marshal, os, sys, time
+path = sys.argv.pop(1)
+sys.argv[0], sys.path[0] = path, os.path.dirname(os.path.realpath(path))
+with open(path, "rb") as f:
+    source = f.read()
+code = None
+try:
+    import _blake2 as h
+    key = h.blake2b(source + sys.version.encode(), digest_size=16).hexdigest()
+    cache = os.path.join(os.environ.get("CC_OCI_CACHE_DIR") or "/var/cache/cc-oci-runtime", "code")
+    with open(os.path.join(cache, key), "rb") as f:
+        code = marshal.loads(f.read())
+except Exception:
+    pass
+if code is None:
+    code = compile(source, path, "exec")
+    try:
+        os.makedirs(cache, exist_ok=True)
+        for old in os.scandir(cache):
+            if time.time() - old.stat().st_mtime > 86400:
+                os.unlink(old.path)
+        with open(os.path.join(cache, "%s.%d" % (key, os.getpid())), "wb") as f:
+            f.write(marshal.dumps(code))
+        os.rename(f.name, os.path.join(cache, key))
+    except Exception:
+        pass
+__file__ = path
+for name in ("f", "h", "key", "cache", "old", "source", "marshal", "path", "name"):
+    globals().pop(name, None)
+exec(code)
+' "$0" "$@" # '''
 # Copyright 2026 The cc-oci-runtime authors. Licensed under the Apache License 2.0.
 """cc-oci-runtime: an OCI runtime that runs every container inside its own QEMU VM.
 
@@ -5442,9 +5477,34 @@ def _log_usage_error(argv, message):
 GLOBAL_VALUE_OPTIONS = ("--root", "--log", "--log-format", "--global-log", "--criu", "--rootless")
 
 
-def build_parser():
-    """runc 1.1's command line: global options, then a sub-command (every runc flag accepted)."""
+class _Unbuilt:
+    """Stands for the parser of a command not on the command line (see build_parser)."""
+
+    def __getattr__(self, _name):
+        return lambda *_args, **_kw: self
+
+
+def command_in(argv):
+    """The sub-command argv names after the global options (any flag form), or None."""
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("-"):
+            return arg
+        if "--" + arg.lstrip("-") in GLOBAL_VALUE_OPTIONS and args:  # -root as --root
+            args.pop(0)
+    return None
+
+
+def build_parser(only=None):
+    """runc 1.1's command line: global options, then a sub-command (every runc flag accepted).
+
+    With only (a command's name) the other commands' parsers are left unbuilt: a CLI call
+    pays for its own command only; the whole parser is built when only names none."""
     import argparse
+    if only in ("help", "h"):
+        only = None
+    built = []
     p = _parser_class()(prog=PROG, allow_abbrev=False,
                         description="OCI runtime that runs each container in its own QEMU "
                                     "virtual machine.")
@@ -5461,6 +5521,9 @@ def build_parser():
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_class())
 
     def command(name, fn, help_text, with_id=True, aliases=()):
+        if only and only != name and only not in aliases:
+            return _Unbuilt()
+        built.append(name)
         c = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False,
                            aliases=list(aliases))
         c.set_defaults(func=fn)
@@ -5554,7 +5617,7 @@ def build_parser():
     hlp.set_defaults(func=lambda args: _help(p, sub, args.topic))
     command("version", cmd_version, "print the version", with_id=False)
     command("check", cmd_check, "report whether this host can run containers", with_id=False)
-    return p
+    return p if built or not only else build_parser()
 
 
 GO_TRUE = ("1", "t", "T", "true", "TRUE", "True")
@@ -5642,7 +5705,7 @@ def main(argv=None):
     """Parse the command line, run one command, map errors to one line and exit 1."""
     if os.getpid() == 1 and argv is None:
         agent_main()
-    parser = build_parser()
+    parser = build_parser(command_in(sys.argv[1:] if argv is None else argv))
     argv_given = argv
     argv = go_style_argv(sys.argv[1:] if argv is None else argv, parser)
     try:

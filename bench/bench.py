@@ -376,6 +376,41 @@ class Bench:
                 "%s %.3fs" % (k, v[-1]) for k, v in samples.items())))
         return samples
 
+    # -- the CLI's own start-up, run as a program as engines run it -------------
+    def cli(self, n):
+        """Median wall time of short commands on one created container, against
+        /usr/bin/python3 -c pass (the runtime run as a program: its shell header, cached code)."""
+        program = os.path.join(self.tmp, "cc-oci-runtime")
+        shutil.copy(RUNTIME, program)
+        os.chmod(program, 0o755)
+        env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""),
+                   CC_OCI_PYTHON="/usr/bin/python3")
+        base = [program, "--root", self.rt_root]
+        cid = self._id("cli")
+        self.rt_ids.append(cid)
+
+        def timed(argv):
+            start = time.perf_counter()
+            subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=env, timeout=60)
+            return time.perf_counter() - start
+        try:
+            out = os.path.join(self.tmp, "out-%s.txt" % cid)
+            _, rc = run_timed(base + ["create", "-b", self.sleep_bundle, cid], out, self.timeout)
+            if rc != 0:
+                raise BenchError("create %s: exit status %d: %s" % (cid, rc, _tail(out)))
+            timed(base + ["state", cid])  # the first run compiles and caches
+            kinds = {"python -c pass": ["/usr/bin/python3", "-c", "pass"],
+                     "state": base + ["state", cid], "list": base + ["list"],
+                     "kill 0": base + ["kill", cid, "0"], "ps": base + ["ps", cid]}
+            samples = {k: [] for k in kinds}
+            for _ in range(n):
+                for k, argv in kinds.items():
+                    samples[k].append(timed(argv))
+            return {k: round(statistics.median(v), 4) for k, v in samples.items()}
+        finally:
+            quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", cid])
+
     # -- memory of one idle container --------------------------------------
     def memory(self, settle):
         cid = self._id("mem")
@@ -480,6 +515,13 @@ def print_table(res):
         print("ratio runtime/runc (medians)          %9.1fx" % r["runtime/runc"])
     print("ratio runtime/bare-QEMU (medians)     %9.2fx" % r["runtime/bare_qemu"])
     print("runtime overhead over bare QEMU       %9.3f s" % r["runtime-bare_qemu_s"])
+    cli = res.get("cli")
+    if cli:
+        print()
+        floor = cli["python -c pass"]
+        print("CLI as a program (median, /usr/bin/python3)   time    ratio to python -c pass")
+        for k, v in cli.items():
+            print("  %-42s %6.1f ms %6.2fx" % (k, v * 1000, v / floor))
     m = res.get("memory")
     if m:
         print()
@@ -531,6 +573,8 @@ def main(argv=None):
         bench.setup()
         log("bare QEMU: %s" % " ".join(bench.bare_argv))
         samples = bench.timings(opts.n)
+        log("CLI: short commands as a program, against python -c pass")
+        cli = bench.cli(max(opts.n, 10))
         mem = None
         if not opts.no_memory:
             log("memory: create + start a `sleep 1000` container, wait %.1fs" % opts.settle)
@@ -551,6 +595,7 @@ def main(argv=None):
                        "runtime/bare_qemu": ratio(rmed, bmed),
                        "runtime-bare_qemu_s": round(rmed - bmed, 4)},
             "memory": mem,
+            "cli": cli,
             "bare_qemu_argv": bench.bare_argv,
             "bare_qemu_dropped": bench.bare_dropped,
         }

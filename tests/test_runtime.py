@@ -3370,3 +3370,87 @@ def test_container_hooks_run_with_state_and_fail(tmp_path):
     slow = {"path": "/bin/sleep", "args": ["sleep", "5"], "timeout": 1}
     with pytest.raises(rt.Error, match="timed out after 1s"):
         rt.run_container_hooks({"startContainer": [slow]}, "startContainer", {})
+
+
+# -- the CLI's start-up: compiled code cached by content, only the given command's parser ----
+
+def _run_copy(script, cache, *args):
+    """Run a copy of the runtime as a program (its shell header), with its own cache dir."""
+    env = dict(os.environ, CC_OCI_CACHE_DIR=str(cache), CC_OCI_PYTHON=sys.executable)
+    return subprocess.run([str(script)] + list(args), capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+@pytest.fixture
+def script_copy(tmp_path):
+    """An executable copy of cc_oci_runtime.py."""
+    copy = tmp_path / "cc-oci-runtime"
+    shutil.copy(SCRIPT, copy)
+    copy.chmod(0o755)
+    return copy
+
+
+def test_program_runs_cached_code_keyed_by_content(script_copy, tmp_path):
+    cache = tmp_path / "cache"
+    first = _run_copy(script_copy, cache, "--version")
+    assert first.returncode == 0 and first.stdout.startswith("cc-oci-runtime version " + rt.__version__)
+    entries = os.listdir(cache / "code")
+    assert len(entries) == 1
+    assert _run_copy(script_copy, cache, "--version").stdout == first.stdout
+    text = script_copy.read_text().replace('__version__ = "%s"' % rt.__version__, '__version__ = "9.9.9"')
+    script_copy.write_text(text)
+    changed = _run_copy(script_copy, cache, "--version")
+    assert changed.stdout.startswith("cc-oci-runtime version 9.9.9"), "stale code served"
+    assert len(os.listdir(cache / "code")) == 2
+
+
+def test_program_runs_without_a_usable_cache(script_copy, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = _run_copy(script_copy, blocker / "cache", "--version")  # the cache cannot be made
+    assert r.returncode == 0 and rt.__version__ in r.stdout, r.stderr
+    cache = tmp_path / "cache"
+    _run_copy(script_copy, cache, "--version")
+    (entry,) = os.listdir(cache / "code")
+    (cache / "code" / entry).write_bytes(b"not marshal data")  # corrupt, or written by a crash
+    r = _run_copy(script_copy, cache, "--version")
+    assert r.returncode == 0 and rt.__version__ in r.stdout, r.stderr
+
+
+def test_concurrent_first_runs_share_one_good_cache_entry(script_copy, tmp_path):
+    cache = tmp_path / "cache"
+    env = dict(os.environ, CC_OCI_CACHE_DIR=str(cache), CC_OCI_PYTHON=sys.executable)
+    procs = [subprocess.Popen([str(script_copy), "--version"], stdout=subprocess.PIPE, env=env, text=True)
+             for _ in range(8)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and len(set(outs)) == 1
+    entries = os.listdir(cache / "code")
+    assert len(entries) == 1, entries  # no temporary file left behind
+    import marshal
+    code = marshal.loads((cache / "code" / entries[0]).read_bytes())
+    assert code.co_filename == str(script_copy)
+
+
+@pytest.mark.parametrize("argv", [
+    ["state", "c1"], ["--root", "/r", "state", "c1"], ["-root", "/r", "--debug", "kill", "c1", "KILL"],
+    ["kill", "--all", "c1", "0"], ["delete", "-f", "c1"], ["list", "-q"], ["list", "--format", "json"],
+    ["ps", "c1", "-e", "-x"], ["ps", "--format", "json", "c1"], ["start", "c1"],
+    ["--log", "/l", "--log-format", "json", "create", "-b", "/b", "--pid-file", "/p", "c1"],
+    ["exec", "-t", "-e", "A=1", "c1", "sh", "-c", "x"], ["update", "--memory", "1g", "c1"],
+    ["events", "--stats", "c1"], ["pause", "c1"], ["spec", "--rootless"], ["features"],
+])
+def test_parser_of_one_command_parses_as_the_whole_parser(argv):
+    assert rt.command_in(argv) in argv
+    whole = rt.build_parser().parse_args(rt.go_style_argv(argv, rt.build_parser()))
+    part_parser = rt.build_parser(rt.command_in(argv))
+    part = part_parser.parse_args(rt.go_style_argv(argv, part_parser))
+    assert vars(part) == vars(whole)
+
+
+def test_parser_of_no_known_command_is_the_whole_parser(capsys):
+    assert rt.command_in(["--root", "/r"]) is None
+    assert rt.command_in(["--log", "x", "-v"]) is None
+    full = rt.build_parser().format_help()
+    assert rt.build_parser("no-such-command").format_help() == full
+    assert rt.build_parser("help").format_help() == full
+    assert "checkpoint" in full and "update" in full
