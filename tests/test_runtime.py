@@ -1649,6 +1649,9 @@ kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/netfs/netfs.ko.xz ker
 kernel/fs/fscache/fscache.ko.xz: kernel/fs/netfs/netfs.ko.xz
 kernel/fs/netfs/netfs.ko.xz:
 kernel/drivers/unrelated/other-mod.ko.xz:
+kernel/drivers/net/virtio_net.ko.xz: kernel/drivers/net/net_failover.ko.xz kernel/net/core/failover.ko.xz kernel/drivers/virtio/virtio.ko.xz kernel/drivers/virtio/virtio_ring.ko.xz
+kernel/drivers/net/net_failover.ko.xz: kernel/net/core/failover.ko.xz
+kernel/net/core/failover.ko.xz:
 """
 
 
@@ -1659,7 +1662,8 @@ def test_guest_modules_order(tmp_path):
     rel = [os.path.relpath(p, tmp_path) for p in paths]
     names = [rt._module_name(p) for p in rel]
     assert sorted(names) == sorted(["virtio", "virtio_ring", "virtio_mmio", "virtio_console",
-                                    "9pnet", "9pnet_virtio", "netfs", "fscache", "9p"])
+                                    "9pnet", "9pnet_virtio", "netfs", "fscache", "9p",
+                                    "failover", "net_failover", "virtio_net"])
     assert len(set(rel)) == len(rel)
     deps = {}
     for line in MODULES_DEP.splitlines():
@@ -1668,7 +1672,7 @@ def test_guest_modules_order(tmp_path):
     for i, path in enumerate(rel):
         for dep in deps[path]:
             assert dep in rel[:i], "%s before %s" % (dep, path)
-    assert names[-1] == "9p"
+    assert names[-1] == "virtio_net"
 
 
 def test_guest_modules_other_names_and_dashes(tmp_path):
