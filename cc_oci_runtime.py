@@ -1687,6 +1687,7 @@ NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 1, 2, 4, 0x300
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 NLA_F_NESTED = 0x8000
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_INFO_KIND = 1, 3, 4, 18, 1
+IFLA_NET_NS_FD = 28
 IFA_ADDRESS, IFA_LOCAL, IFA_F_NODAD = 1, 2, 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 6, 7, 15
 IFF_UP, IFF_LOOPBACK, ARPHRD_ETHER = 1, 8, 1
@@ -1844,6 +1845,10 @@ class Netlink:
         if up is not None:
             flags, change = (IFF_UP if up else 0), IFF_UP
         self.request(RTM_NEWLINK, 0, IFINFO.pack(0, 0, index, flags, change), attrs)
+
+    def move_link(self, index, netns_fd):
+        """Move an interface into the network namespace netns_fd."""
+        self.request(RTM_NEWLINK, 0, IFINFO.pack(0, 0, index, 0, 0), [nl_attr(IFLA_NET_NS_FD, netns_fd)])
 
     def add_address(self, index, addr):
         """Add one address ({family, address, prefix}) to an interface."""
@@ -2839,7 +2844,7 @@ class Agent:
         self.wake_fd = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        guest_loopback_up()
+        self.net = guest_net_boot()
         self.port = self._open_port()
 
     @staticmethod
@@ -2995,7 +3000,7 @@ class Agent:
 
     def _op_network(self, msg):
         """Give the guest's NICs the host interfaces' MAC, MTU, name, addresses and routes."""
-        guest_network(msg["plan"])
+        guest_network(msg["plan"], self.net)
         return {"op": "ok"}
 
     def _op_signal(self, msg):
@@ -3188,16 +3193,36 @@ class Agent:
                 self.finished = True
 
 
-def guest_loopback_up():
-    """Bring lo up (the kernel gives it 127.0.0.1 and ::1), as runc does for every container."""
+def guest_net_boot():
+    """Bring lo up (the kernel gives it 127.0.0.1 and ::1, as runc has it) and park the NIC slots
+    in a network namespace of their own, so that a container sees only the NICs it uses.
+    Returns {"home": fd of our namespace, "park": a netlink socket in the parking one}."""
+    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     with Netlink() as nl:
-        for link in nl.links():
+        links = nl.links()
+        for link in links:
             if link["flags"] & IFF_LOOPBACK:
                 nl.set_link(link["index"], up=True)
+        _check_libc(_libc().unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        park_fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        park = Netlink()
+        _check_libc(_libc().setns(home, CLONE_NEWNET), "setns")
+        for link in links:
+            if link["type"] == ARPHRD_ETHER:
+                nl.move_link(link["index"], park_fd)
+    os.close(park_fd)
+    return {"home": home, "park": park}
 
 
-def guest_network(plan):
-    """Configure each guest NIC like the host interface it carries, then the routes."""
+def guest_network(plan, net):
+    """Bring the NICs the plan uses home and configure each like the host interface it carries,
+    then the routes."""
+    parked = {ln["mac"]: ln for ln in net["park"].links()}
+    for iface in plan["interfaces"]:
+        link = parked.get(slot_mac(iface["slot"]))
+        if link is None:
+            raise Error("network: the VM has no NIC number %d for %s" % (iface["slot"], iface["name"]))
+        net["park"].move_link(link["index"], net["home"])
     with Netlink() as nl:
         by_mac = {ln["mac"]: ln for ln in nl.links()}
         index_of = {}

@@ -215,8 +215,12 @@ def _tar(rootfs, tarball):
 class Podman:
     """podman with private root/runroot/tmpdir/config and `runtime_path` registered as `runtime_name`."""
 
-    def __init__(self, workdir, runtime_path, runtime_name="cc-oci-runtime", storage_driver=None):
-        """Write containers.conf and storage.conf under workdir; nothing is started."""
+    def __init__(self, workdir, runtime_path, runtime_name="cc-oci-runtime", storage_driver=None,
+                 network=False):
+        """Write containers.conf and storage.conf under workdir; nothing is started.
+
+        network=True: podman's default bridge network through netavark (+ aardvark-dns), with
+        its network configs in workdir/networks; otherwise no network at all (see above)."""
         self.dir = os.path.abspath(workdir)
         os.makedirs(self.dir, exist_ok=True)
         self.runtime_path, self.runtime_name = os.path.abspath(runtime_path), runtime_name
@@ -227,15 +231,17 @@ class Podman:
             self.runroot = self.short_run = tempfile.mkdtemp(prefix="pmr-", dir="/tmp")
         conf, sconf = os.path.join(self.dir, "containers.conf"), os.path.join(self.dir, "storage.conf")
         names = sorted({runtime_name, os.path.basename(self.runtime_path)})  # podman 4.3 matches the registered name
+        net = ('[network]\nnetwork_backend = "netavark"\nnetwork_config_dir = "%s/networks"\n\n' % self.dir
+               if network else
+               'netns = "none"\n\n[network]\nnetwork_backend = "cni"\ncni_plugin_dirs = ["/usr/lib/cni"]\n'
+               'network_config_dir = "%s/net.d"\n\n' % self.dir)
         with open(conf, "w") as f:
             f.write('[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n'
-                    'netns = "none"\n\n'
-                    '[network]\nnetwork_backend = "cni"\ncni_plugin_dirs = ["/usr/lib/cni"]\n'
-                    'network_config_dir = "%s/net.d"\n\n'
+                    + net +
                     '[engine]\nlock_type = "file"\nevents_logger = "file"\ncgroup_manager = "cgroupfs"\n'
                     'runtime_supports_json = [%s]\n\n'
                     '[engine.runtimes]\n"%s" = ["%s"]\n'
-                    % (self.dir, ", ".join('"%s"' % n for n in names), runtime_name, self.runtime_path))
+                    % (", ".join('"%s"' % n for n in names), runtime_name, self.runtime_path))
         with open(sconf, "w") as f:
             f.write('[storage]\ndriver = "%s"\ngraphroot = "%s"\nrunroot = "%s"\n'
                     % (self.driver, self.root, self.runroot))
