@@ -3480,7 +3480,7 @@ def create_container(args, console_socket=None, foreground=False):
     state = State(args.root, args.id)
     conf = load_spec(args.bundle)
     terminal = conf["process"]["terminal"]
-    if not conf.get("netns"):
+    if is_host_netns(conf.get("netns")):
         raise Error(HOST_NETWORK_ERROR)
     if terminal and not console_socket and not foreground:
         raise Error("process.terminal: --console-socket is required when terminal is true")
@@ -3538,9 +3538,27 @@ def create_container(args, console_socket=None, foreground=False):
 
 
 HOST_NETWORK_ERROR = (
-    "host networking is not supported: config.json has no network namespace (the host's "
-    "own, e.g. --network host), and a VM cannot share the host's interfaces; use a network "
-    "namespace (the default bridge network, or --network none)")
+    "host networking is not supported: the container would share the host's network "
+    "namespace (--network host, or no network namespace in config.json), and a VM cannot "
+    "take the host's interfaces; use a network namespace (a bridge network, or --network none)")
+
+
+def is_host_netns(netns):
+    """True for no network namespace, or a path to the host's (docker's --network host passes
+    its bind mount of it): the namespace of the host's init or of this process."""
+    if not netns:
+        return True
+    if netns == "new":
+        return False
+    target = os.stat(netns)
+    for own in ("/proc/1/ns/net", "/proc/self/ns/net"):
+        try:
+            st = os.stat(own)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            return True
+    return False
 
 
 def unwire_network(state):

@@ -304,8 +304,11 @@ class Docker:
     """A private dockerd (and the containerd it starts) with `runtime_path` added as `runtime_name`."""
 
     def __init__(self, workdir, runtime_path, runtime_name="cc-oci-runtime", storage_driver=None,
-                 start_timeout=60):
-        """Start dockerd in the background and wait until `docker info` answers."""
+                 start_timeout=60, network=False):
+        """Start dockerd in the background and wait until `docker info` answers.
+
+        network=True: docker's default bridge (docker0) with iptables and NAT, as on a usual
+        host; stop() deletes docker0 again (dockerd leaves it and its iptables chains)."""
         self.dir = os.path.abspath(workdir)
         os.makedirs(self.dir, exist_ok=True)
         self.runtime_path, self.runtime_name = os.path.abspath(runtime_path), runtime_name
@@ -328,9 +331,11 @@ class Docker:
         self.base = [DOCKER_CLI, "-H", "unix://" + self.sock]
         self.dockerd_argv = [
             "dockerd", "--config-file", conf, "--data-root", self.data_root, "--exec-root", self.exec_root,
-            "--pidfile", self.pidfile, "-H", "unix://" + self.sock, "--iptables=false", "--ip6tables=false",
-            "--ip-masq=false", "--bridge=none", "--storage-driver", self.driver, "--shutdown-timeout", "2",
+            "--pidfile", self.pidfile, "-H", "unix://" + self.sock] + ([] if network else [
+            "--iptables=false", "--ip6tables=false", "--ip-masq=false", "--bridge=none"]) + [
+            "--storage-driver", self.driver, "--shutdown-timeout", "2",
             "--add-runtime", "%s=%s" % (runtime_name, self.runtime_path)]
+        self.network = network
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(self.dockerd_argv, stdin=subprocess.DEVNULL, stdout=logf,
                                          stderr=subprocess.STDOUT, start_new_session=True,
@@ -418,6 +423,8 @@ class Docker:
         if self.short_exec:
             unmount_under(self.short_exec)
             shutil.rmtree(self.short_exec, ignore_errors=True)
+        if self.network:
+            _run(["ip", "link", "del", "docker0"])
 
     close = stop
 
