@@ -1698,6 +1698,7 @@ TC_H_INGRESS, TC_INGRESS_HANDLE, TC_U32_TERMINAL = 0xFFFFFFF1, 0xFFFF0000, 1
 TC_ACT_STOLEN, TCA_EGRESS_REDIR, ETH_P_ALL = 4, 1, 0x0003
 # Interfaces that appear by themselves in every namespace when their module is loaded.
 FALLBACK_LINK_KINDS = ("gretap", "erspan", "ip6gretap", "ip6erspan")
+DOCKER_DNS = "127.0.0.11"  # docker's embedded resolver, listening inside the namespace
 
 
 def nl_attr(kind, value):
@@ -2011,6 +2012,17 @@ def network_plan(links, addresses, routes):
     return {"interfaces": ifaces, "routes": rts}
 
 
+def docker_dns_listening(proc_udp="/proc/net/udp"):
+    """True when something (docker's embedded resolver) listens on 127.0.0.11 in this namespace:
+    the guest cannot reach it over the NIC, so the agent relays its queries."""
+    want = "%08X" % struct.unpack("<I", socket.inet_aton(DOCKER_DNS))[0]
+    try:
+        with open(proc_udp) as f:
+            return any(line.split()[1].split(":")[0] == want for line in list(f)[1:])
+    except (OSError, IndexError):
+        return False
+
+
 def net_check_unshared(nl):
     """Refuse a namespace whose interfaces another VM container already took (pods)."""
     if any(ln["name"].startswith(TAP_PREFIX) for ln in nl.links()):
@@ -2143,6 +2155,7 @@ class Monitor:
         self.exit_code, self.ctl, self.stdin_is_file = None, None, False
         self.terminal = terminal  # the host pty slave the engine holds the master of
         self.wired = []  # the engine's interfaces redirected to the VM's taps
+        self.dns_queries = []  # [(socket, guest peer)] of DNS queries relayed to docker's resolver
 
     # -- start-up ----------------------------------------------------------
     def run(self):
@@ -2362,6 +2375,9 @@ class Monitor:
             if client is not None:
                 self._reply(client, msg)
             return
+        if msg.get("op") == "dns":
+            self._relay_dns(msg)
+            return
         if msg.get("op") == "exit":
             proc = msg.get("proc", 0)
             if proc == 0:
@@ -2520,6 +2536,7 @@ class Monitor:
             self._reply(fd, {"error": str(e) if isinstance(e, Error) else "network: %s" % e})
             return
         self.wired = [{"index": i["index"], "name": i["name"]} for i in plan["interfaces"]]
+        plan["dns_relay"] = bool(self.wired) and docker_dns_listening()
         write_atomic(os.path.join(self.dir, "net.json"),
                      json.dumps({"netns": self.netns, "interfaces": self.wired}))
         if not self.wired:
@@ -2529,6 +2546,38 @@ class Monitor:
         msg = {"op": "network", "plan": plan, "id": self.next_id}
         self.next_id += 1
         self._to_agent(lambda a: send_msg(a, msg))
+
+    def _relay_dns(self, msg):
+        """Ask docker's embedded resolver (127.0.0.11 in this namespace) a guest's query."""
+        import selectors
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.sendto(bytes.fromhex(msg["query"]), (DOCKER_DNS, 53))
+        except (OSError, ValueError, KeyError):
+            sock.close()
+            return
+        self.dns_queries.append((sock, msg.get("peer")))
+        self.sel.register(sock.fileno(), selectors.EVENT_READ, ("dns", sock))
+        while len(self.dns_queries) > 32:  # unanswered ones
+            self._close_dns(self.dns_queries[0][0])
+
+    def _on_dns(self, key):
+        """The resolver's answer: back to the guest."""
+        sock = key.data[1]
+        peer = next((p for s, p in self.dns_queries if s is sock), None)
+        try:
+            answer = sock.recv(65536)
+        except OSError:
+            answer = None
+        self._close_dns(sock)
+        if answer:
+            self._to_agent(lambda a: send_msg(a, {"op": "dns_answer", "answer": answer.hex(), "peer": peer}))
+
+    def _close_dns(self, sock):
+        """Forget one relayed query."""
+        self.dns_queries = [q for q in self.dns_queries if q[0] is not sock]
+        self.sel.unregister(sock.fileno())
+        sock.close()
 
     def _unwire(self):
         """Remove the redirects from the engine's interfaces (their namespace is the engine's)."""
@@ -2815,6 +2864,8 @@ class Agent:
                     self._on_port()
                 elif fd == self.wake_fd:
                     self._on_sigchld()
+                elif fd == self.dns_fd:
+                    self._on_dns_query()
                 else:
                     if ev & select.POLLOUT and fd in self.in_fds:
                         self._flush_stdin(self.in_fds[fd])
@@ -2844,7 +2895,7 @@ class Agent:
         self.wake_fd = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.net = guest_net_boot()
+        self.net, self.dns, self.dns_fd = guest_net_boot(), None, None
         self.port = self._open_port()
 
     @staticmethod
@@ -3001,7 +3052,29 @@ class Agent:
     def _op_network(self, msg):
         """Give the guest's NICs the host interfaces' MAC, MTU, name, addresses and routes."""
         guest_network(msg["plan"], self.net)
+        if msg["plan"].get("dns_relay"):
+            self.dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self.dns.bind((DOCKER_DNS, 53))
+            self.dns.setblocking(False)
+            self.dns_fd = self.dns.fileno()
+            self.poll.register(self.dns_fd, __import__("select").POLLIN)
         return {"op": "ok"}
+
+    def _on_dns_query(self):
+        """A query to docker's resolver address: relayed to the monitor, which asks it."""
+        try:
+            data, peer = self.dns.recvfrom(4096)
+        except OSError:
+            return
+        send_msg(self.port, {"op": "dns", "query": data.hex(), "peer": list(peer)})
+
+    def _op_dns_answer(self, msg):
+        """The resolver's answer to a relayed query, back to the asking process."""
+        try:
+            self.dns.sendto(bytes.fromhex(msg["answer"]), tuple(msg["peer"]))
+        except OSError:
+            pass
+        return {"op": "none"}
 
     def _op_signal(self, msg):
         """Deliver a signal to one process, or to all of the container's (all=True)."""

@@ -50,9 +50,22 @@ def host_taps():
     return [ln for ln in sh("ip -o link show").splitlines() if "cc-tap" in ln]
 
 
+def _runtime_pids():
+    """Runtime processes (CLI, monitors) and their children (QEMU)."""
+    table = engines.proc_table()
+    pids = {p for p, (_, argv, st) in table.items() if st != "Z" and RUNTIME in argv[:2]}
+    while True:
+        more = {p for p, (pp, _, st) in table.items() if pp in pids and st != "Z"} - pids
+        if not more:
+            return pids
+        pids |= more
+
+
 def runtime_procs():
-    """Pids of runtime and QEMU processes started for this module's containers."""
-    return engines.find_procs(RUNTIME)
+    """{pid: cmdline} of runtime and QEMU processes left once every container is removed (a
+    removal may still be finishing, so wait a little first)."""
+    poll(lambda: not _runtime_pids(), 15)
+    return {p: " ".join(engines.proc_table().get(p, (0, []))[1]) for p in _runtime_pids()}
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +310,7 @@ def test_docker_published_port(dknet):
 
 
 def test_docker_container_reaches_the_host(dknet, tmp_path):
-    gw = dknet.run("network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", "bridge").stdout.strip()
+    gw = sh("ip -4 -o addr show docker0").split()[3].split("/")[0]
     srv = HostServer(gw, str(tmp_path))
     try:
         r = dknet.run_rt("run", "--rm", "bb", "sh", "-c", "timeout 10 wget -qO- http://%s:%d/" % (gw, srv.port),
