@@ -41,6 +41,7 @@ test-functional:
 bench: deps
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/engines.py
+	$(PYTHON) bench/network.py
 
 check:
 	$(PYTHON) $(RUNTIME) check

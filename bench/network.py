@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Network speed through podman's default bridge (netavark) with this runtime next to runc,
+measured in the same run with private engine state:
+
+  - HTTP round trip: 200 GETs through a published port (127.0.0.1:PORT -> busybox httpd),
+    a new connection each, median and p99;
+  - bulk TCP, host -> container and container -> host, 200 MB each way (busybox nc);
+  - start cost of a network: `podman run --rm IMG true` with the default network against
+    --network none (medians), for both runtimes.
+
+    python3 bench/network.py [--requests N] [--megabytes M] [--starts N]
+"""
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "functional"))
+import engines  # noqa: E402
+
+RUNTIME = os.path.abspath(os.path.join(HERE, "..", "cc_oci_runtime.py"))
+RUNTIMES = {"cc": "cc-oci-runtime", "runc": "runc"}
+
+
+def free_port():
+    """A TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check(r):
+    """A CompletedProcess that must have succeeded; its stdout."""
+    if r.returncode != 0:
+        raise SystemExit("failed: %s\n%s" % (" ".join(r.args), r.stderr))
+    return r.stdout.strip()
+
+
+def http_rtt(port, n):
+    """Seconds of n GET round trips (a new connection each) to 127.0.0.1:port."""
+    request = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+    times = []
+    deadline = time.monotonic() + 60
+    while True:  # wait until the server answers
+        try:
+            with socket.create_connection(("127.0.0.1", port), 2) as s:
+                s.sendall(request)
+                if s.recv(100).startswith(b"HTTP/"):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("no answer on port %d" % port)
+        time.sleep(0.2)
+    for _ in range(n):
+        t = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port), 10) as s:
+            s.sendall(request)
+            while s.recv(65536):
+                pass
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def to_container(addr, port, megabytes):
+    """MB/s of megabytes sent to a `nc -l` in the container (until it closes)."""
+    chunk = b"\0" * (1 << 20)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            s = socket.create_connection((addr, port), 5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    with s:
+        t = time.perf_counter()
+        for _ in range(megabytes):
+            s.sendall(chunk)
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(120)
+        while s.recv(65536):
+            pass
+        return megabytes / (time.perf_counter() - t)
+
+
+def from_container(p, rt, cid, gateway, megabytes):
+    """MB/s of megabytes a container sends to a listener on the host at gateway."""
+    with socket.socket() as srv:
+        srv.bind((gateway, 0))
+        srv.listen(1)
+        srv.settimeout(60)
+        cmd = "dd if=/dev/zero bs=1048576 count=%d 2>/dev/null | nc %s %d" % (megabytes, gateway,
+                                                                          srv.getsockname()[1])
+        proc = subprocess.Popen(p.argv("--runtime", rt, "exec", cid, "sh", "-c", cmd), env=p.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(120)
+            got, t = 0, None
+            while True:
+                data = conn.recv(1 << 20)
+                if t is None:
+                    t = time.perf_counter()
+                if not data:
+                    break
+                got += len(data)
+            elapsed = time.perf_counter() - t
+        proc.wait(60)
+    if got != megabytes << 20:
+        raise SystemExit("received %d bytes of %d" % (got, megabytes << 20))
+    return megabytes / elapsed
+
+
+def start_times(p, rt, n):
+    """Median seconds of `run --rm bb true` with the default network and with --network none."""
+    out = {}
+    for mode in ("bridge", "none"):
+        times = []
+        for i in range(n + 1):
+            t = time.monotonic()
+            check(p.run("--runtime", rt, "run", "--rm", "--network", mode, "bb", "true"))
+            if i:
+                times.append(time.monotonic() - t)
+        out[mode] = statistics.median(times)
+    return out
+
+
+def bench_runtime(p, rt, args):
+    """Every figure for one runtime."""
+    port = free_port()
+    web = check(p.run("--runtime", rt, "run", "-d", "-p", "127.0.0.1:%d:80" % port, "bb",
+                      "httpd", "-f", "-p", "80", "-h", "/www"))
+    sink = check(p.run("--runtime", rt, "run", "-d", "bb", "sh", "-c",
+                       "while :; do nc -l -p 5001 > /dev/null; done"))
+    try:
+        rtt = sorted(http_rtt(port, args.requests))
+        addr = check(p.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}", sink))
+        gateway = check(p.run("inspect", "-f", "{{.NetworkSettings.Gateway}}", sink))
+        res = {"rtt_median": statistics.median(rtt), "rtt_p99": rtt[int(len(rtt) * 0.99) - 1],
+               "to_container": to_container(addr, 5001, args.megabytes),
+               "from_container": from_container(p, rt, sink, gateway, args.megabytes)}
+    finally:
+        p.run("rm", "-f", "-t", "0", web, sink, timeout=120)
+    res.update(("start_" + k, v) for k, v in start_times(p, rt, args.starts).items())
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--megabytes", type=int, default=200)
+    ap.add_argument("--starts", type=int, default=5)
+    args = ap.parse_args()
+    top = tempfile.mkdtemp(prefix="bench-net-")
+    try:
+        rootfs = engines.make_busybox_rootfs(os.path.join(top, "rootfs"))
+        os.makedirs(os.path.join(rootfs, "www"))
+        with open(os.path.join(rootfs, "www", "index.html"), "w") as f:
+            f.write("hello\n")
+        with engines.Podman(os.path.join(top, "podman"), RUNTIME, network=True) as p:
+            p.import_image(rootfs, "bb")
+            res = {k: bench_runtime(p, name, args) for k, name in RUNTIMES.items()}
+    finally:
+        engines.unmount_under(top)
+        shutil.rmtree(top, ignore_errors=True)
+    cc, runc = res["cc"], res["runc"]
+    print("%-34s %12s %12s %8s" % ("podman, default network (netavark)", "cc-oci", "runc", "cc/runc"))
+    rows = [("HTTP round trip, median (ms)", "rtt_median", 1e3),
+            ("HTTP round trip, p99 (ms)", "rtt_p99", 1e3),
+            ("bulk host -> container (MB/s)", "to_container", 1),
+            ("bulk container -> host (MB/s)", "from_container", 1),
+            ("run --rm true, network (s)", "start_bridge", 1),
+            ("run --rm true, --network none (s)", "start_none", 1)]
+    for label, key, scale in rows:
+        print("%-34s %12.2f %12.2f %8.2f" % (label, cc[key] * scale, runc[key] * scale, cc[key] / runc[key]))
+    for name, r in (("cc-oci", cc), ("runc", runc)):
+        print("%s: a network adds %.0f ms to run --rm true" % (name, (r["start_bridge"] - r["start_none"]) * 1e3))
+    print("(%d requests, %d MB each way)" % (args.requests, args.megabytes))
+
+
+if __name__ == "__main__":
+    main()
