@@ -2023,8 +2023,11 @@ def docker_dns_listening(proc_udp="/proc/net/udp"):
         return False
 
 
-def net_check_unshared(nl):
-    """Refuse a namespace whose interfaces another VM container already took (pods)."""
+def net_check(nl, tun="/dev/net/tun"):
+    """Before QEMU opens its taps: refuse a host without tun, or a namespace whose interfaces
+    another VM container already took (pods, --network container:ID)."""
+    if not os.path.exists(tun):
+        raise Error("network: %s: no such device (load the tun module)" % tun)
     if any(ln["name"].startswith(TAP_PREFIX) for ln in nl.links()):
         raise Error("network: this network namespace already belongs to another VM container "
                     "(a pod or --network container:ID); VMs cannot share one")
@@ -2184,7 +2187,7 @@ class Monitor:
         if self.netns:
             enter_netns(self.netns)
         with Netlink() as nl:
-            net_check_unshared(nl)
+            net_check(nl)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_fd = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
@@ -3623,7 +3626,10 @@ def is_host_netns(netns):
         return True
     if netns == "new":
         return False
-    target = os.stat(netns)
+    try:
+        target = os.stat(netns)
+    except OSError:
+        return False
     for own in ("/proc/1/ns/net", "/proc/self/ns/net"):
         try:
             st = os.stat(own)

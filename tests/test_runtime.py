@@ -2523,7 +2523,7 @@ def test_net_wire_redirects_both_ways_and_unwire_removes_it():
             nl.add_route({"family": 4, "dst": None, "dst_len": 0, "gateway": "10.6.0.1", "scope": 0}, idx["eth0"])
             fds = [make_tap(rt.tap_name(i)) for i in range(rt.NET_SLOTS)]
             try:
-                rt.net_check_unshared(nl)
+                rt.net_check(nl)
                 refused = ""
             except rt.Error as e:
                 refused = str(e)
@@ -2628,6 +2628,13 @@ def test_unwire_network_through_a_namespace_path(tmp_path):
         assert "ingress" not in subprocess.run(show, capture_output=True, text=True).stdout
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+def test_net_check_needs_tun(tmp_path):
+    with rt.Netlink() as nl:
+        rt.net_check(nl)  # the host's namespace has no cc-tap
+        with pytest.raises(rt.Error, match="^network: %s/tun: no such device \\(load the tun module\\)$" % tmp_path):
+            rt.net_check(nl, str(tmp_path / "tun"))
 
 
 def test_net_probe_reports_the_host_pieces():
