@@ -2592,10 +2592,18 @@ def test_guest_network_configures_parked_nics():
             missing = ""
         except rt.Error as e:
             missing = str(e)
+        bad = dict(plan["interfaces"][0], slot=0, name="eth1",
+                   addresses=[{"family": 4, "address": "172.17.0.6", "prefix": 33}])
+        try:
+            rt.guest_network({"interfaces": [bad], "routes": []}, net)
+            refused = ""
+        except rt.Error as e:
+            refused = str(e)
         for fd in fds:
             os.close(fd)
-        return home_before, links, addrs, routes, parked, missing
-    home_before, links, addrs, routes, parked, missing = in_new_netns(body)
+        return home_before, links, addrs, routes, parked, missing, refused
+    home_before, links, addrs, routes, parked, missing, refused = in_new_netns(body)
+    assert refused == "network: cannot set address 172.17.0.6/33 on eth1 in the VM: Invalid argument"
     assert home_before == ["lo"]
     assert sorted(links) == ["eth0", "lo"] and links["lo"]["flags"] & rt.IFF_UP
     eth0 = links["eth0"]

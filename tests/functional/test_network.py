@@ -330,6 +330,15 @@ def test_docker_user_network_by_name(dknet):
     assert dknet.run("rm", "-f", "srv1", timeout=TIMEOUT).returncode == 0
 
 
+def test_docker_network_of_another_vm_container_is_refused(dknet):
+    r = dknet.run_rt("run", "-d", "--name", "owner", "bb", "sleep", "600", timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    r = dknet.run_rt("run", "--rm", "--network", "container:owner", "bb", "true", timeout=TIMEOUT)
+    assert r.returncode != 0 and "network: this network namespace already belongs to another VM " \
+        "container (a pod or --network container:ID); VMs cannot share one" in r.stderr, r.stderr
+    assert dknet.run("rm", "-f", "owner", timeout=TIMEOUT).returncode == 0
+
+
 def test_docker_network_host_is_refused(dknet):
     r = dknet.run_rt("run", "--rm", "--network", "host", "bb", "true", timeout=TIMEOUT)
     assert r.returncode != 0 and "host networking is not supported" in r.stderr, r.stderr
