@@ -1833,9 +1833,10 @@ class Netlink:
         return out
 
     # -- changing ---------------------------------------------------------
-    def set_link(self, index, up=None, mtu=None, mac=None, name=None):
-        """Change an interface: MTU, MAC, name, then up/down."""
-        attrs = []
+    def set_link(self, index, up=None, mtu=None, mac=None, name=None, netns=None):
+        """Change an interface in one request: into namespace fd netns, MAC, MTU, name, then
+        up/down (the kernel applies them in that order)."""
+        attrs = [nl_attr(IFLA_NET_NS_FD, netns)] if netns is not None else []
         if mtu:
             attrs.append(nl_attr(IFLA_MTU, int(mtu)))
         if mac:
@@ -2179,13 +2180,13 @@ class Monitor:
         """New session, sub-reaper, the container's network namespace, signal wake-ups."""
         os.setsid()
         prctl(PR_SET_CHILD_SUBREAPER, 1)
+        if self.netns:  # before our own /proc hides /proc/<pid>/ns/net (--network container:ID)
+            enter_netns(self.netns)
         if os.getpid() == 1:  # our own pid namespace: a /proc that shows just us and QEMU
             _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
             mount(None, "/", None, MS_REC | MS_PRIVATE)
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         os.chdir(self.dir)
-        if self.netns:
-            enter_netns(self.netns)
         with Netlink() as nl:
             net_check(nl)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -2588,6 +2589,7 @@ class Monitor:
             try:
                 with Netlink() as nl:
                     net_unwire(nl, [w["index"] for w in self.wired])
+                os.unlink(os.path.join(self.dir, "net.json"))  # delete has nothing left to do
             except OSError as e:
                 LOG.warning("network: %s", e)
             self.wired = []
@@ -3272,7 +3274,8 @@ class Agent:
 def guest_net_boot():
     """Bring lo up (the kernel gives it 127.0.0.1 and ::1, as runc has it) and park the NIC slots
     in a network namespace of their own, so that a container sees only the NICs it uses.
-    Returns {"home": fd of our namespace, "park": a netlink socket in the parking one}."""
+    Returns {"home": fd of our namespace, "park": a netlink socket in the parking one,
+    "slots": {MAC: parked link}}."""
     home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     with Netlink() as nl:
         links = nl.links()
@@ -3287,40 +3290,32 @@ def guest_net_boot():
             if link["type"] == ARPHRD_ETHER:
                 nl.move_link(link["index"], park_fd)
     os.close(park_fd)
-    return {"home": home, "park": park}
+    return {"home": home, "park": park, "slots": {ln["mac"]: ln for ln in park.links()}}
 
 
 def guest_network(plan, net):
-    """Bring the NICs the plan uses home and configure each like the host interface it carries,
-    then the routes."""
-    parked = {ln["mac"]: ln for ln in net["park"].links()}
+    """Bring the NICs the plan uses home, each in one request with the MAC, MTU and name of the
+    host interface it carries and up; then their addresses and the routes."""
     for iface in plan["interfaces"]:
-        link = parked.get(slot_mac(iface["slot"]))
+        link = net["slots"].pop(slot_mac(iface["slot"]), None)
         if link is None:
             raise Error("network: the VM has no NIC number %d for %s" % (iface["slot"], iface["name"]))
-        net["park"].move_link(link["index"], net["home"])
+        taken = net.setdefault("home_names", {"lo"})
+        name = iface["name"] if iface["name"] not in taken else None  # else the kernel's
+        taken.add(name or link["name"])
+        try:
+            net["park"].set_link(link["index"], up=True, mtu=iface["mtu"], mac=iface["mac"], name=name,
+                                 netns=net["home"])
+        except OSError as e:
+            raise Error("network: %s: cannot set MAC %s and MTU %d in the VM: %s"
+                        % (iface["name"], iface["mac"], iface["mtu"], e.strerror)) from None
     with Netlink() as nl:
-        by_mac = {ln["mac"]: ln for ln in nl.links()}
-        index_of = {}
+        by_mac = {ln["mac"]: ln["index"] for ln in nl.links()}
+        index_of = {iface["name"]: by_mac[iface["mac"]] for iface in plan["interfaces"]}
         for iface in plan["interfaces"]:
-            link = by_mac.get(slot_mac(iface["slot"]))
-            if link is None:
-                raise Error("network: the VM has no NIC number %d for %s" % (iface["slot"], iface["name"]))
-            index_of[iface["name"]] = index = link["index"]
-            try:
-                nl.set_link(index, mtu=iface["mtu"], mac=iface["mac"])
-            except OSError as e:
-                raise Error("network: %s: cannot set MAC %s and MTU %d in the VM: %s"
-                            % (iface["name"], iface["mac"], iface["mtu"], e.strerror)) from None
-            if link["name"] != iface["name"]:
-                try:
-                    nl.set_link(index, name=iface["name"])
-                except OSError:
-                    pass  # the name is taken by another NIC: keep the kernel's
-            nl.set_link(index, up=True)
             for addr in iface["addresses"]:
-                _guest_net_step(nl.add_address, (index, addr), "address %s/%d on %s" % (
-                    addr["address"], addr["prefix"], iface["name"]))
+                _guest_net_step(nl.add_address, (index_of[iface["name"]], addr), "address %s/%d on %s"
+                                % (addr["address"], addr["prefix"], iface["name"]))
         for route in plan["routes"]:
             _guest_net_step(nl.add_route, (route, index_of[route["dev"]]), "route %s/%d via %s dev %s" % (
                 route["dst"] or "default", route["dst_len"], route["gateway"] or "-", route["dev"]))

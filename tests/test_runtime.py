@@ -2647,3 +2647,16 @@ def test_net_check_needs_tun(tmp_path):
 
 def test_net_probe_reports_the_host_pieces():
     assert rt.net_probe().startswith("tun, tc ingress qdisc, u32 filter and mirred redirect work")
+
+
+def test_guest_network_keeps_the_kernel_name_when_the_name_is_taken():
+    def body():
+        fd = make_tap("t0", rt.slot_mac(0))
+        net = rt.guest_net_boot()
+        rt.guest_network({"interfaces": [{"slot": 0, "name": "lo", "mac": "02:42:ac:11:00:07", "mtu": 1500,
+                                          "index": 4, "addresses": []}], "routes": []}, net)
+        with rt.Netlink() as nl:
+            names = {ln["name"]: (ln["mac"], bool(ln["flags"] & rt.IFF_UP)) for ln in nl.links()}
+        os.close(fd)
+        return names
+    assert in_new_netns(body)["t0"] == ["02:42:ac:11:00:07", True]
