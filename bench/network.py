@@ -120,18 +120,17 @@ def from_container(addr, megabytes):
     return got / (1 << 20) / elapsed
 
 
-def start_times(p, rt, n):
-    """Median seconds of `run --rm bb true` with the default network and with --network none."""
-    out = {}
-    for mode in ("bridge", "none"):
-        times = []
-        for i in range(n + 1):
+def start_times(p, n):
+    """{(runtime, mode): median seconds} of `run --rm bb true` with the default network and
+    with --network none, all four taken in turn (one warm-up round)."""
+    times = {(rt, mode): [] for rt in RUNTIMES for mode in ("bridge", "none")}
+    for i in range(n + 1):
+        for rt, mode in times:
             t = time.monotonic()
-            check(p.run("--runtime", rt, "run", "--rm", "--network", mode, "bb", "true"))
+            check(p.run("--runtime", RUNTIMES[rt], "run", "--rm", "--network", mode, "bb", "true"))
             if i:
-                times.append(time.monotonic() - t)
-        out[mode] = statistics.median(times)
-    return out
+                times[(rt, mode)].append(time.monotonic() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_runtime(p, rt, args):
@@ -150,7 +149,6 @@ def bench_runtime(p, rt, args):
                "from_container": from_container(web_addr, args.megabytes)}
     finally:
         p.run("rm", "-f", "-t", "0", web, sink, timeout=120)
-    res.update(("start_" + k, v) for k, v in start_times(p, rt, args.starts).items())
     return res
 
 
@@ -168,9 +166,9 @@ def runtime_network_cost(top, n):
             "ip link set eth0 up && ip addr add 10.77.0.2/24 dev eth0 && ip route add default via 10.77.0.1")
         root = os.path.join(top, "state")
         rootfs = os.path.join(top, "rootfs")
-        out = {}
+        bundles = {}
         for mode, path in (("veth", "/run/netns/" + ns), ("empty", None)):
-            bundle = os.path.join(top, "bundle-" + mode)
+            bundle = bundles[mode] = os.path.join(top, "bundle-" + mode)
             os.makedirs(bundle)
             conf = rt.default_spec()
             conf["root"] = {"path": rootfs, "readonly": False}
@@ -179,15 +177,16 @@ def runtime_network_cost(top, n):
             conf["linux"]["namespaces"].append({"type": "network", "path": path} if path else {"type": "network"})
             with open(os.path.join(bundle, "config.json"), "w") as f:
                 json.dump(conf, f)
-            times = []
-            for i in range(n + 1):
-                cli = [sys.executable, RUNTIME, "--root", root]
+        times = {mode: [] for mode in bundles}
+        cli = [sys.executable, RUNTIME, "--root", root]
+        for i in range(n + 1):  # the two taken in turn
+            for mode, bundle in bundles.items():
                 t = time.monotonic()
                 run(*cli, "create", "--bundle", bundle, "bench-" + mode)
-                times.append(time.monotonic() - t)
+                if i:
+                    times[mode].append(time.monotonic() - t)
                 run(*cli, "delete", "--force", "bench-" + mode)
-            out[mode] = statistics.median(times[1:])
-        return out
+        return {mode: statistics.median(v) for mode, v in times.items()}
     finally:
         run("ip", "netns", "del", ns)
 
@@ -196,7 +195,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--megabytes", type=int, default=200)
-    ap.add_argument("--starts", type=int, default=5)
+    ap.add_argument("--starts", type=int, default=7)
     args = ap.parse_args()
     top = tempfile.mkdtemp(prefix="bench-net-")
     try:
@@ -207,7 +206,9 @@ def main():
         with engines.Podman(os.path.join(top, "podman"), RUNTIME, network=True) as p:
             p.import_image(rootfs, "bb")
             res = {k: bench_runtime(p, name, args) for k, name in RUNTIMES.items()}
-        own = runtime_network_cost(top, args.starts * 2)
+            for (rt, mode), median in start_times(p, args.starts).items():
+                res[rt]["start_" + mode] = median
+        own = runtime_network_cost(top, args.starts * 3)
     finally:
         engines.unmount_under(top)
         shutil.rmtree(top, ignore_errors=True)
