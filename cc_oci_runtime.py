@@ -2533,9 +2533,11 @@ class Monitor:
     def _on_network(self, fd):
         """Redirect the namespace's interfaces to the VM's taps and have the agent configure the
         guest; create asks once the engine's hooks have run (docker adds its veth in one)."""
+        started = time.monotonic()
         try:
             with Netlink() as nl:
                 plan = net_wire(nl)
+            LOG.debug("network: host side wired in %.1f ms", (time.monotonic() - started) * 1e3)
         except (Error, OSError) as e:
             self._reply(fd, {"error": str(e) if isinstance(e, Error) else "network: %s" % e})
             return
@@ -2543,7 +2545,8 @@ class Monitor:
         plan["dns_relay"] = bool(self.wired) and docker_dns_listening()
         write_atomic(os.path.join(self.dir, "net.json"),
                      json.dumps({"netns": self.netns, "interfaces": self.wired}))
-        if not self.wired:
+        if not self.wired:  # the agent hides its unused first NIC meanwhile (before `start`)
+            self._to_agent(lambda a: send_msg(a, {"op": "network", "plan": plan}))
             self._reply(fd, {"op": "ok"})
             return
         self.pending[self.next_id] = fd
@@ -3273,10 +3276,12 @@ class Agent:
 
 def guest_net_boot():
     """Bring lo up (the kernel gives it 127.0.0.1 and ::1, as runc has it) and park the NIC slots
-    in a network namespace of their own, so that a container sees only the NICs it uses.
-    Returns {"home": fd of our namespace, "park": a netlink socket in the parking one,
-    "slots": {MAC: parked link}}."""
+    but the first in a network namespace of their own, so that a container sees only the NICs it
+    uses (the first, down, leaves at `network` when unused: moving a NIC costs tens of ms here).
+    Returns {"home"/"park_fd": fds of our namespace and the parking one, "park": a netlink
+    socket there, "slots": {MAC: link} of the parked NICs, "first": the first NIC or None}."""
     home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    first = None
     with Netlink() as nl:
         links = nl.links()
         for link in links:
@@ -3287,31 +3292,41 @@ def guest_net_boot():
         park = Netlink()
         _check_libc(_libc().setns(home, CLONE_NEWNET), "setns")
         for link in links:
-            if link["type"] == ARPHRD_ETHER:
+            if link["type"] == ARPHRD_ETHER and link["mac"] == slot_mac(0):
+                first = link
+            elif link["type"] == ARPHRD_ETHER:
                 nl.move_link(link["index"], park_fd)
-    os.close(park_fd)
-    return {"home": home, "park": park, "slots": {ln["mac"]: ln for ln in park.links()}}
+    return {"home": home, "park": park, "park_fd": park_fd, "first": first,
+            "slots": {ln["mac"]: ln for ln in park.links()}}
 
 
 def guest_network(plan, net):
-    """Bring the NICs the plan uses home, each in one request with the MAC, MTU and name of the
-    host interface it carries and up; then their addresses and the routes."""
-    for iface in plan["interfaces"]:
-        link = net["slots"].pop(slot_mac(iface["slot"]), None)
-        if link is None:
-            raise Error("network: the VM has no NIC number %d for %s" % (iface["slot"], iface["name"]))
-        taken = net.setdefault("home_names", {"lo"})
-        name = iface["name"] if iface["name"] not in taken else None  # else the kernel's
-        taken.add(name or link["name"])
-        try:
-            net["park"].set_link(link["index"], up=True, mtu=iface["mtu"], mac=iface["mac"], name=name,
-                                 netns=net["home"])
-        except OSError as e:
-            raise Error("network: %s: cannot set MAC %s and MTU %d in the VM: %s"
-                        % (iface["name"], iface["mac"], iface["mtu"], e.strerror)) from None
+    """Give each NIC the plan uses the MAC, MTU and name of the host interface it carries and
+    bring it up (a parked one comes home in the same request); then the addresses and the
+    routes. Without interfaces, the first NIC is parked too."""
+    index_of, taken = {}, net.setdefault("home_names", {"lo"})
+    first, net["first"] = net["first"], None
     with Netlink() as nl:
-        by_mac = {ln["mac"]: ln["index"] for ln in nl.links()}
-        index_of = {iface["name"]: by_mac[iface["mac"]] for iface in plan["interfaces"]}
+        for iface in plan["interfaces"]:
+            mac = slot_mac(iface["slot"])
+            if first is not None and first["mac"] == mac:
+                link, first, sock, away = first, None, nl, None
+            else:
+                link, sock, away = net["slots"].pop(mac, None), net["park"], net["home"]
+            if link is None:
+                raise Error("network: the VM has no NIC number %d for %s" % (iface["slot"], iface["name"]))
+            busy = taken | ({first["name"]} if first is not None else set())
+            name = iface["name"] if iface["name"] not in busy and iface["name"] != link["name"] else None
+            taken.add(name or link["name"])  # a name another NIC has: keep the kernel's
+            index_of[iface["name"]] = link["index"]  # a NIC keeps its index coming home (it was free)
+            try:
+                sock.set_link(link["index"], up=True, mtu=iface["mtu"], mac=iface["mac"], name=name,
+                              netns=away)
+            except OSError as e:
+                raise Error("network: %s: cannot set MAC %s and MTU %d in the VM: %s"
+                            % (iface["name"], iface["mac"], iface["mtu"], e.strerror)) from None
+        if first is not None:  # unused: out of the container's sight
+            nl.move_link(first["index"], net["park_fd"])
         for iface in plan["interfaces"]:
             for addr in iface["addresses"]:
                 _guest_net_step(nl.add_address, (index_of[iface["name"]], addr), "address %s/%d on %s"
@@ -3595,7 +3610,9 @@ def create_container(args, console_socket=None, foreground=False):
         state.save()
         for name in ("prestart", "createRuntime"):
             run_hooks(conf["hooks"], name, state.oci_state())
+        started = time.monotonic()
         monitor_request(state, {"op": "network"}, timeout=float(vm["boot_timeout"]))
+        LOG.debug("network wired in %.1f ms", (time.monotonic() - started) * 1e3)
         if getattr(args, "pid_file", None):
             write_atomic(os.path.abspath(args.pid_file), str(monitor_pid))
     except BaseException:

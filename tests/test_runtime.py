@@ -2571,46 +2571,74 @@ def test_net_wire_fails_cleanly():
     assert "ingress" not in qdiscs  # rolled back
 
 
-def test_guest_network_configures_parked_nics():
+def guest_plan(slot, name="eth0", mac="02:42:ac:11:00:05", addresses=None, routes=True):
+    """A plan for one NIC (172.17.0.5/16, default route via 172.17.0.1)."""
+    addresses = addresses or [{"family": 4, "address": "172.17.0.5", "prefix": 16}]
+    return {"interfaces": [{"slot": slot, "name": name, "mac": mac, "mtu": 1400, "index": 9,
+                            "addresses": addresses}],
+            "routes": [{"family": 4, "dst": None, "dst_len": 0, "gateway": "172.17.0.1", "prefsrc": None,
+                        "priority": 0, "scope": 0, "protocol": 3, "oif": 9, "dev": name}] if routes else []}
+
+
+def run_guest_network(plans):
+    """In a fresh namespace with two taps as NIC slots 0 and 1: guest_net_boot, then guest_network
+    for each plan; the home links before and after, addresses, gateways, parked MACs, errors."""
     def body():
         fds = [make_tap("t%d" % i, rt.slot_mac(i)) for i in range(2)]
         net = rt.guest_net_boot()
         with rt.Netlink() as nl:
-            home_before = sorted(ln["name"] for ln in nl.links())
-        plan = {"interfaces": [{"slot": 1, "name": "eth0", "mac": "02:42:ac:11:00:05", "mtu": 1400, "index": 9,
-                                "addresses": [{"family": 4, "address": "172.17.0.5", "prefix": 16}]}],
-                "routes": [{"family": 4, "dst": None, "dst_len": 0, "gateway": "172.17.0.1", "prefsrc": None,
-                            "priority": 0, "scope": 0, "protocol": 3, "oif": 9, "dev": "eth0"}]}
-        rt.guest_network(plan, net)
+            before = sorted(ln["name"] for ln in nl.links())
+        errors = []
+        for plan in plans:
+            try:
+                rt.guest_network(plan, net)
+                errors.append("")
+            except rt.Error as e:
+                errors.append(str(e))
         with rt.Netlink() as nl:
             links = {ln["name"]: ln for ln in nl.links()}
-            addrs = [a["address"] for a in nl.addresses() if a["family"] == 4]
+            addrs = sorted(a["address"] for a in nl.addresses() if a["family"] == 4)
             routes = [r["gateway"] for r in nl.routes() if r["gateway"]]
         parked = sorted(ln["mac"] for ln in net["park"].links() if ln["type"] == rt.ARPHRD_ETHER)
-        try:
-            rt.guest_network({"interfaces": [dict(plan["interfaces"][0], slot=3)], "routes": []}, net)
-            missing = ""
-        except rt.Error as e:
-            missing = str(e)
-        bad = dict(plan["interfaces"][0], slot=0, name="eth1",
-                   addresses=[{"family": 4, "address": "172.17.0.6", "prefix": 33}])
-        try:
-            rt.guest_network({"interfaces": [bad], "routes": []}, net)
-            refused = ""
-        except rt.Error as e:
-            refused = str(e)
         for fd in fds:
             os.close(fd)
-        return home_before, links, addrs, routes, parked, missing, refused
-    home_before, links, addrs, routes, parked, missing, refused = in_new_netns(body)
-    assert refused == "network: cannot set address 172.17.0.6/33 on eth1 in the VM: Invalid argument"
-    assert home_before == ["lo"]
+        return before, links, addrs, routes, parked, errors
+    return in_new_netns(body)
+
+
+def test_guest_network_configures_the_first_nic_in_place():
+    before, links, addrs, routes, parked, errors = run_guest_network([guest_plan(0)])
+    assert before == ["lo", "t0"] and errors == [""]
     assert sorted(links) == ["eth0", "lo"] and links["lo"]["flags"] & rt.IFF_UP
     eth0 = links["eth0"]
     assert (eth0["mac"], eth0["mtu"], bool(eth0["flags"] & rt.IFF_UP)) == ("02:42:ac:11:00:05", 1400, True)
-    assert sorted(addrs) == ["127.0.0.1", "172.17.0.5"] and routes == ["172.17.0.1"]
-    assert parked == [rt.slot_mac(0)]
-    assert missing == "network: the VM has no NIC number 3 for eth0"
+    assert addrs == ["127.0.0.1", "172.17.0.5"] and routes == ["172.17.0.1"]
+    assert parked == [rt.slot_mac(1)]
+
+
+def test_guest_network_brings_a_parked_nic_home_and_hides_the_unused_first():
+    before, links, addrs, routes, parked, errors = run_guest_network([guest_plan(1)])
+    assert errors == [""] and sorted(links) == ["eth0", "lo"]
+    assert links["eth0"]["mac"] == "02:42:ac:11:00:05" and links["eth0"]["flags"] & rt.IFF_UP
+    assert routes == ["172.17.0.1"] and parked == [rt.slot_mac(0)]
+
+
+def test_guest_network_without_interfaces_leaves_only_lo():
+    before, links, addrs, routes, parked, errors = run_guest_network([{"interfaces": [], "routes": []}])
+    assert errors == [""] and sorted(links) == ["lo"] and addrs == ["127.0.0.1"]
+    assert parked == [rt.slot_mac(0), rt.slot_mac(1)]
+
+
+def test_guest_network_errors():
+    bad = guest_plan(1, "eth1", addresses=[{"family": 4, "address": "172.17.0.6", "prefix": 33}], routes=False)
+    *_, errors = run_guest_network([guest_plan(3), bad])
+    assert errors == ["network: the VM has no NIC number 3 for eth0",
+                      "network: cannot set address 172.17.0.6/33 on eth1 in the VM: Invalid argument"]
+
+
+def test_guest_network_keeps_the_kernel_name_when_the_name_is_taken():
+    _before, links, *_ = run_guest_network([guest_plan(0, "lo", routes=False)])
+    assert links["t0"]["mac"] == "02:42:ac:11:00:05" and links["t0"]["flags"] & rt.IFF_UP
 
 
 def test_unwire_network_through_a_namespace_path(tmp_path):
@@ -2647,16 +2675,3 @@ def test_net_check_needs_tun(tmp_path):
 
 def test_net_probe_reports_the_host_pieces():
     assert rt.net_probe().startswith("tun, tc ingress qdisc, u32 filter and mirred redirect work")
-
-
-def test_guest_network_keeps_the_kernel_name_when_the_name_is_taken():
-    def body():
-        fd = make_tap("t0", rt.slot_mac(0))
-        net = rt.guest_net_boot()
-        rt.guest_network({"interfaces": [{"slot": 0, "name": "lo", "mac": "02:42:ac:11:00:07", "mtu": 1500,
-                                          "index": 4, "addresses": []}], "routes": []}, net)
-        with rt.Netlink() as nl:
-            names = {ln["name"]: (ln["mac"], bool(ln["flags"] & rt.IFF_UP)) for ln in nl.links()}
-        os.close(fd)
-        return names
-    assert in_new_netns(body)["t0"] == ["02:42:ac:11:00:07", True]
