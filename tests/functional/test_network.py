@@ -267,6 +267,20 @@ def test_podman_user_network_resolves_by_name(pmnet):
     pmnet.run("rm", "-f", "-t", "0", "srv1", timeout=TIMEOUT)
 
 
+def test_podman_pod_holds_one_vm_container(pmnet):
+    port = free_port()
+    assert pmnet.run("pod", "create", "--name", "pod1", "-p", "127.0.0.1:%d:80" % port).returncode == 0
+    try:
+        r = pmnet.run_rt("run", "-d", "--pod", "pod1", "--name", "inpod", "bb", *HTTPD, timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr  # the infra container is runc's: its namespace is wired
+        assert poll(lambda: http_get("http://127.0.0.1:%d/" % port, 3)) == PAGE
+        r = pmnet.run_rt("run", "--rm", "--pod", "pod1", "bb", "true", timeout=TIMEOUT)
+        assert r.returncode != 0 and "network: this network namespace already belongs to another VM " \
+            "container (a pod or --network container:ID); VMs cannot share one" in r.stderr, r.stderr
+    finally:
+        assert pmnet.run("pod", "rm", "-f", "pod1", timeout=TIMEOUT).returncode == 0
+
+
 def test_podman_network_none_has_only_lo_up(pmnet):
     r = pmnet.run_rt("run", "--rm", "--network", "none", "bb", "ip", "addr", timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
