@@ -3061,12 +3061,17 @@ class Agent:
         """Give the guest's NICs the host interfaces' MAC, MTU, name, addresses and routes."""
         guest_network(msg["plan"], self.net)
         if msg["plan"].get("dns_relay"):
-            self.dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self.dns.bind((DOCKER_DNS, 53))
-            self.dns.setblocking(False)
-            self.dns_fd = self.dns.fileno()
-            self.poll.register(self.dns_fd, __import__("select").POLLIN)
+            self._start_dns_relay()
         return {"op": "ok"}
+
+    def _start_dns_relay(self):
+        """Answer on docker's resolver address (127.0.0.11:53, UDP) by relaying to the host."""
+        import select
+        self.dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.dns.bind((DOCKER_DNS, 53))
+        self.dns.setblocking(False)
+        self.dns_fd = self.dns.fileno()
+        self.poll.register(self.dns_fd, select.POLLIN)
 
     def _on_dns_query(self):
         """A query to docker's resolver address: relayed to the monitor, which asks it."""
