@@ -8,11 +8,12 @@ One file, four roles (read top to bottom):
            signals, exits with the workload's status (its pid is the --pid-file pid);
   QEMU     the VM, started from hypervisor.args (@TAG@ expansion) and vm.json;
   agent    this same file as PID 1 in the guest, from an initramfs built from the
-           host's own Python and kernel modules; the rootfs arrives over virtio-9p
-           and host and agent talk over a virtio-serial port.
+           host's own Python and kernel modules; the rootfs arrives over virtio-9p,
+           host and agent talk over a virtio-serial port, and the container's network
+           namespace reaches the guest through virtio-net NICs on taps (see Network).
 
 Sections: constants - utilities - logging - state - spec handlers - hypervisor -
-guest image - agent protocol - monitor - agent - commands - main.
+guest image - agent protocol - network - monitor - agent - commands - main.
 """
 
 import errno
