@@ -3,7 +3,7 @@ PYTHON ?= python3
 RUNTIME := $(CURDIR)/cc_oci_runtime.py
 BUILD := $(CURDIR)/build
 APT_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static runc podman conmon \
-	docker.io containerd iproute2 util-linux bsdextrautils
+	docker.io containerd iproute2 util-linux bsdextrautils netavark aardvark-dns iptables
 
 .PHONY: deps demo test test-unit test-functional bench check clean
 
@@ -41,6 +41,7 @@ test-functional:
 bench: deps
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/engines.py
+	$(PYTHON) bench/network.py
 
 check:
 	$(PYTHON) $(RUNTIME) check

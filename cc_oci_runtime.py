@@ -1,8 +1,10 @@
 #!/bin/sh
-# Run as a program, this file starts as a shell script: the line below has Python run the
-# code compiled once and kept in the cache directory, keyed by this file's content (to
-# Python it is a string, and `python3 cc_oci_runtime.py` compiles the file as usual).
-''''exec "${CC_OCI_PYTHON:-python3}" -S -c '
+# Run as a program, this file starts as a shell script: the next line has Python run the
+# bootstrap between the #~~ marks, which runs this file's code compiled once and kept in the
+# cache directory, keyed by the file's content. To Python both are strings, and
+# `python3 cc_oci_runtime.py` compiles the file as usual.
+''''exec "${CC_OCI_PYTHON:-python3}" -S -c 'exec(open(__import__("sys").argv[1]).read(4096).split("#~~\n")[1])' "$0" "$@" # '''
+'''#~~
 import marshal, os, sys, time
 path = sys.argv.pop(1)
 sys.argv[0], sys.path[0] = path, os.path.dirname(os.path.realpath(path))
@@ -33,7 +35,8 @@ __file__ = path
 for name in ("f", "h", "key", "cache", "old", "source", "marshal", "path", "name"):
     globals().pop(name, None)
 exec(code)
-' "$0" "$@" # '''
+#~~
+'''
 # Copyright 2026 The cc-oci-runtime authors. Licensed under the Apache License 2.0.
 """cc-oci-runtime: an OCI runtime that runs every container inside its own QEMU VM.
 
@@ -43,11 +46,12 @@ One file, four roles (read top to bottom):
            signals, exits with the workload's status (its pid is the --pid-file pid);
   QEMU     the VM, started from hypervisor.args (@TAG@ expansion) and vm.json;
   agent    this same file as PID 1 in the guest, from an initramfs built from the
-           host's own Python and kernel modules; the rootfs arrives over virtio-9p
-           and host and agent talk over a virtio-serial port.
+           host's own Python and kernel modules; the rootfs arrives over virtio-9p,
+           host and agent talk over a virtio-serial port, and the container's network
+           namespace reaches the guest through virtio-net NICs on taps (see Network).
 
 Sections: constants - utilities - logging - state - spec handlers - hypervisor -
-guest image - agent protocol - monitor - agent - commands - main.
+guest image - agent protocol - network - monitor - agent - commands - main.
 """
 
 import errno
@@ -77,7 +81,8 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
                      signal.SIGUSR1, signal.SIGUSR2)
 # Signals whose default action does not end a process (a created container survives them).
 HARMLESS_SIGNALS = (signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH)
-GUEST_MODULES = ("virtio_mmio", "virtio_pci", "virtio_console", "9pnet_virtio", "9p")
+GUEST_MODULES = ("virtio_mmio", "virtio_pci", "virtio_console", "9pnet_virtio", "9p",
+                 "virtio_net")
 AGENT_PORT = "agent"
 GUEST_MODULES_DIR = "/cc/modules"
 ROOTFS_TAG = "rootfs"
@@ -139,6 +144,8 @@ virtio-serial-@VIRTIO@
 virtserialport,chardev=agent,name=@AGENT_PORT@
 # the rootfs and bind-mount sources over virtio-9p
 @SHARES@
+# one virtio-net NIC per slot, on a tap QEMU opens in the container's network namespace
+@NETWORK@
 # warm start: guest RAM in a file, restored from the saved template VM (empty on a cold boot)
 @MEMORY_BACKEND@
 @INCOMING@
@@ -172,6 +179,7 @@ CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUSER = 0x10000000
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 TIOCGPTN, TIOCSPTLCK = 0x80045430, 0x40045431  # not in the termios module
+TUNSETIFF, IFF_TAP, IFF_NO_PI = 0x400454ca, 0x0002, 0x1000
 
 
 # ===========================================================================
@@ -1594,7 +1602,7 @@ def qemu_command(cid, vm, conf, state_dir, image, template=None, vm_uuid=None):
         "KERNEL": vm["kernel_image"], "KERNEL_PARAMS": kernel_params(vm, accel),
         "IMAGE": image, "COMMS_SOCKET": "qmp.sock",
         "AGENT_CTL_SOCKET": "agent.sock", "CONSOLE_DEVICE": "console.log",
-        "AGENT_PORT": AGENT_PORT, "SHARES": share_args(shares, bus),
+        "AGENT_PORT": AGENT_PORT, "SHARES": share_args(shares, bus), "NETWORK": net_args(bus),
         "MEMORY_BACKEND": [], "INCOMING": [],
     }
     if template:
@@ -1738,7 +1746,7 @@ def _build_template(vm, image, spec, final):
     deadline = time.monotonic() + float(vm["boot_timeout"])
     with open(os.path.join(tmp, "qemu.log"), "wb") as log:
         qemu = subprocess.Popen(argv, cwd=tmp, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
+                                preexec_fn=_template_qemu_setup)
     try:
         while True:
             try:
@@ -1778,6 +1786,13 @@ def _build_template(vm, image, spec, final):
         raise
     finally:
         listener.close()
+
+
+def _template_qemu_setup():
+    """In the template's QEMU before exec: die with the builder, and an empty network namespace
+    of its own (its NIC taps never appear on the host)."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _check_libc(_libc().unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
 
 
 class Qmp:
@@ -2019,7 +2034,7 @@ def update_host_cgroup(dirs, vm_memory, resources):
 # Guest image: an initramfs built from the host's Python and kernel modules
 # ===========================================================================
 
-IMAGE_FORMAT = 4  # bump when the image layout changes
+IMAGE_FORMAT = 5  # bump when the image layout changes
 AGENT_IMPORTS = ("ctypes", "resource", "termios", "select", "json", "struct", "errno",
                  "fcntl", "socket", "signal", "time", "traceback")
 
@@ -2489,6 +2504,483 @@ def guest_config(cid, conf):
 
 
 # ===========================================================================
+# Network: rtnetlink and tc messages, shared by the monitor (host) and the agent (guest)
+# ===========================================================================
+# The monitor lives in the container's network namespace. For each Ethernet interface the
+# engine put there (veth, netavark/CNI interface) it redirects all traffic both ways
+# between that interface and a tap that QEMU opened (tc ingress qdisc + u32 filter +
+# mirred redirect, Kata's "tcfilter" model); the guest NIC on that tap takes the
+# interface's MAC, MTU, addresses and routes, which the agent sets over rtnetlink.
+
+NET_SLOTS = 4  # virtio-net NICs every VM (and the template) has; more interfaces: error
+TAP_PREFIX = "cc-tap"
+NLMSG = struct.Struct("=IHHII")      # nlmsghdr: len, type, flags, seq, pid
+NLA = struct.Struct("=HH")           # rtattr: len, type
+IFINFO = struct.Struct("=BxHiII")    # ifinfomsg: family, type, index, flags, change
+IFADDR = struct.Struct("=BBBBi")     # ifaddrmsg: family, prefixlen, flags, scope, index
+RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg: family, dst_len, src_len, tos, table, protocol,
+#                                      scope, type, flags
+TCMSG = struct.Struct("=BxxxiIII")   # tcmsg: family, ifindex, handle, parent, info
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
+RTM_NEWROUTE, RTM_GETROUTE, RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER = 24, 26, 36, 37, 44
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 1, 2, 4, 0x300
+NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
+NLA_F_NESTED = 0x8000
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_INFO_KIND = 1, 3, 4, 18, 1
+IFLA_NET_NS_FD = 28
+IFA_ADDRESS, IFA_LOCAL, IFA_F_NODAD = 1, 2, 0x02
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 6, 7, 15
+IFF_UP, IFF_LOOPBACK, ARPHRD_ETHER = 1, 8, 1
+RT_TABLE_MAIN, RTPROT_KERNEL, RTPROT_BOOT, RTN_UNICAST = 254, 2, 3, 1
+TCA_KIND, TCA_OPTIONS, TCA_U32_SEL, TCA_U32_ACT = 1, 2, 5, 7
+TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_MIRRED_PARMS = 1, 2, 2
+TC_H_INGRESS, TC_INGRESS_HANDLE, TC_U32_TERMINAL = 0xFFFFFFF1, 0xFFFF0000, 1
+TC_ACT_STOLEN, TCA_EGRESS_REDIR, ETH_P_ALL = 4, 1, 0x0003
+# Interfaces that appear by themselves in every namespace when their module is loaded.
+FALLBACK_LINK_KINDS = ("gretap", "erspan", "ip6gretap", "ip6erspan")
+DOCKER_DNS = "127.0.0.11"  # docker's embedded resolver, listening inside the namespace
+
+
+def nl_attr(kind, value):
+    """One netlink attribute (padded to 4 bytes); value is bytes, str (NUL added), an int
+    (u32) or a list of attributes (a nested one)."""
+    if isinstance(value, list):
+        value, kind = b"".join(value), kind | NLA_F_NESTED
+    elif isinstance(value, str):
+        value = value.encode() + b"\0"
+    elif isinstance(value, int):
+        value = struct.pack("=I", value)
+    data = NLA.pack(NLA.size + len(value), kind) + value
+    return data + b"\0" * (-len(data) % 4)
+
+
+def nl_message(kind, flags, seq, header, attrs=()):
+    """One netlink message: nlmsghdr, the fixed header, then the attributes."""
+    body = header + b"".join(attrs)
+    return NLMSG.pack(NLMSG.size + len(body), kind, flags, seq, 0) + body
+
+
+def nl_parse_attrs(data, offset=0):
+    """{type: bytes} of the attributes in data from offset (the nested flag dropped)."""
+    attrs = {}
+    while offset + NLA.size <= len(data):
+        length, kind = NLA.unpack_from(data, offset)
+        if length < NLA.size:
+            break
+        attrs[kind & 0x3FFF] = bytes(data[offset + NLA.size:offset + length])
+        offset += (length + 3) & ~3
+    return attrs
+
+
+def nl_parse_messages(data):
+    """[(type, flags, seq, payload)] of the netlink messages in one datagram."""
+    out, offset = [], 0
+    while offset + NLMSG.size <= len(data):
+        length, kind, flags, seq, _pid = NLMSG.unpack_from(data, offset)
+        if length < NLMSG.size or offset + length > len(data):
+            break
+        out.append((kind, flags, seq, bytes(data[offset + NLMSG.size:offset + length])))
+        offset += (length + 3) & ~3
+    return out
+
+
+def nl_error_code(payload):
+    """The errno of an NLMSG_ERROR payload (0 for an acknowledgement)."""
+    return -struct.unpack_from("=i", payload)[0]
+
+
+def _nl_str(raw):
+    """A NUL-terminated attribute string."""
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _mac_text(raw):
+    """aa:bb:cc:dd:ee:ff from 6 bytes."""
+    return ":".join("%02x" % b for b in raw)
+
+
+def _mac_bytes(text):
+    """6 bytes from aa:bb:cc:dd:ee:ff."""
+    return bytes(int(part, 16) for part in text.split(":"))
+
+
+class Netlink:
+    """A NETLINK_ROUTE socket in the calling thread's network namespace."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def close(self):
+        """Close the socket."""
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc):
+        self.close()
+
+    def request(self, kind, flags, header, attrs=()):
+        """Send one request; the payloads of a dump's answers, or [] when acknowledged.
+        A kernel error raises OSError with its errno."""
+        self.seq += 1
+        self.sock.send(nl_message(kind, flags | NLM_F_REQUEST | NLM_F_ACK, self.seq, header, attrs))
+        answers = []
+        while True:
+            for mkind, mflags, seq, payload in nl_parse_messages(self.sock.recv(1 << 16)):
+                if seq != self.seq:
+                    continue
+                if mkind == NLMSG_ERROR:
+                    code = nl_error_code(payload)
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                    return answers
+                if mkind == NLMSG_DONE:
+                    return answers
+                answers.append((mkind, payload))
+                if not mflags & NLM_F_MULTI and not flags & NLM_F_DUMP:
+                    return answers
+
+    # -- reading ----------------------------------------------------------
+    def links(self):
+        """[{index, name, type, flags, mtu, mac, kind}] of every interface."""
+        out = []
+        for _kind, payload in self.request(RTM_GETLINK, NLM_F_DUMP, IFINFO.pack(0, 0, 0, 0, 0)):
+            out.append(parse_link(payload))
+        return out
+
+    def addresses(self):
+        """[{index, family, address, prefix, scope}] of every address."""
+        out = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for _kind, payload in self.request(RTM_GETADDR, NLM_F_DUMP,
+                                               IFADDR.pack(family, 0, 0, 0, 0)):
+                out.append(parse_address(payload))
+        return [a for a in out if a]
+
+    def routes(self):
+        """[{family, dst, dst_len, gateway, oif, scope, priority, prefsrc, protocol}] of the
+        main table's unicast routes."""
+        out = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for _kind, payload in self.request(RTM_GETROUTE, NLM_F_DUMP,
+                                               RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
+                route = parse_route(payload)
+                if route:
+                    out.append(route)
+        return out
+
+    # -- changing ---------------------------------------------------------
+    def set_link(self, index, up=None, mtu=None, mac=None, name=None, netns=None):
+        """Change an interface in one request: into namespace fd netns, MAC, MTU, name, then
+        up/down (the kernel applies them in that order)."""
+        attrs = [nl_attr(IFLA_NET_NS_FD, netns)] if netns is not None else []
+        if mtu:
+            attrs.append(nl_attr(IFLA_MTU, int(mtu)))
+        if mac:
+            attrs.append(nl_attr(IFLA_ADDRESS, _mac_bytes(mac)))
+        if name:
+            attrs.append(nl_attr(IFLA_IFNAME, name))
+        flags = change = 0
+        if up is not None:
+            flags, change = (IFF_UP if up else 0), IFF_UP
+        self.request(RTM_NEWLINK, 0, IFINFO.pack(0, 0, index, flags, change), attrs)
+
+    def move_link(self, index, netns_fd):
+        """Move an interface into the network namespace netns_fd."""
+        self.request(RTM_NEWLINK, 0, IFINFO.pack(0, 0, index, 0, 0), [nl_attr(IFLA_NET_NS_FD, netns_fd)])
+
+    def add_address(self, index, addr):
+        """Add one address ({family, address, prefix}) to an interface."""
+        self.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, *address_message(index, addr))
+
+    def add_route(self, route, oif):
+        """Add one route of the main table through interface oif."""
+        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, *route_message(route, oif))
+
+    def add_ingress(self, index):
+        """Add the ingress qdisc to an interface."""
+        self.request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL, *ingress_qdisc_message(index))
+
+    def del_ingress(self, index):
+        """Remove an interface's ingress qdisc (and its filters)."""
+        self.request(RTM_DELQDISC, 0, *ingress_qdisc_message(index))
+
+    def add_redirect(self, index, target):
+        """Redirect every frame that arrives on index to the egress of target."""
+        self.request(RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL, *redirect_filter_message(index, target))
+
+
+def parse_link(payload):
+    """An RTM_NEWLINK payload as {index, name, type, flags, mtu, mac, kind}."""
+    _family, ltype, index, flags, _change = IFINFO.unpack_from(payload)
+    attrs = nl_parse_attrs(payload, IFINFO.size)
+    info = nl_parse_attrs(attrs.get(IFLA_LINKINFO, b""))
+    return {"index": index, "type": ltype, "flags": flags,
+            "name": _nl_str(attrs.get(IFLA_IFNAME, b"")),
+            "mtu": struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0,
+            "mac": _mac_text(attrs[IFLA_ADDRESS]) if len(attrs.get(IFLA_ADDRESS, b"")) == 6 else "",
+            "kind": _nl_str(info.get(IFLA_INFO_KIND, b""))}
+
+
+def parse_address(payload):
+    """An RTM_NEWADDR payload as {index, family, address, prefix, scope}."""
+    family, prefix, _flags, scope, index = IFADDR.unpack_from(payload)
+    attrs = nl_parse_attrs(payload, IFADDR.size)
+    raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+    if family not in (socket.AF_INET, socket.AF_INET6) or not raw:
+        return None
+    return {"index": index, "family": 4 if family == socket.AF_INET else 6,
+            "address": socket.inet_ntop(family, raw), "prefix": prefix, "scope": scope}
+
+
+def parse_route(payload):
+    """An RTM_NEWROUTE payload as a dict; None unless a unicast route of the main table."""
+    family, dst_len, _src, _tos, table, protocol, scope, rtype, _flags = RTMSG.unpack_from(payload)
+    attrs = nl_parse_attrs(payload, RTMSG.size)
+    if RTA_TABLE in attrs:
+        table = struct.unpack("=I", attrs[RTA_TABLE])[0]
+    if table != RT_TABLE_MAIN or rtype != RTN_UNICAST:
+        return None
+
+    def addr(kind):
+        return socket.inet_ntop(family, attrs[kind]) if kind in attrs else None
+    return {"family": 4 if family == socket.AF_INET else 6, "dst": addr(RTA_DST),
+            "dst_len": dst_len, "gateway": addr(RTA_GATEWAY), "prefsrc": addr(RTA_PREFSRC),
+            "oif": struct.unpack("=i", attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0,
+            "priority": struct.unpack("=I", attrs[RTA_PRIORITY])[0] if RTA_PRIORITY in attrs else 0,
+            "scope": scope, "protocol": protocol}
+
+
+def _family(version):
+    """AF_INET or AF_INET6 for 4 or 6."""
+    return socket.AF_INET if version == 4 else socket.AF_INET6
+
+
+def address_message(index, addr):
+    """(header, attrs) of RTM_NEWADDR for {family, address, prefix} (IPv6 without DAD: the
+    engine's namespace already owns the address)."""
+    family = _family(addr["family"])
+    raw = socket.inet_pton(family, addr["address"])
+    flags = IFA_F_NODAD if family == socket.AF_INET6 else 0
+    attrs = [nl_attr(IFA_LOCAL, raw), nl_attr(IFA_ADDRESS, raw)] if family == socket.AF_INET \
+        else [nl_attr(IFA_ADDRESS, raw)]
+    return IFADDR.pack(family, addr["prefix"], flags, 0, index), attrs
+
+
+def route_message(route, oif):
+    """(header, attrs) of RTM_NEWROUTE for a route as parse_route gives it."""
+    family = _family(route["family"])
+    header = RTMSG.pack(family, route["dst_len"], 0, 0, RT_TABLE_MAIN, RTPROT_BOOT,
+                        route["scope"], RTN_UNICAST, 0)
+    attrs = [nl_attr(RTA_OIF, oif)]
+    if route["dst_len"] and route.get("dst"):
+        attrs.append(nl_attr(RTA_DST, socket.inet_pton(family, route["dst"])))
+    if route.get("gateway"):
+        attrs.append(nl_attr(RTA_GATEWAY, socket.inet_pton(family, route["gateway"])))
+    if route.get("prefsrc"):
+        attrs.append(nl_attr(RTA_PREFSRC, socket.inet_pton(family, route["prefsrc"])))
+    if route.get("priority"):
+        attrs.append(nl_attr(RTA_PRIORITY, route["priority"]))
+    return header, attrs
+
+
+def ingress_qdisc_message(index):
+    """(header, attrs) of the ingress qdisc of an interface (`tc qdisc add dev X ingress`)."""
+    return TCMSG.pack(0, index, TC_INGRESS_HANDLE, TC_H_INGRESS, 0), [nl_attr(TCA_KIND, "ingress")]
+
+
+def redirect_filter_message(index, target):
+    """(header, attrs) of `tc filter add dev X parent ffff: protocol all prio 1 u32 match u8 0 0
+    action mirred egress redirect dev TARGET`."""
+    selector = struct.pack("=BBBxHHhhI", TC_U32_TERMINAL, 0, 1, 0, 0, 0, 0, 0)
+    selector += struct.pack("=IIii", 0, 0, 0, 0)  # one key that matches everything
+    mirred = struct.pack("=IIiiiiI", 0, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR, target)
+    action = [nl_attr(TCA_ACT_KIND, "mirred"),
+              nl_attr(TCA_ACT_OPTIONS, [nl_attr(TCA_MIRRED_PARMS, mirred)])]
+    options = [nl_attr(TCA_U32_SEL, selector), nl_attr(TCA_U32_ACT, [nl_attr(1, action)])]
+    info = (1 << 16) | socket.htons(ETH_P_ALL)
+    return (TCMSG.pack(0, index, 0, TC_INGRESS_HANDLE, info),
+            [nl_attr(TCA_KIND, "u32"), nl_attr(TCA_OPTIONS, options)])
+
+
+def tap_name(slot):
+    """The host tap behind the guest's NIC number slot."""
+    return "%s%d" % (TAP_PREFIX, slot)
+
+
+def slot_mac(slot):
+    """The MAC the template gives NIC number slot (the agent replaces it)."""
+    return "02:cc:00:00:00:%02x" % slot
+
+
+def net_args(bus):
+    """-netdev/-device pairs of the VM's NIC slots: taps QEMU creates in its namespace."""
+    argv = []
+    for i in range(NET_SLOTS):
+        argv += ["-netdev", "tap,id=net%d,ifname=%s,script=no,downscript=no,vhost=off" % (i, tap_name(i)),
+                 "-device", "virtio-net-%s,netdev=net%d,mac=%s" % (bus, i, slot_mac(i))]
+    return argv
+
+
+def engine_links(links):
+    """The interfaces of a namespace to give the VM: Ethernet, up, not lo, not ours."""
+    return [ln for ln in links if ln["type"] == ARPHRD_ETHER and ln["flags"] & IFF_UP
+            and not ln["flags"] & IFF_LOOPBACK and not ln["name"].startswith(TAP_PREFIX)
+            and ln["kind"] not in FALLBACK_LINK_KINDS]
+
+
+def network_plan(links, addresses, routes):
+    """What the guest must configure: [{slot, name, mac, mtu, index, addresses}] and the routes
+    (by interface name) of the engine's interfaces."""
+    wired = engine_links(links)
+    if len(wired) > NET_SLOTS:
+        raise Error("network: %d interfaces in the container's network namespace; a VM has %d"
+                    % (len(wired), NET_SLOTS))
+    names = {ln["index"]: ln["name"] for ln in wired}
+    ifaces = [{"slot": i, "name": ln["name"], "mac": ln["mac"], "mtu": ln["mtu"],
+               "index": ln["index"],
+               "addresses": [{"family": a["family"], "address": a["address"], "prefix": a["prefix"]}
+                             for a in addresses if a["index"] == ln["index"]
+                             and not (a["family"] == 6 and a["address"].startswith("fe80:"))]}
+              for i, ln in enumerate(wired)]
+    rts = [dict(r, dev=names[r["oif"]]) for r in routes
+           if r["oif"] in names and r["protocol"] != RTPROT_KERNEL
+           and not (r["family"] == 6 and (r["dst"] or "").startswith("fe80:"))]
+    rts.sort(key=lambda r: r["gateway"] is not None)  # on-link routes before gateways
+    return {"interfaces": ifaces, "routes": rts}
+
+
+def docker_dns_listening(proc_udp="/proc/net/udp"):
+    """True when something (docker's embedded resolver) listens on 127.0.0.11 in this namespace:
+    the guest cannot reach it over the NIC, so the agent relays its queries."""
+    want = "%08X" % struct.unpack("<I", socket.inet_aton(DOCKER_DNS))[0]
+    try:
+        with open(proc_udp) as f:
+            return any(line.split()[1].split(":")[0] == want for line in list(f)[1:])
+    except (OSError, IndexError):
+        return False
+
+
+def net_check(nl, tun="/dev/net/tun"):
+    """Before QEMU opens its taps: refuse a host without tun, or a namespace whose interfaces
+    another VM container already took (pods, --network container:ID)."""
+    if not os.path.exists(tun):
+        raise Error("network: %s: no such device (load the tun module)" % tun)
+    if any(ln["name"].startswith(TAP_PREFIX) for ln in nl.links()):
+        raise Error("network: this network namespace already belongs to another VM container "
+                    "(a pod or --network container:ID); VMs cannot share one")
+
+
+def net_wire(nl):
+    """Redirect each engine interface to its tap both ways; returns the guest's plan."""
+    links = nl.links()
+    plan = network_plan(links, nl.addresses(), nl.routes())
+    taps = {ln["name"]: ln["index"] for ln in links}
+    done = []
+    try:
+        for iface in plan["interfaces"]:
+            tap = taps.get(tap_name(iface["slot"]))
+            if tap is None:
+                raise Error("network: the VM has no NIC for %s (hypervisor.args needs @NETWORK@)"
+                            % iface["name"])
+            _sysctl_quiet("net/ipv6/conf/%s/disable_ipv6" % tap_name(iface["slot"]), "1")
+            nl.set_link(tap, up=True, mtu=iface["mtu"])
+            try:
+                nl.add_ingress(iface["index"])
+            except OSError as e:
+                raise Error("network: cannot add an ingress qdisc to %s: %s"
+                            % (iface["name"], e.strerror)) from None
+            done.append(iface["index"])
+            try:
+                nl.add_ingress(tap)
+                nl.add_redirect(iface["index"], tap)
+                nl.add_redirect(tap, iface["index"])
+            except OSError as e:
+                raise Error("network: cannot redirect %s to the VM (tc u32/mirred): %s"
+                            % (iface["name"], e.strerror)) from None
+    except BaseException:
+        net_unwire(nl, done)
+        raise
+    return plan
+
+
+def net_unwire(nl, indexes):
+    """Remove the ingress qdiscs (and so the redirects) the runtime added to these interfaces."""
+    for index in indexes:
+        try:
+            nl.del_ingress(index)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                LOG.warning("network: removing the ingress qdisc of interface %d: %s", index, e)
+
+
+def _sysctl_quiet(key, value):
+    """Write a /proc/sys value, ignoring failure."""
+    try:
+        with open("/proc/sys/" + key, "w") as f:
+            f.write(value)
+    except OSError:
+        pass
+
+
+def net_unwire_in(netns, wired):
+    """In a child process inside netns, remove the redirects of wired ([{index, name}]) when
+    those interfaces still exist there; a gone namespace has nothing left to clean."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            enter_netns(netns)
+            with Netlink() as nl:
+                names = {ln["index"]: ln["name"] for ln in nl.links()}
+                net_unwire(nl, [w["index"] for w in wired if names.get(w["index"]) == w["name"]])
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
+
+
+def net_probe():
+    """Check tun, the ingress qdisc and u32/mirred in a throw-away namespace; a description."""
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        msg = "ok"
+        try:
+            os.close(rfd)
+            _check_libc(_libc().unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            try:
+                tun = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            except OSError as e:
+                raise Error("/dev/net/tun: %s (load the tun module)" % e.strerror) from None
+            fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", tap_name(0).encode(), IFF_TAP | IFF_NO_PI))
+            with Netlink() as nl:
+                index = {ln["name"]: ln["index"] for ln in nl.links()}[tap_name(0)]
+                try:
+                    nl.add_ingress(index)
+                    nl.add_redirect(index, index)
+                except OSError as e:
+                    raise Error("tc ingress qdisc + u32/mirred: %s (modules sch_ingress, cls_u32, "
+                                "act_mirred)" % e.strerror) from None
+        except (Error, OSError) as e:
+            msg = str(e)
+        finally:
+            _write_all(wfd, msg.encode())
+            os._exit(0)
+    os.close(wfd)
+    os.waitpid(pid, 0)
+    result = _read_pipe(rfd, 10).decode()
+    if result != "ok":
+        raise Error(result)
+    return "tun, tc ingress qdisc, u32 filter and mirred redirect work (netlink, no tools needed)"
+
+
+# ===========================================================================
 # Monitor: one per container, parent of QEMU, relay of stdio and signals
 # ===========================================================================
 
@@ -2509,6 +3001,8 @@ class Monitor:
         self.signals, self.next_id, self.next_proc = [], 1, 1
         self.exit_code, self.ctl, self.stdin_is_file = None, None, False
         self.terminal = terminal  # the host pty slave the engine holds the master of
+        self.wired = []  # the engine's interfaces redirected to the VM's taps
+        self.dns_queries = []  # [(socket, guest peer)] of DNS queries relayed to docker's resolver
 
     # -- start-up ----------------------------------------------------------
     def run(self):
@@ -2530,14 +3024,16 @@ class Monitor:
         os.setsid()
         prctl(PR_SET_CHILD_SUBREAPER, 1)
         join_host_cgroup(self.cgroups)
+        if self.netns:  # before our own /proc hides /proc/<pid>/ns/net (--network container:ID)
+            enter_netns(self.netns)
         _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")  # QEMU inherits it
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         if os.getpid() == 1:  # our own pid namespace: a /proc that shows just us and QEMU
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         stage_files(self.dir, self.staged)
         os.chdir(self.dir)
-        if self.netns:
-            enter_netns(self.netns)
+        with Netlink() as nl:
+            net_check(nl)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_fd = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
@@ -2731,6 +3227,9 @@ class Monitor:
         if msg.get("op") == "oom":  # `events` reports it
             write_atomic(os.path.join(self.dir, "oom"), str(msg.get("count", 1)))
             return
+        if msg.get("op") == "dns":
+            self._relay_dns(msg)
+            return
         if msg.get("op") == "exit":
             proc = msg.get("proc", 0)
             if proc == 0:
@@ -2789,6 +3288,9 @@ class Monitor:
     def _on_client_msg(self, fd, msg):
         """Forward a client's request to the agent, tagging it so that the reply comes back."""
         op = msg.get("op") if isinstance(msg, dict) else None
+        if op == "network":
+            self._on_network(fd)
+            return
         if op not in CLIENT_OPS:
             self._reply(fd, {"error": "bad request: %r" % (op,)})
             return
@@ -2875,6 +3377,74 @@ class Monitor:
         for proc in [p for p, c in self.procs.items() if c == fd]:
             del self.procs[proc]
 
+    # -- network -------------------------------------------------------------
+    def _on_network(self, fd):
+        """Redirect the namespace's interfaces to the VM's taps and have the agent configure the
+        guest; create asks once the engine's hooks have run (docker adds its veth in one)."""
+        started = time.monotonic()
+        try:
+            with Netlink() as nl:
+                plan = net_wire(nl)
+            LOG.debug("network: host side wired in %.1f ms", (time.monotonic() - started) * 1e3)
+        except (Error, OSError) as e:
+            self._reply(fd, {"error": str(e) if isinstance(e, Error) else "network: %s" % e})
+            return
+        self.wired = [{"index": i["index"], "name": i["name"]} for i in plan["interfaces"]]
+        plan["dns_relay"] = bool(self.wired) and docker_dns_listening()
+        write_atomic(os.path.join(self.dir, "net.json"),
+                     json.dumps({"netns": self.netns, "interfaces": self.wired}))
+        if not self.wired:  # the agent hides its unused first NIC meanwhile (before `start`)
+            self._to_agent(lambda a: send_msg(a, {"op": "network", "plan": plan}))
+            self._reply(fd, {"op": "ok"})
+            return
+        self.pending[self.next_id] = fd
+        msg = {"op": "network", "plan": plan, "id": self.next_id}
+        self.next_id += 1
+        self._to_agent(lambda a: send_msg(a, msg))
+
+    def _relay_dns(self, msg):
+        """Ask docker's embedded resolver (127.0.0.11 in this namespace) a guest's query."""
+        import selectors
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.sendto(bytes.fromhex(msg["query"]), (DOCKER_DNS, 53))
+        except (OSError, ValueError, KeyError):
+            sock.close()
+            return
+        self.dns_queries.append((sock, msg.get("peer")))
+        self.sel.register(sock.fileno(), selectors.EVENT_READ, ("dns", sock))
+        while len(self.dns_queries) > 32:  # unanswered ones
+            self._close_dns(self.dns_queries[0][0])
+
+    def _on_dns(self, key):
+        """The resolver's answer: back to the guest."""
+        sock = key.data[1]
+        peer = next((p for s, p in self.dns_queries if s is sock), None)
+        try:
+            answer = sock.recv(65536)
+        except OSError:
+            answer = None
+        self._close_dns(sock)
+        if answer:
+            self._to_agent(lambda a: send_msg(a, {"op": "dns_answer", "answer": answer.hex(), "peer": peer}))
+
+    def _close_dns(self, sock):
+        """Forget one relayed query."""
+        self.dns_queries = [q for q in self.dns_queries if q[0] is not sock]
+        self.sel.unregister(sock.fileno())
+        sock.close()
+
+    def _unwire(self):
+        """Remove the redirects from the engine's interfaces (their namespace is the engine's)."""
+        if self.wired:
+            try:
+                with Netlink() as nl:
+                    net_unwire(nl, [w["index"] for w in self.wired])
+                os.unlink(os.path.join(self.dir, "net.json"))  # delete has nothing left to do
+            except OSError as e:
+                LOG.warning("network: %s", e)
+            self.wired = []
+
     # -- the end -----------------------------------------------------------
     def _record_exit(self, status):
         """Write the exit record that makes the container stopped."""
@@ -2886,6 +3456,7 @@ class Monitor:
         """Let the VM power off (or kill it) and close everything."""
         self._reap_qemu_wait(3)
         self._stop_qemu()
+        self._unwire()
         for fd in list(self.clients):
             self._drop_client(fd)
 
@@ -3184,6 +3755,8 @@ class Agent:
                     self._on_port()
                 elif fd == self.wake_fd:
                     self._on_sigchld()
+                elif fd == self.dns_fd:
+                    self._on_dns_query()
                 else:
                     if ev & select.POLLOUT and fd in self.in_fds:
                         self._flush_stdin(self.in_fds[fd])
@@ -3219,6 +3792,7 @@ class Agent:
         self.wake_fd = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.net, self.dns, self.dns_fd = guest_net_boot(), None, None
         self.port = self._open_port()
 
     @staticmethod
@@ -3469,6 +4043,38 @@ class Agent:
             del self.procs[msg["proc"]]
             raise
         return {"op": "started", "pid": proc["pid"], "proc": msg["proc"]}
+
+    def _op_network(self, msg):
+        """Give the guest's NICs the host interfaces' MAC, MTU, name, addresses and routes."""
+        guest_network(msg["plan"], self.net)
+        if msg["plan"].get("dns_relay"):
+            self._start_dns_relay()
+        return {"op": "ok"}
+
+    def _start_dns_relay(self):
+        """Answer on docker's resolver address (127.0.0.11:53, UDP) by relaying to the host."""
+        import select
+        self.dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.dns.bind((DOCKER_DNS, 53))
+        self.dns.setblocking(False)
+        self.dns_fd = self.dns.fileno()
+        self.poll.register(self.dns_fd, select.POLLIN)
+
+    def _on_dns_query(self):
+        """A query to docker's resolver address: relayed to the monitor, which asks it."""
+        try:
+            data, peer = self.dns.recvfrom(4096)
+        except OSError:
+            return
+        send_msg(self.port, {"op": "dns", "query": data.hex(), "peer": list(peer)})
+
+    def _op_dns_answer(self, msg):
+        """The resolver's answer to a relayed query, back to the asking process."""
+        try:
+            self.dns.sendto(bytes.fromhex(msg["answer"]), tuple(msg["peer"]))
+        except OSError:
+            pass
+        return {"op": "none"}
 
     def _op_signal(self, msg):
         """Deliver a signal to one process, or to all of the container's (all=True)."""
@@ -3737,6 +4343,77 @@ def _apply_guest_limits(resources):
         except OSError as e:
             raise Error("linux.resources: cannot set %s to %s: %s"
                         % (name, value, e.strerror)) from None
+
+
+def guest_net_boot():
+    """Bring lo up (the kernel gives it 127.0.0.1 and ::1, as runc has it) and park the NIC slots
+    but the first in a network namespace of their own, so that a container sees only the NICs it
+    uses (the first, down, leaves at `network` when unused: moving a NIC costs tens of ms here).
+    Returns {"home"/"park_fd": fds of our namespace and the parking one, "park": a netlink
+    socket there, "slots": {MAC: link} of the parked NICs, "first": the first NIC or None}."""
+    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    first = None
+    with Netlink() as nl:
+        links = nl.links()
+        for link in links:
+            if link["flags"] & IFF_LOOPBACK:
+                nl.set_link(link["index"], up=True)
+        _check_libc(_libc().unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        park_fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        park = Netlink()
+        _check_libc(_libc().setns(home, CLONE_NEWNET), "setns")
+        for link in links:
+            if link["type"] == ARPHRD_ETHER and link["mac"] == slot_mac(0):
+                first = link
+            elif link["type"] == ARPHRD_ETHER:
+                nl.move_link(link["index"], park_fd)
+    return {"home": home, "park": park, "park_fd": park_fd, "first": first,
+            "slots": {ln["mac"]: ln for ln in park.links()}}
+
+
+def guest_network(plan, net):
+    """Give each NIC the plan uses the MAC, MTU and name of the host interface it carries and
+    bring it up (a parked one comes home in the same request); then the addresses and the
+    routes. Without interfaces, the first NIC is parked too."""
+    index_of, taken = {}, net.setdefault("home_names", {"lo"})
+    first, net["first"] = net["first"], None
+    with Netlink() as nl:
+        for iface in plan["interfaces"]:
+            mac = slot_mac(iface["slot"])
+            if first is not None and first["mac"] == mac:
+                link, first, sock, away = first, None, nl, None
+            else:
+                link, sock, away = net["slots"].pop(mac, None), net["park"], net["home"]
+            if link is None:
+                raise Error("network: the VM has no NIC number %d for %s" % (iface["slot"], iface["name"]))
+            busy = taken | ({first["name"]} if first is not None else set())
+            name = iface["name"] if iface["name"] not in busy and iface["name"] != link["name"] else None
+            taken.add(name or link["name"])  # a name another NIC has: keep the kernel's
+            index_of[iface["name"]] = link["index"]  # a NIC keeps its index coming home (it was free)
+            try:
+                sock.set_link(link["index"], up=True, mtu=iface["mtu"], mac=iface["mac"], name=name,
+                              netns=away)
+            except OSError as e:
+                raise Error("network: %s: cannot set MAC %s and MTU %d in the VM: %s"
+                            % (iface["name"], iface["mac"], iface["mtu"], e.strerror)) from None
+        if first is not None:  # unused: out of the container's sight
+            nl.move_link(first["index"], net["park_fd"])
+        for iface in plan["interfaces"]:
+            for addr in iface["addresses"]:
+                _guest_net_step(nl.add_address, (index_of[iface["name"]], addr), "address %s/%d on %s"
+                                % (addr["address"], addr["prefix"], iface["name"]))
+        for route in plan["routes"]:
+            _guest_net_step(nl.add_route, (route, index_of[route["dev"]]), "route %s/%d via %s dev %s" % (
+                route["dst"] or "default", route["dst_len"], route["gateway"] or "-", route["dev"]))
+
+
+def _guest_net_step(fn, args, what):
+    """One netlink change in the guest; an existing entry is fine, another error is the user's."""
+    try:
+        fn(*args)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise Error("network: cannot set %s in the VM: %s" % (what, e.strerror)) from None
 
 
 def _cgroup_counter(name, key):
@@ -4318,6 +4995,8 @@ def create_container(args, console_socket=None, foreground=False):
     state = State(args.root, args.id)
     conf = load_spec(args.bundle)
     terminal = conf["process"]["terminal"]
+    if is_host_netns(conf.get("netns")):
+        raise Error(HOST_NETWORK_ERROR)
     if terminal and not console_socket and not foreground:
         raise Error("process.terminal: --console-socket is required when terminal is true")
     vm = size_vm(resolve_vm(conf), conf["resources"])
@@ -4367,16 +5046,67 @@ def create_container(args, console_socket=None, foreground=False):
         state.save()
         for name in ("prestart", "createRuntime"):
             run_hooks(conf["hooks"], name, state.oci_state())
+        started = time.monotonic()
+        monitor_request(state, {"op": "network"}, timeout=float(vm["boot_timeout"]))
+        LOG.debug("network wired in %.1f ms", (time.monotonic() - started) * 1e3)
         if getattr(args, "pid_file", None):
             write_atomic(os.path.abspath(args.pid_file), str(monitor_pid))
     except BaseException:
         if monitor_pid:
+            unwire_network(state)
             _kill_container(state)
         remove_host_cgroup(cgroups)
         state.remove()
         raise
     LOG.info("created %s (monitor %d, %s)", args.id, monitor_pid, vm["accel_used"])
     return state, monitor_pid
+
+
+HOST_NETWORK_ERROR = (
+    "host networking is not supported: the container would share the host's network "
+    "namespace (--network host, or no network namespace in config.json), and a VM cannot "
+    "take the host's interfaces; use a network namespace (a bridge network, or --network none)")
+
+
+def is_host_netns(netns):
+    """True for no network namespace, or a path to the host's (docker's --network host passes
+    its bind mount of it): the namespace of the host's init or of this process."""
+    if not netns:
+        return True
+    if netns == "new":
+        return False
+    try:
+        target = os.stat(netns)
+    except OSError:
+        return False
+    for own in ("/proc/1/ns/net", "/proc/self/ns/net"):
+        try:
+            st = os.stat(own)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            return True
+    return False
+
+
+def unwire_network(state):
+    """Remove the redirects the monitor added to the engine's interfaces, also when it was
+    killed: through its namespace while it lives, else the namespace's path (gone: nothing left)."""
+    try:
+        with open(state.path("net.json")) as f:
+            net = json.load(f)
+    except (OSError, ValueError):
+        return
+    if not net.get("interfaces"):
+        return
+    d = state.data
+    if process_alive(d.get("pid"), d.get("pid_start")):
+        netns = "/proc/%d/ns/net" % d["pid"]
+    elif net.get("netns") not in (None, "new") and os.path.exists(net["netns"]):
+        netns = net["netns"]
+    else:
+        return
+    net_unwire_in(netns, net["interfaces"])
 
 
 def _restore_plan(cid, vm, conf, state, image):
@@ -4504,6 +5234,7 @@ def delete_container(state, force):
     status = state.status()
     if status in ("running", "paused") and not force:
         raise Error("cannot delete container %s that is not stopped: %s" % (state.id, status))
+    unwire_network(state)
     _kill_container(state)
     remove_host_cgroup([c[0] for c in state.data.get("cgroups", [])])
     final = state.oci_state()
@@ -5417,6 +6148,7 @@ def check_host():
         item("guest image", image)
         if results[-1][0] and results[1][0]:
             item("VM template", template)
+    item("networking", net_probe)
     return results
 
 

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import struct
 import subprocess
@@ -1826,6 +1827,9 @@ kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/netfs/netfs.ko.xz ker
 kernel/fs/fscache/fscache.ko.xz: kernel/fs/netfs/netfs.ko.xz
 kernel/fs/netfs/netfs.ko.xz:
 kernel/drivers/unrelated/other-mod.ko.xz:
+kernel/drivers/net/virtio_net.ko.xz: kernel/drivers/net/net_failover.ko.xz kernel/net/core/failover.ko.xz kernel/drivers/virtio/virtio.ko.xz kernel/drivers/virtio/virtio_ring.ko.xz
+kernel/drivers/net/net_failover.ko.xz: kernel/net/core/failover.ko.xz
+kernel/net/core/failover.ko.xz:
 """
 
 
@@ -1836,7 +1840,8 @@ def test_guest_modules_order(tmp_path):
     rel = [os.path.relpath(p, tmp_path) for p in paths]
     names = [rt._module_name(p) for p in rel]
     assert sorted(names) == sorted(["virtio", "virtio_ring", "virtio_mmio", "virtio_console",
-                                    "9pnet", "9pnet_virtio", "netfs", "fscache", "9p"])
+                                    "9pnet", "9pnet_virtio", "netfs", "fscache", "9p",
+                                    "failover", "net_failover", "virtio_net"])
     assert len(set(rel)) == len(rel)
     deps = {}
     for line in MODULES_DEP.splitlines():
@@ -1845,7 +1850,7 @@ def test_guest_modules_order(tmp_path):
     for i, path in enumerate(rel):
         for dep in deps[path]:
             assert dep in rel[:i], "%s before %s" % (dep, path)
-    assert names[-1] == "9p"
+    assert names[-1] == "virtio_net"
 
 
 def test_guest_modules_other_names_and_dashes(tmp_path):
@@ -3454,3 +3459,394 @@ def test_parser_of_no_known_command_is_the_whole_parser(capsys):
     assert rt.build_parser("no-such-command").format_help() == full
     assert rt.build_parser("help").format_help() == full
     assert "checkpoint" in full and "update" in full
+
+
+# ---------------------------------------------------------------------------
+# Network: rtnetlink/tc messages, the plan, and the wiring in throw-away namespaces
+# ---------------------------------------------------------------------------
+
+def in_new_netns(fn):
+    """fn()'s (JSON) result, run in a forked child inside a fresh network namespace."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            rt._check_libc(rt._libc().unshare(rt.CLONE_NEWNET), "unshare")
+            result = ["ok", fn()]
+        except BaseException:
+            import traceback
+            result = ["error", traceback.format_exc()]
+        os.write(w, json.dumps(result).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while True:
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    status, value = json.loads(data)
+    if status != "ok":
+        pytest.fail(value)
+    return value
+
+
+def make_tap(name, mac=None):
+    """A tap in the current namespace (kept while the returned fd is open), with mac if given."""
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, rt.TUNSETIFF, struct.pack("16sH", name.encode(), rt.IFF_TAP | rt.IFF_NO_PI))
+    if mac:
+        with rt.Netlink() as nl:
+            index = {ln["name"]: ln["index"] for ln in nl.links()}[name]
+            nl.set_link(index, mac=mac)
+    return fd
+
+
+def test_nl_attr_encodings():
+    assert rt.nl_attr(3, "eth0") == struct.pack("=HH", 9, 3) + b"eth0\0" + b"\0\0\0"
+    assert rt.nl_attr(4, 1500) == struct.pack("=HHI", 8, 4, 1500)
+    assert rt.nl_attr(1, b"\x01\x02") == struct.pack("=HH", 6, 1) + b"\x01\x02\0\0"
+    nested = rt.nl_attr(18, [rt.nl_attr(1, "veth")])
+    assert struct.unpack_from("=HH", nested) == (len(nested), 18 | rt.NLA_F_NESTED)
+    assert rt.nl_parse_attrs(nested) == {18: rt.nl_attr(1, "veth")}
+
+
+def test_nl_message_round_trip():
+    header = rt.IFINFO.pack(0, 0, 7, 0, 0)
+    msg = rt.nl_message(rt.RTM_GETLINK, rt.NLM_F_DUMP, 42, header, [rt.nl_attr(3, "lo")])
+    assert struct.unpack_from("=IHHII", msg) == (len(msg), rt.RTM_GETLINK, rt.NLM_F_DUMP, 42, 0)
+    two = msg + rt.nl_message(rt.NLMSG_DONE, 0, 42, b"\0\0\0\0")
+    parsed = rt.nl_parse_messages(two)
+    assert [(k, s) for k, _f, s, _p in parsed] == [(rt.RTM_GETLINK, 42), (rt.NLMSG_DONE, 42)]
+    assert rt.nl_parse_attrs(parsed[0][3], rt.IFINFO.size) == {3: b"lo\0"}
+    assert rt.nl_parse_messages(two[:-3]) == parsed[:1]  # a truncated message is dropped
+
+
+def test_nl_error_code():
+    assert rt.nl_error_code(struct.pack("=i", -errno.EEXIST) + b"\0" * 16) == errno.EEXIST
+    assert rt.nl_error_code(struct.pack("=i", 0)) == 0
+
+
+def test_parse_link():
+    payload = rt.IFINFO.pack(0, 1, 5, rt.IFF_UP, 0) + b"".join([
+        rt.nl_attr(rt.IFLA_IFNAME, "eth0"), rt.nl_attr(rt.IFLA_MTU, 1400),
+        rt.nl_attr(rt.IFLA_ADDRESS, bytes.fromhex("0242ac110002")),
+        rt.nl_attr(rt.IFLA_LINKINFO, [rt.nl_attr(rt.IFLA_INFO_KIND, "veth")])])
+    assert rt.parse_link(payload) == {"index": 5, "type": 1, "flags": rt.IFF_UP, "name": "eth0",
+                                      "mtu": 1400, "mac": "02:42:ac:11:00:02", "kind": "veth"}
+
+
+def test_parse_address_v4_v6_and_others():
+    v4 = rt.IFADDR.pack(socket.AF_INET, 16, 0, 0, 3) + rt.nl_attr(rt.IFA_ADDRESS, bytes([10, 88, 0, 9])) \
+        + rt.nl_attr(rt.IFA_LOCAL, bytes([10, 88, 0, 2]))
+    assert rt.parse_address(v4) == {"index": 3, "family": 4, "address": "10.88.0.2", "prefix": 16, "scope": 0}
+    v6 = rt.IFADDR.pack(socket.AF_INET6, 64, 0, 0, 3) + rt.nl_attr(
+        rt.IFA_ADDRESS, socket.inet_pton(socket.AF_INET6, "fd00::2"))
+    assert rt.parse_address(v6)["address"] == "fd00::2" and rt.parse_address(v6)["family"] == 6
+    assert rt.parse_address(rt.IFADDR.pack(socket.AF_PACKET, 0, 0, 0, 3)) is None
+
+
+def test_route_message_parses_back():
+    route = {"family": 4, "dst": "10.232.0.0", "dst_len": 16, "gateway": "10.231.0.1",
+             "prefsrc": "10.231.0.2", "priority": 7, "scope": 0}
+    header, attrs = rt.route_message(route, 9)
+    parsed = rt.parse_route(header + b"".join(attrs))
+    assert parsed == dict(route, oif=9, protocol=rt.RTPROT_BOOT)
+    default = {"family": 6, "dst": None, "dst_len": 0, "gateway": "fe80::1", "scope": 0}
+    header, attrs = rt.route_message(default, 2)
+    assert rt.parse_route(header + b"".join(attrs))["gateway"] == "fe80::1"
+    assert rt.RTA_DST not in rt.nl_parse_attrs(b"".join(attrs))
+
+
+def test_parse_route_skips_other_tables_and_types():
+    local = rt.RTMSG.pack(socket.AF_INET, 32, 0, 0, 255, 2, 254, 2, 0)  # table local, RTN_LOCAL
+    assert rt.parse_route(local) is None
+    main_by_attr = rt.RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 3, 0, rt.RTN_UNICAST, 0) + \
+        rt.nl_attr(rt.RTA_TABLE, rt.RT_TABLE_MAIN)
+    assert rt.parse_route(main_by_attr)["dst_len"] == 0
+    other = rt.RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 3, 0, rt.RTN_UNICAST, 0) + rt.nl_attr(rt.RTA_TABLE, 100)
+    assert rt.parse_route(other) is None
+
+
+def test_address_message_flags():
+    header, attrs = rt.address_message(4, {"family": 4, "address": "10.0.0.2", "prefix": 24})
+    assert rt.IFADDR.unpack(header) == (socket.AF_INET, 24, 0, 0, 4)
+    assert set(rt.nl_parse_attrs(b"".join(attrs))) == {rt.IFA_LOCAL, rt.IFA_ADDRESS}
+    header, attrs = rt.address_message(4, {"family": 6, "address": "fd00::2", "prefix": 64})
+    assert rt.IFADDR.unpack(header) == (socket.AF_INET6, 64, rt.IFA_F_NODAD, 0, 4)
+
+
+def test_tc_messages_match_tc():
+    header, attrs = rt.ingress_qdisc_message(3)
+    assert rt.TCMSG.unpack(header) == (0, 3, 0xFFFF0000, 0xFFFFFFF1, 0)
+    assert attrs == [rt.nl_attr(rt.TCA_KIND, "ingress")]
+    header, attrs = rt.redirect_filter_message(3, 8)
+    family, index, handle, parent, info = rt.TCMSG.unpack(header)
+    assert (index, parent, info >> 16, socket.ntohs(info & 0xFFFF)) == (3, 0xFFFF0000, 1, rt.ETH_P_ALL)
+    top = rt.nl_parse_attrs(b"".join(attrs))
+    assert top[rt.TCA_KIND] == b"u32\0"
+    options = rt.nl_parse_attrs(top[rt.TCA_OPTIONS])
+    flags, _shift, nkeys = struct.unpack_from("=BBB", options[rt.TCA_U32_SEL])
+    assert (flags, nkeys, len(options[rt.TCA_U32_SEL])) == (rt.TC_U32_TERMINAL, 1, 32)
+    action = rt.nl_parse_attrs(rt.nl_parse_attrs(options[rt.TCA_U32_ACT])[1])
+    assert action[rt.TCA_ACT_KIND] == b"mirred\0"
+    parms = rt.nl_parse_attrs(action[rt.TCA_ACT_OPTIONS])[rt.TCA_MIRRED_PARMS]
+    assert struct.unpack("=IIiiiiI", parms) == (0, 0, rt.TC_ACT_STOLEN, 0, 0, rt.TCA_EGRESS_REDIR, 8)
+
+
+def link(index, name, flags=rt.IFF_UP, ltype=rt.ARPHRD_ETHER, kind="", mac="02:00:00:00:00:01", mtu=1500):
+    """A parse_link result."""
+    return {"index": index, "name": name, "flags": flags, "type": ltype, "kind": kind, "mac": mac, "mtu": mtu}
+
+
+def test_engine_links_keeps_only_the_engines_ethernet_interfaces():
+    links = [link(1, "lo", rt.IFF_UP | rt.IFF_LOOPBACK, 772), link(2, "eth0"), link(3, "tunl0", 0, 768),
+             link(4, "gretap0", rt.IFF_UP, kind="gretap"), link(5, "cc-tap0"), link(6, "eth1", 0),
+             link(7, "net1")]
+    assert [ln["name"] for ln in rt.engine_links(links)] == ["eth0", "net1"]
+
+
+def test_network_plan():
+    links = [link(1, "lo", rt.IFF_UP | rt.IFF_LOOPBACK, 772), link(2, "eth0", mac="02:42:ac:11:00:02", mtu=1450)]
+    addresses = [{"index": 2, "family": 4, "address": "172.17.0.2", "prefix": 16, "scope": 0},
+                 {"index": 2, "family": 6, "address": "fe80::42:acff:fe11:2", "prefix": 64, "scope": 253},
+                 {"index": 2, "family": 6, "address": "fd00::2", "prefix": 64, "scope": 0},
+                 {"index": 1, "family": 4, "address": "127.0.0.1", "prefix": 8, "scope": 254}]
+    base = {"dst": None, "dst_len": 0, "gateway": None, "prefsrc": None, "priority": 0, "scope": 0}
+    routes = [dict(base, family=4, gateway="172.17.0.1", oif=2, protocol=3),
+              dict(base, family=4, dst="172.17.0.0", dst_len=16, oif=2, protocol=2, scope=253),
+              dict(base, family=4, dst="10.1.0.0", dst_len=16, oif=2, protocol=3, scope=253),
+              dict(base, family=6, dst="fe80::", dst_len=64, oif=2, protocol=3),
+              dict(base, family=4, dst="127.0.0.0", dst_len=8, oif=1, protocol=3)]
+    plan = rt.network_plan(links, addresses, routes)
+    assert plan["interfaces"] == [{"slot": 0, "name": "eth0", "mac": "02:42:ac:11:00:02", "mtu": 1450, "index": 2,
+                                   "addresses": [{"family": 4, "address": "172.17.0.2", "prefix": 16},
+                                                 {"family": 6, "address": "fd00::2", "prefix": 64}]}]
+    assert [(r["dst"], r["gateway"], r["dev"]) for r in plan["routes"]] == [
+        ("10.1.0.0", None, "eth0"), (None, "172.17.0.1", "eth0")]
+    many = [link(i, "eth%d" % i) for i in range(2, 3 + rt.NET_SLOTS)]
+    with pytest.raises(rt.Error, match="^network: 5 interfaces in the container's network namespace; a VM has 4$"):
+        rt.network_plan(many, [], [])
+
+
+def test_net_args_and_qemu_command_have_the_nic_slots(tmp_path, share_bundle):
+    argv = rt.net_args("device")
+    assert values_of(argv, "-netdev") == [
+        "tap,id=net%d,ifname=cc-tap%d,script=no,downscript=no,vhost=off" % (i, i) for i in range(rt.NET_SLOTS)]
+    assert values_of(argv, "-device")[1] == "virtio-net-device,netdev=net1,mac=02:cc:00:00:00:01"
+    conf = rt.load_spec(str(share_bundle[0]))
+    full = rt.qemu_command("c1", fake_vm(tmp_path), conf, "/s", "/i")
+    assert values_of(full, "-netdev") == values_of(argv, "-netdev")
+    assert "virtio-net-pci,netdev=net0,mac=02:cc:00:00:00:00" in values_of(
+        rt.qemu_command("c1", fake_vm(tmp_path, machine="q35"), conf, "/s", "/i"), "-device")
+
+
+def test_docker_dns_listening(tmp_path):
+    udp = tmp_path / "udp"
+    head = "  sl  local_address rem_address   st tx_queue rx_queue\n"
+    udp.write_text(head + "   0: 0B00007F:A2F1 00000000:0000 07 00000000:00000000\n")
+    assert rt.docker_dns_listening(str(udp))
+    udp.write_text(head + "   0: 0100007F:0035 00000000:0000 07 00000000:00000000\n")
+    assert not rt.docker_dns_listening(str(udp))
+    assert not rt.docker_dns_listening(str(tmp_path / "missing"))
+
+
+def test_is_host_netns(tmp_path):
+    assert rt.is_host_netns(None) and rt.is_host_netns("")
+    assert not rt.is_host_netns("new")
+    assert rt.is_host_netns("/proc/self/ns/net")
+    other = tmp_path / "ns"
+    other.write_text("")
+    assert not rt.is_host_netns(str(other))
+
+
+def test_netlink_changes_a_namespace_and_reports_errors():
+    def body():
+        with rt.Netlink() as nl:
+            fd = make_tap("cc-x", "02:aa:00:00:00:01")
+            index = {ln["name"]: ln["index"] for ln in nl.links()}["cc-x"]
+            nl.set_link(index, up=True, mtu=1400)
+            nl.add_address(index, {"family": 4, "address": "10.5.0.2", "prefix": 24})
+            nl.add_address(index, {"family": 6, "address": "fd00:5::2", "prefix": 64})
+            nl.add_route({"family": 4, "dst": None, "dst_len": 0, "gateway": "10.5.0.1", "scope": 0}, index)
+            try:
+                nl.add_address(index, {"family": 4, "address": "10.5.0.2", "prefix": 24})
+                dup = 0
+            except OSError as e:
+                dup = e.errno
+            me = [ln for ln in nl.links() if ln["index"] == index][0]
+            addrs = sorted(a["address"] for a in nl.addresses() if a["index"] == index)
+            routes = [(r["gateway"], r["oif"]) for r in nl.routes() if r["gateway"]]
+            os.close(fd)
+            return me, addrs, routes, dup, index
+    me, addrs, routes, dup, index = in_new_netns(body)
+    assert (me["mac"], me["mtu"], bool(me["flags"] & rt.IFF_UP)) == ("02:aa:00:00:00:01", 1400, True)
+    assert addrs[:2] == ["10.5.0.2", "fd00:5::2"]
+    assert routes == [["10.5.0.1", index]] and dup == errno.EEXIST
+
+
+def test_net_wire_redirects_both_ways_and_unwire_removes_it():
+    def body():
+        subprocess.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"], check=True)
+        with rt.Netlink() as nl:
+            idx = {ln["name"]: ln["index"] for ln in nl.links()}
+            nl.set_link(idx["eth0"], up=True, mtu=1300)
+            nl.add_address(idx["eth0"], {"family": 4, "address": "10.6.0.2", "prefix": 24})
+            nl.add_route({"family": 4, "dst": None, "dst_len": 0, "gateway": "10.6.0.1", "scope": 0}, idx["eth0"])
+            fds = [make_tap(rt.tap_name(i)) for i in range(rt.NET_SLOTS)]
+            try:
+                rt.net_check(nl)
+                refused = ""
+            except rt.Error as e:
+                refused = str(e)
+            plan = rt.net_wire(nl)
+            shown = subprocess.run("tc filter show dev eth0 ingress; tc filter show dev cc-tap0 ingress; "
+                                   "ip -o link show cc-tap0", shell=True, capture_output=True, text=True).stdout
+            rt.net_unwire(nl, [idx["eth0"]])
+            rt.net_unwire(nl, [idx["eth0"]])  # twice is fine
+            after = subprocess.run(["tc", "qdisc", "show", "dev", "eth0"], capture_output=True, text=True).stdout
+            for fd in fds:
+                os.close(fd)
+        return plan, shown, after, refused
+    plan, shown, after, refused = in_new_netns(body)
+    assert refused.startswith("network: this network namespace already belongs to another VM container")
+    assert [(i["name"], i["mtu"], i["addresses"]) for i in plan["interfaces"]] == [
+        ("eth0", 1300, [{"family": 4, "address": "10.6.0.2", "prefix": 24}])]
+    assert [r["gateway"] for r in plan["routes"]] == ["10.6.0.1"]
+    assert "mirred (Egress Redirect to device cc-tap0)" in shown and "(Egress Redirect to device eth0)" in shown
+    assert "mtu 1300" in shown and "UP" in shown
+    assert "ingress" not in after
+
+
+def test_net_wire_fails_cleanly():
+    def body():
+        subprocess.run(["ip", "link", "add", "eth0", "up", "type", "veth", "peer", "name", "peer0"], check=True)
+        with rt.Netlink() as nl:
+            out = []
+            try:
+                rt.net_wire(nl)  # no taps: hypervisor.args without @NETWORK@
+            except rt.Error as e:
+                out.append(str(e))
+            fds = [make_tap(rt.tap_name(i)) for i in range(rt.NET_SLOTS)]
+            subprocess.run(["tc", "qdisc", "add", "dev", "cc-tap0", "ingress"], check=True)
+            try:
+                rt.net_wire(nl)
+            except rt.Error as e:
+                out.append(str(e))
+            out.append(subprocess.run(["tc", "qdisc", "show", "dev", "eth0"], capture_output=True, text=True).stdout)
+            for fd in fds:
+                os.close(fd)
+        return out
+    no_nic, busy, qdiscs = in_new_netns(body)
+    assert no_nic == "network: the VM has no NIC for eth0 (hypervisor.args needs @NETWORK@)"
+    assert busy == "network: cannot redirect eth0 to the VM (tc u32/mirred): File exists"
+    assert "ingress" not in qdiscs  # rolled back
+
+
+def guest_plan(slot, name="eth0", mac="02:42:ac:11:00:05", addresses=None, routes=True):
+    """A plan for one NIC (172.17.0.5/16, default route via 172.17.0.1)."""
+    addresses = addresses or [{"family": 4, "address": "172.17.0.5", "prefix": 16}]
+    return {"interfaces": [{"slot": slot, "name": name, "mac": mac, "mtu": 1400, "index": 9,
+                            "addresses": addresses}],
+            "routes": [{"family": 4, "dst": None, "dst_len": 0, "gateway": "172.17.0.1", "prefsrc": None,
+                        "priority": 0, "scope": 0, "protocol": 3, "oif": 9, "dev": name}] if routes else []}
+
+
+def run_guest_network(plans):
+    """In a fresh namespace with two taps as NIC slots 0 and 1: guest_net_boot, then guest_network
+    for each plan; the home links before and after, addresses, gateways, parked MACs, errors."""
+    def body():
+        fds = [make_tap("t%d" % i, rt.slot_mac(i)) for i in range(2)]
+        net = rt.guest_net_boot()
+        with rt.Netlink() as nl:
+            before = sorted(ln["name"] for ln in nl.links())
+        errors = []
+        for plan in plans:
+            try:
+                rt.guest_network(plan, net)
+                errors.append("")
+            except rt.Error as e:
+                errors.append(str(e))
+        with rt.Netlink() as nl:
+            links = {ln["name"]: ln for ln in nl.links()}
+            addrs = sorted(a["address"] for a in nl.addresses() if a["family"] == 4)
+            routes = [r["gateway"] for r in nl.routes() if r["gateway"]]
+        parked = sorted(ln["mac"] for ln in net["park"].links() if ln["type"] == rt.ARPHRD_ETHER)
+        for fd in fds:
+            os.close(fd)
+        return before, links, addrs, routes, parked, errors
+    return in_new_netns(body)
+
+
+def test_guest_network_configures_the_first_nic_in_place():
+    before, links, addrs, routes, parked, errors = run_guest_network([guest_plan(0)])
+    assert before == ["lo", "t0"] and errors == [""]
+    assert sorted(links) == ["eth0", "lo"] and links["lo"]["flags"] & rt.IFF_UP
+    eth0 = links["eth0"]
+    assert (eth0["mac"], eth0["mtu"], bool(eth0["flags"] & rt.IFF_UP)) == ("02:42:ac:11:00:05", 1400, True)
+    assert addrs == ["127.0.0.1", "172.17.0.5"] and routes == ["172.17.0.1"]
+    assert parked == [rt.slot_mac(1)]
+
+
+def test_guest_network_brings_a_parked_nic_home_and_hides_the_unused_first():
+    before, links, addrs, routes, parked, errors = run_guest_network([guest_plan(1)])
+    assert errors == [""] and sorted(links) == ["eth0", "lo"]
+    assert links["eth0"]["mac"] == "02:42:ac:11:00:05" and links["eth0"]["flags"] & rt.IFF_UP
+    assert routes == ["172.17.0.1"] and parked == [rt.slot_mac(0)]
+
+
+def test_guest_network_without_interfaces_leaves_only_lo():
+    before, links, addrs, routes, parked, errors = run_guest_network([{"interfaces": [], "routes": []}])
+    assert errors == [""] and sorted(links) == ["lo"] and addrs == ["127.0.0.1"]
+    assert parked == [rt.slot_mac(0), rt.slot_mac(1)]
+
+
+def test_guest_network_errors():
+    bad = guest_plan(1, "eth1", addresses=[{"family": 4, "address": "172.17.0.6", "prefix": 33}], routes=False)
+    *_, errors = run_guest_network([guest_plan(3), bad])
+    assert errors == ["network: the VM has no NIC number 3 for eth0",
+                      "network: cannot set address 172.17.0.6/33 on eth1 in the VM: Invalid argument"]
+
+
+def test_guest_network_keeps_the_kernel_name_when_the_name_is_taken():
+    _before, links, *_ = run_guest_network([guest_plan(0, "lo", routes=False)])
+    assert links["t0"]["mac"] == "02:42:ac:11:00:05" and links["t0"]["flags"] & rt.IFF_UP
+
+
+def test_unwire_network_through_a_namespace_path(tmp_path):
+    ns = "ccunit%d" % os.getpid()
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run("ip netns exec %s sh -c 'ip link add eth0 up type veth peer name p0 && "
+                       "tc qdisc add dev eth0 ingress'" % ns, shell=True, check=True)
+        index = int(subprocess.run(["ip", "netns", "exec", ns, "cat", "/sys/class/net/eth0/ifindex"],
+                                   capture_output=True, text=True).stdout)
+        state = rt.State(str(tmp_path), "c1")
+        state.make()
+        state.data = {"pid": 0}
+        rt.unwire_network(state)  # no net.json: nothing to do
+        rt.write_atomic(state.path("net.json"), json.dumps(
+            {"netns": "/run/netns/" + ns, "interfaces": [{"index": index, "name": "other"}]}))
+        rt.unwire_network(state)  # the index now names another interface: left alone
+        show = ["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", "eth0"]
+        assert "ingress" in subprocess.run(show, capture_output=True, text=True).stdout
+        rt.write_atomic(state.path("net.json"), json.dumps(
+            {"netns": "/run/netns/" + ns, "interfaces": [{"index": index, "name": "eth0"}]}))
+        rt.unwire_network(state)
+        assert "ingress" not in subprocess.run(show, capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+
+
+def test_net_check_needs_tun(tmp_path):
+    with rt.Netlink() as nl:
+        rt.net_check(nl)  # the host's namespace has no cc-tap
+        with pytest.raises(rt.Error, match="^network: %s/tun: no such device \\(load the tun module\\)$" % tmp_path):
+            rt.net_check(nl, str(tmp_path / "tun"))
+
+
+def test_net_probe_reports_the_host_pieces():
+    assert rt.net_probe().startswith("tun, tc ingress qdisc, u32 filter and mirred redirect work")

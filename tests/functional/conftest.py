@@ -80,8 +80,6 @@ class Runtime:
         conf = rt.default_spec()
         conf["root"] = {"path": ROOTFS[0], "readonly": False}
         conf["process"].update(terminal=False, args=args)
-        conf["linux"]["namespaces"] = [ns for ns in conf["linux"]["namespaces"]
-                                       if ns["type"] != "network"]
         for key, value in changes.items():
             if key in conf["process"] or key in ("user", "env", "cwd", "terminal"):
                 conf["process"][key] = value

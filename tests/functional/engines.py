@@ -215,8 +215,12 @@ def _tar(rootfs, tarball):
 class Podman:
     """podman with private root/runroot/tmpdir/config and `runtime_path` registered as `runtime_name`."""
 
-    def __init__(self, workdir, runtime_path, runtime_name="cc-oci-runtime", storage_driver=None):
-        """Write containers.conf and storage.conf under workdir; nothing is started."""
+    def __init__(self, workdir, runtime_path, runtime_name="cc-oci-runtime", storage_driver=None,
+                 network=False):
+        """Write containers.conf and storage.conf under workdir; nothing is started.
+
+        network=True: podman's default bridge network through netavark (+ aardvark-dns), with
+        its network configs in workdir/networks; otherwise no network at all (see above)."""
         self.dir = os.path.abspath(workdir)
         os.makedirs(self.dir, exist_ok=True)
         self.runtime_path, self.runtime_name = os.path.abspath(runtime_path), runtime_name
@@ -227,15 +231,17 @@ class Podman:
             self.runroot = self.short_run = tempfile.mkdtemp(prefix="pmr-", dir="/tmp")
         conf, sconf = os.path.join(self.dir, "containers.conf"), os.path.join(self.dir, "storage.conf")
         names = sorted({runtime_name, os.path.basename(self.runtime_path)})  # podman 4.3 matches the registered name
+        net = ('[network]\nnetwork_backend = "netavark"\nnetwork_config_dir = "%s/networks"\n\n' % self.dir
+               if network else
+               'netns = "none"\n\n[network]\nnetwork_backend = "cni"\ncni_plugin_dirs = ["/usr/lib/cni"]\n'
+               'network_config_dir = "%s/net.d"\n\n' % self.dir)
         with open(conf, "w") as f:
             f.write('[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n'
-                    'netns = "none"\n\n'
-                    '[network]\nnetwork_backend = "cni"\ncni_plugin_dirs = ["/usr/lib/cni"]\n'
-                    'network_config_dir = "%s/net.d"\n\n'
+                    + net +
                     '[engine]\nlock_type = "file"\nevents_logger = "file"\ncgroup_manager = "cgroupfs"\n'
                     'runtime_supports_json = [%s]\n\n'
                     '[engine.runtimes]\n"%s" = ["%s"]\n'
-                    % (self.dir, ", ".join('"%s"' % n for n in names), runtime_name, self.runtime_path))
+                    % (", ".join('"%s"' % n for n in names), runtime_name, self.runtime_path))
         with open(sconf, "w") as f:
             f.write('[storage]\ndriver = "%s"\ngraphroot = "%s"\nrunroot = "%s"\n'
                     % (self.driver, self.root, self.runroot))
@@ -298,8 +304,11 @@ class Docker:
     """A private dockerd (and the containerd it starts) with `runtime_path` added as `runtime_name`."""
 
     def __init__(self, workdir, runtime_path, runtime_name="cc-oci-runtime", storage_driver=None,
-                 start_timeout=60):
-        """Start dockerd in the background and wait until `docker info` answers."""
+                 start_timeout=60, network=False):
+        """Start dockerd in the background and wait until `docker info` answers.
+
+        network=True: docker's default bridge (docker0) with iptables and NAT, as on a usual
+        host; stop() deletes docker0 again (dockerd leaves it and its iptables chains)."""
         self.dir = os.path.abspath(workdir)
         os.makedirs(self.dir, exist_ok=True)
         self.runtime_path, self.runtime_name = os.path.abspath(runtime_path), runtime_name
@@ -322,9 +331,11 @@ class Docker:
         self.base = [DOCKER_CLI, "-H", "unix://" + self.sock]
         self.dockerd_argv = [
             "dockerd", "--config-file", conf, "--data-root", self.data_root, "--exec-root", self.exec_root,
-            "--pidfile", self.pidfile, "-H", "unix://" + self.sock, "--iptables=false", "--ip6tables=false",
-            "--ip-masq=false", "--bridge=none", "--storage-driver", self.driver, "--shutdown-timeout", "2",
+            "--pidfile", self.pidfile, "-H", "unix://" + self.sock] + ([] if network else [
+            "--iptables=false", "--ip6tables=false", "--ip-masq=false", "--bridge=none"]) + [
+            "--storage-driver", self.driver, "--shutdown-timeout", "2",
             "--add-runtime", "%s=%s" % (runtime_name, self.runtime_path)]
+        self.network = network
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(self.dockerd_argv, stdin=subprocess.DEVNULL, stdout=logf,
                                          stderr=subprocess.STDOUT, start_new_session=True,
@@ -412,6 +423,8 @@ class Docker:
         if self.short_exec:
             unmount_under(self.short_exec)
             shutil.rmtree(self.short_exec, ignore_errors=True)
+        if self.network:
+            _run(["ip", "link", "del", "docker0"])
 
     close = stop
 

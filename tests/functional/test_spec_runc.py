@@ -229,7 +229,7 @@ def test_user_namespace_maps(both):
             "gidMappings": [{"containerID": 0, "hostID": 0, "size": 3000}]}
     conf = rt.default_spec()
     mounts = [m for m in conf["mounts"] if m["destination"] != "/sys"]
-    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")]
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user", "network")]
     theirs, ours = both.both(["sh", "-c", "cat /proc/self/uid_map /proc/self/gid_map; id"],
                              mounts=mounts, linux_namespaces=namespaces,
                              linux_uidMappings=maps["uidMappings"],
