@@ -172,6 +172,7 @@ MOUNT_OPTIONS = {  # option: (flag, set?)
     "relatime": (MS_RELATIME, True), "norelatime": (MS_RELATIME, False),
     "strictatime": (MS_STRICTATIME, True), "nostrictatime": (MS_STRICTATIME, False),
 }
+RUNTIME_MOUNT_OPTIONS = ("tmpcopyup", "notmpcopyup")  # done by the runtime, not by mount(2)
 PROPAGATION_OPTIONS = ("private", "rprivate", "shared", "rshared", "slave", "rslave",
                        "unbindable", "runbindable")
 CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWNS = 0x40000000, 0x20000000, 0x00020000
@@ -3661,7 +3662,7 @@ def mount_options(options):
         if opt in MOUNT_OPTIONS:
             bit, on = MOUNT_OPTIONS[opt]
             flags = flags | bit if on else flags & ~bit
-        elif opt not in PROPAGATION_OPTIONS:
+        elif opt not in PROPAGATION_OPTIONS and opt not in RUNTIME_MOUNT_OPTIONS:
             data.append(opt)
     return flags, ",".join(data)
 
@@ -3970,7 +3971,10 @@ class Agent:
             self.dev_ro, flags = flags, flags & ~MS_RDONLY
         if fstype in ("cgroup", "cgroup2"):  # the guest has cgroup v2 (the container's own)
             fstype, data = "cgroup2", ""
-        mount(m.get("source") or fstype, target, fstype, flags, data)
+        if fstype == "tmpfs" and "tmpcopyup" in m.get("options", []) and os.listdir(target):
+            _mount_tmpfs_copyup(m.get("source") or fstype, target, flags, data)
+        else:
+            mount(m.get("source") or fstype, target, fstype, flags, data)
         if dev:
             _populate_dev(target)
         _set_propagation(target, m.get("options", []))
@@ -4465,6 +4469,41 @@ def _set_winsize(fd, rows, cols):
     """TIOCSWINSZ on a terminal."""
     import termios
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _mount_tmpfs_copyup(source, target, flags, data):
+    """A tmpfs that starts with what its mount point held (runc's tmpcopyup, e.g. podman's
+    --tmpfs): mounted aside, filled, then moved over the mount point."""
+    aside = os.path.join(GUEST_RUN, "copyup")
+    os.makedirs(aside, exist_ok=True)
+    mount(source, aside, "tmpfs", flags, data)
+    _copy_tree(target, aside)
+    mount(aside, target, None, MS_MOVE)
+
+
+def _copy_tree(src, dst):
+    """Copy src's contents into dst: files, directories and symlinks with modes and owners."""
+    import stat
+    for entry in os.scandir(src):
+        st = entry.stat(follow_symlinks=False)
+        to = os.path.join(dst, entry.name)
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(entry.path), to)
+        elif stat.S_ISDIR(st.st_mode):
+            os.mkdir(to)
+            _copy_tree(entry.path, to)
+        elif stat.S_ISREG(st.st_mode):
+            with open(entry.path, "rb") as f, open(to, "wb") as out:
+                while True:
+                    chunk = f.read(1 << 20)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+        else:
+            continue  # device nodes, fifos and sockets are not copied up
+        os.chown(to, st.st_uid, st.st_gid, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(to, stat.S_IMODE(st.st_mode))
 
 
 def _make_mountpoint(target, directory):

@@ -3850,3 +3850,24 @@ def test_net_check_needs_tun(tmp_path):
 
 def test_net_probe_reports_the_host_pieces():
     assert rt.net_probe().startswith("tun, tc ingress qdisc, u32 filter and mirred redirect work")
+
+
+def test_mount_options_leave_runtime_options_out_of_the_data():
+    assert rt.mount_options(["nosuid", "tmpcopyup", "size=1m", "rprivate"]) == (rt.MS_NOSUID, "size=1m")
+
+
+def test_copy_tree_keeps_files_links_modes_and_owners(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_text("data")
+    (src / "sub" / "f").chmod(0o640)
+    os.chown(src / "sub" / "f", 1234, 5678)
+    os.symlink("sub/f", src / "link")
+    os.mkfifo(src / "fifo")
+    dst.mkdir()
+    rt._copy_tree(str(src), str(dst))
+    assert (dst / "sub" / "f").read_text() == "data"
+    st = os.stat(dst / "sub" / "f")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 1234, 5678)
+    assert os.readlink(dst / "link") == "sub/f"
+    assert not os.path.exists(dst / "fifo")

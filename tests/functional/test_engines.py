@@ -439,6 +439,13 @@ def test_podman_memory_limit_stats_and_update(pm):
         str(512 << 20)
 
 
+def test_podman_tmpfs_option(pm):
+    r = pm.run_rt("run", "--rm", "--tmpfs", "/srv", "bb", "sh", "-c",
+                  "echo x > /srv/f && cat /srv/f && grep ' /srv ' /proc/self/mountinfo | cut -d' ' -f9",
+                  timeout=TIMEOUT)
+    assert (r.returncode, r.stdout) == (0, "x\ntmpfs\n"), r.stderr
+
+
 def test_podman_stop_honours_sigterm(pm):
     cid = ok(pm.run_rt("run", "-d", "--name", "st", "bb", "sh", "-c", LOOP, timeout=TIMEOUT)).stdout.strip()
     wait_ready(lambda: pm.run("logs", "st", timeout=60).stdout)

@@ -217,3 +217,18 @@ def test_bind_source_relative_to_the_bundle(runtime):
         json.dump(conf, f)
     r = runtime("run", "-b", b, "relative-bind")
     assert r.returncode == 0 and '"destination": "/b"' in r.stdout.replace('":"', '": "'), r.stderr
+
+
+def test_tmpfs_copyup_starts_with_the_directory_and_keeps_writes_off_the_host(runtime, tmp_path, rootfs):
+    import shutil
+    own = tmp_path / "rootfs"
+    shutil.copytree(rootfs, own, symlinks=True)
+    b = runtime.bundle(["sh", "-c", "cat /etc/passwd | head -1; echo new > /etc/new; ls /etc; grep ' /etc ' /proc/self/mountinfo | cut -d' ' -f9"],
+                       root={"path": str(own), "readonly": False},
+                       mounts=rt.default_spec()["mounts"] + [  # podman's --tmpfs /etc
+                           {"destination": "/etc", "type": "tmpfs", "source": "tmpfs",
+                            "options": ["rw", "rprivate", "nosuid", "nodev", "tmpcopyup"]}])
+    r = runtime("run", "-b", b, "copyup")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["root:x:0:0:root:/root:/bin/sh", "group", "new", "passwd", "tmpfs"]
+    assert sorted(os.listdir(own / "etc")) == ["group", "passwd"]
