@@ -94,7 +94,13 @@ def test_cpu_quota_gives_vcpus_and_pids_limit_stops_a_fork_bomb(runtime):
               "read n < /sys/fs/cgroup/pids.current; echo $n; echo still-alive")
     b = limited(runtime, ["sh", "-c", script],
                 {"cpu": {"quota": 200000, "period": 100000}, "pids": {"limit": 40}})
+    bystander = runtime.bundle(["sleep", "1000"])
+    runtime("create", "-b", bystander, "bystander", check=True)
+    runtime("start", "bystander", check=True)
     r = runtime("run", "-b", b, "cpus")
+    assert runtime.state("bystander")["status"] == "running"  # another container lives on
+    assert runtime("exec", "bystander", "echo", "alive").stdout == "alive\n"
+    runtime("delete", "--force", "bystander", check=True)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split()
     assert lines[:5] == ["2", "200000", "100000", "40", "bomb=2"], r.stdout
