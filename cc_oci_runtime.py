@@ -6512,7 +6512,7 @@ def main(argv=None):
     LOG.configure(args.log, args.log_format, args.global_log, args.debug)
     LOG.stderr = not args.log
     LOG.container_id = getattr(args, "id", None)
-    for flag in ("systemd_cgroup", "criu", "rootless"):
+    for flag in ("criu", "rootless"):
         if getattr(args, flag):
             LOG.debug("--%s: ignored", flag.replace("_", "-"))
     if args.version:
