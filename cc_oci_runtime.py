@@ -3053,7 +3053,8 @@ class Monitor:
 
     def _boot(self):
         """Start the VM (restored from the template, else booted), then prepare the container."""
-        deadline = time.monotonic() + float(self.vm["boot_timeout"])
+        begun = time.monotonic()
+        deadline = begun + float(self.vm["boot_timeout"])
         if self.restore:
             try:
                 self._start_vm(self.restore["argv"], deadline, self.restore["dir"])
@@ -3068,7 +3069,7 @@ class Monitor:
             self._start_vm(self.argv, deadline)
         started = time.monotonic()
         LOG.debug("timeline: VM %s in %.0f ms", "restored" if self.restore else "booted",
-                  (started - deadline + float(self.vm["boot_timeout"])) * 1000)
+                  (started - begun) * 1000)
         send_msg(self.agent, {"op": "create", "config": self.gconf, "time": time.time(),
                               "seed": os.urandom(32).hex()})
         self._wait_agent("created", deadline)
@@ -3853,7 +3854,7 @@ class Agent:
         for key, value in c.get("sysctl", {}).items():
             with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
                 f.write(value)
-        _setup_guest_cgroup(c.get("resources", {}))
+        _apply_guest_limits(c.get("resources", {}))  # on the cgroup made at boot
         os.makedirs(GUEST_ROOT, exist_ok=True)
         mount(ROOTFS_TAG, GUEST_ROOT, "9p", 0, NINEP_OPTIONS)
         c["cgroup"] = setup_device_cgroup(c["id"], c.get("device_rules"))
@@ -4342,14 +4343,6 @@ def _boot_guest_cgroup():
     os.mkdir(CONTAINER_CGROUP)
 
 
-def _setup_guest_cgroup(resources):
-    """The container's limits on its cgroup (made at boot; a cold-booted agent of an older
-    image makes it here)."""
-    if not os.path.isdir(CONTAINER_CGROUP):
-        _boot_guest_cgroup()
-    _apply_guest_limits(resources)
-
-
 def _apply_guest_limits(resources):
     """Write the container cgroup's limits (a file the guest kernel lacks is skipped)."""
     for name, value in guest_cgroup_limits(resources).items():
@@ -4566,13 +4559,13 @@ def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_
             oom = p.get("oomScoreAdj")
             _set_oom_score(conf.get("process", {}).get("oomScoreAdj") if oom is None else oom)
             join_device_cgroup(conf.get("cgroup"))
+            _enter_container_cgroup(pid1)
         os.setsid()
         if p.get("terminal"):
             fcntl.ioctl(fds[0], termios.TIOCSCTTY, 0)
         for i, fd in enumerate(fds):
             os.dup2(fd, i, inheritable=True)
         if init_conf is None and pid1:
-            _enter_container_cgroup(pid1)
             _join_container_root(pid1, bool(conf.get("id_mappings")))
         os.chdir(p["cwd"])
         for sig in range(1, signal.NSIG):
@@ -5901,7 +5894,7 @@ def _ram_bytes(text):
 def update_resources(args):
     """The resources an update asks for: the JSON of -r (file or -), else the flags."""
     if args.resources:
-        raw = read_json(args.resources if args.resources != "-" else "/dev/stdin", "resources")
+        raw = _arg_json(args, "resources")
         if not isinstance(raw, dict):
             raise Error("resources: must be a JSON object")
         return parse_resources(raw, "resources")
@@ -6249,15 +6242,9 @@ class UsageExit(SystemExit):
 
 def _log_usage_error(argv, message):
     """Write a usage error to the --log file the command line names (an engine reads it)."""
-    opts, i = {"--log": None, "--log-format": "text"}, 0
-    while i < len(argv) and argv[i].startswith("-"):  # the global options, up to the command
-        name, eq, value = argv[i].partition("=")
-        if not eq and name in GLOBAL_VALUE_OPTIONS:
-            value, i = (argv[i + 1] if i + 1 < len(argv) else None), i + 1
-        opts[name] = value
-        i += 1
-    if opts["--log"]:
-        LOG.configure(opts["--log"], "json" if opts["--log-format"] == "json" else "text")
+    opts = _global_options(argv)[0]
+    if opts.get("--log"):
+        LOG.configure(opts["--log"], "json" if opts.get("--log-format") == "json" else "text")
         LOG.error(message)
 
 
@@ -6271,16 +6258,25 @@ class _Unbuilt:
         return lambda *_args, **_kw: self
 
 
-def command_in(argv):
-    """The sub-command argv names after the global options (any flag form), or None."""
-    args = list(argv)
+def _global_options(argv):
+    """({--name: value} of the global options argv starts with, in any flag form, and the
+    sub-command that follows them, or None)."""
+    opts, args = {}, list(argv)
     while args:
         arg = args.pop(0)
         if not arg.startswith("-"):
-            return arg
-        if "--" + arg.lstrip("-") in GLOBAL_VALUE_OPTIONS and args:  # -root as --root
-            args.pop(0)
-    return None
+            return opts, arg
+        name, eq, value = arg.partition("=")
+        name = "--" + name.lstrip("-")  # -root as --root
+        if not eq and name in GLOBAL_VALUE_OPTIONS:
+            value = args.pop(0) if args else None
+        opts[name] = value
+    return opts, None
+
+
+def command_in(argv):
+    """The sub-command argv names after the global options, or None."""
+    return _global_options(argv)[1]
 
 
 def build_parser(only=None):
@@ -6465,9 +6461,9 @@ def _help(parser, sub, topic):
 
 
 def _preload_fd_files(args):
-    """Read a --process file given as /dev/fd/N (`-p <(...)`) before the fds are closed;
-    exec then reads the content, not the path."""
-    for name in ("process",):
+    """Read a --process or --resources file given as /dev/fd/N (`-p <(...)`) before the fds
+    are closed; exec and update then read the content, not the path."""
+    for name in ("process", "resources"):
         path = getattr(args, name, None)
         if path and path.startswith(("/dev/fd/", "/proc/self/fd/")):
             try:
