@@ -95,6 +95,7 @@ DEFAULT_VM = {
     "memory": "256M",
     "cpus": 1,
     "boot_timeout": 60,
+    "tcg_tb_size": 16,
 }
 # The built-in hypervisor.args (the repository's copy is the same text): used when no
 # hypervisor.args file is found, so that the runtime works as one copied file.
@@ -179,6 +180,7 @@ CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWNS = 0x40000000, 0x20000000, 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUSER = 0x10000000
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+PR_SET_THP_DISABLE = 41
 TIOCGPTN, TIOCSPTLCK = 0x80045430, 0x40045431  # not in the termios module
 TUNSETIFF, IFF_TAP, IFF_NO_PI = 0x400454ca, 0x0002, 0x1000
 
@@ -1321,6 +1323,8 @@ def load_vm_config(bundle=None, overrides=None):
           "vm.memory", "must be a size such as 256M")
     _need(isinstance(vm.get("boot_timeout"), (int, float)) and vm["boot_timeout"] > 0,
           "vm.boot_timeout", "must be a positive number of seconds")
+    _need(_is_int(vm.get("tcg_tb_size")) and vm["tcg_tb_size"] >= 0, "vm.tcg_tb_size",
+          "must be a number of MiB (0: QEMU's default)")
     vm["vm_json"] = path
     return vm
 
@@ -1596,7 +1600,7 @@ def qemu_command(cid, vm, conf, state_dir, image, template=None, vm_uuid=None):
     bus = "device" if machine == "microvm" else "pci"
     shares = template["shares"] if template else share_list(conf, state_dir)
     tags = {
-        "NAME": "cc-" + cid[:32], "UUID": vm_uuid or str(uuid.uuid4()), "ACCEL": accel,
+        "NAME": "cc-" + cid[:32], "UUID": vm_uuid or str(uuid.uuid4()), "ACCEL": accel_option(vm),
         "CPU": "host" if accel == "kvm" else "max",
         "MACHINE": "microvm,pit=on,pic=on,rtc=on" if machine == "microvm" else machine,
         "VIRTIO": bus, "MEMORY": vm["memory"], "CPUS": vm["cpus"],
@@ -1614,6 +1618,15 @@ def qemu_command(cid, vm, conf, state_dir, image, template=None, vm_uuid=None):
         tags["INCOMING"] = ["-incoming", "defer"] if template["incoming"] else []
     return [vm["qemu"]] + expand_args(hypervisor_args_text(vm), tags,
                                       vm["hypervisor_args"] or "built-in hypervisor.args")
+
+
+def accel_option(vm):
+    """-accel's value: kvm, or tcg with its translation cache capped at vm.tcg_tb_size MiB
+    (QEMU's own default lets an idle VM's cache grow to about 25 MiB of host memory)."""
+    accel = vm["accel_used"]
+    if accel == "tcg" and vm.get("tcg_tb_size"):
+        return "tcg,tb-size=%d" % vm["tcg_tb_size"]
+    return accel
 
 
 def hypervisor_args_text(vm):
@@ -3132,6 +3145,7 @@ class Monitor:
         if pid == 0:
             try:
                 prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                prctl(PR_SET_THP_DISABLE, 1)  # huge pages would round TCG's buffers up
                 if os.getppid() != parent:
                     os._exit(1)
                 os.dup2(null_fd, 0)
@@ -3786,7 +3800,10 @@ class Agent:
             f.write("1")  # as on a big host: the cgroup limit, not the VM's size, refuses memory
         os.makedirs(GUEST_RUN, exist_ok=True)  # a mount, so that the container can pivot_root
         mount("tmpfs", GUEST_RUN, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700")
+        mount(None, GUEST_RUN, None, MS_SHARED)  # the rootfs mounted at create reaches the init
+        os.makedirs(GUEST_ROOT)
         _boot_guest_cgroup()  # in the template: tens of ms a container saves under TCG
+        _boot_device_cgroup()
         import ctypes, resource, select, termios  # noqa: F401,E401 (the same: ~40 ms a fork)
         for name in sorted(os.listdir(GUEST_MODULES_DIR)):
             fd = os.open(os.path.join(GUEST_MODULES_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
@@ -3803,6 +3820,7 @@ class Agent:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.net, self.dns, self.dns_fd = guest_net_boot(), None, None
         self.port = self._open_port()
+        self.init_pid, self.init_sock = self._fork_init()
 
     @staticmethod
     def _open_port(timeout=10.0):
@@ -3855,31 +3873,37 @@ class Agent:
             with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
                 f.write(value)
         _apply_guest_limits(c.get("resources", {}))  # on the cgroup made at boot
-        os.makedirs(GUEST_ROOT, exist_ok=True)
         mount(ROOTFS_TAG, GUEST_ROOT, "9p", 0, NINEP_OPTIONS)
         c["cgroup"] = setup_device_cgroup(c["id"], c.get("device_rules"))
-        # The container's first process is created now, PID 1 of a new pid namespace as
-        # runc's init is: it mounts everything in order (proc of its own pid namespace
-        # included), runs the createContainer hooks and waits for start.
-        _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
-        pid, sock = self._fork_init(c)
+        pid, sock = self._create_init(c)
         self.procs[0] = {"pid": pid, "status": None, "process": c["process"], "open": 0,
                          "init": sock, "started": False}
         return {"op": "created"}
 
-    def _fork_init(self, c):
-        """Fork the container's first process and wait until it is created (see
-        _container_init); returns its pid and the socket it waits for start on."""
+    def _fork_init(self):
+        """At boot (so in the template): fork the container's first process, PID 1 of a new
+        pid namespace as runc's init is, in a mount namespace, cgroup and cgroup namespace of
+        its own; it waits for the container's config (see _container_init)."""
+        _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
             parent.close()
             try:
-                self._container_init(c, child)
+                self._container_init(child)
             finally:
                 os._exit(127)
         child.close()
+        return pid, parent
+
+    def _create_init(self, c):
+        """Hand the container's config to its first process and wait until it has created
+        the container (mounts in order, proc of its pid namespace included, hooks); returns
+        its pid and the socket it waits for start on."""
+        pid, parent = self.init_pid, self.init_sock
         try:
+            data = json.dumps(c).encode()
+            parent.sendall(struct.pack("!I", len(data)) + data)
             reply = parent.recv(65536)
             if reply == b"maps":  # in its user namespace: the maps are written from outside
                 write_id_mappings(pid, c["id_mappings"])
@@ -3894,17 +3918,21 @@ class Agent:
             raise
         return pid, parent
 
-    def _container_init(self, c, sock):
-        """In the container's first process: mounts in order, devices, masked and read-only
-        paths, device cgroup, pivot_root, user namespace, createContainer hooks, the check
-        of the process; then wait for start (stdio fds on sock) and exec."""
-        import resource  # noqa: F401 (imported before pivot_root: the rootfs has no Python)
-        import termios  # noqa: F401
+    def _container_init(self, sock):
+        """In the container's first process: its namespaces and cgroup, then (given the
+        config on sock) mounts in order, devices, masked and read-only paths, device
+        cgroup, pivot_root, user namespace, createContainer hooks, the check of the
+        process; then wait for start (stdio fds on sock) and exec."""
         signal.set_wakeup_fd(-1)  # the agent's wake-up pipe is the agent's
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         try:
             _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-            mount(None, "/", None, MS_REC | MS_PRIVATE)
+            mount(None, "/", None, MS_REC | MS_SLAVE)  # until the agent has mounted the rootfs
             _enter_container_cgroup(None)  # before the mounts: a cgroup mount shows its own
+            c = _recv_config(sock)
+            if c is None:
+                return
+            mount(None, "/", None, MS_REC | MS_PRIVATE)
             self._mount_all(c)
             _masked_and_readonly(c)
             _set_oom_score(c["process"].get("oomScoreAdj"))
@@ -4480,6 +4508,17 @@ def _set_winsize(fd, rows, cols):
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
+def _recv_config(sock):
+    """A length-prefixed JSON object from sock (None at end of file)."""
+    data = b""
+    while len(data) < 4 or len(data) < 4 + struct.unpack("!I", data[:4])[0]:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return json.loads(data[4:])
+
+
 def _mount_tmpfs_copyup(source, target, flags, data):
     """A tmpfs that starts with what its mount point held (runc's tmpcopyup, e.g. podman's
     --tmpfs): mounted aside, filled, then moved over the mount point."""
@@ -4719,9 +4758,6 @@ def setup_device_cgroup(cid, rules):
     then runc's default ones); returns its directory, or None without rules."""
     if rules is None:
         return None
-    os.makedirs(DEVICE_CGROUP, exist_ok=True)
-    if not os.path.ismount(DEVICE_CGROUP):
-        mount("cgroup", DEVICE_CGROUP, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC, "devices")
     path = os.path.join(DEVICE_CGROUP, "container")
     os.makedirs(path, exist_ok=True)
     for allow, rule in list(rules) + [(True, r) for r in RUNC_ALLOWED_DEVICES]:
@@ -4731,6 +4767,15 @@ def setup_device_cgroup(cid, rules):
         except OSError as e:
             raise Error("linux.resources.devices: %s: %s" % (rule, e.strerror)) from None
     return path
+
+
+def _boot_device_cgroup():
+    """At boot: the cgroup v1 devices hierarchy that linux.resources.devices rules go in."""
+    os.makedirs(DEVICE_CGROUP)
+    try:
+        mount("cgroup", DEVICE_CGROUP, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC, "devices")
+    except OSError as e:  # setup_device_cgroup reports it if a container has rules
+        print("agent: no devices cgroup: %s" % e)
 
 
 def join_device_cgroup(path):

@@ -735,11 +735,31 @@ def test_qemu_command_q35_tcg(tmp_path, share_bundle, monkeypatch):
     assert "virtio-9p-pci,fsdev=fs0,mount_tag=rootfs" in values_of(argv, "-device")
 
 
+def test_accel_option_caps_tcg_translation_cache(tmp_path):
+    assert rt.accel_option({"accel_used": "tcg", "tcg_tb_size": 16}) == "tcg,tb-size=16"
+    assert rt.accel_option({"accel_used": "tcg", "tcg_tb_size": 0}) == "tcg"
+    assert rt.accel_option({"accel_used": "kvm", "tcg_tb_size": 16}) == "kvm"
+    argv = rt.qemu_command("c1", fake_vm(tmp_path, accel_used="tcg", tcg_tb_size=24),
+                           rt.load_spec(str(make_bundle(tmp_path, good_config()))), "/s", "/i")
+    assert values_of(argv, "-accel") == ["tcg,tb-size=24"]
+
+
 def test_kernel_params_microvm_tcg_sets_tsc(monkeypatch):
     monkeypatch.setattr(rt, "tsc_khz", lambda cpuinfo="/proc/cpuinfo": 2500000)
     vm = {"machine": "microvm", "kernel": {"parameters": "x=1"}}
     assert rt.kernel_params(vm, "tcg") == rt.BASE_KERNEL_PARAMS + " pci=off tsc_early_khz=2500000 x=1"
     assert rt.kernel_params(vm, "kvm") == rt.BASE_KERNEL_PARAMS + " pci=off x=1"
+
+
+def test_recv_config_reads_a_length_prefixed_object_in_pieces():
+    a, b = socket.socketpair()
+    data = json.dumps({"id": "x" * 200000}).encode()
+    with a, b:
+        a.sendall(struct.pack("!I", len(data)) + data[:5])
+        a.sendall(data[5:])
+        assert rt._recv_config(b) == {"id": "x" * 200000}
+        a.close()
+        assert rt._recv_config(b) is None, "end of file: no config (the VM is going away)"
 
 
 def test_tsc_khz(tmp_path):
@@ -1141,6 +1161,8 @@ def test_repo_vm_json_loads(monkeypatch):
     ({"memory": ["1G"]}, "vm.memory: must be a size such as 256M"),
     ({"boot_timeout": 0}, "vm.boot_timeout: must be a positive number of seconds"),
     ({"boot_timeout": "60"}, "vm.boot_timeout: must be a positive number of seconds"),
+    ({"tcg_tb_size": -1}, "vm.tcg_tb_size: must be a number of MiB (0: QEMU's default)"),
+    ({"tcg_tb_size": "16"}, "vm.tcg_tb_size: must be a number of MiB (0: QEMU's default)"),
 ])
 def test_bad_vm_values(config_dirs, over, message):
     (etc, _), bundle = config_dirs

@@ -225,3 +225,18 @@ def test_one_copied_file_is_enough(runtime, tmp_path):
                                                          "c-solo")[2:]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=180)
     assert (r.returncode, r.stdout) == (0, "solo\n"), r.stderr
+
+
+def test_qemu_runs_without_huge_pages_and_with_a_capped_translation_cache(runtime):
+    runtime("create", "-b", runtime.bundle(["sleep", "100"]), "c-thp", check=True)
+    with open(os.path.join(runtime.root, "c-thp", "state.json")) as f:
+        qemu = json.load(f)["vm"]["qemu_pid"]
+    with open("/proc/%d/status" % qemu) as f:
+        status = dict(line.split(":", 1) for line in f.read().splitlines())
+    assert status["THP_enabled"].strip() == "0", "huge pages round TCG's buffers up to 2 MiB"
+    with open("/proc/%d/cmdline" % qemu, "rb") as f:
+        argv = f.read().rstrip(b"\0").decode().split("\0")
+    accel = argv[argv.index("-accel") + 1]
+    assert accel in ("kvm", "tcg,tb-size=16"), accel  # the repository's vm.json: 16 MiB
+    assert runtime("exec", "c-thp", "true").returncode == 0
+    runtime("delete", "--force", "c-thp", check=True)
