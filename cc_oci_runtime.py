@@ -68,6 +68,7 @@ import time
 # Constants and defaults
 # ===========================================================================
 
+STARTED = time.monotonic()  # for the --debug timeline
 __version__ = "0.2.0"
 OCI_VERSION = "1.0.2"
 PROG = "cc-oci-runtime"
@@ -394,6 +395,12 @@ class Log:
         """A line that only --debug records."""
         if self.debug_enabled:
             self._emit("debug", msg % args if args else msg)
+
+    def timeline(self, step):
+        """A --debug line saying when step was reached, in ms since this process's code began
+        (a forked monitor counts from its create's start)."""
+        if self.debug_enabled:
+            self._emit("debug", "timeline: %s at %.1f ms" % (step, (time.monotonic() - STARTED) * 1e3))
 
     def info(self, msg, *args):
         """An event worth keeping."""
@@ -2832,12 +2839,27 @@ def slot_mac(slot):
 
 
 def net_args(bus):
-    """-netdev/-device pairs of the VM's NIC slots: taps QEMU creates in its namespace."""
+    """-netdev/-device pairs of the VM's NIC slots: taps QEMU creates in its namespace. The
+    taps after the first go without virtio-net headers (offloads), as the hub only_taps may
+    put in their place does: the saved VM requires the same either way."""
     argv = []
     for i in range(NET_SLOTS):
-        argv += ["-netdev", "tap,id=net%d,ifname=%s,script=no,downscript=no,vhost=off" % (i, tap_name(i)),
+        argv += ["-netdev", "tap,id=net%d,ifname=%s,script=no,downscript=no,vhost=off%s"
+                 % (i, tap_name(i), ",vnet_hdr=off" if i else ""),
                  "-device", "virtio-net-%s,netdev=net%d,mac=%s" % (bus, i, slot_mac(i))]
     return argv
+
+
+def only_taps(argv, count):
+    """argv with the NIC slots from count on backed by an empty QEMU hub instead of a tap: each
+    tap costs its namespace a device to unregister (some 25 ms) when QEMU exits, and a slot's
+    backend is not part of the VM's saved state, so a template restores with either."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        for slot in range(count, NET_SLOTS):
+            if arg.startswith("tap,id=net%d,ifname=%s," % (slot, tap_name(slot))):
+                out[i] = "hubport,id=net%d,hubid=%d" % (slot, slot)
+    return out
 
 
 def engine_links(links):
@@ -2899,8 +2921,9 @@ def net_wire(nl):
         for iface in plan["interfaces"]:
             tap = taps.get(tap_name(iface["slot"]))
             if tap is None:
-                raise Error("network: the VM has no NIC for %s (hypervisor.args needs @NETWORK@)"
-                            % iface["name"])
+                raise Error("network: the VM has no NIC for %s: it has one for each interface "
+                            "the namespace had when it started (or one), and hypervisor.args "
+                            "needs @NETWORK@" % iface["name"])
             _sysctl_quiet("net/ipv6/conf/%s/disable_ipv6" % tap_name(iface["slot"]), "1")
             nl.set_link(tap, up=True, mtu=iface["mtu"])
             try:
@@ -3022,7 +3045,9 @@ class Monitor:
     def run(self):
         """The monitor's whole life; returns its exit code."""
         try:
+            LOG.timeline("monitor: begins")
             self._setup()
+            LOG.timeline("monitor: namespaces, cgroup and staged files set up")
             self._boot()
         except (Error, OSError) as e:
             msg = str(e) if isinstance(e, Error) else "monitor: %s" % e
@@ -3031,6 +3056,7 @@ class Monitor:
             self._stop_qemu()
             return 1
         self._notify({"ok": True})
+        LOG.timeline("monitor: the container is created")
         return self._loop()
 
     def _setup(self):
@@ -3048,6 +3074,11 @@ class Monitor:
         os.chdir(self.dir)
         with Netlink() as nl:
             net_check(nl)
+            # a tap per interface there is now (podman's), or one for docker's, added by its hook
+            taps = max(1, len(engine_links(nl.links())))
+        self.argv = only_taps(self.argv, taps)
+        if self.restore:
+            self.restore["argv"] = only_taps(self.restore["argv"], taps)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_fd = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
@@ -3072,7 +3103,8 @@ class Monitor:
             try:
                 self._start_vm(self.restore["argv"], deadline, self.restore["dir"])
             except (Error, OSError) as e:
-                LOG.warning("restoring the VM template failed (%s); booting instead", e)
+                LOG.warning("restoring the VM template failed (%s%s); booting instead", e,
+                            "; QEMU: " + _tail("qemu.log") if _tail("qemu.log") else "")
                 self._stop_qemu()
                 if self.agent is not None:
                     self.agent_sock.close()
@@ -3081,13 +3113,13 @@ class Monitor:
         if not self.restore:
             self._start_vm(self.argv, deadline)
         started = time.monotonic()
-        LOG.debug("timeline: VM %s in %.0f ms", "restored" if self.restore else "booted",
-                  (started - begun) * 1000)
+        LOG.timeline("monitor: VM %s in %.0f ms" % ("restored" if self.restore else "booted",
+                                                   (started - begun) * 1000))
         send_msg(self.agent, {"op": "create", "config": self.gconf, "time": time.time(),
                               "seed": os.urandom(32).hex()})
         self._wait_agent("created", deadline)
-        LOG.debug("timeline: the agent created the container in %.0f ms",
-                  (time.monotonic() - started) * 1000)
+        LOG.timeline("monitor: the agent created the container in %.0f ms"
+                     % ((time.monotonic() - started) * 1000))
         self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.ctl.bind("ctl.sock")
         self.ctl.listen(16)
@@ -3469,14 +3501,16 @@ class Monitor:
     # -- the end -----------------------------------------------------------
     def _record_exit(self, status):
         """Write the exit record that makes the container stopped."""
+        LOG.timeline("monitor: the workload exited")
         self.exit_code = status
         write_atomic(os.path.join(self.dir, "exit.json"),
                      json.dumps({"status": status, "time": _now_rfc3339()}))
 
     def _finish(self):
-        """Let the VM power off (or kill it) and close everything."""
-        self._reap_qemu_wait(3)
+        """Stop the VM and close everything: the agent syncs before it reports the workload's
+        exit, so nothing is lost by not waiting for the guest to power off."""
         self._stop_qemu()
+        LOG.timeline("monitor: QEMU has exited")
         self._unwire()
         for fd in list(self.clients):
             self._drop_client(fd)
@@ -4325,9 +4359,10 @@ class Agent:
                 self.in_fds.pop(proc["stdin"], None)
                 os.close(proc["stdin"])
                 proc["stdin"] = None  # a late EOF from the host must not close it again
-            send_msg(self.port, {"op": "exit", "proc": num, "status": proc["status"]})
-            if num == 0:
+            if num == 0:  # what the guest wrote reaches the host first: the VM may go at once
+                os.sync()
                 self.finished = True
+            send_msg(self.port, {"op": "exit", "proc": num, "status": proc["status"]})
 
 
 def guest_cgroup_limits(resources):
@@ -5092,6 +5127,7 @@ def create_container(args, console_socket=None, foreground=False):
         raise Error(HOST_NETWORK_ERROR)
     if terminal and not console_socket and not foreground:
         raise Error("process.terminal: --console-socket is required when terminal is true")
+    LOG.timeline("create: spec loaded")
     vm = size_vm(resolve_vm(conf), conf["resources"])
     cgroup_dirs = host_cgroup_dirs(conf["cgroups_path"], args.id, getattr(args, "systemd_cgroup", False))
     image = vm.get("image") or guest_image(vm)
@@ -5100,6 +5136,7 @@ def create_container(args, console_socket=None, foreground=False):
     if conf["root"]["readonly"]:
         make_mountpoints(conf["root"]["path"], conf["mounts"])
     state.make()
+    LOG.timeline("create: VM resolved, state made")
     monitor_pid, cgroups = None, []
     try:
         cgroups = create_host_cgroup(cgroup_dirs, vm["memory"], conf["resources"])
@@ -5129,7 +5166,9 @@ def create_container(args, console_socket=None, foreground=False):
             os.close(host_tty)
         state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid), creating=True)
         state.save()  # from here on, delete --force finds the monitor even if we die
+        LOG.timeline("create: monitor forked")
         reply = _read_pipe(rfd, float(vm["boot_timeout"]) + 15)
+        LOG.timeline("create: the monitor reports the container created")
         result = json.loads(reply) if reply.strip() else {"error": "the monitor died during boot"}
         if result.get("error"):
             raise Error(result["error"])
@@ -5139,9 +5178,9 @@ def create_container(args, console_socket=None, foreground=False):
         state.save()
         for name in ("prestart", "createRuntime"):
             run_hooks(conf["hooks"], name, state.oci_state())
-        started = time.monotonic()
+        LOG.timeline("create: hooks run")
         monitor_request(state, {"op": "network"}, timeout=float(vm["boot_timeout"]))
-        LOG.debug("network wired in %.1f ms", (time.monotonic() - started) * 1e3)
+        LOG.timeline("create: network wired")
         if getattr(args, "pid_file", None):
             write_atomic(os.path.abspath(args.pid_file), str(monitor_pid))
     except BaseException:
@@ -5316,6 +5355,7 @@ def start_container(state):
     if status != "created":
         raise Error("cannot start an already %s container" % status)
     monitor_request(state, {"op": "start"})
+    LOG.timeline("start: the workload runs")
     state.data["started"] = True
     state.save()
     run_hooks(state.data.get("hooks", {}), "poststart", state.oci_state(), fatal=False)
@@ -5369,6 +5409,7 @@ def _wait_foreground(state, monitor_pid, keep=False):
     """Wait for the monitor (signals forwarded), delete the container (unless keep: it stays
     stopped, as runc run --keep leaves it); the workload's status."""
     code = _wait_child(monitor_pid, state.data.get("terminal"))
+    LOG.timeline("run: the monitor has exited")
     record = state.exit_record()
     if record is not None:
         code = record["status"]
@@ -6563,7 +6604,9 @@ def main(argv=None):
         parser.print_help()
         return 0
     try:
+        LOG.timeline("%s: parsed" % args.command)
         code = args.func(args)
+        LOG.timeline("%s: done" % args.command)
         return code or 0
     except (Error, OSError) as e:
         msg = str(e)

@@ -3657,13 +3657,26 @@ def test_network_plan():
 def test_net_args_and_qemu_command_have_the_nic_slots(tmp_path, share_bundle):
     argv = rt.net_args("device")
     assert values_of(argv, "-netdev") == [
-        "tap,id=net%d,ifname=cc-tap%d,script=no,downscript=no,vhost=off" % (i, i) for i in range(rt.NET_SLOTS)]
+        "tap,id=net%d,ifname=cc-tap%d,script=no,downscript=no,vhost=off%s"
+        % (i, i, ",vnet_hdr=off" if i else "") for i in range(rt.NET_SLOTS)]
     assert values_of(argv, "-device")[1] == "virtio-net-device,netdev=net1,mac=02:cc:00:00:00:01"
     conf = rt.load_spec(str(share_bundle[0]))
     full = rt.qemu_command("c1", fake_vm(tmp_path), conf, "/s", "/i")
     assert values_of(full, "-netdev") == values_of(argv, "-netdev")
     assert "virtio-net-pci,netdev=net0,mac=02:cc:00:00:00:00" in values_of(
         rt.qemu_command("c1", fake_vm(tmp_path, machine="q35"), conf, "/s", "/i"), "-device")
+
+
+def test_only_taps_backs_the_other_nic_slots_by_an_empty_hub():
+    argv = rt.net_args("device")
+    one = rt.only_taps(argv, 1)
+    assert values_of(one, "-netdev") == [
+        "tap,id=net0,ifname=cc-tap0,script=no,downscript=no,vhost=off",
+        "hubport,id=net1,hubid=1", "hubport,id=net2,hubid=2", "hubport,id=net3,hubid=3"]
+    assert values_of(one, "-device") == values_of(argv, "-device"), "the VM's devices stay"
+    assert rt.only_taps(argv, rt.NET_SLOTS) == argv
+    custom = ["-netdev", "tap,id=net1,ifname=mine,script=no"]
+    assert rt.only_taps(custom, 1) == custom, "a hypervisor.args of one's own is left alone"
 
 
 def test_docker_dns_listening(tmp_path):
@@ -3763,7 +3776,8 @@ def test_net_wire_fails_cleanly():
                 os.close(fd)
         return out
     no_nic, busy, qdiscs = in_new_netns(body)
-    assert no_nic == "network: the VM has no NIC for eth0 (hypervisor.args needs @NETWORK@)"
+    assert no_nic == ("network: the VM has no NIC for eth0: it has one for each interface the "
+                      "namespace had when it started (or one), and hypervisor.args needs @NETWORK@")
     assert busy == "network: cannot redirect eth0 to the VM (tc u32/mirred): File exists"
     assert "ingress" not in qdiscs  # rolled back
 
