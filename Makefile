@@ -38,9 +38,10 @@ test-unit:
 test-functional:
 	$(PYTHON) -m pytest -q -x tests/functional
 
-bench: deps
-	$(PYTHON) bench/bench.py
-	$(PYTHON) bench/engines.py
+DENSITY ?= 50
+ENGINE_RUNS ?= 5
+bench: deps  ## issue 8's figures (CLI, warm start, memory, density, engines + timeline), then network
+	$(PYTHON) bench/bench.py --density $(DENSITY) --engines $(ENGINE_RUNS)
 	$(PYTHON) bench/network.py
 
 check:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Start-up time and idle memory of cc-oci-runtime, against runc and a bare QEMU boot.
+"""Issue 8's figures of cc-oci-runtime, against runc, a bare QEMU boot and python -c pass.
 
 Stdlib only, Python 3.9+, run as root. In one run it measures:
 
@@ -11,17 +11,30 @@ Stdlib only, Python 3.9+, run as root. In one run it measures:
              (taken from the runtime's own resolve_vm/qemu_command, minus the agent
              socket, QMP and 9p devices that need a host-side peer) and a tiny busybox
              initramfs whose /init runs /bin/true and powers off: the floor any VM
-             runtime pays on this host;
+             runtime pays on this host (goal: warm start <= 0.10x of it);
+  CLI        the runtime run as a program (as engines run it): state, list, kill 0 and
+             ps on a running container, start of a freshly created container and delete
+             of a stopped one, against /usr/bin/python3 -c pass (goal <= 2.0x each);
   memory     PSS (/proc/PID/smaps_rollup) of one idle container (`sleep 1000`): its
-             monitor (the --pid-file pid) and the monitor's children (QEMU).
+             monitor (the --pid-file pid) and the monitor's children (QEMU), goal
+             <= 80 MiB; and the mean of 10 idle containers up at once, goal <= 48 MiB;
+  density    (--density N) N idle containers created and started 5 at a time: all must
+             be running and answer exec; total and mean PSS, the time to create and to
+             delete (--force, 5 at a time) them all, and nothing may be left (state
+             dirs, monitors, QEMUs, processes naming the state root);
+  engines    (--engines N) bench/engines.py: podman/docker run --rm true with this
+             runtime against runc (goal <= 2.5x), and a timeline of one run of each.
 
-The three timings are taken round-robin (one of each per round) after one unmeasured
-warm-up of each, so that load changes on a shared machine hit all of them alike.
-Everything lives in one temporary directory, removed at the end; containers are deleted
-with delete --force in finally blocks, and any process still naming the temporary
-directory in its command line is reported and killed.
+The three run timings are taken round-robin (one of each per round) after one unmeasured
+warm-up of each, so that load changes on a shared machine hit all of them alike; so are
+the CLI commands and python -c pass. A summary table lists every target, its goal and
+whether it is met (--json: the same as JSON, "goals"). Everything lives in one temporary
+directory, removed at the end; containers are deleted with delete --force in finally
+blocks, and any process still naming the temporary directory in its command line is
+reported and killed.
 
-    bench/bench.py [-n 10] [--json] [--boot-timeout S] [--settle 2] [--keep] [--memory-limit 2g]
+    bench/bench.py [-n 10] [--density 50] [--engines 5] [--json] [--boot-timeout S]
+                   [--settle 2] [--keep] [--memory-limit 2g]
 """
 import argparse
 import json
@@ -157,6 +170,48 @@ def smaps_kb(pid, field="Pss"):
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise BenchError("/proc/%d/smaps_rollup has no %s line" % (pid, field))
+
+
+def procs_in(path):
+    """pid -> working directory of every process working in path or below it."""
+    found = {}
+    for e in os.listdir("/proc"):
+        if not e.isdigit():
+            continue
+        try:
+            cwd = os.readlink("/proc/%s/cwd" % e)
+        except OSError:
+            continue
+        if cwd == path or cwd.startswith(path.rstrip("/") + "/"):
+            found[int(e)] = cwd
+    return found
+
+
+def meminfo_kb(field):
+    """One field (kB) of /proc/meminfo."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def uuid_hex():
+    return os.urandom(6).hex()
+
+
+def container_pss(monitor):
+    """PSS and RSS of a container's monitor and of the monitor's children (QEMU)."""
+    kids = children(monitor)
+    if not kids:
+        raise BenchError("monitor %d has no children (no QEMU?)" % monitor)
+    res = {"monitor": {"pid": monitor, "comm": comm(monitor), "pss_kb": smaps_kb(monitor),
+                       "rss_kb": smaps_kb(monitor, "Rss")}, "children": []}
+    for k in kids:
+        res["children"].append({"pid": k, "comm": comm(k), "pss_kb": smaps_kb(k),
+                                "rss_kb": smaps_kb(k, "Rss")})
+    res["total_pss_kb"] = res["monitor"]["pss_kb"] + sum(c["pss_kb"] for c in res["children"])
+    return res
 
 
 def comm(pid):
@@ -377,9 +432,12 @@ class Bench:
         return samples
 
     # -- the CLI's own start-up, run as a program as engines run it -------------
-    def cli(self, n):
-        """Median wall time of short commands on one created container, against
-        /usr/bin/python3 -c pass (the runtime run as a program: its shell header, cached code)."""
+    def cli(self, n, n_lifecycle):
+        """Median wall time of the short commands, against /usr/bin/python3 -c pass (the
+        runtime run as a program: its shell header, cached code): state, list, kill 0 and
+        ps on one running container (n rounds), then start of a freshly created /bin/true
+        container and delete of it once stopped (n_lifecycle rounds, one create each,
+        not timed); every round also takes one python -c pass."""
         program = os.path.join(self.tmp, "cc-oci-runtime")
         shutil.copy(RUNTIME, program)
         os.chmod(program, 0o755)
@@ -389,70 +447,182 @@ class Bench:
         cid = self._id("cli")
         self.rt_ids.append(cid)
 
-        def timed(argv):
+        def timed(argv, what):
             start = time.perf_counter()
-            subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, env=env, timeout=60)
-            return time.perf_counter() - start
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=env, timeout=60)
+            secs = time.perf_counter() - start
+            if r.returncode != 0:
+                raise BenchError("%s: exit status %d: %s" % (what, r.returncode,
+                                                             r.stderr.decode(errors="replace")))
+            return secs
+        floor = ["/usr/bin/python3", "-c", "pass"]
         try:
-            out = os.path.join(self.tmp, "out-%s.txt" % cid)
-            _, rc = run_timed(base + ["create", "-b", self.sleep_bundle, cid], out, self.timeout)
-            if rc != 0:
-                raise BenchError("create %s: exit status %d: %s" % (cid, rc, _tail(out)))
-            timed(base + ["state", cid])  # the first run compiles and caches
-            kinds = {"python -c pass": ["/usr/bin/python3", "-c", "pass"],
+            self.create(cid, self.sleep_bundle, start=True)
+            timed(base + ["state", cid], "state")  # the first run compiles and caches
+            kinds = {"python -c pass": floor,
                      "state": base + ["state", cid], "list": base + ["list"],
                      "kill 0": base + ["kill", cid, "0"], "ps": base + ["ps", cid]}
             samples = {k: [] for k in kinds}
+            samples.update(start=[], delete=[])
             for _ in range(n):
                 for k, argv in kinds.items():
-                    samples[k].append(timed(argv))
-            return {k: round(statistics.median(v), 4) for k, v in samples.items()}
+                    samples[k].append(timed(argv, k))
         finally:
             quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", cid])
+        for i in range(n_lifecycle):
+            lid = self._id("cli")
+            self.rt_ids.append(lid)
+            try:
+                self.create(lid, self.bundle)
+                samples["python -c pass"].append(timed(floor, "python"))
+                samples["start"].append(timed(base + ["start", lid], "start " + lid))
+                self.wait_status(lid, "stopped")
+                samples["delete"].append(timed(base + ["delete", lid], "delete " + lid))
+                if os.path.exists(os.path.join(self.rt_root, lid)):
+                    raise BenchError("delete %s left its state directory" % lid)
+            finally:
+                quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", lid])
+        return {k: round(statistics.median(v), 4) for k, v in samples.items()}
+
+    # -- helpers for containers the measurements keep ---------------------------
+    def call(self, args, timeout=None, what=None):
+        """One CLI call (not timed); its output. BenchError unless it succeeds."""
+        out = os.path.join(self.tmp, "out-call-%d-%s.txt" % (os.getpid(), uuid_hex()))
+        try:
+            _, rc = run_timed([self.python, RUNTIME, "--root", self.rt_root] + list(args), out,
+                              timeout or self.timeout)
+            with open(out, errors="replace") as f:
+                text = f.read()
+        finally:
+            if os.path.exists(out):
+                os.unlink(out)
+        if rc != 0:
+            raise BenchError("%s: exit status %d: %s" % (what or " ".join(args[:2]), rc,
+                                                         text[-1500:].strip()))
+        return text
+
+    def create(self, cid, bundle, start=False, pid_file=None):
+        """create (and start) cid; BenchError on failure."""
+        self.call(["create", "-b", bundle] + (["--pid-file", pid_file] if pid_file else [])
+                  + [cid], what="create " + cid)
+        if start:
+            self.call(["start", cid], timeout=120, what="start " + cid)
+
+    def state(self, cid):
+        """The parsed `state` of cid."""
+        text = self.call(["state", cid], timeout=120, what="state " + cid)
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise BenchError("state %s: not JSON: %s" % (cid, text[-500:]))
+
+    def wait_status(self, cid, status, timeout=60):
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.state(cid)["status"]
+            if got == status:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError("%s is %s, not %s, after %ds" % (cid, got, status, timeout))
+            time.sleep(0.05)
 
     # -- memory of one idle container --------------------------------------
     def memory(self, settle):
         cid = self._id("mem")
         self.rt_ids.append(cid)
         pid_file = os.path.join(self.tmp, "%s.pid" % cid)
-        out = os.path.join(self.tmp, "out-%s.txt" % cid)
-        base = [self.python, RUNTIME, "--root", self.rt_root]
         try:
-            _, rc = run_timed(base + ["create", "-b", self.sleep_bundle, "--pid-file", pid_file,
-                                      cid], out, self.timeout)
-            if rc != 0:
-                raise BenchError("create %s: exit status %d: %s" % (cid, rc, _tail(out)))
-            _, rc = run_timed(base + ["start", cid], out + ".start", 60)
-            if rc != 0:
-                raise BenchError("start %s: exit status %d: %s" % (cid, rc, _tail(out + ".start")))
+            self.create(cid, self.sleep_bundle, start=True, pid_file=pid_file)
             time.sleep(settle)
-            st = subprocess.run(base + ["state", cid], stdin=subprocess.DEVNULL,
-                                capture_output=True, text=True, timeout=60)
-            if st.returncode != 0:
-                raise BenchError("state %s: %s" % (cid, st.stderr.strip()))
-            state = json.loads(st.stdout)
+            state = self.state(cid)
             with open(pid_file) as f:
                 monitor = int(f.read().strip())
             if state["status"] != "running" or state["pid"] != monitor:
                 raise BenchError("state %s: status %s pid %s (pid file: %d)"
                                  % (cid, state["status"], state["pid"], monitor))
-            kids = children(monitor)
-            if not kids:
-                raise BenchError("monitor %d has no children (no QEMU?)" % monitor)
-            result = {"settle_s": settle, "monitor": {"pid": monitor, "comm": comm(monitor),
-                                                      "pss_kb": smaps_kb(monitor),
-                                                      "rss_kb": smaps_kb(monitor, "Rss")},
-                      "children": []}
-            for k in kids:
-                result["children"].append({"pid": k, "comm": comm(k), "pss_kb": smaps_kb(k),
-                                           "rss_kb": smaps_kb(k, "Rss")})
-            result["total_pss_kb"] = (result["monitor"]["pss_kb"]
-                                      + sum(c["pss_kb"] for c in result["children"]))
+            result = container_pss(monitor)
+            result["settle_s"] = settle
             result["vm_memory"] = str(self.vm["memory"])
             return result
         finally:
-            quiet(base + ["delete", "--force", cid])
+            quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", cid])
+
+    # -- many idle containers at once ---------------------------------------
+    def fleet(self, n, prefix, settle, parallel=5):
+        """n idle `sleep` containers, created and started `parallel` at a time: all must
+        be running and answer exec; their PSS (each monitor + its children), the time to
+        create them all and to delete them all (delete --force, `parallel` at a time),
+        and a check that nothing is left (state dirs, monitors, QEMUs, processes naming
+        the state root or working in it)."""
+        from concurrent.futures import ThreadPoolExecutor
+        ids = [self._id(prefix + "-") for _ in range(n)]
+        self.rt_ids.extend(ids)
+        pid_files = {c: os.path.join(self.tmp, "%s.pid" % c) for c in ids}
+        res = {"n": n, "parallel": parallel, "settle_s": settle}
+
+        def up(cid):
+            self.create(cid, self.sleep_bundle, start=True, pid_file=pid_files[cid])
+
+        def answer(cid):
+            out = self.call(["exec", cid, "echo", cid], timeout=300, what="exec " + cid)
+            if out.strip() != cid:
+                raise BenchError("exec %s: printed %r" % (cid, out[-200:]))
+
+        def down(cid):
+            self.call(["delete", "--force", cid], timeout=300, what="delete --force " + cid)
+        pids = set()
+        try:
+            with ThreadPoolExecutor(max_workers=parallel) as pool:
+                t0 = time.monotonic()
+                list(pool.map(up, ids))
+                res["create_s"] = round(time.monotonic() - t0, 3)
+                log("%d containers created and started in %.1fs; waiting %.1fs"
+                    % (n, res["create_s"], settle))
+                time.sleep(settle)
+                per = []
+                for cid in ids:
+                    with open(pid_files[cid]) as f:
+                        monitor = int(f.read().strip())
+                    m = container_pss(monitor)
+                    pids.add(monitor)
+                    pids.update(c["pid"] for c in m["children"])
+                    per.append(m["total_pss_kb"])
+                res["total_pss_kb"] = sum(per)
+                res["mean_pss_kb"] = round(sum(per) / n, 1)
+                res["min_pss_kb"], res["max_pss_kb"] = min(per), max(per)
+                res["host_mem_available_kb"] = meminfo_kb("MemAvailable")
+                bad = [(c, s["status"]) for c, s in ((c, self.state(c)) for c in ids)
+                       if s["status"] != "running"]
+                if bad:
+                    raise BenchError("not running: %s" % bad)
+                res["all_running"] = True
+                t0 = time.monotonic()
+                list(pool.map(answer, ids))
+                res["exec_all_s"] = round(time.monotonic() - t0, 3)
+                res["all_answer_exec"] = True
+                t0 = time.monotonic()
+                list(pool.map(down, ids))
+                res["delete_s"] = round(time.monotonic() - t0, 3)
+        finally:
+            for cid in ids:
+                if os.path.exists(os.path.join(self.rt_root, cid)):
+                    quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", cid])
+        deadline = time.monotonic() + 10
+        while True:
+            left = {"state dirs": sorted(c for c in ids
+                                         if os.path.exists(os.path.join(self.rt_root, c))),
+                    "live pids": sorted(p for p in pids if rt.process_alive(p)),
+                    "processes naming the root": sorted(
+                        set(procs_naming(self.rt_root)) | set(procs_in(self.rt_root)))}
+            if not any(left.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        res["left"] = {k: v for k, v in left.items() if v}
+        res["clean"] = not res["left"]
+        if not res["clean"]:
+            raise BenchError("after deleting %d containers: left %s" % (n, res["left"]))
+        return res
 
     # -- clean-up ----------------------------------------------------------
     def cleanup(self):
@@ -491,6 +661,67 @@ def ratio(a, b):
     return round(a / b, 3) if b else None
 
 
+GOALS = {"cli": 2.0, "warm_start": 0.10, "idle_one_mib": 80, "idle_ten_mean_mib": 48}
+CLI_FIGURES = ("state", "start", "kill 0", "delete", "list", "ps")
+
+
+def goal_rows(res):
+    """(figure, value, goal, met) for every target of issue 8 this run measured."""
+    rows = []
+    cli = res.get("cli")
+    if cli:
+        floor = cli["python -c pass"]
+        for k in CLI_FIGURES:
+            if k in cli:
+                r = cli[k] / floor
+                rows.append(("CLI %s / python -c pass" % k, "%.2fx" % r,
+                             "<= %.1fx" % GOALS["cli"], r <= GOALS["cli"]))
+    r = res["ratios"]["runtime/bare_qemu"]
+    rows.append(("warm start: run /bin/true / bare QEMU boot", "%.3fx" % r,
+                 "<= %.2fx" % GOALS["warm_start"], r <= GOALS["warm_start"]))
+    m = res.get("memory")
+    if m:
+        v = m["total_pss_kb"] / 1024
+        rows.append(("idle container alone, PSS", "%.1f MiB" % v,
+                     "<= %d MiB" % GOALS["idle_one_mib"], v <= GOALS["idle_one_mib"]))
+    m = res.get("memory10")
+    if m:
+        v = m["mean_pss_kb"] / 1024
+        rows.append(("%d idle containers, mean PSS each" % m["n"], "%.1f MiB" % v,
+                     "<= %d MiB" % GOALS["idle_ten_mean_mib"], v <= GOALS["idle_ten_mean_mib"]))
+    d = res.get("density")
+    if d:
+        rows.append(("density %d: all running, all answer exec" % d["n"],
+                     "yes" if d.get("all_answer_exec") else "no", "yes",
+                     bool(d.get("all_running") and d.get("all_answer_exec"))))
+        rows.append(("density %d: nothing left after delete" % d["n"],
+                     "yes" if d.get("clean") else "no", "yes", bool(d.get("clean"))))
+        rows.append(("density %d: mean PSS each" % d["n"], "%.1f MiB" % (d["mean_pss_kb"] / 1024),
+                     "-", None))
+    eng = res.get("engines")
+    if eng:
+        rows += ENGINES.goals(eng)
+    return rows
+
+
+def print_fleet(title, f):
+    print("%s (created %d at a time, PSS %.0f s after the last start):"
+          % (title, f["parallel"], f["settle_s"]))
+    print("  total PSS (monitors + QEMUs)        %9.1f MiB" % (f["total_pss_kb"] / 1024))
+    print("  mean PSS per container              %9.1f MiB  (min %.1f, max %.1f)"
+          % (f["mean_pss_kb"] / 1024, f["min_pss_kb"] / 1024, f["max_pss_kb"] / 1024))
+    print("  create + start all                  %9.1f s   (%.2f s per container)"
+          % (f["create_s"], f["create_s"] / f["n"]))
+    print("  exec in every one                   %9.1f s" % f["exec_all_s"])
+    print("  delete --force all                  %9.1f s   (%.2f s per container)"
+          % (f["delete_s"], f["delete_s"] / f["n"]))
+    print("  all running / all answer exec / nothing left: %s / %s / %s"
+          % tuple("yes" if f.get(k) else "NO" for k in ("all_running", "all_answer_exec", "clean")))
+    if f.get("host_mem_available_kb"):
+        print("  host MemAvailable with all of them up  %.1f GiB"
+              % (f["host_mem_available_kb"] / 1024 / 1024))
+
+
 def print_table(res):
     env = res["env"]
     print("cc-oci-runtime start-up benchmark: n=%d per kind (+1 warm-up), round-robin"
@@ -513,13 +744,15 @@ def print_table(res):
     r = res["ratios"]
     if r.get("runtime/runc") is not None:
         print("ratio runtime/runc (medians)          %9.1fx" % r["runtime/runc"])
-    print("ratio runtime/bare-QEMU (medians)     %9.2fx" % r["runtime/bare_qemu"])
+    print("ratio runtime/bare-QEMU (medians)     %9.2fx  (goal <= %.2fx)"
+          % (r["runtime/bare_qemu"], GOALS["warm_start"]))
     print("runtime overhead over bare QEMU       %9.3f s" % r["runtime-bare_qemu_s"])
     cli = res.get("cli")
     if cli:
         print()
         floor = cli["python -c pass"]
-        print("CLI as a program (median, /usr/bin/python3)   time    ratio to python -c pass")
+        print("CLI as a program (median, /usr/bin/python3)   time    ratio to python -c pass"
+              " (goal <= %.1fx)" % GOALS["cli"])
         for k, v in cli.items():
             print("  %-42s %6.1f ms %6.2fx" % (k, v * 1000, v / floor))
     m = res.get("memory")
@@ -534,14 +767,57 @@ def print_table(res):
             print("  %-34s %8.1f MiB  (RSS %.1f MiB; guest RAM %s)"
                   % ("child pid %d (%s)" % (c["pid"], c["comm"]), c["pss_kb"] / 1024,
                      c["rss_kb"] / 1024, m["vm_memory"]))
-        print("  %-34s %8.1f MiB" % ("total", m["total_pss_kb"] / 1024))
+        print("  %-34s %8.1f MiB  (goal <= %d MiB)" % ("total", m["total_pss_kb"] / 1024,
+                                                      GOALS["idle_one_mib"]))
+    if res.get("memory10"):
+        print()
+        print_fleet("%d idle containers at once" % res["memory10"]["n"], res["memory10"])
+    if res.get("density"):
+        print()
+        print_fleet("density: %d idle containers" % res["density"]["n"], res["density"])
     if res["bare_qemu_dropped"]:
         print()
         print("bare QEMU = the runtime's QEMU command without: %s"
               % "; ".join(res["bare_qemu_dropped"]))
+    eng = res.get("engines")
+    if eng:
+        print()
+        for name in ("podman", "docker"):
+            e = eng.get(name)
+            if not e:
+                continue
+            print("%s run --rm bb true (n=%d)" % (name, len(next(iter(e["times"].values()))["samples"])))
+            for kind, t in e["times"].items():
+                print("  %-28s median %.3f s  (min %.3f, max %.3f)"
+                      % (kind, t["median"], t["min"], t["max"]))
+            print("  ratio: %.2fx (goal <= %.1fx)" % (e["ratio"], ENGINES.GOAL))
+            if e.get("timeline"):
+                ENGINES.print_timeline("`%s run --rm bb true`" % name, e["timeline"])
+            print()
+    print()
+    print("summary of issue 8's targets (load average at the end: %s)" % res.get("loadavg_end", "?"))
+    rows = goal_rows(res)
+    w = max(len(r[0]) for r in rows)
+    print("  %-*s %12s  %-10s %s" % (w, "figure", "value", "goal", "met?"))
+    for fig, val, goal, met in rows:
+        print("  %-*s %12s  %-10s %s" % (w, fig, val, goal,
+                                         "-" if met is None else ("yes" if met else "NO")))
+
+
+def _load_engines():
+    """bench/engines.py as a module (tests/functional/engines.py owns the name `engines`)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_engines", os.path.join(HERE, "engines.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ENGINES = None
 
 
 def main(argv=None):
+    global ENGINES
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=10, help="measured runs of each kind (default 10)")
     ap.add_argument("--json", action="store_true", help="print the numbers as JSON")
@@ -549,7 +825,16 @@ def main(argv=None):
                     help="timeout of each run/boot in seconds (default: vm boot_timeout + 30)")
     ap.add_argument("--settle", type=float, default=2.0,
                     help="seconds between start and the memory reading (default 2)")
-    ap.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="skip the memory measurements (one and ten idle containers)")
+    ap.add_argument("--density", type=int, default=0, metavar="N",
+                    help="also start N idle containers (5 at a time), check and delete them")
+    ap.add_argument("--parallel", type=int, default=5,
+                    help="containers created/deleted at once by --density and the 10-container "
+                         "memory figure (default 5)")
+    ap.add_argument("--engines", type=int, default=0, metavar="N",
+                    help="also run bench/engines.py's podman/docker figures, N runs per kind")
+    ap.add_argument("--no-docker", action="store_true", help="with --engines: podman only")
     ap.add_argument("--memory-limit", default="",
                     help="a memory limit for the containers (e.g. 256m, 2g): sizes the VM")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -558,6 +843,8 @@ def main(argv=None):
         ap.error("-n must be at least 1")
     if os.geteuid() != 0:
         ap.error("must run as root (runc and the runtime's VM set-up need it)")
+    if opts.engines:
+        ENGINES = _load_engines()
 
     def on_term(signum, _frame):
         raise SystemExit(128 + signum)
@@ -574,11 +861,24 @@ def main(argv=None):
         log("bare QEMU: %s" % " ".join(bench.bare_argv))
         samples = bench.timings(opts.n)
         log("CLI: short commands as a program, against python -c pass")
-        cli = bench.cli(max(opts.n, 10))
-        mem = None
+        cli = bench.cli(max(opts.n, 10), max(opts.n, 5))
+        mem = mem10 = dens = None
         if not opts.no_memory:
             log("memory: create + start a `sleep 1000` container, wait %.1fs" % opts.settle)
             mem = bench.memory(opts.settle)
+            log("memory: 10 idle containers at once")
+            mem10 = bench.fleet(10, "ten", opts.settle, opts.parallel)
+        if opts.density:
+            log("density: %d idle containers, %d at a time" % (opts.density, opts.parallel))
+            dens = bench.fleet(opts.density, "dens", opts.settle, opts.parallel)
+        eng = None
+        if opts.engines:
+            log("engines: podman%s, %d runs per kind" % ("" if opts.no_docker else " and docker",
+                                                         opts.engines))
+            try:
+                eng = ENGINES.run_all(opts.engines, docker=not opts.no_docker, echo=False)
+            except (SystemExit, RuntimeError, OSError, subprocess.SubprocessError) as e:
+                raise BenchError("engines: %s" % e)
         t = {k: summary(v) for k, v in samples.items()}
         rmed, bmed = t["runtime"]["median"], t["bare_qemu"]["median"]
         res = {
@@ -595,10 +895,16 @@ def main(argv=None):
                        "runtime/bare_qemu": ratio(rmed, bmed),
                        "runtime-bare_qemu_s": round(rmed - bmed, 4)},
             "memory": mem,
+            "memory10": mem10,
+            "density": dens,
+            "engines": eng,
             "cli": cli,
             "bare_qemu_argv": bench.bare_argv,
             "bare_qemu_dropped": bench.bare_dropped,
+            "loadavg_end": " ".join(open("/proc/loadavg").read().split()[:3]),
         }
+        res["goals"] = [{"figure": f, "value": v, "goal": g, "met": m}
+                        for f, v, g, m in goal_rows(res)]
     except BenchError as e:
         log("FAILED: %s" % e)
         res, code = None, 1

@@ -304,8 +304,10 @@ class Docker:
     """A private dockerd (and the containerd it starts) with `runtime_path` added as `runtime_name`."""
 
     def __init__(self, workdir, runtime_path, runtime_name="cc-oci-runtime", storage_driver=None,
-                 start_timeout=60, network=False):
+                 start_timeout=60, network=False, extra_runtimes=None):
         """Start dockerd in the background and wait until `docker info` answers.
+
+        extra_runtimes: {name: path} of more runtimes to register (--add-runtime) beside it.
 
         network=True: docker's default bridge (docker0) with iptables and NAT, as on a usual
         host; stop() deletes docker0 again (dockerd leaves it and its iptables chains)."""
@@ -335,6 +337,8 @@ class Docker:
             "--iptables=false", "--ip6tables=false", "--ip-masq=false", "--bridge=none"]) + [
             "--storage-driver", self.driver, "--shutdown-timeout", "2",
             "--add-runtime", "%s=%s" % (runtime_name, self.runtime_path)]
+        for name, path in (extra_runtimes or {}).items():
+            self.dockerd_argv += ["--add-runtime", "%s=%s" % (name, os.path.abspath(path))]
         self.network = network
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(self.dockerd_argv, stdin=subprocess.DEVNULL, stdout=logf,
