@@ -3838,6 +3838,7 @@ class Agent:
         os.makedirs(GUEST_ROOT)
         _boot_guest_cgroup()  # in the template: tens of ms a container saves under TCG
         _boot_device_cgroup()
+        _last_cap()  # read once, in the template
         import ctypes, resource, select, termios  # noqa: F401,E401 (the same: ~40 ms a fork)
         for name in sorted(os.listdir(GUEST_MODULES_DIR)):
             fd = os.open(os.path.join(GUEST_MODULES_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
@@ -3988,6 +3989,7 @@ class Agent:
                 raise Error('chdir to cwd ("%s") set in config.json failed: %s'
                             % (p["cwd"], e.strerror.lower())) from None
             exe = resolve_executable(p["args"][0], p["env"], p["cwd"])
+            env = _prepare_exec(p)  # what needs no stdio is done before start, as runc does
         except (Error, OSError) as e:
             sock.sendall(str(e).encode())
             return
@@ -3996,7 +3998,7 @@ class Agent:
         if len(fds) != 3:
             return  # the container was deleted or killed before start
         state["status"] = "created"
-        _exec_child(p, exe, fds, sock.fileno(), init_conf=c, hook_state=state)
+        _exec_child(p, exe, fds, sock.fileno(), init_conf=c, hook_state=state, env=env)
 
     def _mount_all(self, c):
         """The container's mounts under its root in the order given, with runc's /dev
@@ -4616,14 +4618,16 @@ def _populate_dev(dev):
             os.chmod(path, mode)
 
 
-def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_state=None):
+def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_state=None,
+                env=None):
     """In the forked child: become the container process and exec it (errors to err_fd).
 
     The container's own process (init_conf given) is already in its mount namespace and
-    root (Agent._container_init); another process joins the device cgroup, then the user
-    namespace, mount namespace and root of the container's process (pid1: its pid here).
-    conf: the container's configuration (seccomp), for another process."""
-    import resource  # before chroot: the container's root has no Python modules
+    root, and prepared (env: _prepare_exec's) (Agent._container_init); another process joins
+    the device cgroup, then the user namespace, mount namespace and root of the container's
+    process (pid1: its pid here). conf: the container's configuration (seccomp), for another
+    process."""
+    import resource  # noqa: F401 (before chroot: the container's root has no Python modules)
     import termios
     try:
         conf = init_conf or conf or {}
@@ -4642,18 +4646,8 @@ def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_
         if init_conf is None and pid1:
             _join_container_root(pid1, bool(conf.get("id_mappings")))
         os.chdir(p["cwd"])
-        for sig in range(1, signal.NSIG):
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                try:
-                    signal.signal(sig, signal.SIG_DFL)
-                except (OSError, ValueError):
-                    pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        for r in p.get("rlimits", []):
-            resource.setrlimit(getattr(resource, r["type"]), (r["soft"], r["hard"]))
-        env = list(p["env"])
-        if not any(e.startswith("HOME=") for e in env):
-            env.append("HOME=" + _home_of(p["uid"]))
+        if env is None:
+            env = _prepare_exec(p)
         finalize_process(p, conf.get("seccomp"))
         if hook_state is not None:
             run_container_hooks(conf.get("hooks", {}), "startContainer", hook_state)
@@ -4665,6 +4659,42 @@ def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_
         os.write(err_fd, str(e).encode())
     except Exception as e:  # a bug: still tell the host rather than exit silently
         os.write(err_fd, ('exec: "%s": %r' % (p["args"][0], e)).encode())
+
+
+def _prepare_exec(p):
+    """The part of becoming the process that needs neither its stdio nor its user: signals
+    back to their defaults (exec resets handled ones; ignored ones it keeps), no signal
+    blocked, rlimits, the capability bounding set; returns its environment (HOME added)."""
+    import resource
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) is signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for r in p.get("rlimits", []):
+        resource.setrlimit(getattr(resource, r["type"]), (r["soft"], r["hard"]))
+    env = list(p["env"])
+    if not any(e.startswith("HOME=") for e in env):
+        env.append("HOME=" + _home_of(p["uid"]))
+    caps = p.get("capabilities") or {k: [] for k in CAP_SETS}
+    bounding = set(cap_numbers(caps["bounding"]))
+    for cap in range(_last_cap() + 1):
+        if cap not in bounding:
+            _prctl(PR_CAPBSET_DROP, cap)
+    return env
+
+
+def _last_cap(path="/proc/sys/kernel/cap_last_cap"):
+    """The kernel's highest capability number (kept once read: the agent reads it at boot)."""
+    if not _LAST_CAP:
+        try:
+            with open(path) as f:
+                _LAST_CAP.append(int(f.read()))
+        except (OSError, ValueError):
+            _LAST_CAP.append(63)
+    return _LAST_CAP[0]
+
+
+_LAST_CAP = []
 
 
 def _pivot_into_container():
@@ -4944,23 +4974,16 @@ def install_seccomp(seccomp):
 
 
 def finalize_process(p, seccomp=None):
-    """User, groups, capabilities (all five sets), umask, noNewPrivileges and seccomp, in
-    runc's order (finalizeNamespace): bounding set, keep caps across setuid, the user,
-    capset, ambient; seccomp before the drop without noNewPrivileges, last with it."""
+    """User, groups, capabilities, umask, noNewPrivileges and seccomp, in runc's order
+    (finalizeNamespace; the bounding set is already dropped, by _prepare_exec): keep caps
+    across setuid, the user, capset, ambient; seccomp before the drop without
+    noNewPrivileges, last with it."""
     caps = p.get("capabilities") or {k: [] for k in CAP_SETS}
     nnp = p.get("noNewPrivileges")
     if nnp:
         prctl(PR_SET_NO_NEW_PRIVS, 1)
     if seccomp and not nnp:
         install_seccomp(seccomp)
-    bounding = set(cap_numbers(caps["bounding"]))
-    for cap in range(64):
-        if cap not in bounding:
-            try:
-                _prctl(PR_CAPBSET_DROP, cap)
-            except OSError as e:
-                if e.errno != errno.EINVAL:  # beyond the kernel's last capability
-                    raise
     _prctl(PR_SET_KEEPCAPS, 1)
     _fix_stdio_owner(p["uid"])
     os.setgroups(p.get("additionalGids") or [])

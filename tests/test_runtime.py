@@ -3311,9 +3311,10 @@ def test_finalize_process_sets_capabilities_on_the_host():
             "permitted": ["CAP_KILL", "CAP_NET_RAW"], "inheritable": ["CAP_NET_RAW"],
             "ambient": ["CAP_NET_RAW"]}
     p = {"uid": 1000, "gid": 1000, "additionalGids": [], "umask": None, "capabilities": caps,
-         "noNewPrivileges": True}
+         "noNewPrivileges": True, "env": []}
 
     def child():
+        rt._prepare_exec(p)  # the bounding set
         rt.finalize_process(p)
         with open("/proc/self/status") as f:
             return "".join(ln for ln in f if ln.startswith(("Cap", "NoNew", "Uid")))
@@ -3323,6 +3324,25 @@ def test_finalize_process_sets_capabilities_on_the_host():
     assert "CapEff:\t0000000000000020" in out and "CapBnd:\t0000000000002020" in out
     assert "CapAmb:\t0000000000002000" in out and "NoNewPrivs:\t1" in out
     assert "Uid:\t1000\t1000\t1000\t1000" in out
+
+
+def test_prepare_exec_resets_signals_sets_rlimits_and_home():
+    p = {"uid": 0, "env": ["PATH=/bin"], "capabilities": None,
+         "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 77, "hard": 88}]}
+
+    def child():
+        import resource
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
+        env = rt._prepare_exec(p)
+        with open("/proc/self/status") as f:
+            status = dict(ln.split(":", 1) for ln in f.read().splitlines())
+        return repr((env, resource.getrlimit(resource.RLIMIT_NOFILE),
+                     signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL,
+                     status["SigIgn"].strip(), status["SigBlk"].strip(), status["CapBnd"].strip()))
+    out, status = _in_child(child)
+    assert status == 0
+    assert out == repr((["PATH=/bin", "HOME=/root"], (77, 88), True, "0" * 16, "0" * 16, "0" * 16))
 
 
 def test_linux_devices_handler():
