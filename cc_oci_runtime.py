@@ -1707,21 +1707,32 @@ def memory_room(vm_memory):
 # -- templates: a booted, idle VM saved once and restored for each container --------
 
 UUID_ZERO = "00000000-0000-0000-0000-000000000000"
-SHARE_SLOTS = 8  # bind-mount directories a restored VM can export (more: cold boot)
+# A template VM has the rootfs and a fixed number of bind-mount 9p slots: 4, or 8 for a
+# container with more (a template of each, built on first use; more than 8: cold boot).
+# Every 9p device costs QEMU about 1.1 MiB, so most containers use the smaller one.
+SHARE_SLOT_CLASSES = (4, 8)
+SHARE_SLOTS = SHARE_SLOT_CLASSES[-1]
 
 
-def template_shares(shares, empty_dir):
-    """shares padded to the template's fixed 9p slots (read-only exports of empty_dir), or
-    None when they do not fit."""
-    if len(shares) > SHARE_SLOTS + 1:
+def share_slots_for(shares):
+    """The template's bind-mount slots for shares (rootfs first), or None beyond the largest."""
+    return next((n for n in SHARE_SLOT_CLASSES if len(shares) - 1 <= n), None)
+
+
+def template_shares(shares, empty_dir, slots=None):
+    """shares padded to a template's fixed 9p slots (read-only exports of empty_dir): slots,
+    or the fewest that hold them; None when they do not fit."""
+    slots = slots or share_slots_for(shares)
+    if slots is None or len(shares) > slots + 1:
         return None
     return list(shares) + [("share%d" % i, empty_dir, True)
-                           for i in range(len(shares) - 1, SHARE_SLOTS)]
+                           for i in range(len(shares) - 1, slots)]
 
 
-def template_for(vm, image):
-    """The directory of the saved template VM for this configuration, built on first use;
-    None when templates are off or hypervisor.args has no @MEMORY_BACKEND@/@INCOMING@."""
+def template_for(vm, image, slots=SHARE_SLOT_CLASSES[0]):
+    """The directory of the saved template VM for this configuration (and number of
+    bind-mount slots), built on first use; None when templates are off or hypervisor.args
+    has no @MEMORY_BACKEND@/@INCOMING@."""
     import hashlib
     text = hypervisor_args_text(vm)
     if not vm.get("template", True) or "@MEMORY_BACKEND@" not in text or "@INCOMING@" not in text:
@@ -1729,7 +1740,7 @@ def template_for(vm, image):
     empty = os.path.join(CACHE_DIR, "empty")
     os.makedirs(empty, exist_ok=True)
     spec = {"ram": "RAM", "share": True, "incoming": False,
-            "shares": template_shares([(ROOTFS_TAG, empty, True)], empty)}
+            "shares": template_shares([(ROOTFS_TAG, empty, True)], empty, slots)}
     probe = qemu_command("template", vm, None, None, image, spec, vm_uuid=str(UUID_ZERO))
     # the saved VM keeps the TSC rate it booted with; cpu MHz drifting must not rebuild it
     probe = [__import__("re").sub(r"tsc_early_khz=[0-9]+", "tsc_early_khz", a) for a in probe]
@@ -5266,8 +5277,11 @@ def unwire_network(state):
 
 def _restore_plan(cid, vm, conf, state, image):
     """How to restore this container's VM from the template, or None to boot it."""
+    shares = template_shares(share_list(conf, state.dir), os.path.join(state.dir, FILES_DIR, "empty"))
+    if not shares:
+        return None
     try:
-        template = template_for(vm, image)
+        template = template_for(vm, image, len(shares) - 1)
     except (Error, OSError) as e:
         LOG.warning("VM template unavailable (%s); booting instead", e)
         return None
@@ -5277,9 +5291,6 @@ def _restore_plan(cid, vm, conf, state, image):
         os.utime(template)  # in use: prune_cache spares templates used within the hour
     except OSError:
         pass
-    shares = template_shares(share_list(conf, state.dir), os.path.join(state.dir, FILES_DIR, "empty"))
-    if not shares:
-        return None
     spec = {"ram": os.path.join(template, "ram"), "share": False, "incoming": True, "shares": shares}
     return {"dir": template, "argv": qemu_command(cid, vm, conf, state.dir, image, spec)}
 

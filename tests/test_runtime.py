@@ -993,7 +993,7 @@ def test_qemu_command_template(tmp_path, share, incoming):
         % ("on" if share else "off")]
     assert values_of(argv, "-incoming") == (["defer"] if incoming else [])
     assert values_of(argv, "-uuid") == [rt.UUID_ZERO]
-    assert len(values_of(argv, "-fsdev")) == rt.SHARE_SLOTS + 1
+    assert len(values_of(argv, "-fsdev")) == rt.SHARE_SLOT_CLASSES[0] + 1
     assert all(f.endswith(",readonly=on") for f in values_of(argv, "-fsdev")[1:])
     assert not any("@" in a for a in argv)
 
@@ -1007,13 +1007,17 @@ def test_qemu_command_cold_boot_has_no_template_args(tmp_path):
 
 @needs_template
 def test_template_shares():
-    slots = rt.SHARE_SLOTS
+    small, slots = rt.SHARE_SLOT_CLASSES
     padded = rt.template_shares([("rootfs", "/r", False), ("share0", "/a", False)], "/e")
     assert padded == [("rootfs", "/r", False), ("share0", "/a", False)] + [
-        ("share%d" % i, "/e", True) for i in range(1, slots)]
+        ("share%d" % i, "/e", True) for i in range(1, small)], "the smaller template holds them"
+    five = [("rootfs", "/r", False)] + [("share%d" % i, "/d%d" % i, False) for i in range(small + 1)]
+    assert len(rt.template_shares(five, "/e")) == slots + 1, "one more: the larger template"
     full = [("rootfs", "/r", False)] + [("share%d" % i, "/d%d" % i, False) for i in range(slots)]
     assert rt.template_shares(full, "/e") == full
     assert rt.template_shares(full + [("share%d" % slots, "/x", False)], "/e") is None
+    assert rt.template_shares(five, "/e", small) is None
+    assert [rt.share_slots_for([None] * n) for n in (1, 5, 6, 9, 10)] == [4, 4, 8, 8, None]
 
 
 @pytest.fixture

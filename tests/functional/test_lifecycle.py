@@ -240,3 +240,26 @@ def test_qemu_runs_without_huge_pages_and_with_a_capped_translation_cache(runtim
     assert accel in ("kvm", "tcg,tb-size=16"), accel  # the repository's vm.json: 16 MiB
     assert runtime("exec", "c-thp", "true").returncode == 0
     runtime("delete", "--force", "c-thp", check=True)
+
+
+def test_more_bind_mounts_than_the_small_template_holds_restore_from_the_larger(runtime, tmp_path):
+    small = rt.SHARE_SLOT_CLASSES[0]
+    mounts = rt.default_spec()["mounts"]
+    for i in range(small + 1):
+        d = tmp_path / ("d%d" % i)
+        d.mkdir()
+        (d / "f").write_text("in d%d\n" % i)
+        mounts.append({"destination": "/d%d" % i, "type": "bind", "source": str(d),
+                       "options": ["rbind", "ro"]})
+    b = runtime.bundle(["sh", "-c", "cat /d*/f"], mounts=mounts)
+    for cid in ("c-many1", "c-many2"):  # the first may build the larger template
+        r = runtime("run", "-b", b, cid)
+        assert (r.returncode, r.stdout) == (0, "".join("in d%d\n" % i for i in range(small + 1)))
+    runtime("create", "-b", b, "c-many3", check=True)
+    with open(os.path.join(runtime.root, "c-many3", "state.json")) as f:
+        qemu = json.load(f)["vm"]["qemu_pid"]
+    with open("/proc/%d/cmdline" % qemu, "rb") as f:
+        argv = f.read().rstrip(b"\0").decode().split("\0")
+    assert "-incoming" in argv, "restored from the template with more slots"
+    assert argv.count("-fsdev") == rt.SHARE_SLOT_CLASSES[1] + 1
+    runtime("delete", "--force", "c-many3", check=True)
