@@ -3068,6 +3068,7 @@ class Monitor:
             return 1
         self._notify({"ok": True})
         LOG.timeline("monitor: the container is created")
+        _release_memory()
         return self._loop()
 
     def _setup(self):
@@ -3540,6 +3541,17 @@ class Monitor:
             except ProcessLookupError:
                 pass
             self._reap_qemu_wait(5)
+
+
+def _release_memory():
+    """Hand back to the host what the create that forked us left behind: a monitor lives as
+    long as its container (the freed memory of a compile, of the spec's parsing...)."""
+    import gc
+    gc.collect()
+    try:
+        _libc().malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 def resize_message(tty_fd, proc):
