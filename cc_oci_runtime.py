@@ -3690,7 +3690,11 @@ def _tail(path, lines=5):
             text = f.read()[-4096:].decode(errors="replace")
     except OSError:
         return ""
-    return " | ".join(ln.strip() for ln in text.strip().splitlines()[-lines:])
+    kept = [ln.strip() for ln in text.strip().splitlines() if not ln.endswith(HUB_WARNING)]
+    return " | ".join(kept[-lines:])
+
+
+HUB_WARNING = "is not connected to host network"  # QEMU on an unused NIC slot's hub (only_taps)
 
 
 def enter_netns(netns):

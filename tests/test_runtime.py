@@ -3931,3 +3931,11 @@ def test_copy_tree_keeps_files_links_modes_and_owners(tmp_path):
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 1234, 5678)
     assert os.readlink(dst / "link") == "sub/f"
     assert not os.path.exists(dst / "fifo")
+
+
+def test_tail_of_qemu_log_leaves_out_the_unused_nic_hub_warnings(tmp_path):
+    log = tmp_path / "qemu.log"
+    log.write_text("qemu: warning: hub 3 is not connected to host network\n"
+                   "qemu: -kernel: no such file\nqemu: warning: hub 1 is not connected to host network\n")
+    assert rt._tail(str(log)) == "qemu: -kernel: no such file"
+    assert rt._tail(str(tmp_path / "missing")) == ""
