@@ -3341,12 +3341,14 @@ def test_prepare_exec_resets_signals_sets_rlimits_and_home():
         env = rt._prepare_exec(p)
         with open("/proc/self/status") as f:
             status = dict(ln.split(":", 1) for ln in f.read().splitlines())
+        standard = (1 << 31) - 1  # glibc keeps its own real-time signals 32 and 33 as they are
         return repr((env, resource.getrlimit(resource.RLIMIT_NOFILE),
                      signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL,
-                     status["SigIgn"].strip(), status["SigBlk"].strip(), status["CapBnd"].strip()))
+                     int(status["SigIgn"], 16) & standard, int(status["SigBlk"], 16) & standard,
+                     status["CapBnd"].strip()))
     out, status = _in_child(child)
     assert status == 0
-    assert out == repr((["PATH=/bin", "HOME=/root"], (77, 88), True, "0" * 16, "0" * 16, "0" * 16))
+    assert out == repr((["PATH=/bin", "HOME=/root"], (77, 88), True, 0, 0, "0" * 16))
 
 
 def test_linux_devices_handler():
