@@ -56,7 +56,6 @@ guest image - agent protocol - network - monitor - agent - commands - main.
 
 import errno
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -239,9 +238,96 @@ def go_quote(text):
     return '"%s"' % "".join(out)
 
 
+class _NotPlain(Exception):
+    """An object json_dumps leaves to the json module."""
+
+
+def json_dumps(obj, ensure_ascii=True, indent=None, separators=None):
+    """json.dumps of plain data (dicts with str keys, lists, tuples, str, int, finite float, bool,
+    None), byte for byte, without importing json (its decoder imports re, ~7 ms a CLI call);
+    anything else is left to json.dumps."""
+    try:
+        import _json
+        quote = _json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring
+        item_sep, key_sep = separators or ((", " if indent is None else ","), ": ")
+        out = []
+        _json_encode(obj, out, quote, item_sep, key_sep,
+                     None if indent is None else " " * indent, "\n")
+        return "".join(out)
+    except (ImportError, TypeError, _NotPlain, RecursionError):
+        import json
+        return json.dumps(obj, ensure_ascii=ensure_ascii, indent=indent, separators=separators)
+
+
+def _json_encode(obj, out, quote, item_sep, key_sep, indent, newline):
+    """Append obj's JSON to out as json's encoder lays it out (indent: None or spaces)."""
+    kind = type(obj)
+    if kind is str:
+        out.append(quote(obj))
+    elif obj is None or obj is True or obj is False:
+        out.append("null" if obj is None else "true" if obj else "false")
+    elif kind is int:
+        out.append(int.__repr__(obj))
+    elif kind is float and obj - obj == 0:  # NaN and the infinities are json's
+        out.append(float.__repr__(obj))
+    elif kind is dict or kind is list or kind is tuple:
+        if not obj:
+            out.append("{}" if kind is dict else "[]")
+            return
+        inner = newline if indent is None else newline + indent
+        out.append("{" if kind is dict else "[")
+        if indent is not None:
+            out.append(inner)
+        first = True
+        for item in obj:
+            if not first:
+                out.append(item_sep if indent is None else item_sep + inner)
+            first = False
+            if kind is dict:
+                if type(item) is not str:
+                    raise _NotPlain()
+                out.append(quote(item) + key_sep)
+                item = obj[item]
+            _json_encode(item, out, quote, item_sep, key_sep, indent, inner)
+        if indent is not None:
+            out.append(newline)
+        out.append("}" if kind is dict else "]")
+    else:
+        raise _NotPlain()
+
+
+_JSON_SCANNER = []
+
+
+def json_loads(data):
+    """json.loads without importing json: the _json C scanner json itself uses, on the text
+    json would read (UTF-8 bytes or str); what it does not take whole (other encodings, bad
+    JSON) goes to json.loads for the same result or error."""
+    try:
+        if not _JSON_SCANNER:
+            import _json
+            _JSON_SCANNER.append(_json.make_scanner(_JsonContext()))
+        text = data.decode("utf-8", "surrogatepass") if isinstance(data, (bytes, bytearray)) else data
+        obj, end = _JSON_SCANNER[0](text, len(text) - len(text.lstrip(" \t\n\r")))
+        if not text[end:].strip(" \t\n\r"):
+            return obj
+    except Exception:  # noqa: BLE001 - json.loads raises json's own error below
+        pass
+    import json
+    return json.loads(data)
+
+
+class _JsonContext:
+    """The settings json.JSONDecoder() gives its C scanner (the defaults of json.loads)."""
+    strict, object_hook, object_pairs_hook = True, None, None
+    parse_float, parse_int = float, int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"),
+                      "NaN": float("nan")}.__getitem__
+
+
 def go_json(obj, indent=None):
     """JSON as Go's encoding/json writes it: compact (or indented), UTF-8, <>& escaped."""
-    text = json.dumps(obj, ensure_ascii=False, indent=indent,
+    text = json_dumps(obj, ensure_ascii=False, indent=indent,
                       separators=(",", ": ") if indent is not None else (",", ":"))
     for c, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
@@ -281,7 +367,7 @@ def read_json(path, what):
     """Load a JSON file, naming `what` in the error when it is missing or invalid."""
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read())
+            return json_loads(f.read())
     except FileNotFoundError:
         raise Error("%s: %s: no such file or directory" % (what, path)) from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -513,7 +599,7 @@ class State:
         """Read state.json; a missing container is an error unless must_exist is False."""
         try:
             with open(self.path("state.json"), "rb") as f:
-                self.data = json.loads(f.read())
+                self.data = json_loads(f.read())
         except FileNotFoundError:
             if must_exist:
                 raise Error("container does not exist") from None
@@ -524,13 +610,13 @@ class State:
 
     def save(self):
         """Write state.json atomically."""
-        write_atomic(self.path("state.json"), json.dumps(self.data, indent=1))
+        write_atomic(self.path("state.json"), json_dumps(self.data, indent=1))
 
     def exit_record(self):
         """The workload's exit record written by the monitor, or None."""
         try:
             with open(self.path("exit.json"), "rb") as f:
-                return json.loads(f.read())
+                return json_loads(f.read())
         except (OSError, ValueError):
             return None
 
@@ -1713,7 +1799,7 @@ def template_for(vm, image):
     probe = qemu_command("template", vm, None, None, image, spec, vm_uuid=str(UUID_ZERO))
     # the saved VM keeps the TSC rate it booted with; cpu MHz drifting must not rebuild it
     probe = [__import__("re").sub(r"tsc_early_khz=[0-9]+", "tsc_early_khz", a) for a in probe]
-    digest = hashlib.sha256(json.dumps(probe).encode())
+    digest = hashlib.sha256(json_dumps(probe).encode())
     for path in (vm["qemu"], vm["kernel_image"], image):
         st = os.stat(path)
         digest.update(("%s|%d|%d" % (path, st.st_size, st.st_mtime_ns)).encode())
@@ -2129,7 +2215,7 @@ def _python_manifest(python):
                              timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise Error("guest image: cannot inspect the interpreter %s: %s" % (python, e)) from None
-    return json.loads(out)
+    return json_loads(out)
 
 
 def guest_modules(modules_dir, names=GUEST_MODULES):
@@ -2273,11 +2359,11 @@ def _image_inputs(python, modules_dir):
     manifest_path = os.path.join(CACHE_DIR, "manifest-%s.json" % key.hexdigest()[:20])
     try:
         with open(manifest_path) as f:
-            manifest = json.load(f)
+            manifest = json_loads(f.read())
     except (OSError, ValueError):
         manifest = _python_manifest(python)
         os.makedirs(CACHE_DIR, exist_ok=True)
-        write_atomic(manifest_path, json.dumps(manifest))
+        write_atomic(manifest_path, json_dumps(manifest))
         prune_cache("manifest-", manifest_path)
     return script, manifest, guest_modules(modules_dir)
 
@@ -2388,7 +2474,7 @@ CHUNK = 65536
 
 def send_msg(fd, obj):
     """Send one JSON message frame."""
-    payload = json.dumps(obj).encode()
+    payload = json_dumps(obj).encode()
     _write_all(fd, FRAME.pack(MSG, 0, len(payload)) + payload)
 
 
@@ -2427,7 +2513,7 @@ class FrameReader:
             return None
         payload = bytes(self.buf[FRAME.size:FRAME.size + length])
         del self.buf[:FRAME.size + length]
-        return kind, stream, json.loads(payload) if kind == MSG else payload
+        return kind, stream, json_loads(payload) if kind == MSG else payload
 
 
 def read_msg(fd, reader, timeout):
@@ -3399,7 +3485,7 @@ class Monitor:
         self.wired = [{"index": i["index"], "name": i["name"]} for i in plan["interfaces"]]
         plan["dns_relay"] = bool(self.wired) and docker_dns_listening()
         write_atomic(os.path.join(self.dir, "net.json"),
-                     json.dumps({"netns": self.netns, "interfaces": self.wired}))
+                     json_dumps({"netns": self.netns, "interfaces": self.wired}))
         if not self.wired:  # the agent hides its unused first NIC meanwhile (before `start`)
             self._to_agent(lambda a: send_msg(a, {"op": "network", "plan": plan}))
             self._reply(fd, {"op": "ok"})
@@ -3457,7 +3543,7 @@ class Monitor:
         """Write the exit record that makes the container stopped."""
         self.exit_code = status
         write_atomic(os.path.join(self.dir, "exit.json"),
-                     json.dumps({"status": status, "time": _now_rfc3339()}))
+                     json_dumps({"status": status, "time": _now_rfc3339()}))
 
     def _finish(self):
         """Let the VM power off (or kill it) and close everything."""
@@ -3589,7 +3675,7 @@ class ExecMonitor:
 def _notify_once(fd, obj):
     """Write one JSON line to a notify pipe and close it."""
     try:
-        _write_all(fd, (json.dumps(obj) + "\n").encode())
+        _write_all(fd, (json_dumps(obj) + "\n").encode())
     except OSError:
         pass
     os.close(fd)
@@ -4770,7 +4856,7 @@ def run_container_hooks(hooks, name, state):
         os.close(in_r)
         os.close(out_w)
         try:
-            os.write(in_w, json.dumps(state, separators=(",", ":")).encode())
+            os.write(in_w, json_dumps(state, separators=(",", ":")).encode())
         except OSError:
             pass
         os.close(in_w)
@@ -4979,7 +5065,7 @@ def run_hooks(hooks, name, state_obj, fatal=True):
         env = dict(e.split("=", 1) for e in hook.get("env", []))
         LOG.debug("%s hook: %s", name, " ".join(args))
         try:
-            proc = subprocess.run(args, executable=hook["path"], input=json.dumps(state_obj).encode(),
+            proc = subprocess.run(args, executable=hook["path"], input=json_dumps(state_obj).encode(),
                                   env=env, capture_output=True, timeout=hook.get("timeout"))
             if proc.returncode != 0:
                 raise Error("%s hook %s failed: exit status %d: %s" % (
@@ -5085,7 +5171,7 @@ def create_container(args, console_socket=None, foreground=False):
         state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid), creating=True)
         state.save()  # from here on, delete --force finds the monitor even if we die
         reply = _read_pipe(rfd, float(vm["boot_timeout"]) + 15)
-        result = json.loads(reply) if reply.strip() else {"error": "the monitor died during boot"}
+        result = json_loads(reply) if reply.strip() else {"error": "the monitor died during boot"}
         if result.get("error"):
             raise Error(result["error"])
         state.data["creating"] = False
@@ -5142,7 +5228,7 @@ def unwire_network(state):
     killed: through its namespace while it lives, else the namespace's path (gone: nothing left)."""
     try:
         with open(state.path("net.json")) as f:
-            net = json.load(f)
+            net = json_loads(f.read())
     except (OSError, ValueError):
         return
     if not net.get("interfaces"):
@@ -5363,7 +5449,7 @@ def _arg_json(args, name):
         path = getattr(args, name)
         return read_json(path if path != "-" else "/dev/stdin", name)
     try:
-        return json.loads(data)
+        return json_loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise Error("%s: %s: invalid JSON: %s" % (name, getattr(args, name), e)) from None
 
@@ -5434,7 +5520,7 @@ def cmd_exec(args):
     if host_tty is not None:
         os.close(host_tty)
     reply = _read_pipe(rfd, 90)
-    result = json.loads(reply) if reply.strip() else {"error": "the exec monitor died"}
+    result = json_loads(reply) if reply.strip() else {"error": "the exec monitor died"}
     if result.get("error"):
         if not reply.strip():
             _forward(pid, signal.SIGKILL)
@@ -5915,7 +6001,7 @@ def update_resources(args):
 
 def merge_resources(old, new):
     """old with the fields new sets (0 or "" leaves a field as it was, as runc's update does)."""
-    merged = json.loads(json.dumps(old))
+    merged = json_loads(json_dumps(old))
     for section, fields in new.items():
         if isinstance(fields, dict):
             for key, value in fields.items():

@@ -3452,6 +3452,56 @@ def test_parser_of_one_command_parses_as_the_whole_parser(argv):
     assert vars(part) == vars(whole)
 
 
+JSON_SAMPLES = [
+    {"a": 1, "b": [1, 2, {"c": None, "d": True, "e": False}], "f": "\u00e9<>&\u2028\x01\"\\",
+     "g": 1.5, "h": [], "i": {}, "j": (1, "x")},
+    [], {}, "x", "", 1, -7, 2**70, 1.0, -0.0, 1e300, 3.14159, None, True, [[[]]], {"k": [{}]},
+    {"a": {"b": {"c": [1, [2, [3]]]}}}, "\ud800", "\U0001f600",
+    {1: 2}, float("nan"), [float("inf")], {"x": b"y"}, {"e": signal.SIGTERM}, [object()],
+]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"indent": 1}, {"indent": 2}, {"indent": 0},
+                                    {"ensure_ascii": False}, {"separators": (",", ":")},
+                                    {"ensure_ascii": False, "indent": 2, "separators": (",", ": ")}])
+def test_json_dumps_writes_what_json_writes(kwargs):
+    for obj in JSON_SAMPLES:
+        try:
+            expect = json.dumps(obj, **kwargs)
+        except (TypeError, ValueError) as e:
+            with pytest.raises(type(e), match=re.escape(str(e))):
+                rt.json_dumps(obj, **kwargs)
+        else:
+            assert rt.json_dumps(obj, **kwargs) == expect, obj
+
+
+def test_go_json_of_a_state_is_json_s():
+    state = {"ociVersion": "1.0.2", "id": "c<1>", "pid": 4242, "status": "running",
+             "bundle": "/b\u00e9", "rootfs": "/r", "created": "2026-01-01T00:00:00.5Z",
+             "annotations": {"a&b": "x"}, "owner": ""}
+    expect = json.dumps(state, ensure_ascii=False, indent=2, separators=(",", ": "))
+    expect = expect.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    assert rt.go_json(state, indent=2) == expect
+    assert rt.go_json([state]) == json.dumps([state], ensure_ascii=False, separators=(",", ":")) \
+        .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+@pytest.mark.parametrize("text", [
+    '{"a": 1}', ' [1,2] ', '\n{"a":"\\u00e9"}\n', '1', '"x"', 'NaN', '[Infinity, -Infinity]',
+    '{"a":1}x', '', ' ', '{"a":', '\ufeff{}', b'{"a": "\xc3\xa9"}', b'\xef\xbb\xbf{"a":1}',
+    '{"a":1}'.encode("utf-16"), '[1]'.encode("utf-16-le"), '[1]'.encode("utf-32-be"), b'\xff',
+    '1.5e3', '-0', '{"a":1,"a":2}', '[1,]', '\t[]\r', bytearray(b'[true]'), '"\x01"', 7,
+])
+def test_json_loads_reads_what_json_reads(text):
+    try:
+        expect = ("ok", json.loads(text))
+    except (TypeError, ValueError) as e:
+        with pytest.raises(type(e), match=re.escape(str(e))):
+            rt.json_loads(text)
+    else:
+        assert repr(("ok", rt.json_loads(text))) == repr(expect)
+
+
 def test_parser_of_no_known_command_is_the_whole_parser(capsys):
     assert rt.command_in(["--root", "/r"]) is None
     assert rt.command_in(["--log", "x", "-v"]) is None
