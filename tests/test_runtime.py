@@ -3502,6 +3502,19 @@ def test_json_loads_reads_what_json_reads(text):
         assert repr(("ok", rt.json_loads(text))) == repr(expect)
 
 
+def test_parse_signal_knows_the_names_signal_knows():
+    for sig in signal.Signals:
+        for name in (sig.name, sig.name[3:], sig.name.lower(), sig.name[3:].lower()):
+            assert rt.parse_signal(name) == int(sig), name
+    for alias in ("IOT", "CLD", "POLL"):
+        if hasattr(signal, "SIG" + alias):
+            assert rt.parse_signal(alias) == int(getattr(signal, "SIG" + alias))
+    for bad in ("SIG_DFL", "_DFL", "DFL", "SIG_IGN", "NSIG", "SIG", "", "foo", "sig-kill",
+                "Signals", "SIGDFL"):
+        with pytest.raises(rt.Error, match="^unknown signal "):
+            rt.parse_signal(bad)
+
+
 def test_parser_of_no_known_command_is_the_whole_parser(capsys):
     assert rt.command_in(["--root", "/r"]) is None
     assert rt.command_in(["--log", "x", "-v"]) is None
