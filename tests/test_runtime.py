@@ -11,10 +11,12 @@ Sections follow the module: arguments, spec handlers, hypervisor.args and QEMU a
 vm.json, state, cpio, logging, signals, accelerator, other helpers, CLI commands.
 """
 
+import contextlib
 import datetime
 import errno
 import fcntl
 import gzip
+import io
 import json
 import lzma
 import os
@@ -3450,6 +3452,99 @@ def test_parser_of_one_command_parses_as_the_whole_parser(argv):
     part_parser = rt.build_parser(rt.command_in(argv))
     part = part_parser.parse_args(rt.go_style_argv(argv, part_parser))
     assert vars(part) == vars(whole)
+
+
+# the short commands' argv forms, each parsed by fast_args and by the parser (ids, signals,
+# Go-style -flag and -flag=value, values glued with =, errors, help, options out of place)
+FAST_PREFIXES = [
+    [], ["--root", "/r"], ["-root=/r"], ["--root=-x"], ["--root", "-x"], ["--root", ""],
+    ["--log", "/l", "--log-format", "json"], ["-log-format=json"], ["--log-format", "xml"],
+    ["--debug"], ["--debug=true"], ["--debug=false"], ["--debug=maybe"], ["-debug"],
+    ["--systemd-cgroup"], ["--criu", "x"], ["--global-log=/g", "--rootless", "true"], ["-v"],
+    ["-h"], ["--help"], ["--ro", "x"], ["--root"], ["---root", "x"], ["--root", "/a", "-root", "/b"],
+]
+FAST_COMMAND_LINES = [
+    ["state", "c0"], ["state"], ["state", "c0", "c1"], ["state", "-h"], ["state", "c0", "--root", "x"],
+    ["state", "--", "c0"], ["state", "-"], ["state", ""], ["start", "c0"], ["start", "--help"],
+    ["kill", "c0"], ["kill", "c0", "9"], ["kill", "c0", "KILL", "-a"], ["kill", "-a", "c0", "9"],
+    ["kill", "c0", "-a", "9"], ["kill", "c0", "-9"], ["kill", "--all=true", "c0"],
+    ["kill", "-all", "c0", "0"], ["kill", "-a=false", "c0"], ["kill", "--a", "c0"],
+    ["kill", "c0", "1", "2"], ["kill"], ["delete", "c0"], ["delete", "-f", "c0"],
+    ["delete", "--force", "c0"], ["delete", "c0", "-force=true"], ["delete", "-f=0", "c0"],
+    ["delete", "-fx", "c0"], ["list"], ["list", "-q"], ["list", "-f", "json"], ["list", "--format=json"],
+    ["list", "-format", "json", "-quiet"], ["list", "-fjson"], ["list", "-f=json"], ["list", "-f"],
+    ["list", "x"], ["list", "--format", "-q"], ["ps", "c0"], ["ps", "-f", "json", "c0"],
+    ["ps", "--format", "json", "c0"], ["ps", "c0", "-ef"], ["ps", "c0", "aux"], ["ps", "c0", "--", "x"],
+    ["ps", "--format=table", "c0"], ["ps"], ["exec", "c0", "ls"], ["create", "c0"], ["help"], [],
+    ["stat", "c0"],
+]
+
+
+def _parsed(argv):
+    """vars() of the parser's namespace for argv, or the exit code of its usage error."""
+    parser = rt.build_parser(rt.command_in(argv))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return vars(parser.parse_args(rt.go_style_argv(argv, parser)))
+    except SystemExit as e:
+        return e.code
+
+
+def test_fast_args_parse_as_the_parser_or_leave_it_the_command_line():
+    fast = 0
+    for prefix in FAST_PREFIXES:
+        for line in FAST_COMMAND_LINES:
+            argv = prefix + line
+            args = rt.fast_args(argv)
+            if args is not None:
+                fast += 1
+                assert vars(args) == _parsed(argv), argv
+    assert fast > 300
+    for argv in (["state", "c0"], ["--root", "/r", "--log", "/l", "--log-format", "json", "kill", "c0", "9"],
+                 ["list", "-q"], ["list", "--format", "json"], ["ps", "--format", "json", "c0"],
+                 ["delete", "-f", "c0"], ["start", "c0"], ["-root=/r", "--systemd-cgroup", "kill", "c0"]):
+        assert rt.fast_args(argv) is not None, argv
+    for argv in (["state", "-h"], ["--help"], ["kill", "c0", "-a", "9"], ["list", "x"], ["ps", "c0", "-ef"]):
+        assert rt.fast_args(argv) is None, argv
+
+
+def test_fast_args_gives_ps_a_list_of_its_own():
+    first, second = rt.fast_args(["ps", "c0"]), rt.fast_args(["ps", "c0"])
+    assert first.ps_args == [] and first.ps_args is not second.ps_args
+
+
+@pytest.mark.parametrize("argv", [["state", "c0", "x"], ["kill", "c0", "-a", "9"], ["--help"],
+                                  ["list", "--format"], ["state", "--help"]])
+def test_main_runs_the_parser_for_what_fast_args_leaves(argv, capsys):
+    try:
+        code = rt.main(argv)
+    except SystemExit as e:  # --help
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == _parsed(argv)
+    assert (out + err).startswith("usage: cc-oci-runtime")
+
+
+def _modules_after(tmp_path, *args):
+    """The heavy modules (json, re, argparse, socket, signal, enum, shutil) a run of the program
+    imports, and its exit code, from a child process."""
+    code = ("import sys; sys.argv = ['cc-oci-runtime'] + %r; sys.path.insert(0, %r)\n"
+            "import cc_oci_runtime as rt\nrc = rt.main()\n"
+            "print(sorted(m for m in ('json', 're', 'argparse', 'socket', 'signal', 'enum', "
+            "'shutil', 'locale', 'gettext') if m in sys.modules), rc)" % (list(args), REPO))
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_short_commands_import_no_heavy_module(tmp_path):
+    root = str(tmp_path / "root")
+    assert _modules_after(tmp_path, "--root", root, "list") == "[] 0"
+    assert _modules_after(tmp_path, "--root", root, "list", "--format", "json") == "[] 0"
+    assert _modules_after(tmp_path, "--root", root, "state", "c0") == "[] 1"
+    assert _modules_after(tmp_path, "--root", root, "kill", "c0", "KILL") == "[] 1"
+    assert _modules_after(tmp_path, "--root", root, "delete", "-f", "c0") == "[] 0"
+    assert _modules_after(tmp_path, "--root", root, "ps", "c0") == "[] 1"
+    assert "argparse" in _modules_after(tmp_path, "--root", root, "state")  # a usage error
 
 
 JSON_SAMPLES = [
