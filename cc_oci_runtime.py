@@ -669,9 +669,35 @@ class State:
 
     def remove(self):
         """Delete the container's directory and everything in it."""
-        import shutil
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_tree(self.dir)
         self.unlock()
+
+
+def remove_tree(path):
+    """shutil.rmtree(path, ignore_errors=True) without shutil (it imports bz2, lzma and fnmatch:
+    ~2.5 ms of a delete): relative to directory fds, symlinks removed, never followed."""
+    try:
+        for _, dirs, files, dfd in os.fwalk(path, topdown=False):
+            for name in files:
+                _ignore_oserror(os.unlink, name, dir_fd=dfd)
+            for name in dirs:  # fwalk lists a symlink to a directory here, and does not enter it
+                try:
+                    os.rmdir(name, dir_fd=dfd)
+                except NotADirectoryError:
+                    _ignore_oserror(os.unlink, name, dir_fd=dfd)
+                except OSError:
+                    pass
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _ignore_oserror(fn, *args, **kwargs):
+    """fn(*args, **kwargs), an OSError ignored."""
+    try:
+        fn(*args, **kwargs)
+    except OSError:
+        pass
 
 
 def list_states(root):
@@ -5081,8 +5107,10 @@ def _open_state(args, lock=False):
 
 def run_hooks(hooks, name, state_obj, fatal=True):
     """Run the hooks of one kind with the state JSON on stdin, honouring timeouts."""
+    if not hooks.get(name):
+        return  # no subprocess import (~8 ms of a start or delete)
     import subprocess
-    for hook in hooks.get(name, []):
+    for hook in hooks[name]:
         args = hook.get("args") or [hook["path"]]
         env = dict(e.split("=", 1) for e in hook.get("env", []))
         LOG.debug("%s hook: %s", name, " ".join(args))

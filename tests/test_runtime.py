@@ -3530,10 +3530,10 @@ def _modules_after(tmp_path, *args):
     imports, and its exit code, from a child process."""
     code = ("import sys; sys.argv = ['cc-oci-runtime'] + %r; sys.path.insert(0, %r)\n"
             "import cc_oci_runtime as rt\nrc = rt.main()\n"
-            "print(sorted(m for m in ('json', 're', 'argparse', 'socket', 'signal', 'enum', "
+            "print('\\n', sorted(m for m in ('json', 're', 'argparse', 'socket', 'signal', 'enum', "
             "'shutil', 'locale', 'gettext') if m in sys.modules), rc)" % (list(args), REPO))
     r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60)
-    return r.stdout.strip().splitlines()[-1]
+    return r.stdout.strip().splitlines()[-1].strip()
 
 
 def test_short_commands_import_no_heavy_module(tmp_path):
@@ -3545,6 +3545,39 @@ def test_short_commands_import_no_heavy_module(tmp_path):
     assert _modules_after(tmp_path, "--root", root, "delete", "-f", "c0") == "[] 0"
     assert _modules_after(tmp_path, "--root", root, "ps", "c0") == "[] 1"
     assert "argparse" in _modules_after(tmp_path, "--root", root, "state")  # a usage error
+    os.makedirs(os.path.join(root, "gone", "files", "empty"))  # a container whose processes ended
+    with open(os.path.join(root, "gone", "state.json"), "w") as f:
+        json.dump({"pid": 2 ** 22 + 1, "pid_start": 1, "started": True, "bundle": "/b"}, f)
+    assert _modules_after(tmp_path, "--root", root, "state", "gone") == "[] 0"
+    assert _modules_after(tmp_path, "--root", root, "start", "gone") == "[] 1"
+    assert _modules_after(tmp_path, "--root", root, "kill", "gone", "0") == "[] 1"
+    assert _modules_after(tmp_path, "--root", root, "delete", "gone") == "[] 0"
+    assert not os.path.exists(os.path.join(root, "gone"))
+
+
+def test_remove_tree_removes_a_tree_and_follows_no_symlink(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "keep").write_text("x")
+    top = tmp_path / "top"
+    (top / "a" / "b" / "c").mkdir(parents=True)
+    (top / "a" / "b" / "c" / "f").write_text("x")
+    (top / "file").write_text("x")
+    os.mkfifo(top / "a" / "fifo")
+    os.symlink(outside, top / "a" / "to-dir")
+    os.symlink(outside / "sub" / "keep", top / "to-file")
+    os.symlink(tmp_path / "nowhere", top / "dangling")
+    (top / "a" / "ro").mkdir()
+    (top / "a" / "ro" / "f").write_text("x")
+    os.chmod(top / "a" / "ro", 0o500)  # root removes it anyway; others leave it, as rmtree
+    rt.remove_tree(str(top))
+    if os.geteuid() == 0:
+        assert not top.exists()
+    assert (outside / "sub" / "keep").read_text() == "x"
+    rt.remove_tree(str(tmp_path / "missing"))  # no error, as rmtree(ignore_errors=True)
+    os.symlink(outside, tmp_path / "link")
+    rt.remove_tree(str(tmp_path / "link"))  # a symlink itself: left alone, as rmtree
+    assert (tmp_path / "link").is_symlink() and (outside / "sub" / "keep").exists()
 
 
 JSON_SAMPLES = [
