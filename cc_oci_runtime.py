@@ -13,7 +13,9 @@ with open(path, "rb") as f:
 code = None
 try:
     import _blake2 as h
-    key = h.blake2b(source + sys.version.encode(), digest_size=16).hexdigest()
+    key = h.blake2b(source, digest_size=16)
+    key.update(sys.version.encode())
+    key = key.hexdigest()
     cache = os.path.join(os.environ.get("CC_OCI_CACHE_DIR") or "/var/cache/cc-oci-runtime", "code")
     with open(os.path.join(cache, key), "rb") as f:
         code = marshal.loads(f.read())
