@@ -5063,6 +5063,8 @@ def guest_processes():
         try:
             with open("/proc/%s/cmdline" % name, "rb") as f:
                 args = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+            if not args:  # a kernel thread (or a zombie): not listed, its files not read
+                continue
             with open("/proc/%s/stat" % name, "rb") as f:
                 head, _, tail = f.read().decode(errors="replace").rpartition(")")
             with open("/proc/%s/status" % name) as f:
@@ -5071,8 +5073,7 @@ def guest_processes():
                 status["env"] = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if args:  # kernel threads have none
-            raw[int(name)] = (args, head.partition("(")[2], tail.split(), status)
+        raw[int(name)] = (args, head.partition("(")[2], tail.split(), status)
     nspid = {pid: int(st.get("NSpid", [pid])[-1]) for pid, (_, _, _, st) in raw.items()}
     out = []
     for pid, (args, comm, f, st) in raw.items():
