@@ -260,20 +260,29 @@ class _NotPlain(Exception):
 
 
 def json_dumps(obj, ensure_ascii=True, indent=None, separators=None):
-    """json.dumps of plain data (dicts with str keys, lists, tuples, str, int, finite float, bool,
-    None), byte for byte, without importing json (its decoder imports re, ~7 ms a CLI call);
-    anything else is left to json.dumps."""
+    """json.dumps without importing json (its decoder imports re, ~7 ms a CLI call), byte for
+    byte: compact, through the C encoder json.dumps itself uses; indented, for plain data
+    (dicts with str keys, lists, tuples, str, int, finite float, bool, None) as json's Python
+    encoder lays it out. Anything else is left to json.dumps."""
     try:
         import _json
         quote = _json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring
         item_sep, key_sep = separators or ((", " if indent is None else ","), ": ")
+        if indent is None:  # json.JSONEncoder.iterencode's call, its defaults
+            return "".join(_json.make_encoder({}, _not_plain, quote, None, key_sep, item_sep,
+                                              False, False, True)(obj, 0))
         out = []
         _json_encode(obj, out, quote, item_sep, key_sep,
-                     None if indent is None else " " * indent, "\n")
+                     " " * indent, "\n")
         return "".join(out)
     except (ImportError, TypeError, _NotPlain, RecursionError):
         import json
         return json.dumps(obj, ensure_ascii=ensure_ascii, indent=indent, separators=separators)
+
+
+def _not_plain(_obj):
+    """The C encoder's default(): what it cannot encode goes to json.dumps."""
+    raise _NotPlain()
 
 
 def _json_encode(obj, out, quote, item_sep, key_sep, indent, newline):

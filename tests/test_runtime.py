@@ -3585,8 +3585,10 @@ JSON_SAMPLES = [
      "g": 1.5, "h": [], "i": {}, "j": (1, "x")},
     [], {}, "x", "", 1, -7, 2**70, 1.0, -0.0, 1e300, 3.14159, None, True, [[[]]], {"k": [{}]},
     {"a": {"b": {"c": [1, [2, [3]]]}}}, "\ud800", "\U0001f600",
-    {1: 2}, float("nan"), [float("inf")], {"x": b"y"}, {"e": signal.SIGTERM}, [object()],
+    {1: 2}, {1: 2, None: 3, 1.5: 4, True: 5}, float("nan"), [float("inf")], {"x": b"y"},
+    {"e": signal.SIGTERM}, [object()],
 ]
+JSON_SAMPLES.append([JSON_SAMPLES])  # circular: json's ValueError
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"indent": 1}, {"indent": 2}, {"indent": 0},
