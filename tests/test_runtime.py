@@ -11,10 +11,12 @@ Sections follow the module: arguments, spec handlers, hypervisor.args and QEMU a
 vm.json, state, cpio, logging, signals, accelerator, other helpers, CLI commands.
 """
 
+import contextlib
 import datetime
 import errno
 import fcntl
 import gzip
+import io
 import json
 import lzma
 import os
@@ -3498,6 +3500,197 @@ def test_parser_of_one_command_parses_as_the_whole_parser(argv):
     part_parser = rt.build_parser(rt.command_in(argv))
     part = part_parser.parse_args(rt.go_style_argv(argv, part_parser))
     assert vars(part) == vars(whole)
+
+
+# the short commands' argv forms, each parsed by fast_args and by the parser (ids, signals,
+# Go-style -flag and -flag=value, values glued with =, errors, help, options out of place)
+FAST_PREFIXES = [
+    [], ["--root", "/r"], ["-root=/r"], ["--root=-x"], ["--root", "-x"], ["--root", ""],
+    ["--log", "/l", "--log-format", "json"], ["-log-format=json"], ["--log-format", "xml"],
+    ["--debug"], ["--debug=true"], ["--debug=false"], ["--debug=maybe"], ["-debug"],
+    ["--systemd-cgroup"], ["--criu", "x"], ["--global-log=/g", "--rootless", "true"], ["-v"],
+    ["-h"], ["--help"], ["--ro", "x"], ["--root"], ["---root", "x"], ["--root", "/a", "-root", "/b"],
+]
+FAST_COMMAND_LINES = [
+    ["state", "c0"], ["state"], ["state", "c0", "c1"], ["state", "-h"], ["state", "c0", "--root", "x"],
+    ["state", "--", "c0"], ["state", "-"], ["state", ""], ["start", "c0"], ["start", "--help"],
+    ["kill", "c0"], ["kill", "c0", "9"], ["kill", "c0", "KILL", "-a"], ["kill", "-a", "c0", "9"],
+    ["kill", "c0", "-a", "9"], ["kill", "c0", "-9"], ["kill", "--all=true", "c0"],
+    ["kill", "-all", "c0", "0"], ["kill", "-a=false", "c0"], ["kill", "--a", "c0"],
+    ["kill", "c0", "1", "2"], ["kill"], ["delete", "c0"], ["delete", "-f", "c0"],
+    ["delete", "--force", "c0"], ["delete", "c0", "-force=true"], ["delete", "-f=0", "c0"],
+    ["delete", "-fx", "c0"], ["list"], ["list", "-q"], ["list", "-f", "json"], ["list", "--format=json"],
+    ["list", "-format", "json", "-quiet"], ["list", "-fjson"], ["list", "-f=json"], ["list", "-f"],
+    ["list", "x"], ["list", "--format", "-q"], ["ps", "c0"], ["ps", "-f", "json", "c0"],
+    ["ps", "--format", "json", "c0"], ["ps", "c0", "-ef"], ["ps", "c0", "aux"], ["ps", "c0", "--", "x"],
+    ["ps", "--format=table", "c0"], ["ps"], ["exec", "c0", "ls"], ["create", "c0"], ["help"], [],
+    ["stat", "c0"],
+]
+
+
+def _parsed(argv):
+    """vars() of the parser's namespace for argv, or the exit code of its usage error."""
+    parser = rt.build_parser(rt.command_in(argv))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return vars(parser.parse_args(rt.go_style_argv(argv, parser)))
+    except SystemExit as e:
+        return e.code
+
+
+def test_fast_args_parse_as_the_parser_or_leave_it_the_command_line():
+    fast = 0
+    for prefix in FAST_PREFIXES:
+        for line in FAST_COMMAND_LINES:
+            argv = prefix + line
+            args = rt.fast_args(argv)
+            if args is not None:
+                fast += 1
+                assert vars(args) == _parsed(argv), argv
+    assert fast > 300
+    for argv in (["state", "c0"], ["--root", "/r", "--log", "/l", "--log-format", "json", "kill", "c0", "9"],
+                 ["list", "-q"], ["list", "--format", "json"], ["ps", "--format", "json", "c0"],
+                 ["delete", "-f", "c0"], ["start", "c0"], ["-root=/r", "--systemd-cgroup", "kill", "c0"]):
+        assert rt.fast_args(argv) is not None, argv
+    for argv in (["state", "-h"], ["--help"], ["kill", "c0", "-a", "9"], ["list", "x"], ["ps", "c0", "-ef"]):
+        assert rt.fast_args(argv) is None, argv
+
+
+def test_fast_args_gives_ps_a_list_of_its_own():
+    first, second = rt.fast_args(["ps", "c0"]), rt.fast_args(["ps", "c0"])
+    assert first.ps_args == [] and first.ps_args is not second.ps_args
+
+
+@pytest.mark.parametrize("argv", [["state", "c0", "x"], ["kill", "c0", "-a", "9"], ["--help"],
+                                  ["list", "--format"], ["state", "--help"]])
+def test_main_runs_the_parser_for_what_fast_args_leaves(argv, capsys):
+    try:
+        code = rt.main(argv)
+    except SystemExit as e:  # --help
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == _parsed(argv)
+    assert (out + err).startswith("usage: cc-oci-runtime")
+
+
+def _modules_after(tmp_path, *args):
+    """The heavy modules (json, re, argparse, socket, signal, enum, shutil) a run of the program
+    imports, and its exit code, from a child process."""
+    code = ("import sys; sys.argv = ['cc-oci-runtime'] + %r; sys.path.insert(0, %r)\n"
+            "import cc_oci_runtime as rt\nrc = rt.main()\n"
+            "print('\\n', sorted(m for m in ('json', 're', 'argparse', 'socket', 'signal', 'enum', "
+            "'shutil', 'locale', 'gettext') if m in sys.modules), rc)" % (list(args), REPO))
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    return r.stdout.strip().splitlines()[-1].strip()
+
+
+def test_short_commands_import_no_heavy_module(tmp_path):
+    root = str(tmp_path / "root")
+    assert _modules_after(tmp_path, "--root", root, "list") == "[] 0"
+    assert _modules_after(tmp_path, "--root", root, "list", "--format", "json") == "[] 0"
+    assert _modules_after(tmp_path, "--root", root, "state", "c0") == "[] 1"
+    assert _modules_after(tmp_path, "--root", root, "kill", "c0", "KILL") == "[] 1"
+    assert _modules_after(tmp_path, "--root", root, "delete", "-f", "c0") == "[] 0"
+    assert _modules_after(tmp_path, "--root", root, "ps", "c0") == "[] 1"
+    assert "argparse" in _modules_after(tmp_path, "--root", root, "state")  # a usage error
+    os.makedirs(os.path.join(root, "gone", "files", "empty"))  # a container whose processes ended
+    with open(os.path.join(root, "gone", "state.json"), "w") as f:
+        json.dump({"pid": 2 ** 22 + 1, "pid_start": 1, "started": True, "bundle": "/b"}, f)
+    assert _modules_after(tmp_path, "--root", root, "state", "gone") == "[] 0"
+    assert _modules_after(tmp_path, "--root", root, "start", "gone") == "[] 1"
+    assert _modules_after(tmp_path, "--root", root, "kill", "gone", "0") == "[] 1"
+    assert _modules_after(tmp_path, "--root", root, "delete", "gone") == "[] 0"
+    assert not os.path.exists(os.path.join(root, "gone"))
+
+
+def test_remove_tree_removes_a_tree_and_follows_no_symlink(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "keep").write_text("x")
+    top = tmp_path / "top"
+    (top / "a" / "b" / "c").mkdir(parents=True)
+    (top / "a" / "b" / "c" / "f").write_text("x")
+    (top / "file").write_text("x")
+    os.mkfifo(top / "a" / "fifo")
+    os.symlink(outside, top / "a" / "to-dir")
+    os.symlink(outside / "sub" / "keep", top / "to-file")
+    os.symlink(tmp_path / "nowhere", top / "dangling")
+    (top / "a" / "ro").mkdir()
+    (top / "a" / "ro" / "f").write_text("x")
+    os.chmod(top / "a" / "ro", 0o500)  # root removes it anyway; others leave it, as rmtree
+    rt.remove_tree(str(top))
+    if os.geteuid() == 0:
+        assert not top.exists()
+    assert (outside / "sub" / "keep").read_text() == "x"
+    rt.remove_tree(str(tmp_path / "missing"))  # no error, as rmtree(ignore_errors=True)
+    os.symlink(outside, tmp_path / "link")
+    rt.remove_tree(str(tmp_path / "link"))  # a symlink itself: left alone, as rmtree
+    assert (tmp_path / "link").is_symlink() and (outside / "sub" / "keep").exists()
+
+
+JSON_SAMPLES = [
+    {"a": 1, "b": [1, 2, {"c": None, "d": True, "e": False}], "f": "\u00e9<>&\u2028\x01\"\\",
+     "g": 1.5, "h": [], "i": {}, "j": (1, "x")},
+    [], {}, "x", "", 1, -7, 2**70, 1.0, -0.0, 1e300, 3.14159, None, True, [[[]]], {"k": [{}]},
+    {"a": {"b": {"c": [1, [2, [3]]]}}}, "\ud800", "\U0001f600",
+    {1: 2}, {1: 2, None: 3, 1.5: 4, True: 5}, float("nan"), [float("inf")], {"x": b"y"},
+    {"e": signal.SIGTERM}, [object()],
+]
+JSON_SAMPLES.append([JSON_SAMPLES])  # circular: json's ValueError
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"indent": 1}, {"indent": 2}, {"indent": 0},
+                                    {"ensure_ascii": False}, {"separators": (",", ":")},
+                                    {"ensure_ascii": False, "indent": 2, "separators": (",", ": ")}])
+def test_json_dumps_writes_what_json_writes(kwargs):
+    for obj in JSON_SAMPLES:
+        try:
+            expect = json.dumps(obj, **kwargs)
+        except (TypeError, ValueError) as e:
+            with pytest.raises(type(e), match=re.escape(str(e))):
+                rt.json_dumps(obj, **kwargs)
+        else:
+            assert rt.json_dumps(obj, **kwargs) == expect, obj
+
+
+def test_go_json_of_a_state_is_json_s():
+    state = {"ociVersion": "1.0.2", "id": "c<1>", "pid": 4242, "status": "running",
+             "bundle": "/b\u00e9", "rootfs": "/r", "created": "2026-01-01T00:00:00.5Z",
+             "annotations": {"a&b": "x"}, "owner": ""}
+    expect = json.dumps(state, ensure_ascii=False, indent=2, separators=(",", ": "))
+    expect = expect.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    assert rt.go_json(state, indent=2) == expect
+    assert rt.go_json([state]) == json.dumps([state], ensure_ascii=False, separators=(",", ":")) \
+        .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+@pytest.mark.parametrize("text", [
+    '{"a": 1}', ' [1,2] ', '\n{"a":"\\u00e9"}\n', '1', '"x"', 'NaN', '[Infinity, -Infinity]',
+    '{"a":1}x', '', ' ', '{"a":', '\ufeff{}', b'{"a": "\xc3\xa9"}', b'\xef\xbb\xbf{"a":1}',
+    '{"a":1}'.encode("utf-16"), '[1]'.encode("utf-16-le"), '[1]'.encode("utf-32-be"), b'\xff',
+    '1.5e3', '-0', '{"a":1,"a":2}', '[1,]', '\t[]\r', bytearray(b'[true]'), '"\x01"', 7,
+])
+def test_json_loads_reads_what_json_reads(text):
+    try:
+        expect = ("ok", json.loads(text))
+    except (TypeError, ValueError) as e:
+        with pytest.raises(type(e), match=re.escape(str(e))):
+            rt.json_loads(text)
+    else:
+        assert repr(("ok", rt.json_loads(text))) == repr(expect)
+
+
+def test_parse_signal_knows_the_names_signal_knows():
+    for sig in signal.Signals:
+        for name in (sig.name, sig.name[3:], sig.name.lower(), sig.name[3:].lower()):
+            assert rt.parse_signal(name) == int(sig), name
+    for alias in ("IOT", "CLD", "POLL"):
+        if hasattr(signal, "SIG" + alias):
+            assert rt.parse_signal(alias) == int(getattr(signal, "SIG" + alias))
+    for bad in ("SIG_DFL", "_DFL", "DFL", "SIG_IGN", "NSIG", "SIG", "", "foo", "sig-kill",
+                "Signals", "SIGDFL"):
+        with pytest.raises(rt.Error, match="^unknown signal "):
+            rt.parse_signal(bad)
 
 
 def test_parser_of_no_known_command_is_the_whole_parser(capsys):
