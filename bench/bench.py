@@ -318,6 +318,11 @@ class Bench:
         self.seq = 0
         self.runc = shutil.which("runc")
         self.python = sys.executable
+        # the runtime as users and engines run it: the installed program (its shell header
+        # and cached code) under /usr/bin/python3 (CC_OCI_PYTHON, set in main)
+        self.program = os.path.join(tmp, "cc-oci-runtime")
+        shutil.copy(RUNTIME, self.program)
+        os.chmod(self.program, 0o755)
 
     # -- set-up ------------------------------------------------------------
     def setup(self):
@@ -325,7 +330,7 @@ class Bench:
         self.rootfs = make_busybox_rootfs(os.path.join(tmp, "rootfs"))
         spec_dir = os.path.join(tmp, "spec")
         os.makedirs(spec_dir)
-        subprocess.run([self.python, RUNTIME, "spec", "-b", spec_dir], check=True,
+        subprocess.run([self.program, "spec", "-b", spec_dir], check=True,
                        stdin=subprocess.DEVNULL)
         base = os.path.join(spec_dir, "config.json")
         if self.opts.memory_limit:  # linux.resources.memory.limit for every bundle (runc's too)
@@ -372,10 +377,10 @@ class Bench:
         self.rt_ids.append(cid)
         out = os.path.join(self.tmp, "out-%s.txt" % cid)
         try:
-            secs, rc = run_timed([self.python, RUNTIME, "--root", self.rt_root, "run", "-b",
+            secs, rc = run_timed([self.program, "--root", self.rt_root, "run", "-b",
                                   self.bundle, cid], out, self.timeout)
         finally:
-            quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", cid])
+            quiet([self.program, "--root", self.rt_root, "delete", "--force", cid])
         if rc != 0:
             raise BenchError("cc-oci-runtime run %s: exit status %d: %s" % (cid, rc, _tail(out)))
         return secs
@@ -438,9 +443,7 @@ class Bench:
         ps on one running container (n rounds), then start of a freshly created /bin/true
         container and delete of it once stopped (n_lifecycle rounds, one create each,
         not timed); every round also takes one python -c pass."""
-        program = os.path.join(self.tmp, "cc-oci-runtime")
-        shutil.copy(RUNTIME, program)
-        os.chmod(program, 0o755)
+        program = self.program
         env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""),
                    CC_OCI_PYTHON="/usr/bin/python3")
         base = [program, "--root", self.rt_root]
@@ -478,7 +481,7 @@ class Bench:
                 for k, argv in kinds.items():
                     samples[k].append(timed(argv, k))
         finally:
-            quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", cid])
+            quiet([self.program, "--root", self.rt_root, "delete", "--force", cid])
         for i in range(n_lifecycle):
             lid = self._id("cli")
             self.rt_ids.append(lid)
@@ -491,7 +494,7 @@ class Bench:
                 if os.path.exists(os.path.join(self.rt_root, lid)):
                     raise BenchError("delete %s left its state directory" % lid)
             finally:
-                quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", lid])
+                quiet([self.program, "--root", self.rt_root, "delete", "--force", lid])
         return {k: round(statistics.median(v), 4) for k, v in samples.items()}
 
     # -- helpers for containers the measurements keep ---------------------------
@@ -499,7 +502,7 @@ class Bench:
         """One CLI call (not timed); its output. BenchError unless it succeeds."""
         out = os.path.join(self.tmp, "out-call-%d-%s.txt" % (os.getpid(), uuid_hex()))
         try:
-            _, rc = run_timed([self.python, RUNTIME, "--root", self.rt_root] + list(args), out,
+            _, rc = run_timed([self.program, "--root", self.rt_root] + list(args), out,
                               timeout or self.timeout)
             with open(out, errors="replace") as f:
                 text = f.read()
@@ -555,7 +558,7 @@ class Bench:
             result["vm_memory"] = str(self.vm["memory"])
             return result
         finally:
-            quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", cid])
+            quiet([self.program, "--root", self.rt_root, "delete", "--force", cid])
 
     # -- many idle containers at once ---------------------------------------
     def fleet(self, n, prefix, settle, parallel=5):
@@ -616,7 +619,7 @@ class Bench:
         finally:
             for cid in ids:
                 if os.path.exists(os.path.join(self.rt_root, cid)):
-                    quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", cid])
+                    quiet([self.program, "--root", self.rt_root, "delete", "--force", cid])
         deadline = time.monotonic() + 10
         while True:
             left = {"state dirs": sorted(c for c in ids
@@ -638,7 +641,7 @@ class Bench:
         """delete --force everything, then kill whatever still names the temp dir."""
         for cid in self.rt_ids:
             if os.path.exists(os.path.join(self.rt_root, cid)):
-                quiet([self.python, RUNTIME, "--root", self.rt_root, "delete", "--force", cid])
+                quiet([self.program, "--root", self.rt_root, "delete", "--force", cid])
         if self.runc:
             for cid in self.runc_ids:
                 if os.path.exists(os.path.join(self.runc_root, cid)):
@@ -857,6 +860,7 @@ def main(argv=None):
 
     def on_term(signum, _frame):
         raise SystemExit(128 + signum)
+    os.environ.setdefault("CC_OCI_PYTHON", "/usr/bin/python3")  # not a pyenv shim: see README
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
 
