@@ -4384,8 +4384,10 @@ class Agent:
         return None
 
     def _op_ps(self, _msg):
-        """The container's processes in the guest (not the agent), for the host's ps table."""
-        return {"op": "ps", "processes": guest_processes(), "mem_total": _mem_total_kb()}
+        """The container's processes in the guest (not the agent), for the host's ps table:
+        the trees of its first process and of the exec'd ones (orphans go to the first)."""
+        roots = [p["pid"] for p in self.procs.values() if p.get("pid") and p["status"] is None]
+        return {"op": "ps", "processes": guest_processes(roots), "mem_total": _mem_total_kb()}
 
     # -- processes ---------------------------------------------------------
     def _spawn(self, num, proc, exe):
@@ -5204,17 +5206,17 @@ def _home_of(uid, passwd="/etc/passwd"):
     return "/"
 
 
-def guest_processes():
-    """Every guest process but the agent and kernel threads, in the container's pid numbers:
-    [{pid, ppid, uid, ruid, gid, comm, args, state, tty, cpu (s), start (epoch s), vsz, rss
-    (KiB), nlwp, pgid, sid, nice, env}], sorted by pid."""
+def guest_processes(roots=None):
+    """The processes of the trees under roots (pids), or every process but PID 1 and kernel
+    threads, in the container's pid numbers: [{pid, ppid, uid, ruid, gid, comm, args, state,
+    tty, cpu (s), start (epoch s), vsz, rss (KiB), nlwp, pgid, sid, nice, env}], by pid."""
     ticks, page_kb = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE") // 1024
     with open("/proc/stat") as f:
         btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
     raw = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or name == "1":
-            continue
+    names = _process_trees(roots) if roots is not None else (
+        n for n in os.listdir("/proc") if n.isdigit() and n != "1")
+    for name in names:
         try:
             with open("/proc/%s/cmdline" % name, "rb") as f:
                 args = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
@@ -5240,6 +5242,24 @@ def guest_processes():
                     "pgid": nspid.get(int(f[2]), 0), "sid": nspid.get(int(f[3]), 0),
                     "nice": int(f[16]), "env": st["env"]})
     return sorted(out, key=lambda p: p["pid"])
+
+
+def _process_trees(roots):
+    """The pids (as /proc names) of roots and all their descendants: a walk of the children
+    lists, rather than a read of every process (the kernel's threads) under TCG."""
+    seen, todo = [], [str(r) for r in roots]
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        try:
+            for task in os.listdir("/proc/%s/task" % pid):
+                with open("/proc/%s/task/%s/children" % (pid, task)) as f:
+                    todo += f.read().split()
+        except OSError:  # gone meanwhile
+            continue
+    return seen
 
 
 def _mem_total_kb():

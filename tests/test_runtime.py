@@ -2347,6 +2347,25 @@ def test_ps_row_matches_procps_on_a_real_process():
         sleeper.wait()
 
 
+def test_guest_processes_of_process_trees():
+    """With roots, the trees under them (a grandchild included) and nothing else."""
+    child = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            procs = rt.guest_processes([child.pid])
+            if len(procs) == 2:
+                break
+            time.sleep(0.05)
+        assert [p["args"] for p in procs] == ["sh -c sleep 60 & wait", "sleep 60"]
+        assert procs[1]["ppid"] == child.pid
+        assert rt.guest_processes([]) == []
+        assert rt.guest_processes([2 ** 22 + 1]) == [], "a gone process is skipped"
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
 @pytest.mark.parametrize("opts, message", [
     (["-o", "comm"], "couldn't find PID field in ps output"),
     (["-o", "pid="], "couldn't find PID field in ps output"),
