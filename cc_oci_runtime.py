@@ -4186,6 +4186,7 @@ class Agent:
             return  # the container was deleted or killed before start
         state["status"] = "created"
         _exec_child(p, exe, fds, sock.fileno(), init_conf=c, hook_state=state, env=env)
+        os._exit(1)  # as runc's init when it cannot become the process after start
 
     def _mount_all(self, c):
         """The container's mounts under its root in the order given, with runc's /dev
@@ -4273,16 +4274,11 @@ class Agent:
         sock = proc.pop("init")
         try:
             child_fds, outs = self._stdio(proc, "/proc/%d/root" % proc["pid"])
-            try:
-                socket.send_fds(sock, [b"s"], list(child_fds))
+            try:  # the process is released, as runc's start does: what fails from here on
+                socket.send_fds(sock, [b"s"], list(child_fds))  # is its stderr and exit 1
             finally:
                 for fd in set(child_fds):
                     os.close(fd)
-            failure = b"".join(iter(lambda: sock.recv(65536), b""))  # EOF: exec'd
-            if failure:
-                for fd in set(outs) | {proc["stdin"]}:
-                    os.close(fd)
-                raise Error(failure.decode(errors="replace"))
         except (Error, OSError):
             proc["status"] = 127  # its pid namespace is spent: the container stops, as runc's does
             _kill_all()
@@ -4809,7 +4805,9 @@ def _populate_dev(dev):
 
 def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_state=None,
                 env=None):
-    """In the forked child: become the container process and exec it (errors to err_fd).
+    """In the forked child: become the container process and exec it (errors to err_fd; for
+    the container's own process, which start no longer waits for, to its stderr as runc's
+    init writes them: the caller then exits 1).
 
     The container's own process (init_conf given) is already in its mount namespace and
     root, and prepared (env: _prepare_exec's) (Agent._container_init); another process joins
@@ -4842,12 +4840,27 @@ def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_
             run_container_hooks(conf.get("hooks", {}), "startContainer", hook_state)
         os.execve(exe, p["args"], dict(e.split("=", 1) for e in env))
     except OSError as e:
-        msg = 'exec: "%s": %s' % (p["args"][0], e.strerror.lower() if e.strerror else e)
-        os.write(err_fd, msg.encode())
-    except Error as e:
-        os.write(err_fd, str(e).encode())
-    except Exception as e:  # a bug: still tell the host rather than exit silently
-        os.write(err_fd, ('exec: "%s": %r' % (p["args"][0], e)).encode())
+        why = e.strerror.lower() if e.strerror else e
+        if init_conf is not None:
+            _write_failure(fds, "exec %s: %s" % (exe, why))
+        else:
+            os.write(err_fd, ('exec: "%s": %s' % (p["args"][0], why)).encode())
+    except Exception as e:  # noqa: BLE001 (a bug too: tell rather than exit silently)
+        msg = str(e) if isinstance(e, Error) else 'exec: "%s": %r' % (p["args"][0], e)
+        if init_conf is not None:
+            _write_failure(fds, msg)
+        else:
+            os.write(err_fd, msg.encode())
+
+
+def _write_failure(fds, msg):
+    """The container process's last words, on its stderr (fd 2 once its stdio is in place)."""
+    for fd in (2, fds[2]):
+        try:
+            os.write(fd, (msg + "\n").encode())
+            return
+        except OSError:
+            continue
 
 
 def _prepare_exec(p):

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import rt
+import engines
 
 FIXTURES = "/work/shared/fixtures/engine-configs"
 RUNC = shutil.which("runc")
@@ -356,3 +357,22 @@ def test_exec_capabilities_and_seccomp(both, runtime, tmp_path):
     assert "CapAmb:\t0000000000002000" in theirs[0][1]
     assert "CapEff:\t00000000a80425fb" in theirs[1][1]
     assert ours == theirs
+
+
+def test_exec_failure_after_start_is_the_process_stderr_and_status_1(both, runtime, tmp_path):
+    """runc's start releases the process and returns: an exec that fails after it (here a file
+    of no executable format) is the container's stderr and exit status 1; start succeeds."""
+    root = engines.make_busybox_rootfs(tmp_path / "badroot")
+    bad = os.path.join(str(root), "bad")
+    with open(bad, "wb") as f:
+        f.write(b"\0\1not a program")
+    os.chmod(bad, 0o755)
+    root_spec = {"path": str(root), "readonly": False}
+    theirs, ours = both.both(["/bad"], root=root_spec)
+    assert theirs == (1, "exec /bad: exec format error\n")
+    assert ours == theirs
+    b = both.bundle(["/bad"], root=root_spec)
+    runtime("create", "-b", b, "spec-bad-exec", check=True)
+    assert runtime("start", "spec-bad-exec").returncode == 0
+    runtime.wait_status("spec-bad-exec", "stopped", timeout=60)
+    runtime("delete", "spec-bad-exec", check=True)
