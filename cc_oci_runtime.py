@@ -4379,11 +4379,13 @@ class Agent:
             _set_winsize(proc["master"], msg["rows"], msg["cols"])
         return None
 
-    def _op_ps(self, _msg):
+    def _op_ps(self, msg):
         """The container's processes in the guest (not the agent), for the host's ps table:
-        the trees of its first process and of the exec'd ones (orphans go to the first)."""
+        the trees of its first process and of the exec'd ones (orphans go to the first);
+        their environments only when the table shows them."""
         roots = [p["pid"] for p in self.procs.values() if p.get("pid") and p["status"] is None]
-        return {"op": "ps", "processes": guest_processes(roots), "mem_total": _mem_total_kb()}
+        return {"op": "ps", "processes": guest_processes(roots, env=msg.get("env", True)),
+                "mem_total": _mem_total_kb()}
 
     # -- processes ---------------------------------------------------------
     def _spawn(self, num, proc, exe):
@@ -5219,13 +5221,12 @@ def _home_of(uid, passwd="/etc/passwd"):
     return "/"
 
 
-def guest_processes(roots=None):
+def guest_processes(roots=None, env=True):
     """The processes of the trees under roots (pids), or every process but PID 1 and kernel
     threads, in the container's pid numbers: [{pid, ppid, uid, ruid, gid, comm, args, state,
-    tty, cpu (s), start (epoch s), vsz, rss (KiB), nlwp, pgid, sid, nice, env}], by pid."""
-    ticks, page_kb = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE") // 1024
-    with open("/proc/stat") as f:
-        btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
+    tty, cpu (s), start (epoch s), vsz, rss (KiB), nlwp, pgid, sid, nice, env}], by pid (env
+    empty unless asked for)."""
+    ticks, page_kb, btime, _ = _guest_constants()
     raw = {}
     names = _process_trees(roots) if roots is not None else (
         n for n in os.listdir("/proc") if n.isdigit() and n != "1")
@@ -5239,8 +5240,10 @@ def guest_processes(roots=None):
                 head, _, tail = f.read().decode(errors="replace").rpartition(")")
             with open("/proc/%s/status" % name) as f:
                 status = {k: v.split() for k, _, v in (ln.partition(":") for ln in f)}
-            with open("/proc/%s/environ" % name, "rb") as f:
-                status["env"] = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+            status["env"] = ""
+            if env:
+                with open("/proc/%s/environ" % name, "rb") as f:
+                    status["env"] = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         raw[int(name)] = (args, head.partition("(")[2], tail.split(), status)
@@ -5277,8 +5280,22 @@ def _process_trees(roots):
 
 def _mem_total_kb():
     """The guest's MemTotal in KiB (for %MEM)."""
-    with open("/proc/meminfo") as f:
-        return int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal:")))
+    return _guest_constants()[3]
+
+
+_CONSTANTS = []
+
+
+def _guest_constants():
+    """(clock ticks a second, page KiB, boot time, MemTotal KiB), read once: at the first ps,
+    after create has set the clock (the boot time moves with it; not read at boot)."""
+    if not _CONSTANTS:
+        with open("/proc/stat") as f:
+            btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
+        with open("/proc/meminfo") as f:
+            mem = int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal:")))
+        _CONSTANTS.append((os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE") // 1024, btime, mem))
+    return _CONSTANTS[0]
 
 
 # ===========================================================================
@@ -5853,7 +5870,7 @@ def cmd_ps(args):
     elif status == "paused":
         raise Error("container is paused: its processes cannot be listed")
     else:
-        reply = monitor_request(state, {"op": "ps"})
+        reply = monitor_request(state, {"op": "ps", "env": env})
         procs, mem_total = reply["processes"], reply.get("mem_total") or 1
     sys.stdout.write(ps_table(columns, procs, time.time(), mem_total, env))
 

@@ -2360,6 +2360,9 @@ def test_guest_processes_of_process_trees():
         assert [p["args"] for p in procs] == ["sh -c sleep 60 & wait", "sleep 60"]
         assert procs[1]["ppid"] == child.pid
         assert rt.guest_processes([]) == []
+        env = {p["pid"]: p["env"] for p in rt.guest_processes([child.pid], env=True)}
+        assert "PATH=" in env[child.pid]
+        assert {p["env"] for p in rt.guest_processes([child.pid], env=False)} == {""}
         assert rt.guest_processes([2 ** 22 + 1]) == [], "a gone process is skipped"
     finally:
         os.killpg(child.pid, signal.SIGKILL)
