@@ -112,7 +112,7 @@ DEFAULT_VM = {
     "memory": "256M",
     "cpus": 1,
     "boot_timeout": 60,
-    "tcg_tb_size": 16,
+    "tcg_tb_size": 32,
 }
 # The built-in hypervisor.args (the repository's copy is the same text): used when no
 # hypervisor.args file is found, so that the runtime works as one copied file.
@@ -1768,7 +1768,8 @@ def qemu_command(cid, vm, conf, state_dir, image, template=None, vm_uuid=None):
 
 def accel_option(vm):
     """-accel's value: kvm, or tcg with its translation cache capped at vm.tcg_tb_size MiB
-    (QEMU's own default lets an idle VM's cache grow to about 25 MiB of host memory)."""
+    (QEMU 7.2's default cap is 1 GiB of host memory; a container's create and start use about
+    25 MiB, and a cap below that slows them down by a third or more)."""
     accel = vm["accel_used"]
     if accel == "tcg" and vm.get("tcg_tb_size"):
         return "tcg,tb-size=%d" % vm["tcg_tb_size"]
