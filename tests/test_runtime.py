@@ -2347,6 +2347,15 @@ def test_ps_row_matches_procps_on_a_real_process():
         sleeper.wait()
 
 
+def test_status_fields_reads_just_the_keys_asked_for():
+    text = "Name:\tsleep\nUid:\t0\t1\t2\t3\nGid:\t5\t5\t5\t5\nNSpid:\t40\t1\nVmRSS:\t4 kB"
+    assert rt._status_fields(text, ("Uid", "NSpid", "Gid", "Cpus")) == {
+        "Uid": ["0", "1", "2", "3"], "NSpid": ["40", "1"], "Gid": ["5", "5", "5", "5"]}
+    assert rt._status_fields(text, ("VmRSS",)) == {"VmRSS": ["4", "kB"]}, "the last line too"
+    with open("/proc/self/status") as f:
+        assert rt._status_fields(f.read(), ("Uid",))["Uid"][0] == str(os.getuid())
+
+
 def test_guest_processes_of_process_trees():
     """With roots, the trees under them (a grandchild included) and nothing else."""
     child = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
