@@ -4125,8 +4125,7 @@ class Agent:
         its pid and the socket it waits for start on."""
         pid, parent = self.init_pid, self.init_sock
         try:
-            data = json_dumps(c).encode()
-            parent.sendall(struct.pack("!I", len(data)) + data)
+            send_msg(parent.fileno(), c)
             reply = parent.recv(65536)
             if reply == b"maps":  # in its user namespace: the maps are written from outside
                 write_id_mappings(pid, c["id_mappings"])
@@ -4152,8 +4151,9 @@ class Agent:
             _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
             mount(None, "/", None, MS_REC | MS_SLAVE)  # until the agent has mounted the rootfs
             _enter_container_cgroup(None)  # before the mounts: a cgroup mount shows its own
-            c = _recv_config(sock)
-            if c is None:
+            try:  # an agent protocol message, however long after boot the create comes
+                c = read_msg(sock.fileno(), FrameReader(), 1e9)
+            except Error:  # the VM is going away
                 return
             mount(None, "/", None, MS_REC | MS_PRIVATE)
             self._mount_all(c)
@@ -4733,17 +4733,6 @@ def _set_winsize(fd, rows, cols):
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _recv_config(sock):
-    """A length-prefixed JSON object from sock (None at end of file)."""
-    data = b""
-    while len(data) < 4 or len(data) < 4 + struct.unpack("!I", data[:4])[0]:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return None
-        data += chunk
-    return json_loads(data[4:])
-
-
 def _mount_tmpfs_copyup(source, target, flags, data):
     """A tmpfs that starts with what its mount point held (runc's tmpcopyup, e.g. podman's
     --tmpfs): mounted aside, filled, then moved over the mount point."""
@@ -4842,14 +4831,13 @@ def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_
         if hook_state is not None:
             run_container_hooks(conf.get("hooks", {}), "startContainer", hook_state)
         os.execve(exe, p["args"], dict(e.split("=", 1) for e in env))
-    except OSError as e:
-        why = e.strerror.lower() if e.strerror else e
-        if init_conf is not None:
-            _write_failure(fds, "exec %s: %s" % (exe, why))
-        else:
-            os.write(err_fd, ('exec: "%s": %s' % (p["args"][0], why)).encode())
     except Exception as e:  # noqa: BLE001 (a bug too: tell rather than exit silently)
-        msg = str(e) if isinstance(e, Error) else 'exec: "%s": %r' % (p["args"][0], e)
+        if isinstance(e, OSError):  # in runc's words: its init's after start, its exec's else
+            why = e.strerror.lower() if e.strerror else e
+            msg = ("exec %s: %s" % (exe, why) if init_conf is not None
+                   else 'exec: "%s": %s' % (p["args"][0], why))
+        else:
+            msg = str(e) if isinstance(e, Error) else 'exec: "%s": %r' % (p["args"][0], e)
         if init_conf is not None:
             _write_failure(fds, msg)
         else:

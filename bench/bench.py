@@ -83,7 +83,7 @@ def _tail(path, n=1500):
 # Processes
 # ---------------------------------------------------------------------------
 
-def run_timed(argv, out_path, timeout, cwd=None):
+def run_timed(argv, out_path, timeout, cwd=None, env=None):
     """Run argv with stdin from /dev/null and output in out_path; (seconds, exit code).
 
     Output goes to a file, not a pipe: a runtime's monitor inherits stdout/stderr and
@@ -102,7 +102,7 @@ def run_timed(argv, out_path, timeout, cwd=None):
                 pass
         t0 = time.monotonic()
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                             cwd=cwd, start_new_session=True)
+                             cwd=cwd, env=env, start_new_session=True)
         timer = threading.Timer(timeout, kill)
         timer.daemon = True
         timer.start()
@@ -451,22 +451,12 @@ class Bench:
         self.rt_ids.append(cid)
 
         def timed(argv, what):
-            """Wall time of argv, waited for by a blocking waitpid: subprocess.run's timeout
-            polls at growing intervals and rounds short times up to 15, 31, 63 ms."""
-            import threading
-            with tempfile.TemporaryFile() as err:
-                start = time.perf_counter()
-                p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=err, env=env)
-                timer = threading.Timer(60, p.kill)
-                timer.start()
-                rc = p.wait()
-                secs = time.perf_counter() - start
-                timer.cancel()
-                if rc != 0:
-                    err.seek(0)
-                    raise BenchError("%s: exit status %d: %s" % (what, rc,
-                                                                 err.read().decode(errors="replace")))
+            """Wall time of argv (run_timed's blocking waitpid: subprocess.run's timeout polls
+            at growing intervals and rounds short times up to 15, 31, 63 ms)."""
+            out = os.path.join(self.tmp, "out-cli.txt")
+            secs, rc = run_timed(argv, out, 60, env=env)
+            if rc != 0:
+                raise BenchError("%s: exit status %d: %s" % (what, rc, _tail(out)))
             return secs
         floor = ["/usr/bin/python3", "-c", "pass"]
         try:

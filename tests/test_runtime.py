@@ -753,15 +753,19 @@ def test_kernel_params_microvm_tcg_sets_tsc(monkeypatch):
     assert rt.kernel_params(vm, "kvm") == rt.BASE_KERNEL_PARAMS + " pci=off x=1"
 
 
-def test_recv_config_reads_a_length_prefixed_object_in_pieces():
+def test_container_config_reaches_the_init_in_pieces_as_one_message():
+    """The agent hands the container's first process its config as one protocol message."""
     a, b = socket.socketpair()
-    data = json.dumps({"id": "x" * 200000}).encode()
     with a, b:
-        a.sendall(struct.pack("!I", len(data)) + data[:5])
-        a.sendall(data[5:])
-        assert rt._recv_config(b) == {"id": "x" * 200000}
+        frame = rt.FRAME.pack(rt.MSG, 0, 0)  # the header's size
+        payload = rt.json_dumps({"id": "x" * 200000}).encode()
+        data = rt.FRAME.pack(rt.MSG, 0, len(payload)) + payload
+        a.sendall(data[:len(frame) - 1])
+        a.sendall(data[len(frame) - 1:])
+        assert rt.read_msg(b.fileno(), rt.FrameReader(), 30) == {"id": "x" * 200000}
         a.close()
-        assert rt._recv_config(b) is None, "end of file: no config (the VM is going away)"
+        with pytest.raises(rt.Error):  # end of file: no config (the VM is going away)
+            rt.read_msg(b.fileno(), rt.FrameReader(), 30)
 
 
 def test_tsc_khz(tmp_path):

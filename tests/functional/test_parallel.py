@@ -12,22 +12,6 @@ N = 10
 TIMEOUT = 600  # seconds per CLI call: ten VMs share two TCG cores
 
 
-def _children(pid):
-    """Direct children of pid (from every thread's children list)."""
-    out = set()
-    try:
-        tasks = os.listdir("/proc/%d/task" % pid)
-    except OSError:
-        return out
-    for t in tasks:
-        try:
-            with open("/proc/%d/task/%s/children" % (pid, t)) as f:
-                out.update(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    return out
-
-
 def _naming(path):
     """Live (non-zombie) pids whose command line names path or whose cwd is under it."""
     found = []
@@ -80,7 +64,7 @@ def test_ten_containers_in_parallel(runtime, tmp_path):
             assert (st["id"], st["status"]) == (cid, "running"), st
             monitors[cid] = int(pid_files[cid].read_text())
             assert st["pid"] == monitors[cid]
-            qemus[cid] = _children(monitors[cid])
+            qemus[cid] = rt.host_child_pid(monitors[cid])
             assert qemus[cid], "%s: its monitor %d has no child (QEMU)" % (cid, monitors[cid])
         listing = json.loads(r("list", "-f", "json", check=True).stdout)
         assert sorted((c["id"], c["status"]) for c in listing) == [(c, "running") for c in sorted(ids)]
@@ -98,7 +82,7 @@ def test_ten_containers_in_parallel(runtime, tmp_path):
                 r("delete", "--force", cid, timeout=TIMEOUT)
     assert os.listdir(root) == []
     assert r("list", "-q", check=True).stdout == ""
-    pids = set(monitors.values()).union(*qemus.values())
+    pids = set(monitors.values()) | set(qemus.values())
     assert poll(lambda: not [p for p in pids if rt.process_alive(p)], timeout=30), \
         "still alive: %s" % [p for p in pids if rt.process_alive(p)]
     assert poll(lambda: not _naming(root), timeout=30), _naming(root)
