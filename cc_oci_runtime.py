@@ -3178,6 +3178,9 @@ def net_probe():
 # Monitor: one per container, parent of QEMU, relay of stdio and signals
 # ===========================================================================
 
+_WORKLOAD = "workload"  # a pending request whose answer goes to the workload's stderr
+
+
 class Monitor:
     """Runs QEMU, boots the agent, relays stdio and signals, exits with the workload's status."""
 
@@ -3432,7 +3435,9 @@ class Monitor:
         """A reply to a request, or an exit event."""
         if "id" in msg:
             client = self.pending.pop(msg.pop("id"), None)
-            if client is not None:
+            if client is _WORKLOAD:
+                self._workload_error(msg.get("error"))
+            elif client is not None:
                 self._reply(client, msg)
             return
         if msg.get("op") == "oom":  # `events` reports it
@@ -3449,6 +3454,15 @@ class Monitor:
                 client = self.procs.pop(proc, None)
                 if client is not None:
                     self._reply(client, msg)
+
+    def _workload_error(self, error):
+        """A start the agent failed after we answered it: the workload's stderr says why."""
+        target = self.stderr if self.stderr is not None else self.stdout
+        if error and target is not None:
+            try:
+                _write_all(target, ("%s\n" % error).encode())
+            except OSError:
+                pass
 
     def _on_agent_data(self, stream, payload):
         """Output of a guest process: ours to stdout/stderr, an exec's to its client."""
@@ -3510,12 +3524,22 @@ class Monitor:
             self.procs[self.next_proc] = fd
             self.next_proc += 1
         msg["id"] = self.next_id
-        self.pending[self.next_id] = fd
+        self.pending[self.next_id] = _WORKLOAD if op == "start" else fd
         self.next_id += 1
         self._to_agent(lambda a: send_msg(a, msg))
-        if op == "start":  # after start: stdin that arrives earlier has nowhere to go
-            self._watch_stdin()
-            self.signals.append(signal.SIGWINCH)  # pass the initial terminal size
+        if op == "start":
+            self._started(fd)
+
+    def _started(self, fd):
+        """Answer start once it is on its way, as runc's start returns once the process is
+        released (what the agent fails at from here on is the workload's stderr); relay stdin
+        and the terminal size from now on (the channel keeps later requests behind it)."""
+        if self.exit_code is not None:
+            self._reply(fd, {"error": "container not running"})
+            return
+        self._reply(fd, {"op": "started"})
+        self._watch_stdin()
+        self.signals.append(signal.SIGWINCH)  # pass the initial terminal size
 
     def _to_agent(self, send):
         """Run send on the agent channel; a broken channel means the VM is gone."""
@@ -6970,5 +6994,17 @@ def main(argv=None):
         return 130
 
 
+def exit_now(code):
+    """Exit with code without tearing the interpreter down (some 4 ms for a file this size,
+    on every command): flush what the teardown would have flushed, then _exit. A stdout the
+    reader closed makes it 120, as Python's own exit does."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 120
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -2044,6 +2044,56 @@ def test_monitor_request_without_monitor(tmp_path):
         rt.monitor_request(st, {"op": "start"})
 
 
+def _bare_monitor(agent_fd, client_fd):
+    """A Monitor with just what its request relay uses (no VM, no QEMU)."""
+    m = object.__new__(rt.Monitor)
+    m.pending, m.procs, m.next_id, m.next_proc, m.signals = {}, {}, 1, 1, []
+    m.agent, m.exit_code, m.stdin, m.stdout, m.stderr = agent_fd, None, None, None, None
+    m.clients = {client_fd: {"reader": rt.FrameReader()}}
+    return m
+
+
+def test_monitor_answers_start_once_sent_and_a_later_failure_is_the_workload_stderr():
+    agent, guest = socket.socketpair()
+    client, cli = socket.socketpair()
+    err_r, err_w = os.pipe()
+    try:
+        m = _bare_monitor(agent.fileno(), client.fileno())
+        m.stderr = err_w
+        m._on_client_msg(client.fileno(), {"op": "start"})
+        assert rt.read_msg(cli.fileno(), rt.FrameReader(), 5) == {"op": "started"}
+        assert rt.read_msg(guest.fileno(), rt.FrameReader(), 5) == {"op": "start", "id": 1}
+        assert m.signals == [signal.SIGWINCH]  # the terminal size follows the start
+        m._on_agent_msg({"id": 1, "error": "cannot open the container's pty"})
+        m._on_client_msg(client.fileno(), {"op": "ps"})  # other requests still wait for the agent
+        assert rt.read_msg(guest.fileno(), rt.FrameReader(), 5) == {"op": "ps", "id": 2}
+        m._on_agent_msg({"id": 2, "procs": []})
+        assert rt.read_msg(cli.fileno(), rt.FrameReader(), 5) == {"procs": []}
+        os.close(err_w)
+        err_w = None
+        assert os.read(err_r, 200) == b"cannot open the container's pty\n"
+    finally:
+        for s in (agent, guest, client, cli):
+            s.close()
+        os.close(err_r)
+        if err_w is not None:
+            os.close(err_w)
+
+
+def test_monitor_start_of_a_gone_vm_is_an_error():
+    agent, guest = socket.socketpair()
+    client, cli = socket.socketpair()
+    try:
+        m = _bare_monitor(agent.fileno(), client.fileno())
+        m.exit_code = 137
+        m._on_client_msg(client.fileno(), {"op": "start"})
+        assert rt.read_msg(cli.fileno(), rt.FrameReader(), 5) == {"error": "container not running"}
+        assert m.signals == []
+    finally:
+        for s in (agent, guest, client, cli):
+            s.close()
+
+
 # -- hooks ------------------------------------------------------------------
 
 def test_run_hooks(tmp_path):
@@ -3636,6 +3686,31 @@ def test_short_commands_import_no_heavy_module(tmp_path):
     assert _modules_after(tmp_path, "--root", root, "kill", "gone", "0") == "[] 1"
     assert _modules_after(tmp_path, "--root", root, "delete", "gone") == "[] 0"
     assert not os.path.exists(os.path.join(root, "gone"))
+
+
+def _exit_now_in_child(code, close_stdout=False):
+    """(status, what reached stdout) of a child that writes buffered output and exit_now(code)s."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.dup2(w, 1)
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)))
+        sys.stdout.write("buffered line\n")
+        if close_stdout:
+            os.close(1)
+        rt.exit_now(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), out
+
+
+def test_exit_now_flushes_stdout_and_keeps_the_status():
+    assert _exit_now_in_child(3) == (3, b"buffered line\n")
+    assert _exit_now_in_child(0) == (0, b"buffered line\n")
+    assert _exit_now_in_child(0, close_stdout=True) == (120, b"")  # as Python's own exit
+    assert _exit_now_in_child(1, close_stdout=True) == (1, b"")
 
 
 def test_remove_tree_removes_a_tree_and_follows_no_symlink(tmp_path):
