@@ -504,6 +504,16 @@ class Log:
                 except OSError:
                     pass
 
+    def settings(self):
+        """What configure and the CLI set, for a process that carries on our log (restore)."""
+        return [self.path, self.fmt, self.global_path, self.debug_enabled, self.container_id,
+                self.stderr]
+
+    def restore(self, settings):
+        """Take over the settings of another process's log."""
+        (self.path, self.fmt, self.global_path, self.debug_enabled, self.container_id,
+         self.stderr) = settings
+
     def debug(self, msg, *args):
         """A line that only --debug records."""
         if self.debug_enabled:
@@ -5447,8 +5457,12 @@ def create_container(args, console_socket=None, foreground=False):
 
         def monitor_main(notify_fd):
             state.unlock()
-            return Monitor(state.dir, args.id, gconf, argv, vm, conf["netns"], notify_fd, stdio,
-                           restore, host_tty, conf["staged"], cgroups).run()
+            params = {"state_dir": state.dir, "cid": args.id, "gconf": gconf, "argv": argv,
+                      "vm": vm, "netns": conf["netns"], "notify_fd": notify_fd,
+                      "stdio": stdio, "restore": restore, "terminal": host_tty,
+                      "staged": conf["staged"], "cgroups": cgroups}
+            _exec_monitor(params, [fd for fd in stdio + (notify_fd, host_tty) if fd is not None])
+            return Monitor(**params).run()  # where exec is impossible: this copy of create
         monitor_pid, rfd = _fork_monitor(monitor_main, keep_stdio=host_tty is None,
                                          own_pid_ns=True)
         if host_tty is not None and console_socket:
@@ -5592,6 +5606,48 @@ def _fork_monitor(monitor_main, keep_stdio=True, own_pid_ns=False):
             line += chunk
         pid = int(line)
     return pid, rfd
+
+
+MONITOR_ARG = "--cc-oci-monitor"  # argv[1] of an exec'd monitor: FD STATE_DIR ID (see main)
+BOOTSTRAP = 'exec(open(__import__("sys").argv[1]).read(4096).split("#~~\\n")[1])'  # line 6's
+
+
+def _exec_monitor(params, fds):
+    """Become a fresh interpreter that runs only the monitor, which reads params (Monitor's
+    arguments) from a memfd: a forked create's heap would stay with the container for its
+    whole life (~4 MiB). fds are kept open across the exec, and then made what they were.
+    Returns when this file is not the running program or exec fails."""
+    script = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not sys.executable or script != os.path.realpath(__file__):
+        return
+    try:
+        fds = [[inherited, os.get_inheritable(inherited)] for inherited in set(fds)]
+        fd = os.memfd_create("cc-oci-monitor", 0)
+        _write_all(fd, json_dumps({"monitor": params, "started": STARTED, "log": LOG.settings(),
+                                   "fds": fds}).encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+        for inherited, _was in fds:
+            os.set_inheritable(inherited, True)
+        os.execv(sys.executable, [sys.executable, "-S", "-E", "-c", BOOTSTRAP, script, MONITOR_ARG,
+                                  str(fd), params["state_dir"], params["cid"]])
+    except (OSError, TypeError, ValueError) as e:
+        LOG.debug("monitor: running in the create's process: %s", e)
+
+
+def _run_exec_monitor(fd):
+    """An exec'd monitor (_exec_monitor): its arguments, the log settings, then its whole life."""
+    global STARTED
+    try:
+        with os.fdopen(fd, "rb") as f:
+            p = json_loads(f.read().decode())
+        for inherited, was in p["fds"]:  # as they were: QEMU must not hold the notify pipe
+            os.set_inheritable(inherited, was)
+        STARTED = p["started"]
+        LOG.restore(p["log"])
+        return Monitor(**p["monitor"]).run()
+    except BaseException as e:
+        LOG.debug("monitor: %r", e)
+        return 1
 
 
 def host_child_pid(pid):
@@ -6941,6 +6997,8 @@ def _close_inherited_fds(first):
 
 def main(argv=None):
     """Parse the command line, run one command, map errors to one line and exit 1."""
+    if argv is None and sys.argv[1:2] == [MONITOR_ARG]:  # before the agent's test: a monitor
+        return _run_exec_monitor(int(sys.argv[2]))     # can be PID 1 of its pid namespace
     if os.getpid() == 1 and argv is None:
         agent_main()
     argv_given = argv

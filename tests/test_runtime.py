@@ -2094,6 +2094,31 @@ def test_monitor_start_of_a_gone_vm_is_an_error():
             s.close()
 
 
+def test_exec_monitor_runs_a_fresh_interpreter_that_reports_on_the_notify_pipe(tmp_path):
+    r, w = os.pipe2(os.O_CLOEXEC)
+    params = {"state_dir": str(tmp_path), "cid": "c1", "gconf": {}, "argv": ["/nonexistent"],
+              "vm": {"boot_timeout": 5}, "netns": None, "notify_fd": w, "stdio": [0, 1, 2],
+              "restore": None, "terminal": None, "staged": [], "cgroups": []}
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            sys.argv[0] = rt.__file__  # as when the file is the running program
+            rt._exec_monitor(params, [w])
+        finally:
+            os._exit(99)  # _exec_monitor returned: no exec
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        report = json.loads(f.read())
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 1
+    assert report["error"].startswith("the VM exited during boot (status 127)")  # no QEMU
+
+
+def test_exec_monitor_only_replaces_the_running_program():
+    assert rt.os.path.realpath(sys.argv[0]) != rt.os.path.realpath(rt.__file__)  # pytest's
+    assert rt._exec_monitor({"state_dir": "/x", "cid": "c"}, []) is None  # returns, no exec
+
+
 # -- hooks ------------------------------------------------------------------
 
 def test_run_hooks(tmp_path):

@@ -50,7 +50,7 @@ def runtime_procs(cid, subcommand=None):
     for pid, argv in _proc_cmdlines().items():
         if pid == os.getpid():
             continue
-        if any(a.endswith("cc_oci_runtime.py") for a in argv[:2]) and cid in argv:
+        if any(a.endswith("cc_oci_runtime.py") for a in argv[:6]) and cid in argv:
             if subcommand is None or subcommand in argv:
                 pids.append(pid)
         elif subcommand is None and argv[0].endswith("qemu-system-x86_64") and "cc-" + cid[:32] in argv:
@@ -75,7 +75,7 @@ def leftover_runtime_procs(*markers, timeout=20):
     while True:
         cmdlines = _proc_cmdlines()
         left = {pid: " ".join(cmdlines[pid])[:200] for pid in engines.find_procs(*markers)
-                if pid in cmdlines and (any(a.endswith("cc_oci_runtime.py") for a in cmdlines[pid][:2])
+                if pid in cmdlines and (any(a.endswith("cc_oci_runtime.py") for a in cmdlines[pid][:6])
                                         or cmdlines[pid][0].endswith("qemu-system-x86_64"))}
         if not left or time.monotonic() > deadline:
             return left

@@ -62,7 +62,7 @@ def host_taps():
 def _runtime_pids():
     """Runtime processes (CLI, monitors) and their children (QEMU)."""
     table = engines.proc_table()
-    pids = {p for p, (_, argv, st) in table.items() if st != "Z" and RUNTIME in argv[:2]}
+    pids = {p for p, (_, argv, st) in table.items() if st != "Z" and RUNTIME in argv[:6]}  # an exec'd monitor: argv[5]
     while True:
         more = {p for p, (pp, _, st) in table.items() if pp in pids and st != "Z"} - pids
         if not more:
