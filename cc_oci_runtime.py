@@ -5406,7 +5406,26 @@ def _kill_container(state, wait=5.0):
     deadline = time.monotonic() + wait
     while any(process_alive(p, s) for p, s in targets) and time.monotonic() < deadline:
         _reap_children()
+        _wait_exit(next(t for t in targets if process_alive(*t)), min(deadline, time.monotonic() + 0.5))
+
+
+def _wait_exit(target, deadline):
+    """Sleep until the process target (pid, start time) exits or deadline: a pidfd wakes us the
+    moment it does (a 10 ms poll made delete 10-20 ms slower half the time)."""
+    pid, start = target
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
         time.sleep(0.01)
+        return
+    try:
+        if process_alive(pid, start):  # the pidfd is of the process we checked, not a new one
+            import select
+            poll = select.poll()
+            poll.register(fd, select.POLLIN)
+            poll.poll(max(0.0, deadline - time.monotonic()) * 1000)
+    finally:
+        os.close(fd)
 
 
 def _reap_children():

@@ -1373,6 +1373,31 @@ def test_proc_start_time_of_zombie_is_none():
     p.wait()
 
 
+def test_wait_exit_returns_once_the_process_has_exited():
+    p = subprocess.Popen(["sleep", "0.3"])
+    try:
+        target = (p.pid, rt.proc_start_time(p.pid))
+        rt._wait_exit(target, time.monotonic() + 30)
+        assert not rt.process_alive(*target)  # a zombie now: exited, not yet reaped
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_kill_container_kills_and_waits_for_monitor_and_qemu(tmp_path):
+    monitor, qemu = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"])
+    try:
+        st = rt.State(str(tmp_path), "c1")
+        st.data = {"pid": monitor.pid, "pid_start": rt.proc_start_time(monitor.pid),
+                   "vm": {"qemu_pid": qemu.pid, "qemu_start": rt.proc_start_time(qemu.pid)}}
+        rt._kill_container(st, wait=30)
+        assert not rt.process_alive(monitor.pid) and not rt.process_alive(qemu.pid)
+    finally:
+        for p in (monitor, qemu):  # (run's monitor is its child: _kill_container reaps)
+            p.kill()
+            p.wait()
+
+
 def test_list_states(tmp_path):
     root = tmp_path / "root"
     assert rt.list_states(str(root)) == []
