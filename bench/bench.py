@@ -323,6 +323,9 @@ class Bench:
         self.program = os.path.join(tmp, "cc-oci-runtime")
         shutil.copy(RUNTIME, self.program)
         os.chmod(self.program, 0o755)
+        for name in ("vm.json", "hypervisor.args"):  # beside it, as installed: the checkout's
+            if os.path.isfile(os.path.join(REPO, name)):  # settings, as the bare boot's
+                shutil.copy(os.path.join(REPO, name), os.path.join(tmp, name))
 
     # -- set-up ------------------------------------------------------------
     def setup(self):
