@@ -44,7 +44,8 @@ exec(code)
 
 One file, four roles (read top to bottom):
   CLI      one short-lived process per OCI command (create, start, kill, ...);
-  monitor  one per container, forked by create: parent of QEMU, relays stdio and
+  monitor  one per container, forked by create (then a fresh interpreter, exec'd with
+           its arguments in a memfd): parent of QEMU, relays stdio and
            signals, exits with the workload's status (its pid is the --pid-file pid);
   QEMU     the VM, started from hypervisor.args (@TAG@ expansion) and vm.json;
   agent    this same file as PID 1 in the guest, from an initramfs built from the
