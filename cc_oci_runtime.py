@@ -5407,7 +5407,8 @@ def _kill_container(state, wait=5.0):
     deadline = time.monotonic() + wait
     while any(process_alive(p, s) for p, s in targets) and time.monotonic() < deadline:
         _reap_children()
-        _wait_exit(next(t for t in targets if process_alive(*t)), min(deadline, time.monotonic() + 0.5))
+        alive = next(t for t in targets if process_alive(*t))
+        _wait_exit(alive, min(deadline, time.monotonic() + 0.5))
 
 
 def _wait_exit(target, deadline):
@@ -5640,18 +5641,28 @@ def _exec_monitor(params, fds):
     script = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if not sys.executable or script != os.path.realpath(__file__):
         return
+    kept = [[inherited, os.get_inheritable(inherited)] for inherited in set(fds)]
+    fd = None
     try:
-        fds = [[inherited, os.get_inheritable(inherited)] for inherited in set(fds)]
         fd = os.memfd_create("cc-oci-monitor", 0)
         _write_all(fd, json_dumps({"monitor": params, "started": STARTED, "log": LOG.settings(),
-                                   "fds": fds}).encode())
+                                   "fds": kept}).encode())
         os.lseek(fd, 0, os.SEEK_SET)
-        for inherited, _was in fds:
+        for inherited, _was in kept:
             os.set_inheritable(inherited, True)
         os.execv(sys.executable, [sys.executable, "-S", "-E", "-c", BOOTSTRAP, script, MONITOR_ARG,
                                   str(fd), params["state_dir"], params["cid"]])
     except (OSError, TypeError, ValueError) as e:
         LOG.debug("monitor: running in the create's process: %s", e)
+        _restore_inheritance(kept)  # QEMU must not hold the notify pipe
+        if fd is not None:
+            os.close(fd)
+
+
+def _restore_inheritance(kept):
+    """Make the fds _exec_monitor kept open across its exec ([fd, inheritable]) what they were."""
+    for inherited, was in kept:
+        os.set_inheritable(inherited, was)
 
 
 def _run_exec_monitor(fd):
@@ -5660,8 +5671,7 @@ def _run_exec_monitor(fd):
     try:
         with os.fdopen(fd, "rb") as f:
             p = json_loads(f.read().decode())
-        for inherited, was in p["fds"]:  # as they were: QEMU must not hold the notify pipe
-            os.set_inheritable(inherited, was)
+        _restore_inheritance(p["fds"])  # QEMU must not hold the notify pipe
         STARTED = p["started"]
         LOG.restore(p["log"])
         return Monitor(**p["monitor"]).run()

@@ -2139,6 +2139,20 @@ def test_exec_monitor_runs_a_fresh_interpreter_that_reports_on_the_notify_pipe(t
     assert report["error"].startswith("the VM exited during boot (status 127)")  # no QEMU
 
 
+def test_exec_monitor_that_cannot_exec_leaves_the_fds_as_they_were(monkeypatch):
+    r, w = os.pipe2(os.O_CLOEXEC)
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(rt.sys, "argv", [rt.__file__])
+    monkeypatch.setattr(rt.os, "execv", lambda *a: (_ for _ in ()).throw(OSError(8, "exec format")))
+    try:
+        assert rt._exec_monitor({"state_dir": "/x", "cid": "c", "notify_fd": w}, [w]) is None
+        assert not os.get_inheritable(w)  # or QEMU would hold the create's notify pipe open
+        assert set(os.listdir("/proc/self/fd")) == before  # the memfd closed
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_exec_monitor_only_replaces_the_running_program():
     assert rt.os.path.realpath(sys.argv[0]) != rt.os.path.realpath(rt.__file__)  # pytest's
     assert rt._exec_monitor({"state_dir": "/x", "cid": "c"}, []) is None  # returns, no exec
