@@ -3190,6 +3190,7 @@ def net_probe():
 # ===========================================================================
 
 _WORKLOAD = "workload"  # a pending request whose answer goes to the workload's stderr
+NAMESPACES_READY = b"namespaces"  # the monitor's first line to create: it is in them, QEMU starts
 
 
 class Monitor:
@@ -3219,6 +3220,8 @@ class Monitor:
             LOG.timeline("monitor: begins")
             self._setup()
             LOG.timeline("monitor: namespaces, cgroup and staged files set up")
+            if self.notify_fd is not None:  # create runs its hooks meanwhile
+                _write_all(self.notify_fd, NAMESPACES_READY + b"\n")
             self._boot()
         except (Error, OSError) as e:
             msg = str(e) if isinstance(e, Error) else "monitor: %s" % e
@@ -5393,6 +5396,29 @@ def _read_pipe(fd, timeout):
     return b"".join(chunks)
 
 
+def _read_line(fd, deadline):
+    """One line from a pipe, newline dropped, read a byte at a time so that the rest stays in
+    the pipe; what came before EOF or the deadline (time.monotonic()) otherwise."""
+    import select
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line.rstrip(b"\n")
+
+
+def _create_hooks(hooks, state):
+    """runc's create-time hooks (prestart, createRuntime) on the container's state."""
+    for name in ("prestart", "createRuntime"):
+        run_hooks(hooks, name, state.oci_state())
+    LOG.timeline("create: hooks run")
+
+
 def _kill_container(state, wait=5.0):
     """SIGKILL the monitor and QEMU of a container (if still theirs) and wait for them."""
     d = state.data
@@ -5491,7 +5517,12 @@ def create_container(args, console_socket=None, foreground=False):
         state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid), creating=True)
         state.save()  # from here on, delete --force finds the monitor even if we die
         LOG.timeline("create: monitor forked")
-        reply = _read_pipe(rfd, float(vm["boot_timeout"]) + 15)
+        deadline = time.monotonic() + float(vm["boot_timeout"]) + 15
+        first = _read_line(rfd, deadline)
+        if first == NAMESPACES_READY:  # the hooks meet the runtime environment as the VM boots
+            _create_hooks(conf["hooks"], state)
+            first = b""
+        reply = first + _read_pipe(rfd, max(0.0, deadline - time.monotonic()))
         LOG.timeline("create: the monitor reports the container created")
         result = json_loads(reply) if reply.strip() else {"error": "the monitor died during boot"}
         if result.get("error"):
@@ -5500,9 +5531,8 @@ def create_container(args, console_socket=None, foreground=False):
         qemu_pid = host_child_pid(monitor_pid)
         state.data["vm"].update(qemu_pid=qemu_pid, qemu_start=proc_start_time(qemu_pid or 0))
         state.save()
-        for name in ("prestart", "createRuntime"):
-            run_hooks(conf["hooks"], name, state.oci_state())
-        LOG.timeline("create: hooks run")
+        if first:  # a monitor that did not say when its namespaces were ready
+            _create_hooks(conf["hooks"], state)
         monitor_request(state, {"op": "network"}, timeout=float(vm["boot_timeout"]))
         LOG.timeline("create: network wired")
         if getattr(args, "pid_file", None):
@@ -5618,13 +5648,10 @@ def _fork_monitor(monitor_main, keep_stdio=True, own_pid_ns=False):
             os._exit(code)
     os.close(wfd)
     if own_pid_ns:
-        os.waitpid(pid, 0)
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = os.read(rfd, 1)
-            if not chunk:
-                raise Error("cannot start the container's monitor")
-            line += chunk
+        os.waitpid(pid, 0)  # (its child wrote the line before it exited)
+        line = _read_line(rfd, time.monotonic() + 10)
+        if not line.isdigit():
+            raise Error("cannot start the container's monitor")
         pid = int(line)
     return pid, rfd
 

@@ -2119,6 +2119,23 @@ def test_monitor_start_of_a_gone_vm_is_an_error():
             s.close()
 
 
+def test_read_line_leaves_the_rest_in_the_pipe_and_stops_at_eof_or_deadline():
+    r, w = os.pipe()
+    try:
+        os.write(w, b"namespaces\n{\"ok\": true}\n")
+        assert rt._read_line(r, time.monotonic() + 5) == b"namespaces"
+        assert rt._read_line(r, time.monotonic() + 5) == b'{"ok": true}'
+        assert rt._read_line(r, time.monotonic() + 0.05) == b""  # nothing more yet: deadline
+        os.write(w, b"partial")
+        os.close(w)
+        w = None
+        assert rt._read_line(r, time.monotonic() + 5) == b"partial"  # then EOF
+    finally:
+        os.close(r)
+        if w is not None:
+            os.close(w)
+
+
 def test_exec_monitor_runs_a_fresh_interpreter_that_reports_on_the_notify_pipe(tmp_path):
     r, w = os.pipe2(os.O_CLOEXEC)
     params = {"state_dir": str(tmp_path), "cid": "c1", "gconf": {}, "argv": ["/nonexistent"],
@@ -2134,9 +2151,10 @@ def test_exec_monitor_runs_a_fresh_interpreter_that_reports_on_the_notify_pipe(t
             os._exit(99)  # _exec_monitor returned: no exec
     os.close(w)
     with os.fdopen(r, "rb") as f:
-        report = json.loads(f.read())
+        ready, report = f.read().split(b"\n", 1)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 1
-    assert report["error"].startswith("the VM exited during boot (status 127)")  # no QEMU
+    assert ready == rt.NAMESPACES_READY  # set up: create runs its hooks while the VM boots
+    assert json.loads(report)["error"].startswith("the VM exited during boot (status 127)")
 
 
 def test_exec_monitor_that_cannot_exec_leaves_the_fds_as_they_were(monkeypatch):

@@ -249,6 +249,25 @@ def test_start_container_hook_runs_inside(both):
     assert ours == theirs
 
 
+def test_host_hooks_see_the_states_runc_gives_them(both, tmp_path):
+    """prestart and createRuntime get status "creating", as from runc (here they run while the
+    VM boots, once the monitor is in the container's namespaces). runc's poststart sees
+    "created" or "running", as its process races it: not compared."""
+    log, hook = tmp_path / "hook-states", tmp_path / "hook.sh"
+    hook.write_text("#!/bin/sh\nprintf '%%s %%s\\n' \"$1\" \"$(grep -o '\"status\": *\"[a-z]*\"' "
+                    "| tr -d ' ')\" >> %s\n" % log)
+    hook.chmod(0o755)
+    hooks = {name: [{"path": str(hook), "args": ["hook.sh", name]}]
+             for name in ("prestart", "createRuntime")}
+    b = both.bundle(["true"], hooks=hooks)
+    assert both.runc(b)[0] == 0
+    theirs = log.read_text()
+    log.unlink()
+    assert both.ours(b)[0] == 0
+    assert theirs == 'prestart "status":"creating"\ncreateRuntime "status":"creating"\n'
+    assert log.read_text() == theirs
+
+
 def test_failing_start_container_hook_fails(both):
     hook = {"path": "/bin/false"}
     theirs, ours = both.both(["echo", "never"], hooks={"startContainer": [hook]})
