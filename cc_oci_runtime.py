@@ -365,6 +365,26 @@ def go_json(obj, indent=None):
     return text
 
 
+def sha256(data=b""):
+    """hashlib.sha256 without importing hashlib, which loads OpenSSL (~5 ms of every create)."""
+    try:
+        from _sha2 import sha256 as new  # Python 3.12+
+    except ImportError:
+        try:
+            from _sha256 import sha256 as new
+        except ImportError:
+            from hashlib import sha256 as new
+    return new(data)
+
+
+def uuid4():
+    """A random (version 4) UUID string, without importing uuid (~4 ms)."""
+    b = bytearray(os.urandom(16))
+    b[6], b[8] = b[6] & 0x0F | 0x40, b[8] & 0x3F | 0x80
+    h = b.hex()
+    return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
 def write_atomic(path, data, mode=0o644):
     """Write data to path through a temp file, fsync and rename."""
     if isinstance(data, str):
@@ -1751,13 +1771,12 @@ def make_mountpoints(rootfs, mounts):
 def qemu_command(cid, vm, conf, state_dir, image, template=None, vm_uuid=None):
     """The full QEMU argv for one container: a cold boot, or with template (a dict of ram,
     share, incoming and shares) the template's build or a restore from it."""
-    import uuid
     accel = vm["accel_used"]
     machine = vm["machine"]
     bus = "device" if machine == "microvm" else "pci"
     shares = template["shares"] if template else share_list(conf, state_dir)
     tags = {
-        "NAME": "cc-" + cid[:32], "UUID": vm_uuid or str(uuid.uuid4()), "ACCEL": accel_option(vm),
+        "NAME": "cc-" + cid[:32], "UUID": vm_uuid or uuid4(), "ACCEL": accel_option(vm),
         "CPU": "host" if accel == "kvm" else "max",
         "MACHINE": "microvm,pit=on,pic=on,rtc=on" if machine == "microvm" else machine,
         "VIRTIO": bus, "MEMORY": vm["memory"], "CPUS": vm["cpus"],
@@ -1884,7 +1903,6 @@ def template_for(vm, image, slots=SHARE_SLOT_CLASSES[0]):
     """The directory of the saved template VM for this configuration (and number of
     bind-mount slots), built on first use; None when templates are off or hypervisor.args
     has no @MEMORY_BACKEND@/@INCOMING@."""
-    import hashlib
     text = hypervisor_args_text(vm)
     if not vm.get("template", True) or "@MEMORY_BACKEND@" not in text or "@INCOMING@" not in text:
         return None
@@ -1895,7 +1913,7 @@ def template_for(vm, image, slots=SHARE_SLOT_CLASSES[0]):
     probe = qemu_command("template", vm, None, None, image, spec, vm_uuid=str(UUID_ZERO))
     # the saved VM keeps the TSC rate it booted with; cpu MHz drifting must not rebuild it
     probe = [__import__("re").sub(r"tsc_early_khz=[0-9]+", "tsc_early_khz", a) for a in probe]
-    digest = hashlib.sha256(json_dumps(probe).encode())
+    digest = sha256(json_dumps(probe).encode())
     for path in (vm["qemu"], vm["kernel_image"], image):
         st = os.stat(path)
         digest.update(("%s|%d|%d" % (path, st.st_size, st.st_mtime_ns)).encode())
@@ -2447,11 +2465,10 @@ def _add_host_path(w, path, data=None, like=None):
 
 def _image_inputs(python, modules_dir):
     """The interpreter's manifest (cached per interpreter and script) and the module list."""
-    import hashlib
     with open(os.path.realpath(__file__), "rb") as f:
         script = f.read()
     st = os.stat(python)
-    key = hashlib.sha256(script + ("%s|%d|%d" % (python, st.st_size, st.st_mtime_ns)).encode())
+    key = sha256(script + ("%s|%d|%d" % (python, st.st_size, st.st_mtime_ns)).encode())
     manifest_path = os.path.join(CACHE_DIR, "manifest-%s.json" % key.hexdigest()[:20])
     try:
         with open(manifest_path) as f:
@@ -2461,15 +2478,41 @@ def _image_inputs(python, modules_dir):
         os.makedirs(CACHE_DIR, exist_ok=True)
         write_atomic(manifest_path, json_dumps(manifest))
         prune_cache("manifest-", manifest_path)
-    return script, manifest, guest_modules(modules_dir)
+    return script, manifest, _cached_guest_modules(modules_dir)
+
+
+def _cached_guest_modules(modules_dir):
+    """guest_modules, kept in the cache directory by the size and mtime of modules.dep and
+    modules.builtin (parsing modules.dep is some 10 ms of every create); the modules' own
+    files are in the image's key."""
+    key = sha256(("%s|%s" % (modules_dir, ",".join(GUEST_MODULES))).encode())
+    for name in ("modules.dep", "modules.builtin"):
+        try:
+            st = os.stat(os.path.join(modules_dir, name))
+            key.update(b"|%d|%d" % (st.st_size, st.st_mtime_ns))
+        except OSError:
+            key.update(b"|missing")
+    path = os.path.join(CACHE_DIR, "modules-%s.json" % key.hexdigest()[:20])
+    try:
+        with open(path) as f:
+            return json_loads(f.read())
+    except (OSError, ValueError):
+        pass
+    modules = guest_modules(modules_dir)
+    try:
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        write_atomic(path, json_dumps(modules))
+        prune_cache("modules-", path)
+    except OSError:
+        pass
+    return modules
 
 
 def guest_image(vm, python=None):
     """The initramfs for this host: built on first use, cached by its inputs, written atomically."""
-    import hashlib
     python = os.path.realpath(python or sys.executable)
     script, manifest, modules = _image_inputs(python, vm["modules_dir"])
-    digest = hashlib.sha256(script + b"%d" % IMAGE_FORMAT)
+    digest = sha256(script + b"%d" % IMAGE_FORMAT)
     files = [python] + manifest["maps"] + manifest["modules"] + modules + ["/etc/ld.so.cache"]
     for path in files:
         try:

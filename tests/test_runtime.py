@@ -1927,6 +1927,48 @@ def test_guest_modules_missing(tmp_path):
                               "modules)" % (tmp_path / "nowhere"))
 
 
+def test_cached_guest_modules_is_keyed_by_modules_dep(tmp_path, monkeypatch):
+    mods, cache = tmp_path / "mods", tmp_path / "cache"
+    mods.mkdir()
+    monkeypatch.setattr(rt, "CACHE_DIR", str(cache))
+    (mods / "modules.dep").write_text(MODULES_DEP)
+    (mods / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\n")
+    first = rt._cached_guest_modules(str(mods))
+    assert first == rt.guest_modules(str(mods))
+    entries = [e for e in os.listdir(cache) if e.startswith("modules-")]
+    assert len(entries) == 1
+    with open(cache / entries[0]) as f:
+        assert json.load(f) == first  # served from here while modules.dep is unchanged
+    (mods / "modules.dep").write_text(MODULES_DEP.replace("virtio_net.ko.xz:",
+                                                          "virtio_net.ko.xz: extra.ko")
+                                      + "extra.ko:\n")
+    second = rt._cached_guest_modules(str(mods))  # a new modules.dep: parsed again
+    assert str(mods / "extra.ko") in second and second == rt.guest_modules(str(mods))
+    for entry in os.listdir(cache):
+        with open(cache / entry, "w") as f:
+            f.write("{not json")
+    assert rt._cached_guest_modules(str(mods)) == second  # a bad entry is rebuilt
+
+
+def test_cached_guest_modules_without_a_writable_cache(tmp_path, monkeypatch):
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "modules.dep").write_text(MODULES_DEP)
+    (mods / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\n")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(rt, "CACHE_DIR", str(tmp_path / "file" / "cache"))  # cannot exist
+    assert rt._cached_guest_modules(str(mods)) == rt.guest_modules(str(mods))
+
+
+def test_sha256_and_uuid4_as_the_standard_library_makes_them():
+    import hashlib
+    assert rt.sha256(b"cc-oci").hexdigest() == hashlib.sha256(b"cc-oci").hexdigest()
+    ids = {rt.uuid4() for _ in range(100)}
+    assert len(ids) == 100
+    for u in ids:
+        assert str(uuid.UUID(u)) == u and uuid.UUID(u).version == 4 and uuid.UUID(u).variant == uuid.RFC_4122
+
+
 def test_module_bytes(tmp_path):
     payload = b"\x7fELF module"
     (tmp_path / "a.ko").write_bytes(payload)
