@@ -5423,18 +5423,22 @@ def run_hooks(hooks, name, state_obj, fatal=True):
         LOG.warning(str(err))
 
 
-def _read_pipe(fd, timeout):
-    """Everything written to a pipe until EOF, or what came before timeout."""
+def _read_ready(fd, deadline, size):
+    """os.read(fd, size) once fd is readable; b"" at EOF or the deadline (time.monotonic())."""
     import select
+    left = deadline - time.monotonic()
+    if left <= 0 or not select.select([fd], [], [], left)[0]:
+        return b""
+    return os.read(fd, size)
+
+
+def _read_pipe(fd, timeout):
+    """Everything written to a pipe until EOF, or what came before timeout; closes fd."""
     chunks, deadline = [], time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        data = os.read(fd, 4096)
-        if not data:
-            break
+    data = _read_ready(fd, deadline, 4096)
+    while data:
         chunks.append(data)
+        data = _read_ready(fd, deadline, 4096)
     os.close(fd)
     return b"".join(chunks)
 
@@ -5442,13 +5446,9 @@ def _read_pipe(fd, timeout):
 def _read_line(fd, deadline):
     """One line from a pipe, newline dropped, read a byte at a time so that the rest stays in
     the pipe; what came before EOF or the deadline (time.monotonic()) otherwise."""
-    import select
     line = b""
     while not line.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        byte = os.read(fd, 1)
+        byte = _read_ready(fd, deadline, 1)
         if not byte:
             break
         line += byte
