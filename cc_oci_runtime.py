@@ -368,12 +368,9 @@ def go_json(obj, indent=None):
 def sha256(data=b""):
     """hashlib.sha256 without importing hashlib, which loads OpenSSL (~5 ms of every create)."""
     try:
-        from _sha2 import sha256 as new  # Python 3.12+
+        from _sha256 import sha256 as new  # the C module behind hashlib's fallback (to 3.11)
     except ImportError:
-        try:
-            from _sha256 import sha256 as new
-        except ImportError:
-            from hashlib import sha256 as new
+        from hashlib import sha256 as new
     return new(data)
 
 
@@ -3771,8 +3768,8 @@ class Monitor:
 
 
 def _release_memory():
-    """Hand back to the host what the create that forked us left behind: a monitor lives as
-    long as its container (the freed memory of a compile, of the spec's parsing...)."""
+    """Hand back to the host what the boot freed (its arguments' JSON, the agent's replies;
+    the create's heap too in a monitor that could not exec): it lives as long as its container."""
     import gc
     gc.collect()
     try:
@@ -5561,7 +5558,7 @@ def create_container(args, console_socket=None, foreground=False):
         state.save()  # from here on, delete --force finds the monitor even if we die
         LOG.timeline("create: monitor forked")
         deadline = time.monotonic() + float(vm["boot_timeout"]) + 15
-        first = _read_line(rfd, deadline)
+        first = _read_line(rfd, deadline)  # NAMESPACES_READY, else the start of its error
         if first == NAMESPACES_READY:  # the hooks meet the runtime environment as the VM boots
             _create_hooks(conf["hooks"], state)
             first = b""
@@ -5574,8 +5571,6 @@ def create_container(args, console_socket=None, foreground=False):
         qemu_pid = host_child_pid(monitor_pid)
         state.data["vm"].update(qemu_pid=qemu_pid, qemu_start=proc_start_time(qemu_pid or 0))
         state.save()
-        if first:  # a monitor that did not say when its namespaces were ready
-            _create_hooks(conf["hooks"], state)
         monitor_request(state, {"op": "network"}, timeout=float(vm["boot_timeout"]))
         LOG.timeline("create: network wired")
         if getattr(args, "pid_file", None):

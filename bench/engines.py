@@ -189,6 +189,23 @@ def _summary(ts):
             "max": round(max(ts), 4), "samples": [round(t, 4) for t in ts]}
 
 
+def _engine_figures(engine, ours, theirs, traced, n, echo, calls, glog):
+    """One engine's `run --rm bb true` with this runtime (ours) and with runc (theirs), taken
+    round robin: their times, the ratio of the medians and, given traced (a traced run), the
+    timeline of one run."""
+    mine, runc_kind = "%s + cc-oci-runtime" % engine, "%s + runc" % engine
+    times = measure({mine: ours, runc_kind: theirs}, n)
+    res = {"times": {k: _summary(v) for k, v in times.items()}}
+    res["ratio"] = round(res["times"][mine]["median"] / res["times"][runc_kind]["median"], 3)
+    if echo:
+        report("%s run --rm bb true (n=%d)" % (engine, n), times)
+    if traced:
+        res["timeline"] = trace(traced, calls, glog)
+        if echo:
+            print_timeline("`%s run --rm bb true`" % engine, res["timeline"])
+    return res
+
+
 def run_all(n, docker=True, do_trace=True, echo=True):
     """Measure both engines (n timed runs per kind, round-robin) and trace one run of each.
 
@@ -207,37 +224,20 @@ def run_all(n, docker=True, do_trace=True, echo=True):
         with engines.Podman(os.path.join(base, "podman"), RUNTIME) as pm:
             pm.import_image(rootfs, "bb")
             cmd = ("run", "--rm", "--network", "none", "bb", "true")
-            times = measure({
-                "podman + cc-oci-runtime": lambda: pm.run("--runtime", "cc-oci-runtime", *cmd),
-                "podman + runc": lambda: pm.run("--runtime", runc, *cmd)}, n)
-            res = out["podman"] = {"times": {k: _summary(v) for k, v in times.items()}}
-            res["ratio"] = round(res["times"]["podman + cc-oci-runtime"]["median"]
-                                 / res["times"]["podman + runc"]["median"], 3)
-            if echo:
-                report("podman run --rm bb true (n=%d)" % n, times)
-            if do_trace:
-                res["timeline"] = trace(lambda: pm.run("--runtime", tracer, *cmd), calls, glog)
-                if echo:
-                    print_timeline("`podman run --rm bb true`", res["timeline"])
+            out["podman"] = _engine_figures(
+                "podman", lambda: pm.run("--runtime", "cc-oci-runtime", *cmd),
+                lambda: pm.run("--runtime", runc, *cmd),
+                do_trace and (lambda: pm.run("--runtime", tracer, *cmd)), n, echo, calls, glog)
         if docker:
             with engines.Docker(os.path.join(base, "docker"), RUNTIME,
                                 extra_runtimes={"cc-traced": tracer}) as dk:
                 dk.import_image(rootfs, "bb")
                 cmd = ("--network", "none", "bb", "true")
-                times = measure({
-                    "docker + cc-oci-runtime": lambda: dk.run("run", "--rm", "--runtime",
-                                                              "cc-oci-runtime", *cmd),
-                    "docker + runc": lambda: dk.run("run", "--rm", "--runtime", "runc", *cmd)}, n)
-                res = out["docker"] = {"times": {k: _summary(v) for k, v in times.items()}}
-                res["ratio"] = round(res["times"]["docker + cc-oci-runtime"]["median"]
-                                     / res["times"]["docker + runc"]["median"], 3)
-                if echo:
-                    report("docker run --rm bb true (n=%d)" % n, times)
-                if do_trace:
-                    res["timeline"] = trace(
-                        lambda: dk.run("run", "--rm", "--runtime", "cc-traced", *cmd), calls, glog)
-                    if echo:
-                        print_timeline("`docker run --rm bb true`", res["timeline"])
+                out["docker"] = _engine_figures(
+                    "docker", lambda: dk.run("run", "--rm", "--runtime", "cc-oci-runtime", *cmd),
+                    lambda: dk.run("run", "--rm", "--runtime", "runc", *cmd),
+                    do_trace and (lambda: dk.run("run", "--rm", "--runtime", "cc-traced", *cmd)),
+                    n, echo, calls, glog)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return out
