@@ -3,9 +3,10 @@ PYTHON ?= python3
 RUNTIME := $(CURDIR)/cc_oci_runtime.py
 BUILD := $(CURDIR)/build
 APT_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static runc podman conmon \
-	docker.io containerd iproute2 util-linux bsdextrautils netavark aardvark-dns iptables
+	docker.io containerd iproute2 util-linux bsdutils bsdextrautils netavark aardvark-dns \
+	iptables containernetworking-plugins docker-compose cpio procps
 
-.PHONY: deps demo test test-unit test-functional bench check clean
+.PHONY: deps demo test test-needs test-unit test-functional bench check clean
 
 deps:  ## install what the runtime and the tests need (Debian/Ubuntu, as root)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -30,7 +31,10 @@ demo: deps $(BUILD)/demo/config.json  ## run a busybox container in a VM
 	@echo "host kernel:  $$(uname -r)"
 	$(PYTHON) $(RUNTIME) run -b $(BUILD)/demo demo-$$$$
 
-test: deps test-unit test-functional  ## everything CI runs
+test: deps test-needs test-unit test-functional  ## everything CI runs
+
+test-needs:  ## one line naming each program or path the tests use that this host lacks
+	$(PYTHON) tests/functional/host_needs.py
 
 test-unit:
 	$(PYTHON) -m pytest -q tests/test_runtime.py

@@ -4368,3 +4368,47 @@ def test_tail_of_qemu_log_leaves_out_the_unused_nic_hub_warnings(tmp_path):
                    "qemu: -kernel: no such file\nqemu: warning: hub 1 is not connected to host network\n")
     assert rt._tail(str(log)) == "qemu: -kernel: no such file"
     assert rt._tail(str(tmp_path / "missing")) == ""
+
+
+# ===========================================================================
+# 12. The test suite's own host needs (tests/functional/host_needs.py)
+# ===========================================================================
+
+sys.path.insert(0, os.path.join(REPO, "tests", "functional"))
+import host_needs  # noqa: E402
+
+
+def _makefile_packages():
+    """The Makefile's APT_PACKAGES, the list `make deps` installs."""
+    text = open(os.path.join(REPO, "Makefile")).read()
+    m = re.search(r"^APT_PACKAGES\s*:?=((?:.*\\\n)*.*)$", text, re.M)
+    return set(m.group(1).replace("\\\n", " ").split())
+
+
+def test_make_deps_installs_every_package_the_suite_needs():
+    needed = {pkg for _, pkg in host_needs.NEEDS}
+    assert needed - _makefile_packages() == set()
+
+
+def test_host_needs_names_what_is_missing_and_its_package(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    prog = tmp_path / "bin" / "have-it"
+    prog.write_text("#!/bin/sh\n")
+    prog.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    needs = [("have-it", "pkg-a"), ("no-such-program-cc", "pkg-b"),
+             (str(tmp_path / "no-dir" / "plugin"), "pkg-c"), (str(tmp_path / "bin" / "*"), "pkg-d")]
+    lacking = host_needs.missing(needs)
+    assert lacking == [("no-such-program-cc", "pkg-b"), (str(tmp_path / "no-dir" / "plugin"), "pkg-c")]
+    line = host_needs.report(lacking)
+    assert "\n" not in line and "no-such-program-cc (pkg-b)" in line
+    assert line.endswith("apt-get install -y pkg-b pkg-c)")
+    assert host_needs.report([]) == ""
+
+
+def test_host_needs_exits_1_with_one_line_when_something_is_missing(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path))  # nothing on PATH: every program is missing
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "functional", "host_needs.py")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and "podman (podman)" in r.stderr

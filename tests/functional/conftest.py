@@ -15,7 +15,15 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
 import engines  # noqa: E402
+import host_needs  # noqa: E402
 import cc_oci_runtime as rt  # noqa: E402
+
+
+def pytest_sessionstart(session):
+    """Stop at once, in one line, when the host lacks a program or path the suite uses."""
+    line = host_needs.report(host_needs.missing())
+    if line:
+        pytest.exit(line, returncode=3)
 
 
 @pytest.fixture(scope="session")
