@@ -3608,6 +3608,8 @@ class Monitor:
     def _on_stdin(self, _key):
         """The container's stdin, passed on to the workload (empty = EOF)."""
         data = _read_or_eof(self.stdin)
+        if data is None:
+            return
         self._to_agent(lambda a: send_data(a, stream_id(0, 0), data))
         if not data:
             if self.stdin_is_file:
@@ -3841,6 +3843,8 @@ class ExecMonitor:
                     _drain(rfd)
                 elif key.data == "stdin":
                     data = _read_or_eof(self.stdin)
+                    if data is None:
+                        continue
                     send_data(self.sock.fileno(), stream_id(self.proc, 0), data)
                     if not data:
                         sel.unregister(self.stdin)
@@ -3900,9 +3904,11 @@ def _drain(fd):
 
 
 def _read_or_eof(fd):
-    """Read what is there; an error counts as end-of-file."""
+    """Read what is there; an error counts as end-of-file, None is nothing to read after all."""
     try:
         return os.read(fd, CHUNK)
+    except BlockingIOError:
+        return None
     except OSError:
         return b""
 
@@ -5760,7 +5766,7 @@ def _container_stdio(terminal, console_socket, process):
     if not terminal:
         return (0, 1, 2), None
     if not console_socket:  # run in the foreground on the caller's own terminal
-        return (0, 1, None), None
+        return (_nonblocking_tty(0), 1, None), None
     import tty
     master, slave = os.openpty()
     tty.setraw(slave)
@@ -5772,6 +5778,19 @@ def _container_stdio(terminal, console_socket, process):
     finally:
         os.close(master)
     return (slave, slave, None), slave
+
+
+def _nonblocking_tty(fd):
+    """fd, or when it is a terminal a new open file description of it that is non-blocking for
+    the monitor alone: a poll that finds it readable can be followed by a read that would block
+    (an EOF pending in canonical mode is dropped when the caller's terminal is made raw in
+    between), and O_NONBLOCK on fd itself would reach the caller's shell, which shares it."""
+    if not os.isatty(fd):
+        return fd
+    try:
+        return os.open("/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return fd
 
 
 def send_console(path, fd):

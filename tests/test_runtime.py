@@ -4412,3 +4412,37 @@ def test_host_needs_exits_1_with_one_line_when_something_is_missing(tmp_path):
                        capture_output=True, text=True, env=env)
     assert r.returncode == 1 and r.stdout == ""
     assert len(r.stderr.splitlines()) == 1 and "podman (podman)" in r.stderr
+
+
+def test_a_terminal_stdin_the_monitor_polls_cannot_block_its_read():
+    """The hang of a foreground `run` on a terminal: poll finds the caller's tty readable (an
+    EOF, ^D, pending in canonical mode), `run` then makes the terminal raw, which drops it."""
+    import termios
+    import tty
+    master, slave = os.openpty()
+    try:
+        fd = rt._nonblocking_tty(slave)
+        assert fd != slave and not os.get_blocking(fd) and os.get_blocking(slave)
+        os.write(master, termios.tcgetattr(slave)[6][termios.VEOF])
+        assert select_readable(fd)
+        tty.setraw(slave)
+        assert rt._read_or_eof(fd) is None  # a blocking read of slave would wait forever here
+        os.write(master, b"x")
+        assert rt._read_or_eof(fd) == b"x"
+        os.close(fd)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def select_readable(fd):
+    """True when poll says fd is readable now."""
+    import select
+    return bool(select.select([fd], [], [], 1)[0])
+
+
+def test_a_stdin_that_is_no_terminal_is_passed_as_it_is(tmp_path):
+    r, w = os.pipe()
+    assert rt._nonblocking_tty(r) == r
+    os.close(r)
+    os.close(w)
