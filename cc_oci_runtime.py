@@ -698,6 +698,9 @@ class State:
             return "stopped"
         if vm.get("qemu_pid") and not process_alive(vm["qemu_pid"], vm.get("qemu_start")):
             return "stopped"
+        sandbox = d.get("sandbox") or {}  # a pod member: its pod's VM
+        if sandbox.get("qemu_pid") and not process_alive(sandbox["qemu_pid"], sandbox.get("qemu_start")):
+            return "stopped"
         if d.get("paused"):
             return "paused"
         return "running" if d.get("started") else "created"
@@ -954,6 +957,8 @@ def _spec_linux(conf, value):
             _need(not path or os.path.exists(path), field + ".path",
                   "%s: no such file or directory" % path)
             conf["netns"] = path or "new"
+        if ns["type"] == "pid":
+            conf["pid_ns_path"] = path  # a pod member's: it shares its sandbox's
     conf["masked"] = _str_list(value.get("maskedPaths", []), "linux.maskedPaths")
     conf["readonly_paths"] = _str_list(value.get("readonlyPaths", []), "linux.readonlyPaths")
     sysctl = _obj(value.get("sysctl", {}), "linux.sysctl")
@@ -1695,6 +1700,10 @@ def share_list(conf, state_dir):
             shares.append((by_key[path, ro], path, ro))
         m["share"], m["subpath"] = by_key[path, ro], sub
     conf["staged"] = staged
+    conf["pod_tag"] = None
+    if len(shares) - 1 < (share_slots_for(shares) or 0):  # a spare slot: members can join
+        conf["pod_tag"] = "share%d" % (len(shares) - 1)
+        shares.append((conf["pod_tag"], os.path.join(files, POD_DIR), False))
     return shares
 
 
@@ -1714,15 +1723,18 @@ def share_args(shares, bus):
 
 def stage_files(state_dir, staged):
     """In the monitor's private mount namespace: a small tmpfs at FILES_DIR holding an empty
-    read-only directory (what a restored VM's spare 9p slots export) and each bind-mounted
-    file bound onto a file of its own; then the tmpfs itself is made read-only, so the VM
-    can write the files it was given and nothing else."""
+    read-only directory (what a restored VM's spare 9p slots export), the pod export's empty
+    member slots, and each bind-mounted file bound onto a file of its own; then the tmpfs
+    itself is made read-only, so the VM can write the files it was given and nothing else."""
     files = os.path.join(state_dir, FILES_DIR)
     os.makedirs(files, exist_ok=True)
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
-    mount("tmpfs", files, "tmpfs", flags, "mode=0755,size=64k,nr_inodes=%d" % (len(staged) + 8))
-    for sub in ("ro", "rw", "empty"):
+    mount("tmpfs", files, "tmpfs", flags, "mode=0755,size=64k,nr_inodes=%d"
+          % (len(staged) + POD_SLOTS + 9))
+    for sub in ("ro", "rw", "empty", POD_DIR):
         os.mkdir(os.path.join(files, sub), 0o555)
+    for slot in range(POD_SLOTS):  # where members' files are mounted (see export_member)
+        os.mkdir(os.path.join(files, POD_DIR, str(slot)), 0o555)
     for src, dst, ro in staged:
         os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o444))
         try:
@@ -2229,6 +2241,229 @@ def update_host_cgroup(dirs, vm_memory, resources):
 
 
 # ===========================================================================
+# Pods (host side): which containers share a VM, and how a member's files reach it
+# ===========================================================================
+# A pod is one VM. Its sandbox container (Kubernetes' pause, podman's infra) restores the VM
+# as any container does; every other container of the pod, a member, runs in that VM. The
+# managers say which is which in annotations (Kata 1.x's rule). Every VM exports one more
+# directory on a spare 9p slot, <state>/files/pod: slot directories on the monitor's
+# read-only tmpfs. A member's create clones its rootfs and bind sources (open_tree) in the
+# host's mount namespace, enters the sandbox monitor's (QEMU's), assembles them there on a
+# tmpfs of the member's own (read-only binds remounted read-only), makes that tmpfs
+# read-only and moves it onto a free slot. QEMU's 9p server resolves every lookup beneath
+# the export, so the VM sees the member's files from then on, in their modes, and nothing
+# of them once delete has unmounted the slot.
+
+POD_TYPE_KEYS = (("io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"),
+                 ("io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"))
+POD_SIZE_KEYS = {"memory": "io.kubernetes.cri.sandbox-memory",
+                 "quota": "io.kubernetes.cri.sandbox-cpu-quota",
+                 "period": "io.kubernetes.cri.sandbox-cpu-period"}
+POD_DIR = "pod"  # in FILES_DIR: the pod export, with a directory per member slot
+POD_SLOTS = 32
+SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # x86_64
+OPEN_TREE_CLONE, AT_RECURSIVE, AT_EMPTY_PATH, AT_FDCWD = 1, 0x8000, 0x1000, -100
+MOVE_MOUNT_F_EMPTY_PATH = 4
+
+
+def pod_role(cid, annotations):
+    """(role, sandbox id, strict) from the manager's annotations: role "sandbox", "member" or
+    None (a container of its own); strict for containerd's, whose member must find its VM."""
+    for i, (type_key, id_key) in enumerate(POD_TYPE_KEYS):
+        kind = annotations.get(type_key)
+        if kind is None:
+            continue
+        sandbox_id = annotations.get(id_key) or ""
+        if kind == "sandbox":
+            if sandbox_id and sandbox_id != cid:
+                raise Error("annotations: %s: %s names another sandbox than this one (%s)"
+                            % (id_key, sandbox_id, cid))
+            return "sandbox", cid, i == 0
+        if kind == "container":
+            if not sandbox_id:
+                raise Error("annotations: %s: a pod member needs its sandbox's id" % id_key)
+            return "member", sandbox_id, i == 0
+        raise Error("annotations: %s: unknown container type %r (sandbox or container)"
+                    % (type_key, kind))
+    return None, None, False
+
+
+def pod_vm_size(vm, annotations):
+    """A sandbox's VM sized for its pod: containerd's totals of the pod's limits, if given."""
+    resources = {"memory": {}, "cpu": {}}
+    for key, name in POD_SIZE_KEYS.items():
+        text = annotations.get(name, "")
+        if text.lstrip("-").isdigit() and int(text) > 0:
+            resources["memory" if key == "memory" else "cpu"][
+                "limit" if key == "memory" else key] = int(text)
+    if resources["memory"] or resources["cpu"].get("quota"):
+        size_vm(vm, resources)
+    return vm
+
+
+def find_sandbox(root, sandbox_id, strict):
+    """The state (loaded) of the running VM container a member joins, or None when there is
+    none and the member gets a VM of its own (podman's pod with a runc infra); strict: none is
+    an error. A stopped sandbox, a member named as sandbox or a VM without room are errors."""
+    try:
+        state = State(root, sandbox_id)
+    except Error:
+        raise Error("annotations: the sandbox id %r is not a container id" % sandbox_id) from None
+    if not state.exists():
+        if strict:
+            raise Error("pod: sandbox %s: no such container of this runtime (a pod's sandbox "
+                        "must run under the same runtime and --root)" % sandbox_id)
+        return None
+    state.load()
+    if state.data.get("sandbox"):
+        raise Error("pod: %s is a member of pod %s, not a sandbox"
+                    % (sandbox_id, state.data["sandbox"]["id"]))
+    status = state.status()
+    if status not in ("created", "running", "paused"):
+        raise Error("pod: the pod's sandbox %s is %s" % (sandbox_id, status))
+    if not state.data.get("pod"):
+        raise Error("pod: sandbox %s: its VM has no 9p slot left for members (it has %d "
+                    "bind-mount sources)" % (sandbox_id, SHARE_SLOTS))
+    return state
+
+
+def claim_pod_slot(sandbox_dir, member_id):
+    """A free member slot of a sandbox's pod export: the file members/<slot> of its state
+    directory, made exclusively (two creates never get one slot), naming the member."""
+    claims = os.path.join(sandbox_dir, "members")
+    os.makedirs(claims, exist_ok=True)
+    for slot in range(POD_SLOTS):
+        try:
+            fd = os.open(os.path.join(claims, str(slot)), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            _write_all(fd, member_id.encode())
+        finally:
+            os.close(fd)
+        return slot
+    raise Error("pod: sandbox %s: all %d member slots are in use"
+                % (os.path.basename(sandbox_dir), POD_SLOTS))
+
+
+def release_pod_slot(sandbox_dir, slot):
+    """Give a member's slot back (nothing to do once the sandbox is gone)."""
+    try:
+        os.unlink(os.path.join(sandbox_dir, "members", str(slot)))
+    except (OSError, TypeError):
+        pass
+
+
+def member_trees(conf, slot):
+    """What of a member's config the VM needs, as [(name, host path, is a directory, read-only,
+    recursive)] (rootfs, then b<i> for bind mount i); tags each bind mount with its pod_path."""
+    trees = [("rootfs", conf["root"]["path"], True, bool(conf["root"]["readonly"]), False)]
+    for i, m in enumerate(conf["mounts"]):
+        if m["type"] != "bind":
+            continue
+        src = os.path.realpath(m["source"])
+        if not (os.path.isdir(src) or os.path.isfile(src)):
+            LOG.debug("mount %s: source %s is not a file or directory, skipped", m["destination"], src)
+            m["skip"] = True
+            continue
+        name = "b%d" % i
+        trees.append((name, src, os.path.isdir(src), _read_only(m["options"]),
+                      "rbind" in m["options"]))
+        m["pod_path"] = "%d/%s" % (slot, name)
+    return trees
+
+
+def _open_tree(path, recursive):
+    """A detached copy of the mount at path (open_tree OPEN_TREE_CLONE): a bind that another
+    mount namespace can take with move_mount."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    fd = _libc().syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(), flags)
+    if fd < 0:
+        import ctypes
+        raise Error("mounts: cannot export %s: %s" % (path, os.strerror(ctypes.get_errno())))
+    return fd
+
+
+def _in_mount_ns(pid, work):
+    """Run work() in a child that has entered the mount namespace of process pid; its error
+    (an Error's or OSError's text) is raised here."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    child = os.fork()
+    if child == 0:
+        os.close(r)
+        try:
+            fd = os.open("/proc/%d/ns/mnt" % pid, os.O_RDONLY | os.O_CLOEXEC)
+            _check_libc(_libc().setns(fd, CLONE_NEWNS), "setns(mnt)")
+            work()
+        except (Error, OSError) as e:
+            os.write(w, str(e).encode(errors="replace") or b"failed")
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        failure = f.read().decode(errors="replace")
+    os.waitpid(child, 0)
+    if failure:
+        raise Error(failure)
+
+
+def export_member(sandbox, stage, slot, trees):
+    """Give the sandbox's VM a member's files: clones of trees assembled at stage (an empty
+    directory of the member's) in the sandbox monitor's mount namespace, then moved onto the
+    pod export's slot directory."""
+    fds = []
+    try:
+        for name, path, is_dir, ro, recursive in trees:
+            fds.append((name, _open_tree(path, recursive), is_dir, ro))
+        target = os.path.join(sandbox.dir, FILES_DIR, POD_DIR, str(slot))
+        _in_mount_ns(sandbox.data["pid"], lambda: _assemble_member(stage, target, fds))
+    finally:
+        for _name, fd, _is_dir, _ro in fds:
+            os.close(fd)
+
+
+def _assemble_member(stage, target, fds):
+    """(In the sandbox monitor's mount namespace.) A tmpfs at stage holding each cloned tree at
+    its name, read-only ones remounted so; the tmpfs then read-only and moved onto target."""
+    flags = MS_NOSUID | MS_NODEV
+    mount("tmpfs", stage, "tmpfs", flags, "mode=0755,size=64k,nr_inodes=%d" % (len(fds) + 8))
+    try:
+        for name, fd, is_dir, ro in fds:
+            path = os.path.join(stage, name)
+            if is_dir:
+                os.mkdir(path, 0o755)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            _check_libc(_libc().syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, path.encode(),
+                                        MOVE_MOUNT_F_EMPTY_PATH), "move_mount %s" % name)
+            if ro:
+                mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        mount(None, stage, None, MS_REMOUNT | MS_RDONLY | flags)
+        mount(stage, target, None, MS_MOVE)
+    except BaseException:
+        umount(stage)
+        raise
+
+
+def unexport_member(sandbox_data, sandbox_dir, slot):
+    """Take a member's files away from the VM (its slot unmounted in the sandbox monitor's
+    namespace); nothing to do once that monitor is gone (its namespace went with it)."""
+    if slot is None or not process_alive(sandbox_data.get("pid"), sandbox_data.get("pid_start")):
+        return
+    target = os.path.join(sandbox_dir, FILES_DIR, POD_DIR, str(slot))
+
+    def detach():
+        """Unmount the slot's tree, if it is still there."""
+        if os.path.ismount(target):
+            umount(target)
+    try:
+        _in_mount_ns(sandbox_data["pid"], detach)
+    except Error as e:
+        LOG.warning("pod: unexporting %s: %s", target, e)
+
+
+# ===========================================================================
 # Guest image: an initramfs built from the host's Python and kernel modules
 # ===========================================================================
 
@@ -2603,7 +2838,8 @@ def _pyc_from_source(source, name):
 # empty DATA frame is end-of-file. Process 0 is the container's own process.
 
 FRAME = struct.Struct("!BII")
-CLIENT_OPS = ("start", "exec", "signal", "resize", "ps", "stats", "update")  # the monitor's socket
+CLIENT_OPS = ("start", "exec", "signal", "resize", "ps", "stats", "update",  # the monitor's socket
+              "create_member", "freeze")
 MSG, DATA = 1, 2
 CHUNK = 65536
 
@@ -2675,9 +2911,16 @@ def read_msg(fd, reader, timeout):
 def monitor_request(state, request, timeout=30, wait=True):
     """Send one request to a container's monitor and return its reply (errors raise).
 
-    With wait=False the request is only queued (a paused VM answers when resumed)."""
+    With wait=False the request is only queued (a paused VM answers when resumed). A pod
+    member's requests go to its sandbox's monitor, naming the member (and its first process)."""
+    directory, sandbox = state.dir, state.data.get("sandbox")
+    if sandbox:
+        directory = sandbox["dir"]
+        request = dict(request, member=sandbox["slot"])
+        if request.get("proc", 0) == 0 and request.get("op") in ("signal", "start", "resize"):
+            request["proc"] = state.data.get("proc")
     try:
-        sock = connect_unix(state.dir, "ctl.sock", timeout)
+        sock = connect_unix(directory, "ctl.sock", timeout)
     except OSError:
         raise Error("container not running") from None
     try:
@@ -3251,6 +3494,7 @@ class Monitor:
         self.exit_code, self.ctl, self.stdin_is_file = None, None, False
         self.terminal = terminal  # the host pty slave the engine holds the master of
         self.wired = []  # the engine's interfaces redirected to the VM's taps
+        self.members = {}  # pod members' host processes: {client fd: slot}
         self.dns_queries = []  # [(socket, guest peer)] of DNS queries relayed to docker's resolver
 
     # -- start-up ----------------------------------------------------------
@@ -3573,15 +3817,22 @@ class Monitor:
         if op not in CLIENT_OPS:
             self._reply(fd, {"error": "bad request: %r" % (op,)})
             return
-        if op == "exec":
+        if op in ("exec", "create_member"):
             msg["proc"] = self.next_proc
             self.procs[self.next_proc] = fd
             self.next_proc += 1
+        if op == "create_member":  # its host process: when it goes, the member goes
+            self.members[fd] = msg["member"]
+        member_start = op == "start" and msg.get("member") is not None
         msg["id"] = self.next_id
-        self.pending[self.next_id] = _WORKLOAD if op == "start" else fd
+        self.pending[self.next_id] = _WORKLOAD if op == "start" and not member_start else fd
         self.next_id += 1
         self._to_agent(lambda a: send_msg(a, msg))
-        if op == "start":
+        if member_start:  # its host process relays stdin from now on
+            owner = self.procs.get(msg.get("proc"))
+            if owner is not None:
+                self._send_client(owner, lambda c: send_msg(c, {"op": "started"}))
+        elif op == "start":
             self._started(fd)
 
     def _started(self, fd):
@@ -3667,6 +3918,9 @@ class Monitor:
             client["sock"].close()
         for proc in [p for p, c in self.procs.items() if c == fd]:
             del self.procs[proc]
+        slot = self.members.pop(fd, None)
+        if slot is not None and self.exit_code is None:  # a member's host process has gone
+            self._to_agent(lambda a: send_msg(a, {"op": "remove_member", "member": slot}))
 
     # -- network -------------------------------------------------------------
     def _on_network(self, fd):
@@ -3793,14 +4047,22 @@ def resize_message(tty_fd, proc):
 class ExecMonitor:
     """One exec'd process: relays its stdio through the container's monitor, exits with its status."""
 
-    def __init__(self, state_dir, process, stdio, notify_fd, terminal=None):
+    def __init__(self, state_dir, process, stdio, notify_fd, terminal=None, member=None):
         self.dir, self.process, self.notify_fd, self.terminal = state_dir, process, notify_fd, terminal
         self.stdin, self.stdout, self.stderr = stdio
         self.signals, self.reader = [], FrameReader()
+        self.member = member  # the pod member slot an exec is for (self.dir: its sandbox's)
+        self.stdin_now = True  # relay stdin from the start (a pod member's: once started)
+
+    def _request(self):
+        """The request that makes the process."""
+        msg = {"op": "exec", "process": self.process}
+        if self.member is not None:
+            msg["member"] = self.member
+        return msg
 
     def run(self):
         """Ask for the process, then relay until it exits; returns its status."""
-        import selectors
         os.setsid()
         if self.terminal is not None:
             import termios
@@ -3816,27 +4078,29 @@ class ExecMonitor:
             self.process["consoleSize"] = {"height": size["rows"], "width": size["cols"]}
         try:
             self.sock = connect_unix(self.dir, "ctl.sock", 10)
-            send_msg(self.sock.fileno(), {"op": "exec", "process": self.process})
+            send_msg(self.sock.fileno(), self._request())
             reply = read_msg(self.sock.fileno(), self.reader, 60)
         except (Error, OSError) as e:
             reply = {"error": str(e) if isinstance(e, Error) else "container not running"}
         if reply.get("error"):
             _notify_once(self.notify_fd, {"error": reply["error"]})
             return 1
-        _notify_once(self.notify_fd, {"ok": True})
+        _notify_once(self.notify_fd, {"ok": True, "proc": reply["proc"]})
         self.proc = reply["proc"]
+        return self._relay(rfd)
+
+    def _relay(self, rfd):
+        """Relay stdio and signals until the process exits; its status."""
+        import selectors
+        self.sel = sel = selectors.DefaultSelector()
         status = self._on_frames(b"")  # output (even the exit) that came in with the reply
         if status is not None:
             return status
         self.signals.append(signal.SIGWINCH)
-        sel = selectors.DefaultSelector()
         sel.register(self.sock.fileno(), selectors.EVENT_READ, "sock")
         sel.register(rfd, selectors.EVENT_READ, "wake")
-        if self.stdin is not None:
-            try:
-                sel.register(self.stdin, selectors.EVENT_READ, "stdin")
-            except (OSError, ValueError):
-                send_data(self.sock.fileno(), stream_id(self.proc, 0), b"")
+        if self.stdin_now:
+            self._watch_stdin()
         while True:
             for key, _ in sel.select(1.0):
                 if key.data == "wake":
@@ -3854,12 +4118,26 @@ class ExecMonitor:
                         return status
             self._forward_signals()
 
+    def _watch_stdin(self):
+        """Relay stdin to the process from now on."""
+        import selectors
+        if self.stdin is None:
+            return
+        try:
+            self.sel.register(self.stdin, selectors.EVENT_READ, "stdin")
+        except (OSError, ValueError):
+            send_data(self.sock.fileno(), stream_id(self.proc, 0), b"")
+
+    def _gone(self):
+        """The status when the container's monitor has gone without the process's exit."""
+        return 255
+
     def _on_frames(self, data=None):
         """Output and the exit message from the container's monitor; the status once it exits."""
         if data is None:
             data = _read_or_eof(self.sock.fileno())
             if not data:
-                return 255  # the container's monitor is gone
+                return self._gone()  # the container's monitor is gone
         for kind, stream, payload in self.reader.feed(data):
             if kind == DATA and payload:
                 target = self.stdout if stream % 4 == 1 else self.stderr
@@ -3870,6 +4148,9 @@ class ExecMonitor:
                         pass
             elif kind == MSG and payload.get("op") == "exit":
                 return payload["status"]
+            elif kind == MSG and payload.get("op") == "started" and not self.stdin_now:
+                self.stdin_now = True
+                self._watch_stdin()
         return None
 
     def _forward_signals(self):
@@ -3883,6 +4164,35 @@ class ExecMonitor:
                     send_msg(self.sock.fileno(), msg)
                 except OSError:
                     pass
+
+
+class MemberMonitor(ExecMonitor):
+    """A pod member's host process, its --pid-file pid (conmon and containerd-shim reap it): has
+    the sandbox's monitor create the member in the pod's VM, relays its stdio once started and
+    signals sent to it, writes its exit record and exits with its status (137 when the VM goes)."""
+
+    def __init__(self, state_dir, cid, sandbox_dir, slot, config, stdio, notify_fd, terminal=None,
+                 cgroups=()):
+        ExecMonitor.__init__(self, sandbox_dir, config["process"], stdio, notify_fd, terminal, slot)
+        self.member_dir, self.config, self.cgroups = state_dir, config, cgroups
+        self.stdin_now = False
+
+    def _request(self):
+        """Create the member in the sandbox's VM."""
+        return {"op": "create_member", "member": self.member, "config": self.config}
+
+    def run(self):
+        """Join the member's host cgroup, then live as the member's process; its status."""
+        join_host_cgroup(self.cgroups)
+        status = ExecMonitor.run(self)
+        if getattr(self, "proc", None) is not None:  # it was created: now it has stopped
+            write_atomic(os.path.join(self.member_dir, "exit.json"),
+                         json_dumps({"status": status, "time": _now_rfc3339()}))
+        return status
+
+    def _gone(self):
+        """The pod's VM has gone: the member was killed with it."""
+        return 128 + signal.SIGKILL
 
 
 def _notify_once(fd, obj):
@@ -3947,6 +4257,7 @@ def enter_netns(netns):
 GUEST_RUN = "/run/cc"  # a tmpfs of the agent's: the container's root and the 9p shares
 GUEST_ROOT = GUEST_RUN + "/root"
 GUEST_SHARES = GUEST_RUN + "/shares"
+GUEST_POD = GUEST_SHARES + "/pod"  # the pod export: a member's rootfs and binds at <slot>/
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = 155  # x86_64
 GUEST_CGROUP = "/sys/fs/cgroup"  # cgroup v2 in the guest
@@ -4067,6 +4378,7 @@ class Agent:
         self.procs, self.out_fds, self.in_fds = {}, {}, {}
         self.finished = False
         self.oom_kills, self.oom_checked = 0, 0.0
+        self.members = {}  # pod members in this VM: {slot: {"proc", "conf", "cgroup"}}
 
     def run(self):
         """Boot chores, then serve the host until the container's process ends."""
@@ -4092,6 +4404,8 @@ class Agent:
             self._check_oom(force=any(p["status"] is not None and not p.get("reported")
                                       for p in self.procs.values()))
             self._report_exits()
+            if getattr(self, "gone_cgroups", None):
+                self._remove_gone_cgroups()
 
     # -- boot --------------------------------------------------------------
     def _boot(self):
@@ -4187,6 +4501,111 @@ class Agent:
                          "init": sock, "started": False}
         return {"op": "created"}
 
+    # -- pod members: more containers in this VM (see "Pods (host side)") -----
+    def _op_create_member(self, msg):
+        """Create a pod member's container: its rootfs and binds from the pod export, a cgroup
+        of its own, its own pid namespace (or the sandbox's, when its config names one); the
+        guest's network, IPC and UTS namespaces are the pod's. It then waits for start."""
+        c, num, slot = msg["config"], msg["proc"], msg["member"]
+        if self.procs.get(0, {}).get("status") is not None or self.conf is None:
+            raise Error("pod: the sandbox is not running")
+        if not os.path.ismount(GUEST_POD):
+            os.makedirs(GUEST_POD, exist_ok=True)
+            mount(c["pod_tag"], GUEST_POD, "9p", 0, NINEP_OPTIONS)
+        cgroup = "%s/member-%d" % (GUEST_CGROUP, num)
+        os.mkdir(cgroup)
+        try:
+            _apply_guest_limits(c.get("resources", {}), cgroup)
+            c["cgroup"] = setup_device_cgroup(c["id"], c.get("device_rules"))
+            c["guest_cgroup"] = cgroup
+            init = self._fork_member_init(slot, cgroup, c.get("share_pid"))
+            pid, sock = self._create_init(c, init)
+        except BaseException:
+            _rmdir_quietly(cgroup)
+            raise
+        self.procs[num] = {"pid": pid, "status": None, "process": c["process"], "open": 0,
+                           "init": sock, "started": False, "member": slot}
+        self.members[slot] = {"proc": num, "conf": c, "cgroup": cgroup}
+        return {"op": "created", "pid": pid, "proc": num}
+
+    def _fork_member_init(self, slot, cgroup, share_pid):
+        """Fork a member's first process in a new pid namespace (or the sandbox's): in a mount
+        namespace of its own with the member's rootfs at GUEST_ROOT, in its cgroup; it then
+        sets the container up as the sandbox's does (_set_up_container)."""
+        sandbox_ns = os.open("/proc/%d/ns/pid" % self.procs[0]["pid"], os.O_RDONLY | os.O_CLOEXEC)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if not share_pid:  # (a new one is made from our own; later children: the sandbox's)
+                own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _check_libc(_libc().setns(own, CLONE_NEWPID), "setns(pid)")
+                finally:
+                    os.close(own)
+                _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+            pid = os.fork()
+            if pid == 0:
+                parent.close()
+                try:
+                    self._member_init(child, slot, cgroup)
+                finally:
+                    os._exit(127)
+        finally:
+            _check_libc(_libc().setns(sandbox_ns, CLONE_NEWPID), "setns(pid)")
+            os.close(sandbox_ns)
+            child.close()
+        return pid, parent
+
+    def _member_init(self, sock, slot, cgroup):
+        """In a member's first process: namespaces, cgroup and rootfs, then the config."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        try:
+            _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+            mount(None, "/", None, MS_REC | MS_PRIVATE)
+            _enter_container_cgroup(None, cgroup)
+            c = read_msg(sock.fileno(), FrameReader(), 60)
+            mount(os.path.join(GUEST_POD, str(slot), "rootfs"), GUEST_ROOT, None, MS_BIND)
+        except (Error, OSError) as e:
+            sock.sendall(str(e).encode())
+            return
+        self._set_up_container(sock, c)
+
+    def _container_of(self, msg):
+        """(first process number, config, guest cgroup) of the container a request is for:
+        the sandbox's, or the pod member msg["member"] names."""
+        slot = msg.get("member")
+        if slot is None:
+            return 0, self.conf, CONTAINER_CGROUP
+        member = self.members.get(slot)
+        if member is None:
+            raise Error("container not running")
+        return member["proc"], member["conf"], member["cgroup"]
+
+    def _op_remove_member(self, msg):
+        """A deleted (or gone) member: kill its processes; its cgroup goes once they are reaped."""
+        member = self.members.pop(msg["member"], None)
+        if member is None:
+            return None
+        signal_cgroup(member["cgroup"], signal.SIGKILL)
+        init = self.procs.get(member["proc"])
+        if init is not None and init.get("init") is not None:  # never started
+            init.pop("init").close()
+        if init is not None and init["status"] is None and not init["started"]:
+            init["status"] = 137
+        self.gone_cgroups = getattr(self, "gone_cgroups", []) + [member["cgroup"]]
+        return None
+
+    def _remove_gone_cgroups(self):
+        """rmdir the cgroups of removed members once their processes are gone."""
+        for cgroup in list(getattr(self, "gone_cgroups", [])):
+            try:
+                os.rmdir(cgroup)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            self.gone_cgroups.remove(cgroup)
+
     def _fork_init(self):
         """At boot (so in the template): fork the container's first process, PID 1 of a new
         pid namespace as runc's init is, in a mount namespace, cgroup and cgroup namespace of
@@ -4203,11 +4622,12 @@ class Agent:
         child.close()
         return pid, parent
 
-    def _create_init(self, c):
-        """Hand the container's config to its first process and wait until it has created
-        the container (mounts in order, proc of its pid namespace included, hooks); returns
-        its pid and the socket it waits for start on."""
-        pid, parent = self.init_pid, self.init_sock
+    def _create_init(self, c, init=None):
+        """Hand the container's config to its first process (the one forked at boot, or init:
+        a pod member's (pid, socket)) and wait until it has created the container (mounts in
+        order, proc of its pid namespace included, hooks); returns its pid and the socket it
+        waits for start on."""
+        pid, parent = init or (self.init_pid, self.init_sock)
         try:
             send_msg(parent.fileno(), c)
             reply = parent.recv(65536)
@@ -4240,6 +4660,15 @@ class Agent:
             except Error:  # the VM is going away
                 return
             mount(None, "/", None, MS_REC | MS_PRIVATE)
+        except (Error, OSError) as e:
+            sock.sendall(str(e).encode())
+            return
+        self._set_up_container(sock, c)
+
+    def _set_up_container(self, sock, c):
+        """In the container's first process, its rootfs at GUEST_ROOT in its own mount
+        namespace: the mounts, paths, user namespace and hooks; then wait for start and exec."""
+        try:
             self._mount_all(c)
             _masked_and_readonly(c)
             _set_oom_score(c["process"].get("oomScoreAdj"))
@@ -4297,12 +4726,15 @@ class Agent:
         """One OCI mount under the container's root."""
         target = resolve_in_root(GUEST_ROOT, m["destination"])
         flags, data = mount_options(m.get("options", []))
-        if m["type"] == "bind":
+        if m["type"] == "bind" and m.get("pod_path"):  # a pod member's, on the pod export
+            source = os.path.join(GUEST_POD, m["pod_path"])
+        elif m["type"] == "bind":
             share = os.path.join(GUEST_SHARES, m["share"])
             if not os.path.ismount(share):
                 os.makedirs(share, exist_ok=True)
                 mount(m["share"], share, "9p", 0, NINEP_OPTIONS)
             source = os.path.join(share, m["subpath"]) if m["subpath"] else share
+        if m["type"] == "bind":
             _make_mountpoint(target, os.path.isdir(source))
             mount(source, target, None, MS_BIND | (flags & MS_REC))
             if flags & ~(MS_BIND | MS_REC):
@@ -4351,8 +4783,9 @@ class Agent:
         return result[3:]
 
     def _op_start(self, msg):
-        """Start the container's process."""
-        proc = self.procs.get(0)
+        """Start the container's process (the sandbox's, or a pod member's)."""
+        num, _conf, cgroup = self._container_of(msg)
+        proc = self.procs.get(num)
         if proc is None or proc["started"] or proc["status"] is not None:
             raise Error("cannot start a container that is not created")
         proc["started"] = True
@@ -4366,23 +4799,28 @@ class Agent:
                     os.close(fd)
         except (Error, OSError):
             proc["status"] = 127  # its pid namespace is spent: the container stops, as runc's does
-            _kill_all()
+            if num:
+                signal_cgroup(cgroup, signal.SIGKILL)
+            else:
+                _kill_all()
             raise
         finally:
             sock.close()
-        self._watch(0, proc, proc["pid"], outs)
+        self._watch(num, proc, proc["pid"], outs)
         return {"op": "started", "pid": proc["pid"]}
 
     def _op_exec(self, msg):
-        """Run another process in the container."""
-        if self.procs.get(0, {}).get("status") is not None:
+        """Run another process in the container (the sandbox or a pod member)."""
+        first, conf, _cgroup = self._container_of(msg)
+        if self.procs.get(first, {}).get("status") is not None:
             raise Error("container not running")
         process = msg["process"]
-        exe = self._check_process(process, "/proc/%d/root" % self.procs[0]["pid"])
-        proc = {"pid": None, "status": None, "process": process, "open": 0}
+        exe = self._check_process(process, "/proc/%d/root" % self.procs[first]["pid"])
+        proc = {"pid": None, "status": None, "process": process, "open": 0,
+                "member": msg.get("member")}
         self.procs[msg["proc"]] = proc
         try:
-            self._spawn(msg["proc"], proc, exe)
+            self._spawn(msg["proc"], proc, exe, self.procs[first]["pid"], conf)
         except (Error, OSError):
             del self.procs[msg["proc"]]
             raise
@@ -4422,7 +4860,8 @@ class Agent:
 
     def _op_signal(self, msg):
         """Deliver a signal to one process, or to all of the container's (all=True)."""
-        proc = self.procs.get(msg.get("proc", 0))
+        first, _conf, cgroup = self._container_of(msg)
+        proc = self.procs.get(msg.get("proc", first))
         sig = msg["sig"]
         if proc is None or proc["status"] is not None:
             raise Error("container not running")
@@ -4431,19 +4870,28 @@ class Agent:
                 proc["status"] = 128 + sig
                 os.kill(proc["pid"], signal.SIGKILL)
             return None
+        if msg.get("all") and first:
+            signal_cgroup(cgroup, sig)
+            return None
         try:
             os.kill(-1 if msg.get("all") else proc["pid"], sig)
         except ProcessLookupError:
             pass
         return None
 
-    def _op_stats(self, _msg):
+    def _op_stats(self, msg):
         """The container cgroup's figures (memory, CPU, pids) for `events`."""
-        return {"op": "stats", "cgroup": guest_cgroup_stats()}
+        return {"op": "stats", "cgroup": guest_cgroup_stats(self._container_of(msg)[2])}
 
     def _op_update(self, msg):
         """New limits for the container's cgroup."""
-        _apply_guest_limits(msg["resources"])
+        _apply_guest_limits(msg["resources"], self._container_of(msg)[2])
+        return None
+
+    def _op_freeze(self, msg):
+        """Pause (frozen=True) or resume a pod member's processes: its cgroup's freezer."""
+        with open(self._container_of(msg)[2] + "/cgroup.freeze", "w") as f:
+            f.write("1" if msg.get("frozen") else "0")
         return None
 
     def _check_oom(self, force=False):
@@ -4468,21 +4916,23 @@ class Agent:
         """The container's processes in the guest (not the agent), for the host's ps table:
         the trees of its first process and of the exec'd ones (orphans go to the first);
         their environments only when the table shows them."""
-        roots = [p["pid"] for p in self.procs.values() if p.get("pid") and p["status"] is None]
+        slot = msg.get("member")
+        roots = [p["pid"] for p in self.procs.values() if p.get("pid") and p["status"] is None
+                 and p.get("member") == slot]
         return {"op": "ps", "processes": guest_processes(roots, env=msg.get("env", True)),
                 "mem_total": _mem_total_kb()}
 
     # -- processes ---------------------------------------------------------
-    def _spawn(self, num, proc, exe):
-        """fork/exec a process with pipes (or a pty) for its stdio."""
+    def _spawn(self, num, proc, exe, pid1, conf):
+        """fork/exec a process with pipes (or a pty) for its stdio, in the pid namespace of
+        the container whose first process is pid1."""
         p = proc["process"]
-        pid1 = self.procs[0]["pid"]
         child_fds, outs = self._stdio(proc, "/proc/%d/root" % pid1)
         err_r2, err_w2 = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        pid = _fork_in_pid_ns(pid1, self.procs[0]["pid"])
         if pid == 0:
             try:
-                _exec_child(p, exe, child_fds, err_w2, None, pid1, self.conf)
+                _exec_child(p, exe, child_fds, err_w2, None, pid1, conf)
             finally:
                 os._exit(127)
         for fd in set(child_fds) | {err_w2}:
@@ -4680,10 +5130,10 @@ def _boot_guest_cgroup():
     os.mkdir(CONTAINER_CGROUP)
 
 
-def _apply_guest_limits(resources):
+def _apply_guest_limits(resources, cgroup=CONTAINER_CGROUP):
     """Write the container cgroup's limits (a file the guest kernel lacks is skipped)."""
     for name, value in guest_cgroup_limits(resources).items():
-        path = os.path.join(CONTAINER_CGROUP, name)
+        path = os.path.join(cgroup, name)
         if not os.path.exists(path):
             print("agent: %s: not in this kernel, not applied" % name)
             continue
@@ -4766,10 +5216,10 @@ def _guest_net_step(fn, args, what):
             raise Error("network: cannot set %s in the VM: %s" % (what, e.strerror)) from None
 
 
-def _cgroup_counter(name, key):
+def _cgroup_counter(name, key, cgroup=CONTAINER_CGROUP):
     """One counter of a flat-keyed file of the container's cgroup (0 when absent)."""
     try:
-        with open(os.path.join(CONTAINER_CGROUP, name)) as f:
+        with open(os.path.join(cgroup, name)) as f:
             for line in f:
                 k, _, v = line.partition(" ")
                 if k == key:
@@ -4779,14 +5229,14 @@ def _cgroup_counter(name, key):
     return 0
 
 
-def guest_cgroup_stats():
+def guest_cgroup_stats(cgroup=CONTAINER_CGROUP):
     """The container cgroup's raw figures: {file: text} of the files `events` reads."""
     out = {}
     for name in ("memory.current", "memory.max", "memory.peak", "memory.stat", "memory.events",
                  "memory.swap.current", "memory.swap.max", "cpu.stat", "cpu.max",
                  "pids.current", "pids.max"):
         try:
-            with open(os.path.join(CONTAINER_CGROUP, name)) as f:
+            with open(os.path.join(cgroup, name)) as f:
                 out[name] = f.read()
         except OSError:
             pass
@@ -4799,6 +5249,53 @@ def _kill_all():
         os.kill(-1, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _fork_in_pid_ns(pid1, sandbox_pid1):
+    """fork() into the pid namespace of pid1 (a pod member's first process), then make our own
+    children the sandbox's again; a plain fork for the sandbox's (ours already)."""
+    if pid1 == sandbox_pid1:
+        return os.fork()
+    target = os.open("/proc/%d/ns/pid" % pid1, os.O_RDONLY | os.O_CLOEXEC)
+    home = os.open("/proc/%d/ns/pid" % sandbox_pid1, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check_libc(_libc().setns(target, CLONE_NEWPID), "setns(pid)")
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                _check_libc(_libc().setns(home, CLONE_NEWPID), "setns(pid)")
+        return pid
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+def _rmdir_quietly(path):
+    """rmdir that ignores failure."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def signal_cgroup(cgroup, sig):
+    """Send sig to every process of a guest cgroup (a pod member's kill --all)."""
+    if sig == signal.SIGKILL and os.path.exists(cgroup + "/cgroup.kill"):
+        with open(cgroup + "/cgroup.kill", "w") as f:
+            f.write("1")
+        return
+    try:
+        with open(cgroup + "/cgroup.procs") as f:
+            pids = [int(line) for line in f if line.strip()]
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _open_container_pty(root):
@@ -4900,7 +5397,7 @@ def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_
             oom = p.get("oomScoreAdj")
             _set_oom_score(conf.get("process", {}).get("oomScoreAdj") if oom is None else oom)
             join_device_cgroup(conf.get("cgroup"))
-            _enter_container_cgroup(pid1)
+            _enter_container_cgroup(pid1, conf.get("guest_cgroup") or CONTAINER_CGROUP)
         os.setsid()
         if p.get("terminal"):
             fcntl.ioctl(fds[0], termios.TIOCSCTTY, 0)
@@ -4988,11 +5485,11 @@ def _pivot_into_container():
     os.chdir("/")
 
 
-def _enter_container_cgroup(pid1):
+def _enter_container_cgroup(pid1, cgroup=CONTAINER_CGROUP):
     """Join the container's cgroup, and its cgroup namespace (pid1's, or a new one)."""
-    if not os.path.isdir(CONTAINER_CGROUP):
+    if not os.path.isdir(cgroup):
         return
-    with open(CONTAINER_CGROUP + "/cgroup.procs", "w") as f:
+    with open(cgroup + "/cgroup.procs", "w") as f:
         f.write("0")
     if not pid1:
         _check_libc(_libc().unshare(CLONE_NEWCGROUP), "unshare(CLONE_NEWCGROUP)")
@@ -5511,7 +6008,8 @@ def _reap_children():
 
 
 def create_container(args, console_socket=None, foreground=False):
-    """Validate, boot the VM under a new monitor, run the create hooks; return (state, pid)."""
+    """Validate, boot the VM under a new monitor, run the create hooks; return (state, pid).
+    A pod member goes into its sandbox's VM instead (create_member)."""
     state = State(args.root, args.id)
     conf = load_spec(args.bundle)
     terminal = conf["process"]["terminal"]
@@ -5519,8 +6017,15 @@ def create_container(args, console_socket=None, foreground=False):
         raise Error(HOST_NETWORK_ERROR)
     if terminal and not console_socket and not foreground:
         raise Error("process.terminal: --console-socket is required when terminal is true")
+    role, sandbox_id, strict = pod_role(args.id, conf["annotations"])
+    if role == "member":
+        sandbox = find_sandbox(args.root, sandbox_id, strict)
+        if sandbox is not None:
+            return create_member(args, conf, sandbox, console_socket)
     LOG.timeline("create: spec loaded")
     vm = size_vm(resolve_vm(conf), conf["resources"])
+    if role == "sandbox":
+        pod_vm_size(vm, conf["annotations"])
     cgroup_dirs = host_cgroup_dirs(conf["cgroups_path"], args.id, getattr(args, "systemd_cgroup", False))
     image = vm.get("image") or guest_image(vm)
     if not os.path.isfile(image):
@@ -5543,7 +6048,8 @@ def create_container(args, console_socket=None, foreground=False):
                              "image": image, "machine": vm["machine"], "memory": vm["memory"],
                              "cpus": vm["cpus"]},
                       "resources": conf["resources"],
-                      "cgroups": [[d, v, sorted(c)] for d, v, c in cgroup_dirs]}
+                      "cgroups": [[d, v, sorted(c)] for d, v, c in cgroup_dirs],
+                      "pod": {"tag": conf["pod_tag"]} if conf.get("pod_tag") else None}
         state.save()
         stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
         gconf = guest_config(args.id, conf)
@@ -5589,6 +6095,84 @@ def create_container(args, console_socket=None, foreground=False):
         state.remove()
         raise
     LOG.info("created %s (monitor %d, %s)", args.id, monitor_pid, vm["accel_used"])
+    return state, monitor_pid
+
+
+def create_member(args, conf, sandbox, console_socket=None):
+    """create of a pod member: its files exported to the sandbox's VM (see "Pods (host side)"),
+    then its host process (the --pid-file pid), which has the sandbox's monitor create the
+    member in that VM; the create hooks; return (state, pid)."""
+    state = State(args.root, args.id)
+    terminal = conf["process"]["terminal"]
+    cgroup_dirs = host_cgroup_dirs(conf["cgroups_path"], args.id, getattr(args, "systemd_cgroup", False))
+    sdata = sandbox.data
+    room = memory_room(sdata["vm"]["memory"])
+    limit = _limit(conf["resources"], "memory", "limit")
+    if limit and limit > room:
+        raise Error("linux.resources.memory.limit: %d MiB does not fit the pod's VM: it has %s, "
+                    "room for a limit of %d MiB" % (-(-limit >> 20), sdata["vm"]["memory"], room >> 20))
+    state.make()
+    slot, monitor_pid, cgroups, exported = None, None, [], False
+    try:
+        slot = claim_pod_slot(sandbox.dir, args.id)
+        trees = member_trees(conf, slot)
+        stage = state.path("stage")
+        os.mkdir(stage)
+        export_member(sandbox, stage, slot, trees)
+        exported = True
+        os.rmdir(stage)  # (what was mounted there is in the sandbox monitor's namespace)
+        LOG.timeline("create: the member's files are in the pod's VM")
+        cgroups = create_host_cgroup(cgroup_dirs, sdata["vm"]["memory"], {})
+        gconf = guest_config(args.id, conf)
+        gconf.update(pod_tag=sdata["pod"]["tag"], share_pid=bool(conf.get("pid_ns_path")))
+        vm = sdata.get("vm", {})
+        state.data = {"ociVersion": conf.get("ociVersion", OCI_VERSION), "id": args.id, "pid": 0,
+                      "bundle": conf["bundle"], "rootfs": conf["root"]["path"],
+                      "created": _now_rfc3339(), "annotations": conf["annotations"],
+                      "hooks": conf["hooks"], "started": False, "paused": False,
+                      "terminal": terminal, "process": conf["process"],
+                      "vm": {"memory": vm.get("memory"), "cpus": vm.get("cpus")},
+                      "sandbox": {"id": sandbox.id, "dir": sandbox.dir, "slot": slot,
+                                  "qemu_pid": vm.get("qemu_pid"), "qemu_start": vm.get("qemu_start")},
+                      "resources": conf["resources"],
+                      "cgroups": [[d, v, sorted(c)] for d, v, c in cgroup_dirs]}
+        state.save()
+        stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
+
+        def member_main(notify_fd):
+            state.unlock()
+            params = {"state_dir": state.dir, "cid": args.id, "sandbox_dir": sandbox.dir, "slot": slot,
+                      "config": gconf, "stdio": stdio, "notify_fd": notify_fd,
+                      "terminal": host_tty, "cgroups": cgroups}
+            _exec_monitor(params, [fd for fd in stdio + (notify_fd, host_tty) if fd is not None],
+                          kind="member")
+            return MemberMonitor(**params).run()
+        monitor_pid, rfd = _fork_monitor(member_main, keep_stdio=host_tty is None)
+        if host_tty is not None:
+            os.close(host_tty)
+        state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid), creating=True)
+        state.save()  # from here on, delete --force finds the member's process even if we die
+        reply = _read_pipe(rfd, 90)
+        result = json_loads(reply) if reply.strip() else {"error": "the member's process died"}
+        if result.get("error"):
+            raise Error(result["error"])
+        state.data["proc"] = result["proc"]
+        state.save()
+        _create_hooks(conf["hooks"], state)
+        state.data["creating"] = False
+        state.save()
+        if getattr(args, "pid_file", None):
+            write_atomic(os.path.abspath(args.pid_file), str(monitor_pid))
+    except BaseException:
+        if monitor_pid:
+            _kill_container(state)
+        if exported:
+            unexport_member(sdata, sandbox.dir, slot)
+        release_pod_slot(sandbox.dir, slot)
+        remove_host_cgroup(cgroups)
+        state.remove()
+        raise
+    LOG.info("created %s in pod %s (process %d, slot %d)", args.id, sandbox.id, monitor_pid, slot)
     return state, monitor_pid
 
 
@@ -5704,7 +6288,7 @@ MONITOR_ARG = "--cc-oci-monitor"  # argv[1] of an exec'd monitor: FD STATE_DIR I
 BOOTSTRAP = 'exec(open(__import__("sys").argv[1]).read(4096).split("#~~\\n")[1])'  # line 6's
 
 
-def _exec_monitor(params, fds):
+def _exec_monitor(params, fds, kind="container"):
     """Become a fresh interpreter that runs only the monitor, which reads params (Monitor's
     arguments) from a memfd: a forked create's heap would stay with the container for its
     whole life (~4 MiB). fds are kept open across the exec, and then made what they were.
@@ -5717,7 +6301,7 @@ def _exec_monitor(params, fds):
     try:
         fd = os.memfd_create("cc-oci-monitor", 0)
         _write_all(fd, json_dumps({"monitor": params, "started": STARTED, "log": LOG.settings(),
-                                   "fds": kept}).encode())
+                                   "fds": kept, "kind": kind}).encode())
         os.lseek(fd, 0, os.SEEK_SET)
         for inherited, _was in kept:
             os.set_inheritable(inherited, True)
@@ -5745,7 +6329,8 @@ def _run_exec_monitor(fd):
         _restore_inheritance(p["fds"])  # QEMU must not hold the notify pipe
         STARTED = p["started"]
         LOG.restore(p["log"])
-        return Monitor(**p["monitor"]).run()
+        monitor = MemberMonitor if p.get("kind") == "member" else Monitor
+        return monitor(**p["monitor"]).run()
     except BaseException as e:
         LOG.debug("monitor: %r", e)
         return 1
@@ -5830,12 +6415,23 @@ def delete_container(state, force):
         raise Error("cannot delete container %s that is not stopped: %s" % (state.id, status))
     unwire_network(state)
     _kill_container(state)
+    sandbox = state.data.get("sandbox")
+    if sandbox:  # a pod member: its files leave the pod's VM
+        _unexport_member_of(state.root, sandbox)
     remove_host_cgroup([c[0] for c in state.data.get("cgroups", [])])
     final = state.oci_state()
     final["status"] = "stopped"
     run_hooks(state.data.get("hooks", {}), "poststop", final, fatal=False)
     state.remove()
     LOG.info("deleted %s", state.id)
+
+
+def _unexport_member_of(root, sandbox):
+    """Unmount a deleted member's files from its sandbox's VM and free its slot."""
+    sandbox_state = State(root, sandbox["id"])
+    if sandbox_state.exists() and sandbox_state.load(must_exist=False):
+        unexport_member(sandbox_state.data, sandbox["dir"], sandbox["slot"])
+    release_pod_slot(sandbox["dir"], sandbox["slot"])
 
 
 def cmd_create(args):
@@ -5976,7 +6572,10 @@ def cmd_exec(args):
     if process["terminal"] and not args.console_socket and args.detach:
         raise Error("process.terminal: --console-socket is required with --detach")
     stdio, host_tty = _container_stdio(process["terminal"], args.console_socket, process)
-    pid, rfd = _fork_monitor(lambda fd: ExecMonitor(state.dir, process, stdio, fd, host_tty).run(),
+    sandbox = state.data.get("sandbox")  # a pod member's processes run in its sandbox's VM
+    ctl_dir, member = (sandbox["dir"], sandbox["slot"]) if sandbox else (state.dir, None)
+    pid, rfd = _fork_monitor(lambda fd: ExecMonitor(ctl_dir, process, stdio, fd, host_tty,
+                                                    member).run(),
                              keep_stdio=host_tty is None)
     if host_tty is not None:
         os.close(host_tty)
@@ -6024,11 +6623,15 @@ def qmp(state, command):
 
 
 def cmd_pause(args):
-    """pause: stop the container's VM (QMP stop); a created one too, as runc freezes it."""
+    """pause: stop the container's VM (QMP stop); a created one too, as runc freezes it. A pod
+    member's processes are frozen in the VM (its cgroup's freezer), the rest of the pod runs."""
     state = _open_state(args, lock=True)
     if state.status() not in ("created", "running"):
         raise Error("container not running")
-    qmp(state, "stop")
+    if state.data.get("sandbox"):
+        monitor_request(state, {"op": "freeze", "frozen": True})
+    else:
+        qmp(state, "stop")
     state.data["paused"] = True
     state.save()
     LOG.info("paused %s", state.id)
@@ -6039,7 +6642,10 @@ def cmd_resume(args):
     state = _open_state(args, lock=True)
     if state.status() != "paused":
         raise Error("container not paused")
-    qmp(state, "cont")
+    if state.data.get("sandbox"):
+        monitor_request(state, {"op": "freeze", "frozen": False})
+    else:
+        qmp(state, "cont")
     state.data["paused"] = False
     state.save()
     LOG.info("resumed %s", state.id)
@@ -6057,6 +6663,7 @@ def cmd_ps(args):
     status = state.status()
     if args.format == "json":
         pids = [state.data["pid"], state.data["vm"].get("qemu_pid")] if status != "stopped" else []
+        # (a pod member's: its host process; the pod's QEMU is its sandbox's)
         print(go_json([p for p in pids if p] or None))
         return
     columns, env = ps_columns(args.ps_args)
@@ -6506,15 +7113,17 @@ def cmd_kill(args):
     state = _open_state(args)
     sig = parse_signal(args.signal)
     status = state.status()
+    if status == "stopped" and args.all:  # runc: nothing left to signal is no error with --all
+        return
     if status in ("stopped", "creating"):
         raise Error("container not running")
     if sig == 0:  # the liveness check: the status came from the live monitor and QEMU
         return
-    if status == "paused" and sig == signal.SIGKILL:
+    if status == "paused" and sig == signal.SIGKILL and not state.data.get("sandbox"):
         _kill_container(state)  # a stopped VM cannot run the agent; the monitor dies of KILL
         return
     monitor_request(state, {"op": "signal", "proc": 0, "sig": sig, "all": args.all},
-                    wait=status != "paused")
+                    wait=status != "paused" or bool(state.data.get("sandbox")))
     LOG.info("sent signal %d to %s", sig, state.id)
 
 

@@ -717,12 +717,14 @@ def test_qemu_command_microvm_kvm(tmp_path, share_bundle):
         "local,id=fs0,path=%s,security_model=none,readonly=on" % (bundle / "rootfs"),
         "local,id=fs1,path=%s,security_model=none,multidevs=remap" % files,
         "local,id=fs2,path=%s,security_model=none" % shared,
+        "local,id=fs3,path=%s,security_model=none,multidevs=remap" % (files.parent / "pod"),
     ]
     assert not any(str(data) in a for a in argv), "a file's parent directory is exported"
     devices_9p = [d for d in values_of(argv, "-device") if d.startswith("virtio-9p")]
     assert devices_9p == ["virtio-9p-device,fsdev=fs0,mount_tag=rootfs",
                           "virtio-9p-device,fsdev=fs1,mount_tag=share0",
-                          "virtio-9p-device,fsdev=fs2,mount_tag=share1"]
+                          "virtio-9p-device,fsdev=fs2,mount_tag=share1",
+                          "virtio-9p-device,fsdev=fs3,mount_tag=share2"]
 
 
 def test_qemu_command_q35_tcg(tmp_path, share_bundle, monkeypatch):
@@ -782,7 +784,9 @@ def test_share_list_stages_files_not_their_directory(share_bundle, tmp_path):
     conf = rt.load_spec(str(bundle))
     shares = rt.share_list(conf, "/st")
     assert shares == [("rootfs", str(bundle / "rootfs"), True),
-                      ("share0", "/st/files/rw", False), ("share1", str(shared), False)]
+                      ("share0", "/st/files/rw", False), ("share1", str(shared), False),
+                      ("share2", "/st/files/pod", False)]  # the pod export, on a spare slot
+    assert conf["pod_tag"] == "share2"
     proc, a, srv, b = conf["mounts"]
     assert "share" not in proc
     assert (a["share"], a["subpath"]) == ("share0", "0")
@@ -826,7 +830,7 @@ def test_share_list_skips_special_files(tmp_path):
     os.mkfifo(fifo)
     conf = {"root": {"path": "/r", "readonly": False},
             "mounts": [{"destination": "/p", "type": "bind", "source": str(fifo), "options": []}]}
-    assert rt.share_list(conf, "/st") == [("rootfs", "/r", False)]
+    assert rt.share_list(conf, "/st") == [("rootfs", "/r", False), ("share0", "/st/files/pod", False)]
     assert conf["mounts"][0]["skip"] is True and conf["staged"] == []
     assert rt.guest_config("c1", dict(conf, hostname=None, process={}, masked=[],
                                       readonly_paths=[], sysctl={}))["mounts"] == []
@@ -969,7 +973,9 @@ def test_hypervisor_args_from_the_bundle(tmp_path, monkeypatch):
                            rt.load_spec(str(bundle)), "/s", "/i")
     assert argv == ["/usr/bin/qemu-fake", "-accel", "kvm", "-fsdev",
                     "local,id=fs0,path=%s,security_model=none,readonly=on" % (bundle / "rootfs"),
-                    "-device", "virtio-9p-device,fsdev=fs0,mount_tag=rootfs"]
+                    "-device", "virtio-9p-device,fsdev=fs0,mount_tag=rootfs",
+                    "-fsdev", "local,id=fs1,path=/s/files/pod,security_model=none,multidevs=remap",
+                    "-device", "virtio-9p-device,fsdev=fs1,mount_tag=share0"]
 
 
 def test_hypervisor_args_error_names_file_and_line(tmp_path):
