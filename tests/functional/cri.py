@@ -908,9 +908,10 @@ class CriClient:
 
     Thread-safe (one call at a time on one connection, reconnecting after an error)."""
 
-    def __init__(self, sock_path, timeout=60.0, api=None):
-        """api: "v1" or "v1alpha2"; by default v1 unless the server answers UNIMPLEMENTED."""
-        self.sock_path, self.timeout = str(sock_path), timeout
+    def __init__(self, sock_path, timeout=60.0, api=None, recv_window=RECV_WINDOW):
+        """api: "v1" or "v1alpha2"; by default v1 unless the server answers UNIMPLEMENTED.
+        timeout: of each call (ExecSync and StopContainer add theirs). recv_window: see Connection."""
+        self.sock_path, self.timeout, self.recv_window = str(sock_path), timeout, recv_window
         self.conn = None
         self.lock = threading.Lock()
         self.api = api
@@ -933,7 +934,7 @@ class CriClient:
             if self.conn is None or self.conn.closed or self.conn.goaway is not None:
                 if self.conn:
                     self.conn.close()
-                self.conn = Connection(self.sock_path, min(self.timeout, timeout))
+                self.conn = Connection(self.sock_path, min(self.timeout, timeout), self.recv_window)
             self.conn.timeout = timeout
             return decode(resp_type, self.conn.call(path, encode(req_type, req), timeout))
 

@@ -304,3 +304,20 @@ def test_cri_pod_lifecycle(ctd, handler, tmp_path):
     assert not pod_leftovers(ctd), "the removed pod left %s" % pod_leftovers(ctd)
     print("%s: %s; exec of a missing program: %s; exec past its timeout: %s"
           % (handler, seen["times"], seen["exec"]["missing"], seen["exec"]["timeout"]))
+
+
+@needs_containerd
+def test_cri_large_exec_output_through_a_small_window(ctd, tmp_path):
+    """3 MB of ExecSync output through a 64 KiB HTTP/2 window: Go's server waits for our WINDOW_UPDATEs."""
+    sandbox, _, client_cfg = pod_configs(ctd, "runc", str(tmp_path))
+    small = cri.CriClient(ctd.sock, timeout=30, recv_window=65535)
+    sid = ctd.cri.run_pod_sandbox(sandbox, "runc")
+    try:
+        cid = ctd.cri.create_container(sid, client_cfg, sandbox)
+        ctd.cri.start_container(cid)
+        rc, out, err = small.exec_sync(cid, ["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x; echo end >&2"], 20)
+        assert (rc, len(out), set(out), err) == (0, 3000000, {ord("x")}, b"end\n")
+    finally:
+        small.close()
+        ctd.cri.stop_pod_sandbox(sid)
+        ctd.cri.remove_pod_sandbox(sid)
