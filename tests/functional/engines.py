@@ -559,7 +559,8 @@ class Containerd:
         self.runtimes = {"runc": shutil.which("runc") or "/usr/sbin/runc"}
         self.runtimes.update({n: os.path.abspath(p) for n, p in (runtimes or {}).items()})
         self.cni_conf_dir = os.path.join(self.dir, "net.d")
-        os.makedirs(self.cni_conf_dir, exist_ok=True)
+        shutil.rmtree(self.cni_conf_dir, ignore_errors=True)  # a reused workdir's conf names another bridge
+        os.makedirs(self.cni_conf_dir)
         self.proc = None
         net = _free_subnet()
         self.subnet, self.gateway = net + ".0/24", net + ".1"
