@@ -1,4 +1,5 @@
-"""Drive real container engines (podman, dockerd + its containerd, ctr) against any OCI runtime.
+"""Drive real container engines (podman, dockerd + its containerd, ctr, and containerd's CRI
+plugin as kubelet uses it) against any OCI runtime.
 
 Stdlib only, Python 3.9+, must run as root. Every engine gets private state under the
 directory the caller passes (e.g. pytest's tmp_path):
@@ -11,6 +12,9 @@ directory the caller passes (e.g. pytest's tmp_path):
         d.import_image(rootfs, "bb")
         d.run_rt("run", "--rm", "--network", "none", "bb", "true")         # adds --runtime NAME
         d.ctr_run(rootfs, "c1", "echo", "hi")                              # ctr run --rootfs
+    with Containerd(tmp_path / "ctd", runtimes={"NAME": "/path/to/runtime"}) as c:
+        c.import_sandbox_image(rootfs)                                     # the pause image
+        sid = c.cri.run_pod_sandbox(config, "NAME")                        # cri.CriClient
 
 Storage: the kernel cannot use overlayfs (or any fs it does not support) as an overlay
 upper dir: dockerd's overlay2 then dies with "failed to mount overlay: invalid argument"
@@ -44,6 +48,7 @@ import contextlib
 import ctypes
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -53,6 +58,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import cri  # beside this file
 
 BUSYBOX = "/bin/busybox"
 DOCKER_CLI = "/usr/bin/docker"  # /usr/local/bin/docker may be an unrelated newer client
@@ -429,6 +436,280 @@ class Docker:
             shutil.rmtree(self.short_exec, ignore_errors=True)
         if self.network:
             _run(["ip", "link", "del", "docker0"])
+
+    close = stop
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def make_image_tar(rootfs, tarball, name, cmd=("sleep", "infinity"), env=(CTR_PATH,)):
+    """Write rootfs as a one-layer OCI image archive named name that `ctr images import` takes.
+
+    The archive is an OCI image layout (oci-layout, index.json, blobs/sha256/...): an
+    uncompressed layer, a config with cmd/env for this machine's architecture, and the
+    manifest listed in index.json with io.containerd.image.name = name (ctr names the
+    image by it). Returns the tarball path."""
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    work = tempfile.mkdtemp(prefix=".image-", dir=os.path.dirname(os.path.abspath(tarball)))
+    try:
+        blobs = os.path.join(work, "blobs", "sha256")
+        os.makedirs(blobs)
+        layer = _tar(rootfs, os.path.join(work, "layer.tar"))
+        h = hashlib.sha256()
+        with open(layer, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        layer_digest, layer_size = h.hexdigest(), os.path.getsize(layer)
+        os.rename(layer, os.path.join(blobs, layer_digest))
+
+        def blob(obj):
+            data = json.dumps(obj, sort_keys=True).encode()
+            digest = hashlib.sha256(data).hexdigest()
+            with open(os.path.join(blobs, digest), "wb") as f:
+                f.write(data)
+            return {"digest": "sha256:" + digest, "size": len(data)}
+
+        config = blob({"architecture": arch, "os": "linux",
+                       "config": {"Env": list(env), "Cmd": list(cmd), "WorkingDir": "/"},
+                       "rootfs": {"type": "layers", "diff_ids": ["sha256:" + layer_digest]},
+                       "history": [{"created_by": "tests/functional/engines.py make_image_tar"}]})
+        manifest = blob({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                         "config": dict(config, mediaType="application/vnd.oci.image.config.v1+json"),
+                         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                     "digest": "sha256:" + layer_digest, "size": layer_size}]})
+        index = {"schemaVersion": 2, "manifests": [dict(
+            manifest, mediaType="application/vnd.oci.image.manifest.v1+json",
+            platform={"architecture": arch, "os": "linux"},
+            annotations={"io.containerd.image.name": name,
+                         "org.opencontainers.image.ref.name": name.rsplit(":", 1)[-1]})]}
+        with open(os.path.join(work, "index.json"), "w") as f:
+            json.dump(index, f)
+        with open(os.path.join(work, "oci-layout"), "w") as f:
+            json.dump({"imageLayoutVersion": "1.0.0"}, f)
+        subprocess.run(["tar", "-C", work, "-cf", os.path.abspath(tarball), "oci-layout", "index.json", "blobs"],
+                       check=True)
+        return str(tarball)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def remove_cgroup_tree(rel):
+    """rmdir /sys/fs/cgroup/[CONTROLLER/]REL and the (empty) cgroups below it, deepest first."""
+    for top in glob.glob("/sys/fs/cgroup/*/" + rel.strip("/")) + glob.glob("/sys/fs/cgroup/" + rel.strip("/")):
+        for d, _, _ in sorted(os.walk(top), key=lambda t: -t[0].count("/")):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
+def _free_subnet(prefix="10.234."):
+    """A PREFIX.N.0/24 that no address or route of the host uses (N random)."""
+    used = _run(["ip", "-4", "-o", "addr"]).stdout + _run(["ip", "-4", "route", "show", "table", "all"]).stdout
+    free = [n for n in range(256) if "%s%d." % (prefix, n) not in used]
+    if not free:
+        raise RuntimeError("no free %s*.0/24 subnet" % prefix)
+    return "%s%d" % (prefix, free[int.from_bytes(os.urandom(2), "big") % len(free)])
+
+
+class Containerd:
+    """A private containerd whose CRI plugin has the handler runc and one per given runtime.
+
+    Everything lives under workdir (root) and a short state dir (grpc socket, shim bundles,
+    netns mounts, runc roots); nothing in /etc, /var/lib or /opt. Networking is CNI's bridge
+    plugin on a private bridge `bridge` (cri-XXXXXX) that this class creates up front with
+    the gateway address of a private /24 `subnet`, so the plugin never sets it up itself:
+    isGateway stays false and with it the host's ip_forward; no ipMasq and no portmap, so
+    no iptables rules. host-local keeps its leases in workdir. Use it with cri.CriClient:
+
+        with Containerd(tmp_path / "ctd", runtimes={"ccrt": RUNTIME}) as c:
+            c.import_image(rootfs, "localhost/bb:1")
+            sid = c.cri.run_pod_sandbox(config, "runc")
+
+    Pods should use linux.cgroup_parent below `cgroup_parent` (kubelet makes a pod cgroup
+    per pod; containerd does not remove it): stop() removes that cgroup tree.
+    Unavoidable host footprint (containerd 1.6): shim sockets in /run/containerd/s (removed
+    by the shims, or by stop() after a SIGKILL) and libcni's result cache /var/lib/cni/results
+    (its entries go at CNI DEL; the directory stays).
+    """
+
+    SANDBOX_IMAGE = "localhost/cri-pause:1"  # imported from busybox by import_image(); `sleep infinity`
+
+    def __init__(self, workdir, runtimes=None, start_timeout=60, snapshotter=None):
+        """Write the config and start containerd; wait until CRI answers with its network ready.
+
+        runtimes: {handler name: runtime binary} added beside "runc" (the system runc)."""
+        self.dir = os.path.abspath(workdir)
+        os.makedirs(self.dir, exist_ok=True)
+        self.root = os.path.join(self.dir, "root")
+        self.state = os.path.join(self.dir, "state")
+        self.short_state = None
+        if len(self.state) > 40:  # grpc socket + ".ttrpc", shim bundles, netns paths
+            self.state = self.short_state = tempfile.mkdtemp(prefix="ctd-", dir="/tmp")
+        self.sock = os.path.join(self.state, "c.sock")
+        self.log = os.path.join(self.dir, "containerd.log")
+        token = os.urandom(3).hex()
+        self.bridge = "cri-" + token
+        self.cgroup_parent = "/cri-test-" + token
+        self.snapshotter = snapshotter or ("overlayfs" if overlay_supported(self.dir) else "native")
+        self.runtimes = {"runc": shutil.which("runc") or "/usr/sbin/runc"}
+        self.runtimes.update({n: os.path.abspath(p) for n, p in (runtimes or {}).items()})
+        self.cni_conf_dir = os.path.join(self.dir, "net.d")
+        shutil.rmtree(self.cni_conf_dir, ignore_errors=True)  # a reused workdir's conf names another bridge
+        os.makedirs(self.cni_conf_dir)
+        self.proc = None
+        net = _free_subnet()
+        self.subnet, self.gateway = net + ".0/24", net + ".1"
+        for argv in (["ip", "link", "add", self.bridge, "type", "bridge"],
+                     ["ip", "addr", "add", self.gateway + "/24", "dev", self.bridge],
+                     ["ip", "link", "set", self.bridge, "up"]):
+            r = _run(argv)
+            if r.returncode:
+                self.stop()
+                raise RuntimeError("%s: %s" % (" ".join(argv), r.stderr))
+        with open(os.path.join(self.cni_conf_dir, "10-%s.conflist" % self.bridge), "w") as f:
+            json.dump({"cniVersion": "0.4.0", "name": self.bridge, "plugins": [{
+                "type": "bridge", "bridge": self.bridge, "isGateway": False, "ipMasq": False,
+                "ipam": {"type": "host-local", "dataDir": os.path.join(self.dir, "cni-ipam"),
+                         "ranges": [[{"subnet": self.subnet, "gateway": self.gateway}]],
+                         "routes": [{"dst": "0.0.0.0/0"}]}}]}, f, indent=1)
+        self.config = os.path.join(self.dir, "config.toml")
+        with open(self.config, "w") as f:
+            f.write(self._config_toml())
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(["containerd", "--config", self.config], stdin=subprocess.DEVNULL,
+                                         stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=lambda: _libc.prctl(1, signal.SIGTERM))  # PDEATHSIG
+        self.cri = cri.CriClient(self.sock, timeout=60)
+        end = time.monotonic() + start_timeout
+        while True:
+            failed = self.proc.poll() is not None or time.monotonic() > end
+            if os.path.exists(self.sock) and not failed:
+                try:
+                    if self.cri.status().get("NetworkReady", (False,))[0]:
+                        break
+                except OSError:
+                    pass
+                except cri.GrpcError as e:
+                    failed = e.code == 12  # UNIMPLEMENTED: the CRI plugin failed to load
+            if failed:
+                tail = open(self.log, errors="replace").read()[-3000:]
+                self.stop()
+                raise RuntimeError("containerd did not start:\n" + tail)
+            time.sleep(0.1)
+
+    def _config_toml(self):
+        cri_plugin = 'plugins."io.containerd.grpc.v1.cri"'
+        lines = [
+            "version = 2",
+            'root = "%s"' % self.root,
+            'state = "%s"' % self.state,
+            # not needed by CRI with overlayfs/native; opt would create /opt/containerd
+            "disabled_plugins = [%s]" % ", ".join('"io.containerd.%s"' % p for p in (
+                "snapshotter.v1.aufs", "snapshotter.v1.btrfs", "snapshotter.v1.devmapper", "snapshotter.v1.zfs",
+                "tracing.processor.v1.otlp", "internal.v1.tracing", "internal.v1.opt")),
+            "", "[grpc]", 'address = "%s"' % self.sock,
+            "", "[%s]" % cri_plugin,
+            'sandbox_image = "%s"' % self.SANDBOX_IMAGE,
+            "restrict_oom_score_adj = true",  # root here lacks CAP_SYS_RESOURCE (kubelet's -998)
+            "netns_mounts_under_state_dir = true",
+            "disable_apparmor = true",
+            'stream_server_address = "127.0.0.1"',
+            'stream_server_port = "0"',
+            "", "[%s.cni]" % cri_plugin,
+            'bin_dir = "/usr/lib/cni"', 'conf_dir = "%s"' % self.cni_conf_dir, "max_conf_num = 1",
+            "", "[%s.containerd]" % cri_plugin,
+            'default_runtime_name = "runc"', 'snapshotter = "%s"' % self.snapshotter]
+        for name, path in self.runtimes.items():
+            section = '%s.containerd.runtimes."%s"' % (cri_plugin, name)
+            lines += ["", "[%s]" % section, 'runtime_type = "io.containerd.runc.v2"',
+                      "", "[%s.options]" % section, 'BinaryName = "%s"' % path,
+                      'Root = "%s"' % os.path.join(self.state, "runtime-" + name)]
+        return "\n".join(lines) + "\n"
+
+    def ctr(self, *args, **kw):
+        """Run `ctr -a SOCK -n k8s.io ARGS` (CRI's namespace); returns CompletedProcess."""
+        return _run(["ctr", "-a", self.sock, "-n", "k8s.io"] + list(args), **kw)
+
+    def import_image(self, rootfs_dir, name, cmd=("sleep", "infinity")):
+        """Import rootfs as image name (into CRI's namespace, unpacked for its snapshotter)."""
+        tarball = make_image_tar(rootfs_dir, os.path.join(self.dir, "image.tar"), name, cmd)
+        try:
+            r = self.ctr("images", "import", "--snapshotter", self.snapshotter, tarball)
+        finally:
+            os.unlink(tarball)
+        if r.returncode:
+            raise RuntimeError("ctr images import failed: " + r.stderr)
+        end = time.monotonic() + 30  # CRI learns of the image from containerd's events
+        while self.cri.image_status(name) is None:
+            if time.monotonic() > end:
+                raise RuntimeError("CRI does not see image %s" % name)
+            time.sleep(0.05)
+        return name
+
+    def import_sandbox_image(self, rootfs_dir):
+        """Import rootfs as SANDBOX_IMAGE, the pause container (`sleep infinity`)."""
+        return self.import_image(rootfs_dir, self.SANDBOX_IMAGE)
+
+    def remove_pods(self, timeout=60):
+        """StopPodSandbox + RemovePodSandbox of every sandbox (and so of every container)."""
+        for sb in self.cri.list_pod_sandbox():
+            self.cri.stop_pod_sandbox(sb["id"])
+            self.cri.remove_pod_sandbox(sb["id"])
+
+    def leftovers(self):
+        """What a stopped containerd left on the host: processes, mounts, links, cgroups, shim sockets."""
+        out = {}
+        procs = find_procs(self.state, self.dir)
+        if procs:
+            out["processes"] = {p: _procs().get(p, (0, "?"))[1][:200] for p in procs}
+        mounts = mounts_under(self.dir) + (mounts_under(self.state) if self.short_state else [])
+        if mounts:
+            out["mounts"] = mounts
+        if os.path.exists("/sys/class/net/" + self.bridge):
+            out["bridge"] = self.bridge
+        veths = [n for n in os.listdir("/sys/class/net")
+                 if os.path.realpath("/sys/class/net/%s/master" % n).endswith("/" + self.bridge)]
+        if veths:
+            out["bridge ports"] = veths
+        cgroups = [d for d in glob.glob("/sys/fs/cgroup/*" + self.cgroup_parent)
+                   + glob.glob("/sys/fs/cgroup" + self.cgroup_parent) if os.path.isdir(d)]
+        if cgroups:
+            out["cgroups"] = cgroups
+        rules = [l for l in _run(["iptables-save"]).stdout.splitlines() if self.bridge in l or self.subnet in l]
+        if rules:
+            out["iptables"] = rules
+        return out
+
+    def stop(self, timeout=20):
+        """Remove all pods, SIGTERM containerd (SIGKILL after timeout), kill leftovers, unmount, tidy up."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.remove_pods()
+            except Exception:  # a wedged runtime: whatever is left is killed below
+                pass
+            self.cri.close()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        socks = shim_sockets(find_procs(self.state, self.dir))  # a SIGKILLed shim leaves its socket file behind
+        kill_procs(self.state, self.dir)  # shims, pause and workload processes
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                os.unlink(sock)
+        unmount_under(self.dir)
+        if self.short_state:
+            unmount_under(self.short_state)
+            shutil.rmtree(self.short_state, ignore_errors=True)
+        _run(["ip", "link", "del", self.bridge])
+        remove_cgroup_tree(self.cgroup_parent)
 
     close = stop
 

@@ -22,6 +22,7 @@ NEEDS = [
     ("conmon", "conmon"),
     ("/usr/lib/podman/netavark", "netavark"),
     ("/usr/lib/podman/aardvark-dns", "aardvark-dns"),
+    ("catatonit", "catatonit"),
     ("/usr/bin/docker", "docker.io"),
     ("dockerd", "docker.io"),
     ("docker-compose", "docker-compose"),
