@@ -2,13 +2,11 @@
 
 pod_lifecycle(ctd, handler, workdir) is the whole kubelet-like sequence for one runtime
 handler; it asserts what any runtime must do and returns what it observed, so that the same
-sequence can run under another handler and be compared with runc's. Only the runc handler
-runs for now: the VM runtime cannot run pods yet. cri.py's own tests (no containerd) are in
-test_cri_client.py.
+sequence runs under the VM runtime's handler and is compared with runc's: a pod is one VM
+there. cri.py's own tests (no containerd) are in test_cri_client.py.
 """
 import os
 import re
-import shutil
 import time
 import urllib.request
 
@@ -27,16 +25,34 @@ HTTP_PORT = 8080
 # kubelet's CRI log format: RFC 3339 time, stream, F(ull) or P(artial) line, text
 CRI_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)) "
                           r"(stdout|stderr) ([FP]) (.*)$")
-needs_containerd = pytest.mark.skipif(not (shutil.which("containerd") and shutil.which("ctr")
-                                           and os.path.exists("/usr/lib/cni/bridge")),
-                                      reason="needs containerd, ctr and containernetworking-plugins")
+HANDLERS = ["runc", "cc-oci-runtime"]
+
+
+def vm_names():
+    """The -name of every QEMU on the host (the runtime names a container's VM cc-<id>)."""
+    names = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if os.path.basename(argv[0]).startswith("qemu-system") and "-name" in argv:
+            names.append(argv[argv.index("-name") + 1])
+    return names
+
+
+def pod_vms(ids):
+    """The VMs of the containers ids (a VM of its own per container would show them all)."""
+    wanted = {"cc-" + i[:32] for i in ids}
+    return sorted(n for n in vm_names() if n in wanted)
 
 
 @pytest.fixture(scope="module")
 def ctd(rootfs, tmp_path_factory):
     """One private containerd for the module, the pause and busybox images imported.
 
-    cc-oci-runtime is registered as a handler too (not run yet: it cannot run pods)."""
+    cc-oci-runtime is registered as a handler beside runc."""
     c = engines.Containerd(tmp_path_factory.mktemp("containerd"), runtimes={"cc-oci-runtime": RUNTIME})
     try:
         c.import_sandbox_image(rootfs)
@@ -135,7 +151,7 @@ def pod_lifecycle(ctd, handler, workdir):
 
     sandbox, server_cfg, client_cfg = pod_configs(ctd, handler, workdir)
     assert c.image_status(IMAGE) is not None  # kubelet's EnsureImageExists
-    sid = c.run_pod_sandbox(sandbox, handler)
+    sid = seen["sandbox_id"] = c.run_pod_sandbox(sandbox, handler)
     lap("RunPodSandbox")
     try:
         st = c.pod_sandbox_status(sid)
@@ -161,6 +177,7 @@ def pod_lifecycle(ctd, handler, workdir):
             assert st["metadata"]["name"] == name and st["image"]["image"] == IMAGE, st
         listed = c.list_containers({"pod_sandbox_id": sid})
         assert sorted(x["id"] for x in listed) == sorted(ids.values())
+        seen["vms"] = pod_vms([sid] + list(ids.values()))  # runc: none; a VM runtime: the pod's one
 
         # one UTS and network namespace for the pod
         seen["hostname"] = {n: c.exec_sync(cid, ["hostname"], 10)[1].decode().strip() for n, cid in ids.items()}
@@ -271,7 +288,6 @@ def pod_leftovers(ctd):
     return out
 
 
-@needs_containerd
 def test_cri_version_and_status(ctd):
     v = ctd.cri.version()
     assert v["runtime_name"] == "containerd" and v["runtime_api_version"] == "v1", v
@@ -292,21 +308,61 @@ def test_cri_version_and_status(ctd):
     assert e.value.code_name == "NOT_FOUND" and "no-such-container" in e.value.message
 
 
-@needs_containerd
-@pytest.mark.parametrize("handler", ["runc"])  # the VM runtime's handler joins once it runs pods
+SEEN = {}  # handler: what pod_lifecycle saw, for the comparison with runc
+
+
+@pytest.mark.parametrize("handler", HANDLERS)  # runc first: the reference
 def test_cri_pod_lifecycle(ctd, handler, tmp_path):
-    seen = pod_lifecycle(ctd, handler, str(tmp_path))
-    if handler == "runc":  # the baseline other handlers will be compared with
+    seen = SEEN[handler] = pod_lifecycle(ctd, handler, str(tmp_path))
+    if handler == "runc":  # the baseline the VM runtime is compared with
         assert seen["limits_inside"] == (0, "67108864\n512\n"), seen["limits_inside"]
-        assert seen["exec"]["missing"][0] == "UNKNOWN" and "no such file" in seen["exec"]["missing"][1]
-        assert seen["exec"]["timeout"][0] == "DEADLINE_EXCEEDED", seen["exec"]["timeout"]
+        assert seen["vms"] == []
+    else:  # one VM for the whole pod: the sandbox's
+        assert seen["vms"] == ["cc-" + seen["sandbox_id"][:32]], seen["vms"]
+        ref = SEEN.get("runc") or pytest.fail("the runc reference did not run")
+        for key in ("exit_codes", "server_log"):
+            assert seen[key] == ref[key], (key, seen[key], ref[key])
+        assert seen["exec"]["sh"] == ref["exec"]["sh"]
+        assert seen["exec"]["timeout"] == ref["exec"]["timeout"]
+        assert set(seen["hostname"].values()) == {"web-" + handler}
+    assert seen["exec"]["missing"][0] == "UNKNOWN" and "no such file" in seen["exec"]["missing"][1]
+    assert seen["exec"]["timeout"][0] == "DEADLINE_EXCEEDED", seen["exec"]["timeout"]
     poll(lambda: not pod_leftovers(ctd), 10, 0.2)  # shims exit soon after RemovePodSandbox
     assert not pod_leftovers(ctd), "the removed pod left %s" % pod_leftovers(ctd)
     print("%s: %s; exec of a missing program: %s; exec past its timeout: %s"
           % (handler, seen["times"], seen["exec"]["missing"], seen["exec"]["timeout"]))
 
 
-@needs_containerd
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_cri_two_pods_keep_their_localhost_and_vm_apart(ctd, handler, tmp_path):
+    """Two pods, each a server on 127.0.0.1:HTTP_PORT answering its own hostname: each pod's
+    client reaches its own; under the VM runtime each pod is a VM of its own."""
+    pods, sids = [], []
+    try:
+        for n in range(2):
+            sandbox, server_cfg, client_cfg = pod_configs(ctd, handler, str(tmp_path / str(n)))
+            sandbox["hostname"] = "pod%d-%s" % (n, handler)
+            sid = ctd.cri.run_pod_sandbox(sandbox, handler)
+            sids.append(sid)
+            ids = []
+            for cfg in (server_cfg, client_cfg):
+                ids.append(ctd.cri.create_container(sid, cfg, sandbox))
+                ctd.cri.start_container(ids[-1])
+            pods.append((sid, ids, sandbox["hostname"]))
+        for sid, (server, client), hostname in pods:
+            page = poll(lambda: (lambda r: r if r[0] == 0 else None)(ctd.cri.exec_sync(
+                client, ["wget", "-q", "-O", "-", "http://127.0.0.1:%d/" % HTTP_PORT], 10)), 20, 0.2)
+            assert page and page[1].decode().strip() == hostname, page
+            vms = pod_vms([sid, server, client])
+            assert vms == ([] if handler == "runc" else ["cc-" + sid[:32]]), vms
+    finally:
+        for sid in sids:
+            ctd.cri.stop_pod_sandbox(sid)
+            ctd.cri.remove_pod_sandbox(sid)
+    poll(lambda: not pod_leftovers(ctd), 10, 0.2)
+    assert not pod_leftovers(ctd), "the removed pods left %s" % pod_leftovers(ctd)
+
+
 def test_cri_large_exec_output_through_a_small_window(ctd, tmp_path):
     """3 MB of ExecSync output through a 64 KiB HTTP/2 window: Go's server waits for our WINDOW_UPDATEs."""
     sandbox, _, client_cfg = pod_configs(ctd, "runc", str(tmp_path))
