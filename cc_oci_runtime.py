@@ -1147,7 +1147,7 @@ CAPABILITIES = (
     "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF "
     "CHECKPOINT_RESTORE").split()  # capability number = index
 CAP_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
-# x86_64 syscall numbers (asm/unistd_64.h): (first number, names in order).
+# x86_64 syscall numbers (asm/unistd_64.h of Linux 6.12): (first number, names in order).
 SYSCALLS_X86_64 = ((0, """\
 read write open close stat fstat lstat poll lseek mmap mprotect munmap brk rt_sigaction
 rt_sigprocmask rt_sigreturn ioctl pread64 pwrite64 readv writev access pipe select
@@ -1187,13 +1187,15 @@ recvmmsg fanotify_init fanotify_mark prlimit64 name_to_handle_at open_by_handle_
 clock_adjtime syncfs sendmmsg setns getcpu process_vm_readv process_vm_writev kcmp
 finit_module sched_setattr sched_getattr renameat2 seccomp getrandom memfd_create
 kexec_file_load bpf execveat userfaultfd membarrier mlock2 copy_file_range preadv2
-pwritev2 pkey_mprotect pkey_alloc pkey_free statx io_pgetevents rseq"""),
+pwritev2 pkey_mprotect pkey_alloc pkey_free statx io_pgetevents rseq uretprobe"""),
                    (424, """\
 pidfd_send_signal io_uring_setup io_uring_enter io_uring_register open_tree move_mount
 fsopen fsconfig fsmount fspick pidfd_open clone3 close_range openat2 pidfd_getfd
 faccessat2 process_madvise epoll_pwait2 mount_setattr quotactl_fd
 landlock_create_ruleset landlock_add_rule landlock_restrict_self memfd_secret
-process_mrelease futex_waitv set_mempolicy_home_node"""))
+process_mrelease futex_waitv set_mempolicy_home_node cachestat fchmodat2
+map_shadow_stack futex_wake futex_wait futex_requeue statmount listmount
+lsm_get_self_attr lsm_set_self_attr lsm_list_modules mseal"""))
 AUDIT_ARCH_X86_64, X32_SYSCALL_BIT = 0xC000003E, 0x40000000
 SECCOMP_ACTIONS = {  # OCI action: SECCOMP_RET_* (ERRNO and TRACE carry errnoRet)
     "SCMP_ACT_KILL": 0x00000000, "SCMP_ACT_KILL_THREAD": 0x00000000,
