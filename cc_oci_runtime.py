@@ -6937,9 +6937,40 @@ GO_TRUE = ("1", "t", "T", "true", "TRUE", "True")
 GO_FALSE = ("0", "f", "F", "false", "FALSE", "False")
 
 
+def _flag_name(arg):
+    """The name urfave/cli's argIsFlag looks up for arg: --x=1 -> x, -x -> x, ---x -> x."""
+    if arg[:2] == "--":
+        arg = arg[2:]
+    if arg[:1] == "-":
+        arg = arg[1:]
+    return arg.partition("=")[0]
+
+
+def _urfave_order(args, command):
+    """A command's args as urfave/cli 1.22's reorderArgs gives them to Go's flag package: its
+    flags first, each with the next arg unless that is a flag or the flag has =value (a
+    boolean's too: `kill c0 -a 9` is `kill -a 9 c0`), then the others, -- and what follows."""
+    names = {_flag_name(o) for o in command._option_string_actions}
+    flags, others, value_next = [], [], False
+    for i, arg in enumerate(args):
+        is_flag = arg[:1] == "-" and arg not in ("-", "--") and _flag_name(arg) in names
+        if value_next and not is_flag:
+            flags.append(arg)
+            value_next = False
+        elif arg == "--":
+            return flags + ["--"] + others + args[i + 1:]
+        elif is_flag:
+            flags.append(arg)
+            value_next = "=" not in arg
+        else:
+            others.append(arg)
+    return flags + others
+
+
 def go_style_argv(argv, parser):
     """argv with Go's flag forms made argparse's: -name for --name, and --flag=true/false for a
-    boolean (runc's urfave/cli takes both). Options of exec and ps after the id are left alone."""
+    boolean (runc's urfave/cli takes both); a command's flags moved before its other args, as
+    urfave/cli does. Options of exec and ps after the id are left alone (runc's are too)."""
     out, current, args = [], parser, list(argv)
     while args:
         arg = args.pop(0)
@@ -6955,6 +6986,8 @@ def go_style_argv(argv, parser):
                 continue
             if current is parser:  # the command
                 current = _subcommand(parser, arg) or parser
+                if current is not parser and arg not in ("exec", "ps"):
+                    args = _urfave_order(args, current)
             elif current.prog.split()[-1] in ("exec", "ps"):
                 return out + args  # the id: the process's (or ps's) own arguments follow
             continue
@@ -7015,7 +7048,7 @@ def fast_args(argv):
                 args.update(spec[4], command=arg, func=spec[0])
                 flags, values = spec[1], spec[2]
             elif flag_after or len(positionals) == len(spec[3]):
-                return None  # argparse takes a command's positionals together: an error
+                return None  # moved before the others (_urfave_order), or one too many
             else:
                 positionals.append(arg)
             continue
