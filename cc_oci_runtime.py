@@ -5473,10 +5473,12 @@ def _kill_container(state, wait=5.0):
             except ProcessLookupError:
                 pass
     deadline = time.monotonic() + wait
-    while any(process_alive(p, s) for p, s in targets) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        alive = [t for t in targets if process_alive(*t)]  # one look: it may exit meanwhile
+        if not alive:
+            return
         _reap_children()
-        alive = next(t for t in targets if process_alive(*t))
-        _wait_exit(alive, min(deadline, time.monotonic() + 0.5))
+        _wait_exit(alive[0], min(deadline, time.monotonic() + 0.5))
 
 
 def _wait_exit(target, deadline):

@@ -1398,6 +1398,22 @@ def test_kill_container_kills_and_waits_for_monitor_and_qemu(tmp_path):
             p.wait()
 
 
+def test_kill_container_when_the_process_exits_between_two_looks(tmp_path, monkeypatch):
+    """Alive for the kill and the loop's first look, gone at the next: no StopIteration."""
+    monitor = subprocess.Popen(["sleep", "60"])
+    try:
+        looks = []
+        monkeypatch.setattr(rt, "process_alive", lambda pid, start=None: bool(
+            pid == monitor.pid and looks.append(pid) is None and len(looks) <= 2))
+        st = rt.State(str(tmp_path), "c1")
+        st.data = {"pid": monitor.pid, "pid_start": 1, "vm": {}}
+        rt._kill_container(st, wait=5)
+        assert monitor.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        monitor.kill()
+        monitor.wait()
+
+
 def test_list_states(tmp_path):
     root = tmp_path / "root"
     assert rt.list_states(str(root)) == []
