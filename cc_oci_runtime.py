@@ -1152,7 +1152,7 @@ CAPABILITIES = (
     "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF "
     "CHECKPOINT_RESTORE").split()  # capability number = index
 CAP_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
-# x86_64 syscall numbers (asm/unistd_64.h): (first number, names in order).
+# x86_64 syscall numbers (asm/unistd_64.h of Linux 6.12): (first number, names in order).
 SYSCALLS_X86_64 = ((0, """\
 read write open close stat fstat lstat poll lseek mmap mprotect munmap brk rt_sigaction
 rt_sigprocmask rt_sigreturn ioctl pread64 pwrite64 readv writev access pipe select
@@ -1192,13 +1192,15 @@ recvmmsg fanotify_init fanotify_mark prlimit64 name_to_handle_at open_by_handle_
 clock_adjtime syncfs sendmmsg setns getcpu process_vm_readv process_vm_writev kcmp
 finit_module sched_setattr sched_getattr renameat2 seccomp getrandom memfd_create
 kexec_file_load bpf execveat userfaultfd membarrier mlock2 copy_file_range preadv2
-pwritev2 pkey_mprotect pkey_alloc pkey_free statx io_pgetevents rseq"""),
+pwritev2 pkey_mprotect pkey_alloc pkey_free statx io_pgetevents rseq uretprobe"""),
                    (424, """\
 pidfd_send_signal io_uring_setup io_uring_enter io_uring_register open_tree move_mount
 fsopen fsconfig fsmount fspick pidfd_open clone3 close_range openat2 pidfd_getfd
 faccessat2 process_madvise epoll_pwait2 mount_setattr quotactl_fd
 landlock_create_ruleset landlock_add_rule landlock_restrict_self memfd_secret
-process_mrelease futex_waitv set_mempolicy_home_node"""))
+process_mrelease futex_waitv set_mempolicy_home_node cachestat fchmodat2
+map_shadow_stack futex_wake futex_wait futex_requeue statmount listmount
+lsm_get_self_attr lsm_set_self_attr lsm_list_modules mseal"""))
 AUDIT_ARCH_X86_64, X32_SYSCALL_BIT = 0xC000003E, 0x40000000
 SECCOMP_ACTIONS = {  # OCI action: SECCOMP_RET_* (ERRNO and TRACE carry errnoRet)
     "SCMP_ACT_KILL": 0x00000000, "SCMP_ACT_KILL_THREAD": 0x00000000,
@@ -5974,10 +5976,12 @@ def _kill_container(state, wait=5.0):
             except ProcessLookupError:
                 pass
     deadline = time.monotonic() + wait
-    while any(process_alive(p, s) for p, s in targets) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        alive = [t for t in targets if process_alive(*t)]  # one look: it may exit meanwhile
+        if not alive:
+            return
         _reap_children()
-        alive = next(t for t in targets if process_alive(*t))
-        _wait_exit(alive, min(deadline, time.monotonic() + 0.5))
+        _wait_exit(alive[0], min(deadline, time.monotonic() + 0.5))
 
 
 def _wait_exit(target, deadline):
@@ -7563,9 +7567,40 @@ GO_TRUE = ("1", "t", "T", "true", "TRUE", "True")
 GO_FALSE = ("0", "f", "F", "false", "FALSE", "False")
 
 
+def _flag_name(arg):
+    """The name urfave/cli's argIsFlag looks up for arg: --x=1 -> x, -x -> x, ---x -> x."""
+    if arg[:2] == "--":
+        arg = arg[2:]
+    if arg[:1] == "-":
+        arg = arg[1:]
+    return arg.partition("=")[0]
+
+
+def _urfave_order(args, command):
+    """A command's args as urfave/cli 1.22's reorderArgs gives them to Go's flag package: its
+    flags first, each with the next arg unless that is a flag or the flag has =value (a
+    boolean's too: `kill c0 -a 9` is `kill -a 9 c0`), then the others, -- and what follows."""
+    names = {_flag_name(o) for o in command._option_string_actions}
+    flags, others, value_next = [], [], False
+    for i, arg in enumerate(args):
+        is_flag = arg[:1] == "-" and arg not in ("-", "--") and _flag_name(arg) in names
+        if value_next and not is_flag:
+            flags.append(arg)
+            value_next = False
+        elif arg == "--":
+            return flags + ["--"] + others + args[i + 1:]
+        elif is_flag:
+            flags.append(arg)
+            value_next = "=" not in arg
+        else:
+            others.append(arg)
+    return flags + others
+
+
 def go_style_argv(argv, parser):
     """argv with Go's flag forms made argparse's: -name for --name, and --flag=true/false for a
-    boolean (runc's urfave/cli takes both). Options of exec and ps after the id are left alone."""
+    boolean (runc's urfave/cli takes both); a command's flags moved before its other args, as
+    urfave/cli does. Options of exec and ps after the id are left alone (runc's are too)."""
     out, current, args = [], parser, list(argv)
     while args:
         arg = args.pop(0)
@@ -7581,6 +7616,8 @@ def go_style_argv(argv, parser):
                 continue
             if current is parser:  # the command
                 current = _subcommand(parser, arg) or parser
+                if current is not parser and arg not in ("exec", "ps"):
+                    args = _urfave_order(args, current)
             elif current.prog.split()[-1] in ("exec", "ps"):
                 return out + args  # the id: the process's (or ps's) own arguments follow
             continue
@@ -7641,7 +7678,7 @@ def fast_args(argv):
                 args.update(spec[4], command=arg, func=spec[0])
                 flags, values = spec[1], spec[2]
             elif flag_after or len(positionals) == len(spec[3]):
-                return None  # argparse takes a command's positionals together: an error
+                return None  # moved before the others (_urfave_order), or one too many
             else:
                 positionals.append(arg)
             continue
