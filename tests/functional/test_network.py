@@ -290,6 +290,45 @@ def test_podman_pod_holds_one_vm_container(pmnet):
         assert pmnet.run("pod", "rm", "-f", "pod1", timeout=TIMEOUT).returncode == 0
 
 
+def _qemu_names():
+    """The -name of each QEMU running (the runtime names a container's VM cc-<id>)."""
+    return [argv[argv.index("-name") + 1] for _, argv, st in engines.proc_table().values()
+            if argv and os.path.basename(argv[0]).startswith("qemu-system") and "-name" in argv
+            and st != "Z"]
+
+
+def test_podman_pod_with_a_vm_infra_is_one_vm_for_its_members(pmnet):
+    """The pod's infra container under this runtime restores the pod's VM; its members run
+    in that VM, talk over the pod's localhost, and the pod's published port reaches them."""
+    port = free_port()
+    r = pmnet.run_rt("pod", "create", "--name", "vmpod", "-p", "127.0.0.1:%d:80" % port)
+    assert r.returncode == 0, r.stderr
+    pod_id = r.stdout.strip()
+    try:
+        r = pmnet.run_rt("run", "-d", "--pod", "vmpod", "--name", "web", "bb", *HTTPD, timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        infra = pmnet.run("pod", "inspect", "--format", "{{.InfraContainerID}}", "vmpod").stdout.strip()
+        web = pmnet.run("inspect", "--format", "{{.Id}}", "web").stdout.strip()
+        names = _qemu_names()
+        assert "cc-" + infra[:32] in names and "cc-" + web[:32] not in names, (infra, names)
+        r = pmnet.run_rt("run", "--rm", "--pod", "vmpod", "bb", "sh", "-c",
+                         "for i in 1 2 3 4 5; do timeout 10 wget -qO- http://127.0.0.1/ && exit 0; "
+                         "sleep 1; done; exit 1", timeout=TIMEOUT)
+        assert r.returncode == 0 and r.stdout == PAGE, (r.stdout, r.stderr)
+        assert poll(lambda: http_get("http://127.0.0.1:%d/" % port, 3)) == PAGE
+        r = pmnet.run_rt("pod", "stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}", "vmpod")
+        rows = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.strip())
+        assert r.returncode == 0 and "web" in rows and rows["web"].split()[0] != "0B", r.stdout
+        assert pmnet.run_rt("pod", "stop", "-t", "1", "vmpod", timeout=TIMEOUT).returncode == 0
+        state = pmnet.run("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", "web").stdout.split()
+        assert state[0] == "exited", state
+    finally:
+        assert pmnet.run_rt("pod", "rm", "-f", "vmpod", timeout=TIMEOUT).returncode == 0
+    assert not [n for n in _qemu_names() if n == "cc-" + infra[:32]]
+    assert not runtime_procs() and not host_taps()
+    assert pod_id
+
+
 def test_podman_network_none_has_only_lo_up(pmnet):
     r = pmnet.run_rt("run", "--rm", "--network", "none", "bb", "ip", "addr", timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
