@@ -4500,3 +4500,171 @@ def test_a_stdin_that_is_no_terminal_is_passed_as_it_is(tmp_path):
     assert rt._nonblocking_tty(r) == r
     os.close(r)
     os.close(w)
+
+
+# ===========================================================================
+# 13. Pods: classification and bookkeeping (no VM)
+# ===========================================================================
+
+CRI_TYPE, CRI_SANDBOX = "io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"
+CRIO_TYPE, CRIO_SANDBOX = "io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"
+
+
+@pytest.mark.parametrize("annotations, role", [
+    ({}, (None, None, False)),
+    ({"other": "x"}, (None, None, False)),
+    ({CRI_TYPE: "sandbox", CRI_SANDBOX: "c1"}, ("sandbox", "c1", True)),
+    ({CRI_TYPE: "sandbox"}, ("sandbox", "c1", True)),
+    ({CRI_TYPE: "container", CRI_SANDBOX: "sb"}, ("member", "sb", True)),
+    ({CRIO_TYPE: "container", CRIO_SANDBOX: "infra"}, ("member", "infra", False)),  # podman 4.3
+    ({CRIO_TYPE: "sandbox", CRIO_SANDBOX: "c1"}, ("sandbox", "c1", False)),
+])
+def test_pod_role_from_the_managers_annotations(annotations, role):
+    assert rt.pod_role("c1", annotations) == role
+
+
+@pytest.mark.parametrize("annotations, message", [
+    ({CRI_TYPE: "sidecar", CRI_SANDBOX: "sb"},
+     "annotations: io.kubernetes.cri.container-type: unknown container type 'sidecar' (sandbox or container)"),
+    ({CRI_TYPE: "container"}, "annotations: io.kubernetes.cri.sandbox-id: a pod member needs its sandbox's id"),
+    ({CRI_TYPE: "sandbox", CRI_SANDBOX: "other"},
+     "annotations: io.kubernetes.cri.sandbox-id: other names another sandbox than this one (c1)"),
+])
+def test_pod_role_errors(annotations, message):
+    with pytest.raises(rt.Error) as e:
+        rt.pod_role("c1", annotations)
+    assert str(e.value) == message
+
+
+def test_pod_vm_size_from_containerds_sandbox_annotations():
+    vm = {"memory": "256M", "cpus": 1}
+    rt.pod_vm_size(vm, {"io.kubernetes.cri.sandbox-memory": str(512 << 20),
+                        "io.kubernetes.cri.sandbox-cpu-quota": "150000",
+                        "io.kubernetes.cri.sandbox-cpu-period": "100000"})
+    assert vm["memory"] == rt.size_vm({"memory": "1M", "cpus": 1}, {"memory": {"limit": 512 << 20}})["memory"]
+    assert vm["cpus"] == min(2, os.cpu_count())
+    untouched = {"memory": "256M", "cpus": 1}
+    assert rt.pod_vm_size(dict(untouched), {"io.kubernetes.cri.sandbox-memory": "0"}) == untouched
+    assert rt.pod_vm_size(dict(untouched), {}) == untouched
+
+
+def test_pod_slots_are_claimed_once_and_given_back(tmp_path):
+    sb = str(tmp_path / "sb")
+    os.mkdir(sb)
+    assert [rt.claim_pod_slot(sb, "m%d" % i) for i in range(3)] == [0, 1, 2]
+    assert (tmp_path / "sb" / "members" / "1").read_text() == "m1"
+    rt.release_pod_slot(sb, 1)
+    assert rt.claim_pod_slot(sb, "m3") == 1
+    for i in range(3, rt.POD_SLOTS):
+        rt.claim_pod_slot(sb, "x%d" % i)
+    with pytest.raises(rt.Error) as e:
+        rt.claim_pod_slot(sb, "late")
+    assert str(e.value) == "pod: sandbox sb: all %d member slots are in use" % rt.POD_SLOTS
+    rt.release_pod_slot(str(tmp_path / "gone"), 0)  # a sandbox already deleted: nothing to do
+    rt.release_pod_slot(sb, None)
+
+
+def test_member_trees_name_the_rootfs_and_each_bind_source(tmp_path):
+    vol, f = tmp_path / "vol", tmp_path / "hosts"
+    vol.mkdir()
+    f.write_text("127.0.0.1 localhost\n")
+    conf = {"root": {"path": "/r", "readonly": True}, "mounts": [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": []},
+        {"destination": "/v", "type": "bind", "source": str(vol), "options": ["rbind", "ro"]},
+        {"destination": "/etc/hosts", "type": "bind", "source": str(f), "options": ["bind"]},
+        {"destination": "/x", "type": "bind", "source": str(tmp_path / "missing"), "options": []}]}
+    assert rt.member_trees(conf, 3) == [("rootfs", "/r", True, True, False),
+                                        ("b1", str(vol), True, True, True),
+                                        ("b2", str(f), False, False, False)]
+    assert [m.get("pod_path") for m in conf["mounts"]] == [None, "3/b1", "3/b2", None]
+    assert conf["mounts"][3]["skip"] is True
+
+
+def _sandbox_state(root, cid, **data):
+    """A state dir under root with state.json holding data."""
+    s = rt.State(str(root), cid)
+    s.make()
+    s.data = data
+    s.save()
+    s.unlock()
+    return s
+
+
+def test_find_sandbox_for_a_member(tmp_path):
+    assert rt.find_sandbox(str(tmp_path), "nosuch", strict=False) is None  # podman, runc infra
+    with pytest.raises(rt.Error) as e:
+        rt.find_sandbox(str(tmp_path), "nosuch", strict=True)
+    assert str(e.value).startswith("pod: sandbox nosuch: no such container of this runtime")
+    me = os.getpid()
+    _sandbox_state(tmp_path, "sb", pid=me, pid_start=rt.proc_start_time(me), started=True,
+                   vm={}, pod={"tag": "share0"})
+    assert rt.find_sandbox(str(tmp_path), "sb", strict=True).data["pod"] == {"tag": "share0"}
+    _sandbox_state(tmp_path, "full", pid=me, pid_start=rt.proc_start_time(me), vm={}, pod=None)
+    with pytest.raises(rt.Error) as e:
+        rt.find_sandbox(str(tmp_path), "full", strict=False)
+    assert "its VM has no 9p slot left for members" in str(e.value)
+    _sandbox_state(tmp_path, "dead", pid=me, pid_start=1, vm={}, pod={"tag": "share0"})
+    with pytest.raises(rt.Error) as e:
+        rt.find_sandbox(str(tmp_path), "dead", strict=False)
+    assert str(e.value) == "pod: the pod's sandbox dead is stopped"
+    _sandbox_state(tmp_path, "m1", pid=me, pid_start=rt.proc_start_time(me), vm={},
+                   sandbox={"id": "sb", "dir": "x", "slot": 0})
+    with pytest.raises(rt.Error) as e:
+        rt.find_sandbox(str(tmp_path), "m1", strict=False)
+    assert str(e.value) == "pod: m1 is a member of pod sb, not a sandbox"
+
+
+def test_a_members_requests_go_to_its_sandboxs_monitor_naming_it(tmp_path):
+    sb_dir = tmp_path / "sb"
+    sb_dir.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sb_dir / "ctl.sock"))
+    listener.listen(1)
+    state = rt.State(str(tmp_path), "m1")
+    state.data = {"sandbox": {"id": "sb", "dir": str(sb_dir), "slot": 4}, "proc": 9}
+    got = []
+
+    def serve():
+        conn, _ = listener.accept()
+        got.append(rt.read_msg(conn.fileno(), rt.FrameReader(), 5))
+        rt.send_msg(conn.fileno(), {"op": "ok"})
+        conn.close()
+    import threading
+    t = threading.Thread(target=serve)
+    t.start()
+    assert rt.monitor_request(state, {"op": "signal", "proc": 0, "sig": 15, "all": False}) == {"op": "ok"}
+    t.join()
+    listener.close()
+    assert got == [{"op": "signal", "proc": 9, "sig": 15, "all": False, "member": 4}]
+
+
+def test_a_member_stops_with_its_pods_vm(tmp_path):
+    me = os.getpid()
+    state = rt.State(str(tmp_path), "m1")
+    state.data = {"pid": me, "pid_start": rt.proc_start_time(me), "started": True, "vm": {},
+                  "sandbox": {"qemu_pid": me, "qemu_start": rt.proc_start_time(me)}}
+    assert state.status() == "running"
+    state.data["sandbox"]["qemu_start"] = 1  # that QEMU is gone (another process has its pid)
+    assert state.status() == "stopped"
+
+
+def test_signal_cgroup_reaches_every_process_listed(tmp_path):
+    child = subprocess.Popen(["sleep", "30"])
+    (tmp_path / "cgroup.procs").write_text("%d\n999999\n" % child.pid)  # (a gone pid is skipped)
+    rt.signal_cgroup(str(tmp_path), signal.SIGTERM)
+    assert child.wait(5) == -signal.SIGTERM
+    (tmp_path / "cgroup.kill").write_text("")
+    rt.signal_cgroup(str(tmp_path), signal.SIGKILL)  # cgroup v2's cgroup.kill, when there is one
+    assert (tmp_path / "cgroup.kill").read_text() == "1"
+    rt.signal_cgroup(str(tmp_path / "gone"), signal.SIGTERM)
+
+
+def test_agent_requests_find_their_container():
+    agent = rt.Agent()
+    agent.conf = {"id": "sb"}
+    agent.members[2] = {"proc": 7, "conf": {"id": "m"}, "cgroup": "/sys/fs/cgroup/member-7"}
+    assert agent._container_of({"op": "ps"}) == (0, {"id": "sb"}, rt.CONTAINER_CGROUP)
+    assert agent._container_of({"op": "ps", "member": 2}) == (7, {"id": "m"}, "/sys/fs/cgroup/member-7")
+    with pytest.raises(rt.Error) as e:
+        agent._container_of({"op": "ps", "member": 3})
+    assert str(e.value) == "container not running"
