@@ -2262,6 +2262,7 @@ POD_SIZE_KEYS = {"memory": "io.kubernetes.cri.sandbox-memory",
                  "quota": "io.kubernetes.cri.sandbox-cpu-quota",
                  "period": "io.kubernetes.cri.sandbox-cpu-period"}
 POD_DIR = "pod"  # in FILES_DIR: the pod export, with a directory per member slot
+PAUSED_VM, PAUSED_FROZEN = "vm", "frozen"  # how a paused container is (state's "paused")
 POD_SLOTS = 32
 SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # x86_64
 OPEN_TREE_CLONE, AT_RECURSIVE, AT_EMPTY_PATH, AT_FDCWD = 1, 0x8000, 0x1000, -100
@@ -2321,12 +2322,22 @@ def find_sandbox(root, sandbox_id, strict):
         raise Error("pod: %s is a member of pod %s, not a sandbox"
                     % (sandbox_id, state.data["sandbox"]["id"]))
     status = state.status()
+    if status == "paused" and state.data.get("paused") != PAUSED_FROZEN:
+        raise Error("pod: the pod's sandbox %s is paused (its VM is stopped)" % sandbox_id)
     if status not in ("created", "running", "paused"):
         raise Error("pod: the pod's sandbox %s is %s" % (sandbox_id, status))
     if not state.data.get("pod"):
         raise Error("pod: sandbox %s: its VM has no 9p slot left for members (it has %d "
                     "bind-mount sources)" % (sandbox_id, SHARE_SLOTS))
     return state
+
+
+def has_members(sandbox_dir):
+    """Whether a container's VM has pod members (claimed slots)."""
+    try:
+        return bool(os.listdir(os.path.join(sandbox_dir, "members")))
+    except OSError:
+        return False
 
 
 def claim_pod_slot(sandbox_dir, member_id):
@@ -6627,16 +6638,18 @@ def qmp(state, command):
 
 
 def cmd_pause(args):
-    """pause: stop the container's VM (QMP stop); a created one too, as runc freezes it. A pod
-    member's processes are frozen in the VM (its cgroup's freezer), the rest of the pod runs."""
+    """pause: stop the container's VM (QMP stop); a created one too, as runc freezes it. In a
+    pod (a member, or a sandbox that has members) the container's processes are frozen in the
+    VM (its guest cgroup's freezer), and the rest of the pod runs on."""
     state = _open_state(args, lock=True)
     if state.status() not in ("created", "running"):
         raise Error("container not running")
-    if state.data.get("sandbox"):
+    how = PAUSED_FROZEN if state.data.get("sandbox") or has_members(state.dir) else PAUSED_VM
+    if how == PAUSED_FROZEN:
         monitor_request(state, {"op": "freeze", "frozen": True})
     else:
         qmp(state, "stop")
-    state.data["paused"] = True
+    state.data["paused"] = how
     state.save()
     LOG.info("paused %s", state.id)
 
@@ -6646,7 +6659,7 @@ def cmd_resume(args):
     state = _open_state(args, lock=True)
     if state.status() != "paused":
         raise Error("container not paused")
-    if state.data.get("sandbox"):
+    if state.data["paused"] == PAUSED_FROZEN:
         monitor_request(state, {"op": "freeze", "frozen": False})
     else:
         qmp(state, "cont")
@@ -6958,7 +6971,7 @@ def runc_stats(raw):
 def container_stats(state):
     """The container's figures from its guest cgroup; QEMU's as the host sees them when the
     agent cannot answer (a paused VM)."""
-    if not state.data.get("paused"):
+    if state.data.get("paused") in (False, None, PAUSED_FROZEN):  # the agent can answer
         try:
             return runc_stats(monitor_request(state, {"op": "stats"}, timeout=5)["cgroup"])
         except (Error, OSError, KeyError):
@@ -7123,11 +7136,12 @@ def cmd_kill(args):
         raise Error("container not running")
     if sig == 0:  # the liveness check: the status came from the live monitor and QEMU
         return
-    if status == "paused" and sig == signal.SIGKILL and not state.data.get("sandbox"):
+    frozen = state.data.get("paused") == PAUSED_FROZEN  # the VM runs: the agent answers
+    if status == "paused" and sig == signal.SIGKILL and not frozen:
         _kill_container(state)  # a stopped VM cannot run the agent; the monitor dies of KILL
         return
     monitor_request(state, {"op": "signal", "proc": 0, "sig": sig, "all": args.all},
-                    wait=status != "paused" or bool(state.data.get("sandbox")))
+                    wait=status != "paused" or frozen)
     LOG.info("sent signal %d to %s", sig, state.id)
 
 

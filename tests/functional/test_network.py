@@ -316,6 +316,11 @@ def test_podman_pod_with_a_vm_infra_is_one_vm_for_its_members(pmnet):
                          "sleep 1; done; exit 1", timeout=TIMEOUT)
         assert r.returncode == 0 and r.stdout == PAGE, (r.stdout, r.stderr)
         assert poll(lambda: http_get("http://127.0.0.1:%d/" % port, 3)) == PAGE
+        assert pmnet.run_rt("pod", "pause", "vmpod", timeout=TIMEOUT).returncode == 0
+        status = pmnet.run("inspect", "--format", "{{.State.Status}}", "web", infra).stdout.split()
+        assert status == ["paused", "paused"], status
+        assert pmnet.run_rt("pod", "unpause", "vmpod", timeout=TIMEOUT).returncode == 0
+        assert poll(lambda: http_get("http://127.0.0.1:%d/" % port, 3)) == PAGE
         r = pmnet.run_rt("pod", "stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}", "vmpod")
         rows = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.strip())
         assert r.returncode == 0 and "web" in rows and rows["web"].split()[0] != "0B", r.stdout
