@@ -3751,6 +3751,11 @@ class Monitor:
             elif client is not None:
                 self._reply(client, msg)
             return
+        if msg.get("op") == "oom" and msg.get("member") is not None:  # to the member's process
+            owner = next((fd for fd, slot in self.members.items() if slot == msg["member"]), None)
+            if owner is not None:
+                self._send_client(owner, lambda c: send_msg(c, msg))
+            return
         if msg.get("op") == "oom":  # `events` reports it
             write_atomic(os.path.join(self.dir, "oom"), str(msg.get("count", 1)))
             return
@@ -4164,7 +4169,12 @@ class ExecMonitor:
             elif kind == MSG and payload.get("op") == "started" and not self.stdin_now:
                 self.stdin_now = True
                 self._watch_stdin()
+            elif kind == MSG and payload.get("op") == "oom":
+                self._on_oom(payload.get("count", 1))
         return None
+
+    def _on_oom(self, count):
+        """An OOM kill in the container's cgroup (only a pod member's process hears of it)."""
 
     def _forward_signals(self):
         """Pass signals (and terminal resizes) on to the process."""
@@ -4206,6 +4216,10 @@ class MemberMonitor(ExecMonitor):
     def _gone(self):
         """The pod's VM has gone: the member was killed with it."""
         return 128 + signal.SIGKILL
+
+    def _on_oom(self, count):
+        """Record the member's OOM kills where `events` reads them."""
+        write_atomic(os.path.join(self.member_dir, "oom"), str(count))
 
 
 def _notify_once(fd, obj):
@@ -4917,6 +4931,11 @@ class Agent:
         if count > self.oom_kills:
             self.oom_kills = count
             send_msg(self.port, {"op": "oom", "count": count})
+        for slot, member in self.members.items():  # each pod member's own cgroup
+            count = _cgroup_counter("memory.events", "oom_kill", member["cgroup"])
+            if count > member.get("oom_kills", 0):
+                member["oom_kills"] = count
+                send_msg(self.port, {"op": "oom", "count": count, "member": slot})
 
     def _op_resize(self, msg):
         """A new terminal size for a process."""

@@ -263,3 +263,28 @@ def test_kill_all_of_a_stopped_container_exits_0_as_runc(runtime, tmp_path):
     assert (ours.returncode, plain.returncode) == (theirs.returncode, theirs_plain.returncode) == (0, 1)
     assert "container not running" in plain.stderr and "container not running" in theirs_plain.stderr
     runtime("delete", "c-ka", check=True)
+
+
+def test_pod_member_oom_and_stats_are_its_own(runtime, sandbox):
+    sid, spid = sandbox
+    b = pod_bundle(runtime, ["sh", "-c", "sleep 1; dd if=/dev/zero of=/dev/null bs=100M count=1; "
+                                         "echo status=$?; sleep 1000"], sid, spid)
+    conf = json.loads(open(os.path.join(b, "config.json")).read())
+    conf["linux"]["resources"] = {"memory": {"limit": 48 << 20}}
+    open(os.path.join(b, "config.json"), "w").write(json.dumps(conf))
+    m = Member(runtime, "m-oom", b)
+    events = subprocess.Popen(runtime.argv("events", "--interval", "60s", "m-oom"),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        runtime("start", "m-oom", check=True)
+        assert json.loads(events.stdout.readline())["type"] == "stats"
+        assert json.loads(events.stdout.readline()) == {"type": "oom", "id": "m-oom"}
+    finally:
+        events.kill()
+        events.wait()
+    assert poll(lambda: "status=137" in m.output(), 20), m.output()
+    stats = json.loads(runtime("events", "--stats", "m-oom", check=True).stdout)
+    assert stats["data"]["memory"]["usage"]["limit"] == 48 << 20
+    assert runtime("events", "--stats", sid).returncode == 0
+    assert not os.path.exists(os.path.join(runtime.root, sid, "oom"))  # the sandbox had none
+    runtime("delete", "--force", "m-oom", check=True)
