@@ -4100,8 +4100,9 @@ def test_network_plan():
     assert plan["interfaces"] == [{"slot": 0, "name": "eth0", "mac": "02:42:ac:11:00:02", "mtu": 1450, "index": 2,
                                    "addresses": [{"family": 4, "address": "172.17.0.2", "prefix": 16},
                                                  {"family": 6, "address": "fd00::2", "prefix": 64}]}]
-    assert [(r["dst"], r["gateway"], r["dev"]) for r in plan["routes"]] == [
-        ("10.1.0.0", None, "eth0"), (None, "172.17.0.1", "eth0")]
+    assert [(r["dst"], r["gateway"], r["dev"], r["slot"]) for r in plan["routes"]] == [
+        ("10.1.0.0", None, "eth0", 0), (None, "172.17.0.1", "eth0", 0)]
+    assert plan["refused"] == []
     many = [link(i, "eth%d" % i) for i in range(2, 3 + rt.NET_SLOTS)]
     with pytest.raises(rt.Error, match="^network: 5 interfaces in the container's network namespace; a VM has 4$"):
         rt.network_plan(many, [], [])
@@ -4190,12 +4191,14 @@ def test_net_wire_redirects_both_ways_and_unwire_removes_it():
                 refused = ""
             except rt.Error as e:
                 refused = str(e)
-            plan = rt.net_wire(nl)
+            plan = rt.network_plan(nl.links(), nl.addresses(), nl.routes())
+            tap = rt.wire_interface(nl, plan["interfaces"][0])
             shown = subprocess.run("tc filter show dev eth0 ingress; tc filter show dev cc-tap0 ingress; "
                                    "ip -o link show cc-tap0", shell=True, capture_output=True, text=True).stdout
-            rt.net_unwire(nl, [idx["eth0"]])
-            rt.net_unwire(nl, [idx["eth0"]])  # twice is fine
-            after = subprocess.run(["tc", "qdisc", "show", "dev", "eth0"], capture_output=True, text=True).stdout
+            rt.unwire_interface(nl, plan["interfaces"][0], tap)
+            rt.unwire_interface(nl, plan["interfaces"][0], tap)  # twice is fine
+            after = subprocess.run("tc qdisc show dev eth0; tc qdisc show dev cc-tap0; ip -o link show cc-tap0",
+                                   shell=True, capture_output=True, text=True).stdout
             for fd in fds:
                 os.close(fd)
         return plan, shown, after, refused
@@ -4206,7 +4209,7 @@ def test_net_wire_redirects_both_ways_and_unwire_removes_it():
     assert [r["gateway"] for r in plan["routes"]] == ["10.6.0.1"]
     assert "mirred (Egress Redirect to device cc-tap0)" in shown and "(Egress Redirect to device eth0)" in shown
     assert "mtu 1300" in shown and "UP" in shown
-    assert "ingress" not in after
+    assert "ingress" not in after and ",UP" not in after, after  # the tap stays QEMU's, down
 
 
 def test_net_wire_fails_cleanly():
@@ -4214,14 +4217,15 @@ def test_net_wire_fails_cleanly():
         subprocess.run(["ip", "link", "add", "eth0", "up", "type", "veth", "peer", "name", "peer0"], check=True)
         with rt.Netlink() as nl:
             out = []
+            iface = rt.network_plan(nl.links(), [], [])["interfaces"][0]
             try:
-                rt.net_wire(nl)  # no taps: hypervisor.args without @NETWORK@
+                rt.wire_interface(nl, iface)  # no taps: hypervisor.args without @NETWORK@
             except rt.Error as e:
                 out.append(str(e))
             fds = [make_tap(rt.tap_name(i)) for i in range(rt.NET_SLOTS)]
             subprocess.run(["tc", "qdisc", "add", "dev", "cc-tap0", "ingress"], check=True)
             try:
-                rt.net_wire(nl)
+                rt.wire_interface(nl, iface)
             except rt.Error as e:
                 out.append(str(e))
             out.append(subprocess.run(["tc", "qdisc", "show", "dev", "eth0"], capture_output=True, text=True).stdout)
@@ -4229,8 +4233,7 @@ def test_net_wire_fails_cleanly():
                 os.close(fd)
         return out
     no_nic, busy, qdiscs = in_new_netns(body)
-    assert no_nic == ("network: the VM has no NIC for eth0: it has one for each interface the "
-                      "namespace had when it started (or one), and hypervisor.args needs @NETWORK@")
+    assert no_nic == "network: the VM has no NIC for eth0 (hypervisor.args needs @NETWORK@)"
     assert busy == "network: cannot redirect eth0 to the VM (tc u32/mirred): File exists"
     assert "ingress" not in qdiscs  # rolled back
 
@@ -4241,7 +4244,8 @@ def guest_plan(slot, name="eth0", mac="02:42:ac:11:00:05", addresses=None, route
     return {"interfaces": [{"slot": slot, "name": name, "mac": mac, "mtu": 1400, "index": 9,
                             "addresses": addresses}],
             "routes": [{"family": 4, "dst": None, "dst_len": 0, "gateway": "172.17.0.1", "prefsrc": None,
-                        "priority": 0, "scope": 0, "protocol": 3, "oif": 9, "dev": name}] if routes else []}
+                        "priority": 0, "scope": 0, "protocol": 3, "oif": 9, "dev": name, "slot": slot}]
+            if routes else []}
 
 
 def run_guest_network(plans):
