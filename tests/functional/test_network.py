@@ -419,6 +419,50 @@ def test_podman_network_host_is_refused(pmnet):
     assert not host_taps()
 
 
+def podman_wget(p, cid, url, timeout=10):
+    """The body of a GET from inside a podman container, or None."""
+    r = p.run_rt("exec", cid, "sh", "-c", "timeout %d wget -qO- %s" % (timeout, url), timeout=timeout + 30)
+    return r.stdout if r.returncode == 0 else None
+
+
+def test_podman_two_networks_and_connect_disconnect(pmnet):
+    for net in ("pna", "pnb"):
+        assert pmnet.run("network", "create", net).returncode == 0
+    try:
+        for name, net in (("psa", "pna"), ("psb", "pnb")):
+            r = pmnet.run_rt("run", "-d", "--network", net, "--name", name, "bb", *HTTPD, timeout=TIMEOUT)
+            assert r.returncode == 0, r.stderr
+        r = pmnet.run_rt("run", "-d", "--network", "pna,pnb", "--name", "both", "bb", "sleep", "600", timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        assert podman_wget(pmnet, "both", "http://psa/") == PAGE
+        assert podman_wget(pmnet, "both", "http://psb/") == PAGE
+        r = pmnet.run_rt("run", "-d", "--network", "pna", "--name", "pcli", "bb", "sleep", "600", timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        # podman's networks route to each other through the host: what shows the new network
+        # is the guest's own address and route on it
+        assert pmnet.run("network", "connect", "pnb", "pcli").returncode == 0
+        ip = pmnet.run("inspect", "-f", "{{(index .NetworkSettings.Networks \"pnb\").IPAddress}}",
+                       "pcli").stdout.strip()
+        ip_b = pmnet.run("inspect", "-f", "{{(index .NetworkSettings.Networks \"pnb\").IPAddress}}",
+                         "psb").stdout.strip()
+        assert ip and ip_b
+        addrs = lambda: pmnet.run_rt("exec", "pcli", "ip", "-o", "-4", "addr").stdout  # noqa: E731
+        assert poll(lambda: " inet %s/" % ip in addrs()), addrs()
+        assert "dev eth1" in pmnet.run_rt("exec", "pcli", "ip", "route", "get", ip_b).stdout
+        assert poll(lambda: podman_wget(pmnet, "pcli", "http://psb/", 5)) == PAGE
+        assert pmnet.run("network", "disconnect", "pnb", "pcli").returncode == 0
+        assert poll(lambda: " inet %s/" % ip not in addrs()), addrs()
+        out = pmnet.run_rt("exec", "pcli", "ip", "-o", "link").stdout
+        assert "eth1" not in out and "eth0" in out, out
+        assert podman_wget(pmnet, "pcli", "http://psa/") == PAGE
+    finally:
+        assert pmnet.run("rm", "-f", "-t", "0", "psa", "psb", "both", "pcli", timeout=TIMEOUT).returncode == 0
+        for net in ("pna", "pnb"):
+            pmnet.run("network", "rm", "-f", net, timeout=TIMEOUT)
+    assert not runtime_procs(), "runtime processes left: %s" % runtime_procs()
+    assert not host_taps()
+
+
 # ---------------------------------------------------------------------------
 # docker: docker0 with iptables, published ports, a user-defined bridge
 # ---------------------------------------------------------------------------
