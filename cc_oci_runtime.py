@@ -3050,14 +3050,21 @@ def redirect_filter_message(index, target):
             [nl_attr(TCA_KIND, "u32"), nl_attr(TCA_OPTIONS, options)])
 
 
-def net_event_matters(data):
+def net_event_matters(data, taps=()):
     """True when a datagram of namespace events holds a change the VM may have to follow: a link,
-    address or route message not about the runtime's own taps."""
+    address or route message not about the runtime's own taps (by name, or index in taps)."""
     for kind, _flags, _seq, payload in nl_parse_messages(data):
         if kind in (RTM_NEWLINK, RTM_DELLINK):
-            if not parse_link(payload)["name"].startswith(TAP_PREFIX):
-                return True
-        elif kind in (RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE):
+            ln = parse_link(payload)
+            index = -1 if ln["name"].startswith(TAP_PREFIX) else ln["index"]
+        elif kind in (RTM_NEWADDR, RTM_DELADDR):
+            index = IFADDR.unpack_from(payload)[4]
+        elif kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            oif = nl_parse_attrs(payload, RTMSG.size).get(RTA_OIF)
+            index = struct.unpack("=i", oif)[0] if oif else 0
+        else:
+            continue
+        if index != -1 and index not in taps:
             return True
     return False
 
@@ -3786,7 +3793,7 @@ class Monitor:
             except OSError:  # ENOBUFS: events were lost; a sync dumps everything anyway
                 changed = True
                 break
-            changed = changed or net_event_matters(data)
+            changed = changed or net_event_matters(data, {w["tap"] for w in self.wired})
         if changed:
             self.net_due = time.monotonic() + NET_SETTLE
 
@@ -4970,6 +4977,9 @@ def guest_network(plan, net):
             net["slots"][first["mac"]] = first
         for slot, iface in want.items():
             _guest_addresses(nl, homed[slot], iface)
+        _guest_forget_gone(nl, net)  # removing an address takes routes (and secondaries) with it
+        for slot, iface in want.items():
+            _guest_addresses(nl, homed[slot], iface)
         done = {_route_key(r) for r in applied}
         for route in plan["routes"]:
             if _route_key(route) not in done and route["slot"] in homed:
@@ -5033,6 +5043,20 @@ def _guest_addresses(nl, link, iface):
             _guest_net_step(nl.add_address, (link["index"], addr), "address %s/%d on %s"
                             % (addr["address"], addr["prefix"], iface["name"]))
             link["addresses"].append(addr)
+
+
+def _guest_forget_gone(nl, net):
+    """Forget the addresses and routes the kernel removed by itself (an address's removal takes
+    its secondaries and the routes through its subnet along), so that they are added again."""
+    index_of = {slot: link["index"] for slot, link in net["homed"].items()}
+    addrs = {(a["index"], a["family"], a["address"], a["prefix"]) for a in nl.addresses()}
+    for slot, link in net["homed"].items():
+        link["addresses"] = [a for a in link["addresses"]
+                             if (link["index"], a["family"], a["address"], a["prefix"]) in addrs]
+    routes = {(r["oif"], r["family"], r["dst"] if r["dst_len"] else None, r["dst_len"], r["gateway"])
+              for r in nl.routes()}
+    net["routes"][:] = [r for r in net["routes"] if (index_of.get(r["slot"]), r["family"],
+                        r["dst"] if r["dst_len"] else None, r["dst_len"], r["gateway"]) in routes]
 
 
 def _guest_park(nl, net, slot):
