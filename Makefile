@@ -3,7 +3,8 @@ PYTHON ?= python3
 RUNTIME := $(CURDIR)/cc_oci_runtime.py
 BUILD := $(CURDIR)/build
 APT_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static runc podman conmon \
-	docker.io containerd iproute2 util-linux bsdextrautils netavark aardvark-dns iptables
+	docker.io containerd iproute2 util-linux bsdextrautils netavark aardvark-dns iptables \
+	docker-compose
 
 .PHONY: deps demo test test-unit test-functional bench check clean
 

@@ -1996,7 +1996,9 @@ def _template_qemu_setup():
 class Qmp:
     """A QMP session on a VM's control socket."""
 
-    def __init__(self, directory, timeout=10.0):
+    def __init__(self, directory, timeout=10.0, io_timeout=None):
+        """Connect within timeout seconds; io_timeout bounds each read too (the socket serves one
+        client at a time: the monitor must not wait on another's session for ever)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -2006,8 +2008,13 @@ class Qmp:
                 if time.monotonic() > deadline:
                     raise Error("QMP: cannot connect to the VM") from None
                 time.sleep(0.01)
+        self.sock.settimeout(io_timeout)
         self.file = self.sock.makefile("rwb")
-        self.file.readline()  # greeting
+        try:
+            self.file.readline()  # greeting
+        except OSError:
+            self.close()
+            raise Error("QMP: the VM did not answer") from None
         self.call("qmp_capabilities")
 
     def call(self, command, **arguments):
@@ -2018,7 +2025,10 @@ class Qmp:
         self.file.write(json_dumps(msg).encode() + b"\n")
         self.file.flush()
         while True:
-            line = self.file.readline()
+            try:
+                line = self.file.readline()
+            except OSError:
+                raise Error("QMP %s: the VM did not answer" % command) from None
             if not line:
                 if command == "quit":
                     return {}
@@ -3911,7 +3921,7 @@ class Monitor:
 
     def _qmp(self, commands, strict=True):
         """Run QMP commands on the VM in one session (strict: the first error raises)."""
-        q = Qmp(".", timeout=5.0)
+        q = Qmp(".", timeout=5.0, io_timeout=5.0)
         try:
             for command, arguments in commands:
                 try:
