@@ -4985,11 +4985,11 @@ def guest_network(plan, net):
         if first is not None:  # unused: out of the container's sight
             nl.move_link(first["index"], net["park_fd"])
             net["slots"][first["mac"]] = first
-        for slot, iface in want.items():
-            _guest_addresses(nl, homed[slot], iface)
-        _guest_forget_gone(nl, net)  # removing an address takes routes (and secondaries) with it
-        for slot, iface in want.items():
-            _guest_addresses(nl, homed[slot], iface)
+        removed = [_guest_addresses(nl, homed[slot], iface) for slot, iface in want.items()]
+        if any(removed):  # removing an address takes routes (and secondaries) with it
+            _guest_forget_gone(nl, net)
+            for slot, iface in want.items():
+                _guest_addresses(nl, homed[slot], iface)
         done = {_route_key(r) for r in applied}
         for route in plan["routes"]:
             if _route_key(route) not in done and route["slot"] in homed:
@@ -5044,8 +5044,10 @@ def _guest_set_link(nl, link, iface):
 
 
 def _guest_addresses(nl, link, iface):
-    """A NIC at home gets the addresses the plan gives its interface and loses the others."""
-    for addr in [a for a in link["addresses"] if a not in iface["addresses"]]:
+    """A NIC at home gets the addresses the plan gives its interface and loses the others; True
+    when it lost one."""
+    gone = [a for a in link["addresses"] if a not in iface["addresses"]]
+    for addr in gone:
         link["addresses"].remove(addr)
         _guest_net_undo(nl.del_address, (link["index"], addr))
     for addr in iface["addresses"]:
@@ -5053,6 +5055,7 @@ def _guest_addresses(nl, link, iface):
             _guest_net_step(nl.add_address, (link["index"], addr), "address %s/%d on %s"
                             % (addr["address"], addr["prefix"], iface["name"]))
             link["addresses"].append(addr)
+    return bool(gone)
 
 
 def _guest_forget_gone(nl, net):
