@@ -2010,7 +2010,9 @@ def _template_qemu_setup():
 class Qmp:
     """A QMP session on a VM's control socket."""
 
-    def __init__(self, directory, timeout=10.0):
+    def __init__(self, directory, timeout=10.0, io_timeout=None):
+        """Connect within timeout seconds; io_timeout bounds each read too (the socket serves one
+        client at a time: the monitor must not wait on another's session for ever)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -2020,8 +2022,13 @@ class Qmp:
                 if time.monotonic() > deadline:
                     raise Error("QMP: cannot connect to the VM") from None
                 time.sleep(0.01)
+        self.sock.settimeout(io_timeout)
         self.file = self.sock.makefile("rwb")
-        self.file.readline()  # greeting
+        try:
+            self.file.readline()  # greeting
+        except OSError:
+            self.close()
+            raise Error("QMP: the VM did not answer") from None
         self.call("qmp_capabilities")
 
     def call(self, command, **arguments):
@@ -2032,7 +2039,10 @@ class Qmp:
         self.file.write(json_dumps(msg).encode() + b"\n")
         self.file.flush()
         while True:
-            line = self.file.readline()
+            try:
+                line = self.file.readline()
+            except OSError:
+                raise Error("QMP %s: the VM did not answer" % command) from None
             if not line:
                 if command == "quit":
                     return {}
@@ -3007,8 +3017,14 @@ RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg: family, dst_len, src_len, tos, tab
 #                                      scope, type, flags
 TCMSG = struct.Struct("=BxxxiIII")   # tcmsg: family, ifindex, handle, parent, info
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
-RTM_NEWROUTE, RTM_GETROUTE, RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER = 24, 26, 36, 37, 44
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 16, 17, 18, 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER = 36, 37, 44
+# the multicast groups the monitor follows the namespace by: links, addresses, routes
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
+RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
+NET_EVENT_GROUPS = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR
+                    | RTMGRP_IPV6_ROUTE)
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 1, 2, 4, 0x300
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 NLA_F_NESTED = 0x8000
@@ -3093,9 +3109,9 @@ def _mac_bytes(text):
 class Netlink:
     """A NETLINK_ROUTE socket in the calling thread's network namespace."""
 
-    def __init__(self):
+    def __init__(self, groups=0):
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
-        self.sock.bind((0, 0))
+        self.sock.bind((0, groups))  # groups: the multicast events to receive (NET_EVENT_GROUPS)
         self.seq = 0
 
     def close(self):
@@ -3185,6 +3201,14 @@ class Netlink:
     def add_route(self, route, oif):
         """Add one route of the main table through interface oif."""
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, *route_message(route, oif))
+
+    def del_address(self, index, addr):
+        """Remove one address ({family, address, prefix}) from an interface."""
+        self.request(RTM_DELADDR, 0, *address_message(index, addr))
+
+    def del_route(self, route, oif):
+        """Remove one route of the main table through interface oif."""
+        self.request(RTM_DELROUTE, 0, *route_message(route, oif))
 
     def add_ingress(self, index):
         """Add the ingress qdisc to an interface."""
@@ -3292,6 +3316,25 @@ def redirect_filter_message(index, target):
             [nl_attr(TCA_KIND, "u32"), nl_attr(TCA_OPTIONS, options)])
 
 
+def net_event_matters(data, taps=()):
+    """True when a datagram of namespace events holds a change the VM may have to follow: a link,
+    address or route message not about the runtime's own taps (by name, or index in taps)."""
+    for kind, _flags, _seq, payload in nl_parse_messages(data):
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            ln = parse_link(payload)
+            index = -1 if ln["name"].startswith(TAP_PREFIX) else ln["index"]
+        elif kind in (RTM_NEWADDR, RTM_DELADDR):
+            index = IFADDR.unpack_from(payload)[4]
+        elif kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            oif = nl_parse_attrs(payload, RTMSG.size).get(RTA_OIF)
+            index = struct.unpack("=i", oif)[0] if oif else 0
+        else:
+            continue
+        if index != -1 and index not in taps:
+            return True
+    return False
+
+
 def tap_name(slot):
     """The host tap behind the guest's NIC number slot."""
     return "%s%d" % (TAP_PREFIX, slot)
@@ -3333,25 +3376,68 @@ def engine_links(links):
             and ln["kind"] not in FALLBACK_LINK_KINDS]
 
 
-def network_plan(links, addresses, routes):
+def hub_slots(argv):
+    """The NIC slots that only_taps backed by an empty hub: give_tap can give them a tap while
+    QEMU runs (a hypervisor.args of one's own has none)."""
+    return {slot for slot in range(NET_SLOTS) if "hubport,id=net%d,hubid=%d" % (slot, slot) in argv}
+
+
+def give_tap_commands(slot):
+    """The QMP commands that give hub-backed NIC slot a tap while QEMU runs: the tap (in QEMU's
+    namespace, without virtio-net headers, as the hub has none), then a port of the slot's hub on
+    it. The slot's backend is not part of the VM's saved state, so a warm start stays warm."""
+    return [("netdev_add", {"type": "tap", "id": "tap%d" % slot, "ifname": tap_name(slot),
+                            "script": "no", "downscript": "no", "vhost": False, "vnet_hdr": False}),
+            ("netdev_add", {"type": "hubport", "id": "port%d" % slot, "hubid": slot,
+                            "netdev": "tap%d" % slot})]
+
+
+def take_tap_commands(slot):
+    """The QMP commands that take back the tap give_tap_commands gave (QEMU closes it: it vanishes
+    from the namespace, its qdisc with it); the slot is a bare hub again."""
+    return [("netdev_del", {"id": "port%d" % slot}), ("netdev_del", {"id": "tap%d" % slot})]
+
+
+def assign_slots(links, assigned):
+    """{index: slot} of links: an interface in assigned ({index: slot}) keeps its slot, a new one
+    takes the lowest free one; and the links left without a slot (more than NET_SLOTS)."""
+    slots = {ln["index"]: assigned[ln["index"]] for ln in links if ln["index"] in assigned}
+    free = [slot for slot in range(NET_SLOTS) if slot not in slots.values()]
+    left = []
+    for ln in links:
+        if ln["index"] in slots:
+            continue
+        if free:
+            slots[ln["index"]] = free.pop(0)
+        else:
+            left.append(ln)
+    return slots, left
+
+
+def network_plan(links, addresses, routes, assigned=None):
     """What the guest must configure: [{slot, name, mac, mtu, index, addresses}] and the routes
-    (by interface name) of the engine's interfaces."""
+    (by interface name and slot) of the engine's interfaces. assigned ({index: slot}) are the
+    interfaces wired already; without it (create) more interfaces than slots raise, with it the
+    ones without a slot are listed in "refused" ([{index, name}])."""
     wired = engine_links(links)
-    if len(wired) > NET_SLOTS:
+    slots, left = assign_slots(wired, assigned or {})
+    if left and assigned is None:
         raise Error("network: %d interfaces in the container's network namespace; a VM has %d"
                     % (len(wired), NET_SLOTS))
+    wired = [ln for ln in wired if ln["index"] in slots]
     names = {ln["index"]: ln["name"] for ln in wired}
-    ifaces = [{"slot": i, "name": ln["name"], "mac": ln["mac"], "mtu": ln["mtu"],
+    ifaces = [{"slot": slots[ln["index"]], "name": ln["name"], "mac": ln["mac"], "mtu": ln["mtu"],
                "index": ln["index"],
                "addresses": [{"family": a["family"], "address": a["address"], "prefix": a["prefix"]}
                              for a in addresses if a["index"] == ln["index"]
                              and not (a["family"] == 6 and a["address"].startswith("fe80:"))]}
-              for i, ln in enumerate(wired)]
-    rts = [dict(r, dev=names[r["oif"]]) for r in routes
+              for ln in wired]
+    rts = [dict(r, dev=names[r["oif"]], slot=slots[r["oif"]]) for r in routes
            if r["oif"] in names and r["protocol"] != RTPROT_KERNEL
            and not (r["family"] == 6 and (r["dst"] or "").startswith("fe80:"))]
     rts.sort(key=lambda r: r["gateway"] is not None)  # on-link routes before gateways
-    return {"interfaces": ifaces, "routes": rts}
+    return {"interfaces": ifaces, "routes": rts,
+            "refused": [{"index": ln["index"], "name": ln["name"]} for ln in left]}
 
 
 def docker_dns_listening(proc_udp="/proc/net/udp"):
@@ -3375,38 +3461,41 @@ def net_check(nl, tun="/dev/net/tun"):
                     "(a pod or --network container:ID); VMs cannot share one")
 
 
-def net_wire(nl):
-    """Redirect each engine interface to its tap both ways; returns the guest's plan."""
-    links = nl.links()
-    plan = network_plan(links, nl.addresses(), nl.routes())
-    taps = {ln["name"]: ln["index"] for ln in links}
-    done = []
+def wire_interface(nl, iface):
+    """Redirect every frame both ways between an engine interface ({slot, name, index, mtu}) and
+    the tap of its NIC slot, brought up; on failure nothing of it is left."""
+    tap = next((ln["index"] for ln in nl.links() if ln["name"] == tap_name(iface["slot"])), None)
+    if tap is None:
+        raise Error("network: the VM has no NIC for %s (hypervisor.args needs @NETWORK@)"
+                    % iface["name"])
+    _sysctl_quiet("net/ipv6/conf/%s/disable_ipv6" % tap_name(iface["slot"]), "1")
+    nl.set_link(tap, up=True, mtu=iface["mtu"])
     try:
-        for iface in plan["interfaces"]:
-            tap = taps.get(tap_name(iface["slot"]))
-            if tap is None:
-                raise Error("network: the VM has no NIC for %s: it has one for each interface "
-                            "the namespace had when it started (or one), and hypervisor.args "
-                            "needs @NETWORK@" % iface["name"])
-            _sysctl_quiet("net/ipv6/conf/%s/disable_ipv6" % tap_name(iface["slot"]), "1")
-            nl.set_link(tap, up=True, mtu=iface["mtu"])
-            try:
-                nl.add_ingress(iface["index"])
-            except OSError as e:
-                raise Error("network: cannot add an ingress qdisc to %s: %s"
-                            % (iface["name"], e.strerror)) from None
-            done.append(iface["index"])
-            try:
-                nl.add_ingress(tap)
-                nl.add_redirect(iface["index"], tap)
-                nl.add_redirect(tap, iface["index"])
-            except OSError as e:
-                raise Error("network: cannot redirect %s to the VM (tc u32/mirred): %s"
-                            % (iface["name"], e.strerror)) from None
-    except BaseException:
-        net_unwire(nl, done)
-        raise
-    return plan
+        nl.add_ingress(iface["index"])
+    except OSError as e:
+        raise Error("network: cannot add an ingress qdisc to %s: %s"
+                    % (iface["name"], e.strerror)) from None
+    try:
+        nl.add_ingress(tap)
+        nl.add_redirect(iface["index"], tap)
+        nl.add_redirect(tap, iface["index"])
+    except OSError as e:
+        net_unwire(nl, [iface["index"]])
+        raise Error("network: cannot redirect %s to the VM (tc u32/mirred): %s"
+                    % (iface["name"], e.strerror)) from None
+    return tap
+
+
+def unwire_interface(nl, iface, tap=None):
+    """Undo wire_interface: the redirects of the interface (when it is still there) and of the tap
+    (index; when QEMU keeps it), which goes down."""
+    names = {ln["index"]: ln["name"] for ln in nl.links()}
+    net_unwire(nl, [i for i in (iface["index"], tap) if i and i in names])
+    if tap in names:
+        try:
+            nl.set_link(tap, up=False)
+        except OSError:
+            pass
 
 
 def net_unwire(nl, indexes):
@@ -3486,6 +3575,8 @@ def net_probe():
 # ===========================================================================
 
 _WORKLOAD = "workload"  # a pending request whose answer goes to the workload's stderr
+_NETWORK = "network"  # a pending plan sent after create: an error in the answer is logged
+NET_SETTLE = 0.1  # seconds without namespace events before the monitor follows them
 NAMESPACES_READY = b"namespaces"  # the monitor's first line to create: it is in them, QEMU starts
 
 
@@ -3506,7 +3597,10 @@ class Monitor:
         self.signals, self.next_id, self.next_proc = [], 1, 1
         self.exit_code, self.ctl, self.stdin_is_file = None, None, False
         self.terminal = terminal  # the host pty slave the engine holds the master of
-        self.wired = []  # the engine's interfaces redirected to the VM's taps
+        self.wired = []  # [{index, name, slot, tap}] of the engine's interfaces wired to the VM
+        self.nic_taps, self.hubs = {}, set()  # {slot: "start" or "hot"} with a tap; hub slots
+        self.net_events, self.net_due, self.net_sent = None, None, None  # following the namespace
+        self.net_failed, self.net_warned = set(), set()  # interfaces not wired (logged once)
         self.members = {}  # pod members' host processes: {client fd: slot}
         self.dns_queries = []  # [(socket, guest peer)] of DNS queries relayed to docker's resolver
 
@@ -3551,6 +3645,8 @@ class Monitor:
         self.argv = only_taps(self.argv, taps)
         if self.restore:
             self.restore["argv"] = only_taps(self.restore["argv"], taps)
+        self.hubs = hub_slots(self.argv)  # the slots _give_tap gives a tap when one needs it
+        self.nic_taps = {slot: "start" for slot in range(NET_SLOTS) if slot not in self.hubs}
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_fd = rfd
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
@@ -3717,15 +3813,25 @@ class Monitor:
         sel.register(self.ctl.fileno(), selectors.EVENT_READ, ("ctl", None))
         sel.register(self.wake_fd, selectors.EVENT_READ, ("wake", None))
         while self.exit_code is None:
-            for key, _ in sel.select(0 if self.stdin_is_file else 1.0):
+            for key, _ in sel.select(self._select_timeout()):
                 if self.exit_code is not None:
                     break
                 getattr(self, "_on_" + key.data[0])(key)
             if self.stdin_is_file and self.exit_code is None:
                 self._on_stdin(None)
             self._handle_signals()
+            if self.net_due is not None and time.monotonic() >= self.net_due and self.exit_code is None:
+                self.net_due = None
+                self._follow_network()
         self._finish()
         return self.exit_code
+
+    def _select_timeout(self):
+        """How long one round of the loop may wait: less when namespace events are settling."""
+        timeout = 0 if self.stdin_is_file else 1.0
+        if self.net_due is not None:
+            timeout = min(timeout, max(0.0, self.net_due - time.monotonic()))
+        return timeout
 
     def _on_agent(self, _key):
         """Frames from the guest."""
@@ -3748,6 +3854,9 @@ class Monitor:
             client = self.pending.pop(msg.pop("id"), None)
             if client is _WORKLOAD:
                 self._workload_error(msg.get("error"))
+            elif client is _NETWORK:
+                if msg.get("error"):
+                    LOG.error("network: the VM did not follow the namespace: %s" % msg["error"])
             elif client is not None:
                 self._reply(client, msg)
             return
@@ -3942,28 +4051,160 @@ class Monitor:
 
     # -- network -------------------------------------------------------------
     def _on_network(self, fd):
-        """Redirect the namespace's interfaces to the VM's taps and have the agent configure the
-        guest; create asks once the engine's hooks have run (docker adds its veth in one)."""
+        """Wire the namespace's interfaces to the VM and have the agent configure the guest; create
+        asks once the engine's hooks have run (docker adds its veths in one). From then on the
+        monitor follows the namespace's link, address and route events."""
+        import selectors
         started = time.monotonic()
+        if self.net_events is None:  # before the first dump: no change is missed
+            self.net_events = Netlink(NET_EVENT_GROUPS)
+            self.sel.register(self.net_events.sock.fileno(), selectors.EVENT_READ, ("netlink", None))
         try:
-            with Netlink() as nl:
-                plan = net_wire(nl)
-            LOG.debug("network: host side wired in %.1f ms", (time.monotonic() - started) * 1e3)
+            self._sync_network(fd)
         except (Error, OSError) as e:
             self._reply(fd, {"error": str(e) if isinstance(e, Error) else "network: %s" % e})
             return
-        self.wired = [{"index": i["index"], "name": i["name"]} for i in plan["interfaces"]]
-        plan["dns_relay"] = bool(self.wired) and docker_dns_listening()
-        write_atomic(os.path.join(self.dir, "net.json"),
-                     json_dumps({"netns": self.netns, "interfaces": self.wired}))
-        if not self.wired:  # the agent hides its unused first NIC meanwhile (before `start`)
-            self._to_agent(lambda a: send_msg(a, {"op": "network", "plan": plan}))
-            self._reply(fd, {"op": "ok"})
+        LOG.debug("network: wired in %.1f ms", (time.monotonic() - started) * 1e3)
+
+    def _on_netlink(self, _key):
+        """Link, address or route events in the namespace: followed once they settle."""
+        changed = False
+        while True:
+            try:
+                data = self.net_events.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError:  # ENOBUFS: events were lost; a sync dumps everything anyway
+                changed = True
+                break
+            changed = changed or net_event_matters(data, {w["tap"] for w in self.wired})
+        if changed:
+            self.net_due = time.monotonic() + NET_SETTLE
+
+    def _follow_network(self):
+        """A sync after create: whatever fails is logged, the container runs on."""
+        try:
+            self._sync_network()
+        except (Error, OSError) as e:
+            LOG.error(str(e) if isinstance(e, Error) else "network: %s" % e)
+
+    def _sync_network(self, client=None):
+        """Bring the VM's NICs in line with the namespace: unwire the interfaces gone (or down),
+        wire the new ones to free NIC slots (giving a slot its tap first), and send the agent
+        the plan when it changed. At create (client: the CLI's fd, answered when the guest is
+        configured) an error raises with nothing of it left; later an interface that cannot be
+        wired is logged and left out."""
+        with Netlink() as nl:
+            links = nl.links()
+            present = {ln["index"] for ln in links}
+            self.net_failed &= present
+            self.net_warned &= present
+            assigned = None if client is not None else {w["index"]: w["slot"] for w in self.wired}
+            plan = network_plan([ln for ln in links if ln["index"] not in self.net_failed],
+                                nl.addresses(), nl.routes(), assigned)
+            want = {iface["index"] for iface in plan["interfaces"]}
+            before = [(w["index"], w["slot"]) for w in self.wired]
+            for w in [w for w in self.wired if w["index"] not in want]:
+                self._unwire_one(nl, w)
+            for iface in plan["interfaces"]:
+                if iface["index"] not in {w["index"] for w in self.wired}:
+                    self._wire_new(nl, iface, client is not None)
+        for left in plan.pop("refused"):
+            if left["index"] not in self.net_warned:
+                self.net_warned.add(left["index"])
+                LOG.error("network: %s: not wired, the VM has no free NIC (it has %d)"
+                          % (left["name"], NET_SLOTS))
+        if [(w["index"], w["slot"]) for w in self.wired] != before:
+            write_atomic(os.path.join(self.dir, "net.json"), json_dumps(
+                {"netns": self.netns, "interfaces": [{"index": w["index"], "name": w["name"]}
+                                                     for w in self.wired]}))
+        self._send_plan(plan, client)
+
+    def _wire_new(self, nl, iface, create):
+        """Wire one new interface (its slot given a tap when it has none); at create a failure
+        unwires everything and raises, later it is logged and the interface left alone."""
+        given = False
+        try:
+            given = self._give_tap(iface["slot"], iface["name"])
+            tap = wire_interface(nl, iface)
+        except (Error, OSError) as e:
+            if given:
+                self._take_tap(iface["slot"])
+            if create:
+                for w in list(self.wired):
+                    self._unwire_one(nl, w)
+                raise
+            self.net_failed.add(iface["index"])
+            LOG.error(str(e) if isinstance(e, Error) else "network: %s: %s" % (iface["name"], e))
             return
-        self.pending[self.next_id] = fd
+        self.wired.append({"index": iface["index"], "name": iface["name"], "slot": iface["slot"],
+                           "tap": tap})
+        if not create:
+            LOG.info("network: %s wired to the VM's NIC %d", iface["name"], iface["slot"])
+
+    def _unwire_one(self, nl, w):
+        """Unwire one interface: its redirects go, and its slot's tap (one we gave, else it goes
+        down and stays QEMU's until the VM ends)."""
+        self.wired.remove(w)
+        hot = self.nic_taps.get(w["slot"]) == "hot"
+        unwire_interface(nl, w, None if hot else w["tap"])
+        if hot:
+            self._take_tap(w["slot"])
+        LOG.info("network: %s unwired from the VM's NIC %d", w["name"], w["slot"])
+
+    def _send_plan(self, plan, client):
+        """Send the guest the plan of the wired interfaces (create's always, later ones when they
+        changed); create's client is answered with the agent's reply."""
+        wired = {w["index"] for w in self.wired}
+        plan["interfaces"] = [i for i in plan["interfaces"] if i["index"] in wired]
+        plan["routes"] = [r for r in plan["routes"] if r["oif"] in wired]
+        plan["dns_relay"] = bool(wired) and docker_dns_listening()
+        if client is None and plan == self.net_sent:
+            return
+        self.net_sent = plan
+        if client is not None and not wired:  # the agent hides its unused first NIC meanwhile
+            self._to_agent(lambda a: send_msg(a, {"op": "network", "plan": plan}))
+            self._reply(client, {"op": "ok"})
+            return
+        self.pending[self.next_id] = client if client is not None else _NETWORK
         msg = {"op": "network", "plan": plan, "id": self.next_id}
         self.next_id += 1
         self._to_agent(lambda a: send_msg(a, msg))
+
+    # -- NIC slots: the VM takes new networks while it runs ------------------
+    def _give_tap(self, slot, name):
+        """Give NIC slot a tap now (QMP), when it is backed by a bare hub; True when we did."""
+        if slot in self.nic_taps or slot not in self.hubs:
+            return False  # a tap since QEMU started, or no such NIC (wire_interface says so)
+        try:
+            self._qmp(give_tap_commands(slot))
+        except Error as e:
+            self._qmp(take_tap_commands(slot), strict=False)
+            raise Error("network: cannot give the VM's NIC %d a tap for %s: %s" % (slot, name, e)) from None
+        self.nic_taps[slot] = "hot"
+        return True
+
+    def _take_tap(self, slot):
+        """Take away the tap _give_tap gave NIC slot (QMP): QEMU closes it, it vanishes."""
+        if self.nic_taps.get(slot) == "hot":
+            del self.nic_taps[slot]
+            try:
+                self._qmp(take_tap_commands(slot), strict=False)
+            except Error as e:
+                LOG.warning("network: taking the tap of NIC %d back: %s", slot, e)
+
+    def _qmp(self, commands, strict=True):
+        """Run QMP commands on the VM in one session (strict: the first error raises)."""
+        q = Qmp(".", timeout=5.0, io_timeout=5.0)
+        try:
+            for command, arguments in commands:
+                try:
+                    q.call(command, **arguments)
+                except Error:
+                    if strict:
+                        raise
+        finally:
+            q.close()
 
     def _relay_dns(self, msg):
         """Ask docker's embedded resolver (127.0.0.11 in this namespace) a guest's query."""
@@ -3999,6 +4240,9 @@ class Monitor:
 
     def _unwire(self):
         """Remove the redirects from the engine's interfaces (their namespace is the engine's)."""
+        if self.net_events is not None:
+            self.net_events.close()
+            self.net_events, self.net_due = None, None
         if self.wired:
             try:
                 with Netlink() as nl:
@@ -4854,9 +5098,10 @@ class Agent:
         return {"op": "started", "pid": proc["pid"], "proc": msg["proc"]}
 
     def _op_network(self, msg):
-        """Give the guest's NICs the host interfaces' MAC, MTU, name, addresses and routes."""
+        """Give the guest's NICs the host interfaces' MAC, MTU, name, addresses and routes (at
+        create, and whenever the host's namespace changed)."""
         guest_network(msg["plan"], self.net)
-        if msg["plan"].get("dns_relay"):
+        if msg["plan"].get("dns_relay") and self.dns is None:
             self._start_dns_relay()
         return {"op": "ok"}
 
@@ -5204,39 +5449,134 @@ def guest_net_boot():
 
 
 def guest_network(plan, net):
-    """Give each NIC the plan uses the MAC, MTU and name of the host interface it carries and
-    bring it up (a parked one comes home in the same request); then the addresses and the
-    routes. Without interfaces, the first NIC is parked too."""
-    index_of, taken = {}, net.setdefault("home_names", {"lo"})
+    """Bring the guest's NICs in line with the host's plan (the whole of it, each time): a NIC the
+    plan no longer has goes down and back to the parking namespace (its addresses and routes
+    with it); one it adds comes home with the MAC, MTU and name of the host interface it carries
+    (in one request); then the addresses and routes follow the plan. At the first plan an unused
+    first NIC is parked too."""
+    homed = net.setdefault("homed", {})  # {slot: {index, name, mac, mtu, addresses}} at home
+    applied = net.setdefault("routes", [])  # the plan's routes the guest has
+    want = {iface["slot"]: iface for iface in plan["interfaces"]}
+    keys = {_route_key(r) for r in plan["routes"]}
     first, net["first"] = net["first"], None
     with Netlink() as nl:
-        for iface in plan["interfaces"]:
-            mac = slot_mac(iface["slot"])
-            if first is not None and first["mac"] == mac:
-                link, first, sock, away = first, None, nl, None
-            else:
-                link, sock, away = net["slots"].pop(mac, None), net["park"], net["home"]
-            if link is None:
-                raise Error("network: the VM has no NIC number %d for %s" % (iface["slot"], iface["name"]))
-            busy = taken | ({first["name"]} if first is not None else set())
-            name = iface["name"] if iface["name"] not in busy and iface["name"] != link["name"] else None
-            taken.add(name or link["name"])  # a name another NIC has: keep the kernel's
-            index_of[iface["name"]] = link["index"]  # a NIC keeps its index coming home (it was free)
-            try:
-                sock.set_link(link["index"], up=True, mtu=iface["mtu"], mac=iface["mac"], name=name,
-                              netns=away)
-            except OSError as e:
-                raise Error("network: %s: cannot set MAC %s and MTU %d in the VM: %s"
-                            % (iface["name"], iface["mac"], iface["mtu"], e.strerror)) from None
+        for route in [r for r in applied if _route_key(r) not in keys]:
+            applied.remove(route)
+            if route["slot"] in homed:
+                _guest_net_undo(nl.del_route, (route, homed[route["slot"]]["index"]))
+        for slot in [slot for slot in homed if slot not in want]:
+            _guest_park(nl, net, slot)
+        for slot, iface in want.items():
+            if slot not in homed:
+                first = _guest_home(nl, net, iface, first)
+            _guest_set_link(nl, homed[slot], iface)
         if first is not None:  # unused: out of the container's sight
             nl.move_link(first["index"], net["park_fd"])
-        for iface in plan["interfaces"]:
-            for addr in iface["addresses"]:
-                _guest_net_step(nl.add_address, (index_of[iface["name"]], addr), "address %s/%d on %s"
-                                % (addr["address"], addr["prefix"], iface["name"]))
+            net["slots"][first["mac"]] = first
+        removed = [_guest_addresses(nl, homed[slot], iface) for slot, iface in want.items()]
+        if any(removed):  # removing an address takes routes (and secondaries) with it
+            _guest_forget_gone(nl, net)
+            for slot, iface in want.items():
+                _guest_addresses(nl, homed[slot], iface)
+        done = {_route_key(r) for r in applied}
         for route in plan["routes"]:
-            _guest_net_step(nl.add_route, (route, index_of[route["dev"]]), "route %s/%d via %s dev %s" % (
-                route["dst"] or "default", route["dst_len"], route["gateway"] or "-", route["dev"]))
+            if _route_key(route) not in done and route["slot"] in homed:
+                _guest_net_step(nl.add_route, (route, homed[route["slot"]]["index"]),
+                                "route %s/%d via %s dev %s" % (route["dst"] or "default",
+                                route["dst_len"], route["gateway"] or "-", route["dev"]))
+                applied.append(route)
+
+
+def _route_key(route):
+    """What makes a route of the plan the same route: its slot and what the guest is given."""
+    return tuple(route.get(k) for k in ("slot", "family", "dst", "dst_len", "gateway", "prefsrc",
+                                        "priority", "scope"))
+
+
+def _guest_home(nl, net, iface, first):
+    """Bring the NIC of iface's slot home (the first NIC is home already) with the interface's
+    MAC, MTU and name, up; returns the first NIC unless it was the one."""
+    mac, taken = slot_mac(iface["slot"]), net.setdefault("home_names", {"lo"})
+    if first is not None and first["mac"] == mac:
+        link, first, sock, away = first, None, nl, None
+    else:
+        link, sock, away = net["slots"].pop(mac, None), net["park"], net["home"]
+    if link is None:
+        raise Error("network: the VM has no NIC number %d for %s" % (iface["slot"], iface["name"]))
+    busy = taken | ({first["name"]} if first is not None else set())
+    name = iface["name"] if iface["name"] not in busy and iface["name"] != link["name"] else None
+    try:
+        sock.set_link(link["index"], up=True, mtu=iface["mtu"], mac=iface["mac"], name=name,
+                      netns=away)
+    except OSError as e:
+        if away is not None:
+            net["slots"][mac] = link
+        raise Error("network: %s: cannot set MAC %s and MTU %d in the VM: %s"
+                    % (iface["name"], iface["mac"], iface["mtu"], e.strerror)) from None
+    taken.add(name or link["name"])  # a name another NIC has: keep the kernel's
+    # a NIC keeps its index coming home (it was free)
+    net["homed"][iface["slot"]] = {"index": link["index"], "name": name or link["name"],
+                                   "mac": iface["mac"], "mtu": iface["mtu"], "addresses": []}
+    return first
+
+
+def _guest_set_link(nl, link, iface):
+    """A NIC at home follows its host interface's MAC and MTU when they changed."""
+    if (link["mac"], link["mtu"]) != (iface["mac"], iface["mtu"]):
+        try:
+            nl.set_link(link["index"], mtu=iface["mtu"], mac=iface["mac"])
+        except OSError as e:
+            raise Error("network: %s: cannot set MAC %s and MTU %d in the VM: %s"
+                        % (iface["name"], iface["mac"], iface["mtu"], e.strerror)) from None
+        link.update(mac=iface["mac"], mtu=iface["mtu"])
+
+
+def _guest_addresses(nl, link, iface):
+    """A NIC at home gets the addresses the plan gives its interface and loses the others; True
+    when it lost one."""
+    gone = [a for a in link["addresses"] if a not in iface["addresses"]]
+    for addr in gone:
+        link["addresses"].remove(addr)
+        _guest_net_undo(nl.del_address, (link["index"], addr))
+    for addr in iface["addresses"]:
+        if addr not in link["addresses"]:
+            _guest_net_step(nl.add_address, (link["index"], addr), "address %s/%d on %s"
+                            % (addr["address"], addr["prefix"], iface["name"]))
+            link["addresses"].append(addr)
+    return bool(gone)
+
+
+def _guest_forget_gone(nl, net):
+    """Forget the addresses and routes the kernel removed by itself (an address's removal takes
+    its secondaries and the routes through its subnet along), so that they are added again."""
+    index_of = {slot: link["index"] for slot, link in net["homed"].items()}
+    addrs = {(a["index"], a["family"], a["address"], a["prefix"]) for a in nl.addresses()}
+    for slot, link in net["homed"].items():
+        link["addresses"] = [a for a in link["addresses"]
+                             if (link["index"], a["family"], a["address"], a["prefix"]) in addrs]
+    routes = {(r["oif"], r["family"], r["dst"] if r["dst_len"] else None, r["dst_len"], r["gateway"])
+              for r in nl.routes()}
+    net["routes"][:] = [r for r in net["routes"] if (index_of.get(r["slot"]), r["family"],
+                        r["dst"] if r["dst_len"] else None, r["dst_len"], r["gateway"]) in routes]
+
+
+def _guest_park(nl, net, slot):
+    """A NIC whose interface the host took away: down, its slot's MAC back, and into the
+    parking namespace (its addresses and routes go with the move) under a name of its own."""
+    link = net["homed"].pop(slot)
+    net.setdefault("home_names", {"lo"}).discard(link["name"])
+    name = "park%d" % slot  # the parking namespace may hold the kernel's eth names
+    nl.set_link(link["index"], up=False, mac=slot_mac(slot), name=name, netns=net["park_fd"])
+    net["slots"][slot_mac(slot)] = {"index": link["index"], "name": name, "mac": slot_mac(slot)}
+
+
+def _guest_net_undo(fn, args):
+    """Remove a route or an address from the guest; one gone already (with its address or NIC)
+    is fine."""
+    try:
+        fn(*args)
+    except OSError:
+        pass
 
 
 def _guest_net_step(fn, args, what):

@@ -4154,8 +4154,9 @@ def test_network_plan():
     assert plan["interfaces"] == [{"slot": 0, "name": "eth0", "mac": "02:42:ac:11:00:02", "mtu": 1450, "index": 2,
                                    "addresses": [{"family": 4, "address": "172.17.0.2", "prefix": 16},
                                                  {"family": 6, "address": "fd00::2", "prefix": 64}]}]
-    assert [(r["dst"], r["gateway"], r["dev"]) for r in plan["routes"]] == [
-        ("10.1.0.0", None, "eth0"), (None, "172.17.0.1", "eth0")]
+    assert [(r["dst"], r["gateway"], r["dev"], r["slot"]) for r in plan["routes"]] == [
+        ("10.1.0.0", None, "eth0", 0), (None, "172.17.0.1", "eth0", 0)]
+    assert plan["refused"] == []
     many = [link(i, "eth%d" % i) for i in range(2, 3 + rt.NET_SLOTS)]
     with pytest.raises(rt.Error, match="^network: 5 interfaces in the container's network namespace; a VM has 4$"):
         rt.network_plan(many, [], [])
@@ -4244,12 +4245,14 @@ def test_net_wire_redirects_both_ways_and_unwire_removes_it():
                 refused = ""
             except rt.Error as e:
                 refused = str(e)
-            plan = rt.net_wire(nl)
+            plan = rt.network_plan(nl.links(), nl.addresses(), nl.routes())
+            tap = rt.wire_interface(nl, plan["interfaces"][0])
             shown = subprocess.run("tc filter show dev eth0 ingress; tc filter show dev cc-tap0 ingress; "
                                    "ip -o link show cc-tap0", shell=True, capture_output=True, text=True).stdout
-            rt.net_unwire(nl, [idx["eth0"]])
-            rt.net_unwire(nl, [idx["eth0"]])  # twice is fine
-            after = subprocess.run(["tc", "qdisc", "show", "dev", "eth0"], capture_output=True, text=True).stdout
+            rt.unwire_interface(nl, plan["interfaces"][0], tap)
+            rt.unwire_interface(nl, plan["interfaces"][0], tap)  # twice is fine
+            after = subprocess.run("tc qdisc show dev eth0; tc qdisc show dev cc-tap0; ip -o link show cc-tap0",
+                                   shell=True, capture_output=True, text=True).stdout
             for fd in fds:
                 os.close(fd)
         return plan, shown, after, refused
@@ -4260,7 +4263,7 @@ def test_net_wire_redirects_both_ways_and_unwire_removes_it():
     assert [r["gateway"] for r in plan["routes"]] == ["10.6.0.1"]
     assert "mirred (Egress Redirect to device cc-tap0)" in shown and "(Egress Redirect to device eth0)" in shown
     assert "mtu 1300" in shown and "UP" in shown
-    assert "ingress" not in after
+    assert "ingress" not in after and ",UP" not in after, after  # the tap stays QEMU's, down
 
 
 def test_net_wire_fails_cleanly():
@@ -4268,14 +4271,15 @@ def test_net_wire_fails_cleanly():
         subprocess.run(["ip", "link", "add", "eth0", "up", "type", "veth", "peer", "name", "peer0"], check=True)
         with rt.Netlink() as nl:
             out = []
+            iface = rt.network_plan(nl.links(), [], [])["interfaces"][0]
             try:
-                rt.net_wire(nl)  # no taps: hypervisor.args without @NETWORK@
+                rt.wire_interface(nl, iface)  # no taps: hypervisor.args without @NETWORK@
             except rt.Error as e:
                 out.append(str(e))
             fds = [make_tap(rt.tap_name(i)) for i in range(rt.NET_SLOTS)]
             subprocess.run(["tc", "qdisc", "add", "dev", "cc-tap0", "ingress"], check=True)
             try:
-                rt.net_wire(nl)
+                rt.wire_interface(nl, iface)
             except rt.Error as e:
                 out.append(str(e))
             out.append(subprocess.run(["tc", "qdisc", "show", "dev", "eth0"], capture_output=True, text=True).stdout)
@@ -4283,8 +4287,7 @@ def test_net_wire_fails_cleanly():
                 os.close(fd)
         return out
     no_nic, busy, qdiscs = in_new_netns(body)
-    assert no_nic == ("network: the VM has no NIC for eth0: it has one for each interface the "
-                      "namespace had when it started (or one), and hypervisor.args needs @NETWORK@")
+    assert no_nic == "network: the VM has no NIC for eth0 (hypervisor.args needs @NETWORK@)"
     assert busy == "network: cannot redirect eth0 to the VM (tc u32/mirred): File exists"
     assert "ingress" not in qdiscs  # rolled back
 
@@ -4295,7 +4298,8 @@ def guest_plan(slot, name="eth0", mac="02:42:ac:11:00:05", addresses=None, route
     return {"interfaces": [{"slot": slot, "name": name, "mac": mac, "mtu": 1400, "index": 9,
                             "addresses": addresses}],
             "routes": [{"family": 4, "dst": None, "dst_len": 0, "gateway": "172.17.0.1", "prefsrc": None,
-                        "priority": 0, "scope": 0, "protocol": 3, "oif": 9, "dev": name}] if routes else []}
+                        "priority": 0, "scope": 0, "protocol": 3, "oif": 9, "dev": name, "slot": slot}]
+            if routes else []}
 
 
 def run_guest_network(plans):
@@ -4357,6 +4361,203 @@ def test_guest_network_errors():
 def test_guest_network_keeps_the_kernel_name_when_the_name_is_taken():
     _before, links, *_ = run_guest_network([guest_plan(0, "lo", routes=False)])
     assert links["t0"]["mac"] == "02:42:ac:11:00:05" and links["t0"]["flags"] & rt.IFF_UP
+
+
+def test_guest_network_follows_later_plans():
+    eth1 = {"slot": 1, "name": "eth1", "mac": "02:42:ac:12:00:05", "mtu": 1500, "index": 11,
+            "addresses": [{"family": 4, "address": "172.18.0.5", "prefix": 16}]}
+    via = {"family": 4, "dst": "10.9.0.0", "dst_len": 16, "gateway": "172.18.0.1", "prefsrc": None,
+           "priority": 0, "scope": 0, "protocol": 3, "oif": 11, "dev": "eth1", "slot": 1}
+    first = guest_plan(0)
+    both = guest_plan(0, addresses=[{"family": 4, "address": "172.17.0.6", "prefix": 16}])
+    both["interfaces"].append(eth1)
+    both["routes"].insert(0, via)
+    moved = json.loads(json.dumps(both))
+    moved["interfaces"][1].update(mac="02:42:ac:12:00:07", mtu=1300)
+    moved["routes"] = moved["routes"][1:]  # the engine removed its route
+
+    def body():
+        fds = [make_tap("t%d" % i, rt.slot_mac(i)) for i in range(2)]
+        net = rt.guest_net_boot()
+        seen = []
+        for plan in (first, both, both, moved, first):
+            rt.guest_network(plan, net)
+            with rt.Netlink() as nl:
+                links = {ln["name"]: [ln["mac"], ln["mtu"], bool(ln["flags"] & rt.IFF_UP)]
+                         for ln in nl.links() if ln["name"] != "lo"}
+                addrs = sorted(a["address"] for a in nl.addresses() if a["family"] == 4 and a["index"] != 1)
+                routes = sorted("%s/%d via %s" % (r["dst"], r["dst_len"], r["gateway"]) for r in nl.routes()
+                                if r["gateway"])
+            parked = sorted(ln["mac"] for ln in net["park"].links() if ln["type"] == rt.ARPHRD_ETHER)
+            seen.append([links, addrs, routes, parked])
+        for fd in fds:
+            os.close(fd)
+        return seen
+    one, two, again, moved_, back = in_new_netns(body)
+    assert one == [{"eth0": ["02:42:ac:11:00:05", 1400, True]}, ["172.17.0.5"], ["None/0 via 172.17.0.1"],
+                   [rt.slot_mac(1)]]
+    assert two == [{"eth0": ["02:42:ac:11:00:05", 1400, True], "eth1": ["02:42:ac:12:00:05", 1500, True]},
+                   ["172.17.0.6", "172.18.0.5"], ["10.9.0.0/16 via 172.18.0.1", "None/0 via 172.17.0.1"], []]
+    assert again == two, "the same plan again changes nothing"
+    assert moved_[0]["eth1"] == ["02:42:ac:12:00:07", 1300, True]
+    assert moved_[2] == ["None/0 via 172.17.0.1"]
+    assert back == [{"eth0": ["02:42:ac:11:00:05", 1400, True]}, ["172.17.0.5"], ["None/0 via 172.17.0.1"],
+                    [rt.slot_mac(1)]], "the NIC of the interface taken away is parked again, as it was"
+
+
+def test_nic_slot_qmp_commands_and_hub_slots():
+    assert rt.give_tap_commands(2) == [
+        ("netdev_add", {"type": "tap", "id": "tap2", "ifname": "cc-tap2", "script": "no", "downscript": "no",
+                        "vhost": False, "vnet_hdr": False}),
+        ("netdev_add", {"type": "hubport", "id": "port2", "hubid": 2, "netdev": "tap2"})]
+    assert rt.take_tap_commands(2) == [("netdev_del", {"id": "port2"}), ("netdev_del", {"id": "tap2"})]
+    argv = rt.net_args("device")
+    assert rt.hub_slots(argv) == set()
+    assert rt.hub_slots(rt.only_taps(argv, 1)) == {1, 2, 3}
+    assert rt.hub_slots(rt.only_taps(argv, 3)) == {3}
+
+
+def test_assign_slots_keeps_the_wired_ones_and_fills_the_lowest_free():
+    links = [link(i, "eth%d" % i) for i in (2, 5, 7, 8, 9, 10)]
+    slots, left = rt.assign_slots(links, {5: 0, 8: 2})
+    assert slots == {5: 0, 8: 2, 2: 1, 7: 3} and [ln["name"] for ln in left] == ["eth9", "eth10"]
+    plan = rt.network_plan(links, [], [], {5: 0, 8: 2})
+    assert [(i["name"], i["slot"]) for i in plan["interfaces"]] == [("eth2", 1), ("eth5", 0), ("eth7", 3), ("eth8", 2)]
+    assert plan["refused"] == [{"index": 9, "name": "eth9"}, {"index": 10, "name": "eth10"}]
+
+
+def _nl_link_event(kind, index, name):
+    """An RTM_NEWLINK/RTM_DELLINK datagram for interface name."""
+    return rt.nl_message(kind, 0, 0, rt.IFINFO.pack(0, rt.ARPHRD_ETHER, index, 0, 0),
+                         [rt.nl_attr(rt.IFLA_IFNAME, name)])
+
+
+def test_net_event_matters_ignores_our_own_taps():
+    assert rt.net_event_matters(_nl_link_event(rt.RTM_NEWLINK, 4, "eth1"))
+    assert rt.net_event_matters(_nl_link_event(rt.RTM_DELLINK, 4, "eth1"))
+    assert not rt.net_event_matters(_nl_link_event(rt.RTM_NEWLINK, 5, "cc-tap1"))
+    assert rt.net_event_matters(_nl_link_event(rt.RTM_NEWLINK, 5, "cc-tap1") + _nl_link_event(rt.RTM_NEWLINK, 4, "x"))
+    header, attrs = rt.address_message(4, {"family": 4, "address": "10.0.0.2", "prefix": 24})
+    assert rt.net_event_matters(rt.nl_message(rt.RTM_DELADDR, 0, 0, header, attrs))
+    header, attrs = rt.route_message({"family": 4, "dst": None, "dst_len": 0, "gateway": "10.0.0.1", "scope": 0}, 4)
+    assert rt.net_event_matters(rt.nl_message(rt.RTM_NEWROUTE, 0, 0, header, attrs))
+    header, attrs = rt.ingress_qdisc_message(4)
+    assert not rt.net_event_matters(rt.nl_message(rt.RTM_NEWQDISC, 0, 0, header, attrs))
+    assert not rt.net_event_matters(b"")
+    header, attrs = rt.address_message(6, {"family": 6, "address": "fe80::1", "prefix": 64})
+    assert rt.net_event_matters(rt.nl_message(rt.RTM_NEWADDR, 0, 0, header, attrs))
+    assert not rt.net_event_matters(rt.nl_message(rt.RTM_NEWADDR, 0, 0, header, attrs), {6}), "a tap's own"
+    header, attrs = rt.route_message({"family": 6, "dst": "fe80::", "dst_len": 64, "scope": 0}, 6)
+    assert not rt.net_event_matters(rt.nl_message(rt.RTM_NEWROUTE, 0, 0, header, attrs), {6})
+
+
+class FakeQemu:
+    """The QMP a monitor sends for its NIC slots, carried out without a VM: a tap netdev_add'ed
+    is made in the namespace, netdev_del closes it."""
+
+    def __init__(self):
+        self.fds, self.calls = {}, []
+
+    def qmp(self, commands, strict=True):
+        for command, arguments in commands:
+            self.calls.append("%s %s" % (command, arguments["id"]))
+            if command == "netdev_add" and arguments["type"] == "tap":
+                self.fds[arguments["id"]] = make_tap(arguments["ifname"])
+            elif command == "netdev_del" and arguments["id"] in self.fds:
+                os.close(self.fds.pop(arguments["id"]))
+
+
+def _agent_plans(sock):
+    """The network plans a monitor sent the agent since the last call (the socket's other end)."""
+    data = b""
+    while True:
+        try:
+            data += sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+    return [" ".join("%s:%d:%s" % (i["name"], i["slot"], ",".join(a["address"] for a in i["addresses"]))
+                     for i in m["plan"]["interfaces"])
+            for kind, _stream, m in rt.FrameReader().feed(data) if kind == rt.MSG and m.get("op") == "network"]
+
+
+def test_monitor_follows_the_namespace_without_a_vm(tmp_path):
+    def body():
+        qemu, logged = FakeQemu(), []
+        rt.LOG.error = logged.append
+        m = rt.Monitor(str(tmp_path), "c1", {}, rt.only_taps(rt.net_args("device"), 1), {}, None, None)
+        m.hubs, m.nic_taps = rt.hub_slots(m.argv), {0: "start"}
+        m._qmp = qemu.qmp
+        agent, guest = socket.socketpair()
+        m.agent = agent.fileno()
+        tap0 = make_tap(rt.tap_name(0))
+        sh = lambda cmd: subprocess.run(cmd, shell=True, check=True, capture_output=True)  # noqa: E731
+        tc = lambda dev: subprocess.run("tc filter show dev %s ingress" % dev, shell=True,  # noqa: E731
+                                        capture_output=True, text=True).stdout
+        links = lambda: sorted(ln["name"] for ln in rt.Netlink().links())  # noqa: E731
+        out = {}
+        sh("ip link add eth0 up type bridge")  # Ethernet, as the engine's veths (no dummy module here)
+        sh("ip addr add 10.7.0.2/24 dev eth0")
+        m._sync_network(client=99)  # create
+        out["create"] = [_agent_plans(guest), dict(m.pending), "cc-tap0" in tc("eth0")]
+        m.net_events = rt.Netlink(rt.NET_EVENT_GROUPS)
+        m._on_netlink(None)
+        sh("ip link add eth1 type bridge && ip addr add 10.8.0.2/24 dev eth1 && ip link set eth1 up")
+        m._on_netlink(None)
+        out["event"] = m.net_due is not None
+        m._sync_network()
+        out["connect"] = [_agent_plans(guest), qemu.calls[:], "cc-tap1" in tc("eth1"), "eth1" in tc("cc-tap1"),
+                          json.load(open(tmp_path / "net.json"))["interfaces"]]
+        m._sync_network()
+        out["again"] = _agent_plans(guest)
+        sh("ip addr add 10.8.0.9/24 dev eth1")
+        m._sync_network()
+        out["address"] = _agent_plans(guest)
+        m._on_netlink(None)
+        m.net_due = None
+        own = make_tap(rt.tap_name(3))  # our own tap's events are not the engine's
+        rt._sysctl_quiet("net/ipv6/conf/%s/disable_ipv6" % rt.tap_name(3), "1")  # as wire_interface does
+        sh("ip link set %s up && ip link set cc-tap1 down && ip link set cc-tap1 up" % rt.tap_name(3))
+        os.close(own)
+        m._on_netlink(None)
+        out["own events"] = m.net_due
+        sh("ip link del eth1")
+        m._sync_network()
+        out["disconnect"] = [_agent_plans(guest), qemu.calls[2:], "cc-tap1" in links()]
+        sh(" && ".join("ip link add eth%d up type bridge" % i for i in range(2, 6)))
+        m._sync_network()
+        m._sync_network()
+        out["too many"] = [_agent_plans(guest), logged[:], tc("eth5")]
+        sh("ip link set eth0 down")
+        m._sync_network()
+        out["down"] = [_agent_plans(guest), tc("eth0"), tc("cc-tap0"),
+                       "UP" in subprocess.run("ip -o link show cc-tap0", shell=True, capture_output=True,
+                                              text=True).stdout.split(">")[0]]
+        m._unwire()
+        out["end"] = [tc("eth2") + tc("eth5"), os.path.exists(tmp_path / "net.json")]
+        for fd in list(qemu.fds.values()) + [tap0]:
+            os.close(fd)
+        return out
+    out = in_new_netns(body)
+    assert out["create"] == [["eth0:0:10.7.0.2"], {"1": 99}, True], "create's client gets the agent's answer"
+    assert out["event"], "a new interface schedules a sync"
+    plans, calls, redirected, back, net_json = out["connect"]
+    assert plans == ["eth0:0:10.7.0.2 eth1:1:10.8.0.2"]
+    assert calls == ["netdev_add tap1", "netdev_add port1"] and redirected and back
+    assert [i["name"] for i in net_json] == ["eth0", "eth1"]
+    assert out["again"] == [], "nothing changed: nothing sent"
+    assert out["address"] == ["eth0:0:10.7.0.2 eth1:1:10.8.0.2,10.8.0.9"]
+    assert out["own events"] is None
+    plans, calls, tap_left = out["disconnect"]
+    assert plans == ["eth0:0:10.7.0.2"]
+    assert calls == ["netdev_del port1", "netdev_del tap1"] and not tap_left
+    plans, logged, eth5 = out["too many"]
+    assert plans == ["eth0:0:10.7.0.2 eth2:1: eth3:2: eth4:3:"]
+    assert logged == ["network: eth5: not wired, the VM has no free NIC (it has 4)"], "logged once"
+    assert eth5 == "", "nothing half-wired"
+    plans, eth0, tap0, tap_up = out["down"]
+    assert plans == ["eth2:1: eth3:2: eth4:3: eth5:0:"], "the freed NIC goes to the one waiting"
+    assert eth0 == "" and "Redirect to device eth5" in tap0 and tap_up, "the first tap, QEMU's, serves eth5"
+    assert out["end"] == ["", False]
 
 
 def test_unwire_network_through_a_namespace_path(tmp_path):

@@ -196,6 +196,123 @@ def test_a_qdisc_that_cannot_be_added_fails_create_cleanly(runtime, netns, state
     assert poll(lambda: "cc-tap" not in ns_sh(netns, "ip link"), 10)
 
 
+def add_veth(ns, name, net, peer=None):
+    """eth-like interface name in netns ns, up with 10.<net>.0.2/24, its veth peer on the host
+    with 10.<net>.0.1/24; returns the peer's name (delete it to take the interface away)."""
+    peer = peer or "ccq%d%s" % (net, ns[-4:])
+    sh("ip link add %s type veth peer name %s netns %s" % (peer, name, ns))
+    sh("ip addr add 10.%d.0.1/24 dev %s && ip link set %s up" % (net, peer, peer))
+    ns_sh(ns, "sh -c 'ip addr add 10.%d.0.2/24 dev %s && ip link set %s up'" % (net, name, name))
+    return peer
+
+
+def www_bundle(runtime, ns, www_rootfs, **changes):
+    """A bundle running httpd on www_rootfs in netns ns."""
+    b = netns_bundle(runtime, ns, HTTPD)
+    path = os.path.join(b, "config.json")
+    conf = json.load(open(path))
+    conf["root"]["path"] = www_rootfs
+    conf.update(changes)
+    json.dump(conf, open(path, "w"))
+    return b
+
+
+def guest_addrs(runtime, cid):
+    """The IPv4 addresses by interface in the guest (`ip -o -4 addr` of an exec)."""
+    out = runtime("exec", cid, "ip", "-o", "-4", "addr", check=True).stdout
+    return sorted(tuple(line.split()[1:4:2]) for line in out.splitlines())
+
+
+def test_an_interface_a_hook_adds_gets_a_nic(runtime, netns, www_rootfs):
+    # docker moves its veths in from its prestart hook, while the VM is restored with one tap
+    peer = "ccqh" + netns[-4:]
+    hook = {"path": "/bin/sh", "args": ["sh", "-c", "ip link add %s type veth peer name eth1 netns %s && "
+            "ip addr add 10.234.0.1/24 dev %s && ip link set %s up && ip netns exec %s sh -c "
+            "'ip addr add 10.234.0.2/24 dev eth1 && ip link set eth1 up'" % (peer, netns, peer, peer, netns)]}
+    try:
+        b = www_bundle(runtime, netns, www_rootfs, hooks={"prestart": [hook]})
+        r = runtime("create", "--bundle", b, "hook1")
+        assert r.returncode == 0, r.stderr
+        assert "mirred (Egress Redirect to device cc-tap1)" in ns_sh(netns, "tc filter show dev eth1 ingress")
+        runtime("start", "hook1", check=True)
+        assert poll(lambda: http_get("http://10.234.0.2/", 3)) == PAGE
+        assert http_get("http://10.231.0.2/") == PAGE
+        assert guest_addrs(runtime, "hook1") == [("eth0", "10.231.0.2/24"), ("eth1", "10.234.0.2/24"),
+                                                 ("lo", "127.0.0.1/8")]
+        runtime("delete", "--force", "hook1", check=True)
+        assert poll(lambda: "cc-tap" not in ns_sh(netns, "ip link"), 10)
+        assert "ingress" not in ns_sh(netns, "tc qdisc show")
+    finally:
+        sh("ip link del %s" % peer, check=False)
+
+
+def test_interfaces_are_followed_while_the_container_runs(runtime, netns, www_rootfs):
+    b = www_bundle(runtime, netns, www_rootfs)
+    runtime("run", "-d", "--bundle", b, "late1", check=True)
+    peers = []
+    try:
+        peers.append(add_veth(netns, "eth1", 235))
+        assert poll(lambda: http_get("http://10.235.0.2/", 3)) == PAGE, open(os.path.join(
+            runtime.root, "late1", "qemu.log")).read()
+        assert poll(lambda: ("eth1", "10.235.0.2/24") in guest_addrs(runtime, "late1"))
+        ns_sh(netns, "ip addr add 10.235.0.7/24 dev eth1")  # an address the engine adds later
+        ns_sh(netns, "ip route add 10.99.0.0/16 via 10.235.0.1")
+        assert poll(lambda: http_get("http://10.235.0.7/", 3)) == PAGE
+        route = runtime("exec", "late1", "ip", "route", check=True).stdout
+        assert "10.99.0.0/16 via 10.235.0.1 dev eth1" in route, route
+        sh("ip link del %s" % peers.pop())  # the engine takes the interface away
+        assert poll(lambda: "eth1" not in runtime("exec", "late1", "ip", "-o", "link", check=True).stdout)
+        assert "cc-tap1" not in ns_sh(netns, "ip link"), "the tap given for it went"
+        assert http_get("http://10.231.0.2/") == PAGE
+        peers.append(add_veth(netns, "eth2", 236))  # the freed NIC is used again
+        assert poll(lambda: http_get("http://10.236.0.2/", 3)) == PAGE
+        assert ("eth2", "10.236.0.2/24") in guest_addrs(runtime, "late1")
+    finally:
+        for peer in peers:
+            sh("ip link del %s" % peer, check=False)
+    runtime("delete", "--force", "late1", check=True)
+    assert poll(lambda: "cc-tap" not in ns_sh(netns, "ip link"), 10)
+    assert "ingress" not in ns_sh(netns, "tc qdisc show")
+
+
+def test_more_interfaces_than_nics(runtime, netns, www_rootfs, state_root, tmp_path):
+    log = str(tmp_path / "log")
+    peers = []
+    try:
+        peers = [add_veth(netns, "eth%d" % i, 236 + i) for i in range(1, rt_slots())]
+        extra = "ccqx" + netns[-4:]
+        hook = {"path": "/bin/sh", "args": ["sh", "-c", "ip link add %s type veth peer name eth9 netns %s && "
+                "ip netns exec %s ip link set eth9 up" % (extra, netns, netns)]}
+        r = runtime("create", "--bundle", www_bundle(runtime, netns, www_rootfs, hooks={"prestart": [hook]}), "many1")
+        assert r.returncode != 0
+        assert _message(r.stderr).endswith("network: 5 interfaces in the container's network namespace; a VM has 4"), \
+            r.stderr
+        assert os.listdir(state_root) == [] and "ingress" not in ns_sh(netns, "tc qdisc show")
+        assert poll(lambda: "cc-tap" not in ns_sh(netns, "ip link"), 10)
+        sh("ip link del %s" % extra)
+        # four fit; a fifth added while it runs is refused in the log, the others keep working
+        runtime("--log", log, "run", "-d", "--bundle", www_bundle(runtime, netns, www_rootfs), "many2", check=True)
+        peers.append(add_veth(netns, "eth9", 245))
+        assert poll(lambda: "no free NIC" in open(log).read(), 10)
+        assert "network: eth9: not wired, the VM has no free NIC (it has 4)" in open(log).read()
+        assert runtime.state("many2")["status"] == "running"
+        assert "ingress" not in ns_sh(netns, "tc qdisc show dev eth9")
+        assert http_get("http://10.239.0.2/") == PAGE
+        sh("ip link del %s" % peers[0])  # a NIC comes free: the waiting interface takes it
+        assert poll(lambda: http_get("http://10.245.0.2/", 3)) == PAGE
+    finally:
+        for peer in peers:
+            sh("ip link del %s" % peer, check=False)
+    runtime("delete", "--force", "many2", check=True)
+    assert poll(lambda: "cc-tap" not in ns_sh(netns, "ip link"), 10)
+
+
+def rt_slots():
+    """The NIC slots of a VM (cc_oci_runtime.NET_SLOTS)."""
+    import cc_oci_runtime
+    return cc_oci_runtime.NET_SLOTS
+
+
 def test_host_network_is_refused(runtime, state_root):
     b = runtime.bundle(["true"])
     conf = json.load(open(os.path.join(b, "config.json")))
@@ -346,6 +463,50 @@ def test_podman_network_host_is_refused(pmnet):
     assert not host_taps()
 
 
+def podman_wget(p, cid, url, timeout=10):
+    """The body of a GET from inside a podman container, or None."""
+    r = p.run_rt("exec", cid, "sh", "-c", "timeout %d wget -qO- %s" % (timeout, url), timeout=timeout + 30)
+    return r.stdout if r.returncode == 0 else None
+
+
+def test_podman_two_networks_and_connect_disconnect(pmnet):
+    for net in ("pna", "pnb"):
+        assert pmnet.run("network", "create", net).returncode == 0
+    try:
+        for name, net in (("psa", "pna"), ("psb", "pnb")):
+            r = pmnet.run_rt("run", "-d", "--network", net, "--name", name, "bb", *HTTPD, timeout=TIMEOUT)
+            assert r.returncode == 0, r.stderr
+        r = pmnet.run_rt("run", "-d", "--network", "pna,pnb", "--name", "both", "bb", "sleep", "600", timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        assert podman_wget(pmnet, "both", "http://psa/") == PAGE
+        assert podman_wget(pmnet, "both", "http://psb/") == PAGE
+        r = pmnet.run_rt("run", "-d", "--network", "pna", "--name", "pcli", "bb", "sleep", "600", timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        # podman's networks route to each other through the host: what shows the new network
+        # is the guest's own address and route on it
+        assert pmnet.run("network", "connect", "pnb", "pcli").returncode == 0
+        ip = pmnet.run("inspect", "-f", "{{(index .NetworkSettings.Networks \"pnb\").IPAddress}}",
+                       "pcli").stdout.strip()
+        ip_b = pmnet.run("inspect", "-f", "{{(index .NetworkSettings.Networks \"pnb\").IPAddress}}",
+                         "psb").stdout.strip()
+        assert ip and ip_b
+        addrs = lambda: pmnet.run_rt("exec", "pcli", "ip", "-o", "-4", "addr").stdout  # noqa: E731
+        assert poll(lambda: " inet %s/" % ip in addrs()), addrs()
+        assert "dev eth1" in pmnet.run_rt("exec", "pcli", "ip", "route", "get", ip_b).stdout
+        assert poll(lambda: podman_wget(pmnet, "pcli", "http://psb/", 5)) == PAGE
+        assert pmnet.run("network", "disconnect", "pnb", "pcli").returncode == 0
+        assert poll(lambda: " inet %s/" % ip not in addrs()), addrs()
+        out = pmnet.run_rt("exec", "pcli", "ip", "-o", "link").stdout
+        assert "eth1" not in out and "eth0" in out, out
+        assert podman_wget(pmnet, "pcli", "http://psa/") == PAGE
+    finally:
+        assert pmnet.run("rm", "-f", "-t", "0", "psa", "psb", "both", "pcli", timeout=TIMEOUT).returncode == 0
+        for net in ("pna", "pnb"):
+            pmnet.run("network", "rm", "-f", net, timeout=TIMEOUT)
+    assert not runtime_procs(), "runtime processes left: %s" % runtime_procs()
+    assert not host_taps()
+
+
 # ---------------------------------------------------------------------------
 # docker: docker0 with iptables, published ports, a user-defined bridge
 # ---------------------------------------------------------------------------
@@ -409,4 +570,97 @@ def test_docker_network_of_another_vm_container_is_refused(dknet):
 def test_docker_network_host_is_refused(dknet):
     r = dknet.run_rt("run", "--rm", "--network", "host", "bb", "true", timeout=TIMEOUT)
     assert r.returncode != 0 and "host networking is not supported" in r.stderr, r.stderr
+    assert not host_taps()
+
+
+COMPOSE = """version: "2.4"
+services:
+  web:
+    image: bb
+    runtime: %(runtime)s
+    command: ["httpd", "-f", "-p", "80", "-h", "/www"]
+    networks: [front, back]
+    ports: ["127.0.0.1:%(port)d:80"]
+  edge:
+    image: bb
+    runtime: %(runtime)s
+    command: ["sleep", "600"]
+    networks: [front]
+  client:
+    image: bb
+    runtime: %(runtime)s
+    command: ["sleep", "600"]
+    networks: [back]
+networks:
+  front: {}
+  back: {}
+"""
+
+
+def compose(d, directory, project, *args):
+    """docker-compose (Debian's 1.29) on the test's dockerd."""
+    env = dict(d.env, DOCKER_HOST="unix://" + d.sock)
+    return subprocess.run(["docker-compose", "-p", project, "-f", os.path.join(directory, "compose.yml")]
+                          + list(args), capture_output=True, text=True, env=env, timeout=300)
+
+
+def wget_in(d, cid, url, timeout=10):
+    """The body of a GET from inside a container, or None."""
+    r = d.run("exec", cid, "sh", "-c", "timeout %d wget -qO- %s" % (timeout, url), timeout=timeout + 30)
+    return r.stdout if r.returncode == 0 else None
+
+
+def compose_round(d, directory, runtime_name):
+    """up -d of COMPOSE under one runtime: web reached from the host, from edge on front and
+    from client on back, by name; then down, which must leave nothing."""
+    port = free_port()
+    with open(os.path.join(directory, "compose.yml"), "w") as f:
+        f.write(COMPOSE % {"runtime": runtime_name, "port": port})
+    project = "cc" + uuid.uuid4().hex[:6]
+    r = compose(d, directory, project, "up", "-d")
+    try:
+        assert r.returncode == 0, (runtime_name, r.stderr)
+        assert poll(lambda: http_get("http://127.0.0.1:%d/" % port, 3)) == PAGE, runtime_name
+        assert wget_in(d, project + "_edge_1", "http://web/") == PAGE, runtime_name
+        assert wget_in(d, project + "_client_1", "http://web/") == PAGE, runtime_name
+        assert d.run("inspect", "-f", "{{.HostConfig.Runtime}}", project + "_web_1").stdout.strip() == runtime_name
+        out = d.run("exec", project + "_web_1", "ip", "-o", "-4", "addr").stdout
+        assert len([ln for ln in out.splitlines() if " eth" in ln]) == 2, out
+    finally:
+        r = compose(d, directory, project, "down")
+    assert r.returncode == 0, r.stderr
+    assert d.run("ps", "-aq").stdout.split() == []
+    assert [n for n in d.run("network", "ls", "--format", "{{.Name}}").stdout.split()
+            if n.startswith(project)] == []
+
+
+def test_docker_compose_two_networks(dknet, tmp_path):
+    compose_round(dknet, str(tmp_path), "runc")  # the reference: the same file under runc
+    compose_round(dknet, str(tmp_path), NAME)
+    assert not runtime_procs(), "runtime processes left: %s" % runtime_procs()
+    assert not host_taps()
+
+
+def test_docker_network_connect_and_disconnect(dknet):
+    for net in ("neta", "netb"):
+        assert dknet.run("network", "create", net).returncode == 0
+    try:
+        for name, net in (("srva", "neta"), ("srvb", "netb")):
+            r = dknet.run_rt("run", "-d", "--network", net, "--name", name, "bb", *HTTPD, timeout=TIMEOUT)
+            assert r.returncode == 0, r.stderr
+        r = dknet.run_rt("run", "-d", "--network", "neta", "--name", "cli", "bb", "sleep", "600", timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        assert wget_in(dknet, "cli", "http://srva/") == PAGE
+        assert dknet.run("network", "connect", "netb", "cli").returncode == 0
+        assert poll(lambda: wget_in(dknet, "cli", "http://srvb/", 5)) == PAGE
+        assert dknet.run("network", "disconnect", "netb", "cli").returncode == 0
+        assert poll(lambda: wget_in(dknet, "cli", "http://srvb/", 3) is None)
+        out = dknet.run("exec", "cli", "ip", "-o", "link").stdout
+        assert "eth1" not in out and "eth0" in out, out
+        assert wget_in(dknet, "cli", "http://srva/") == PAGE
+    finally:
+        assert dknet.run("rm", "-f", "srva", "srvb", "cli", timeout=TIMEOUT).returncode == 0
+        for net in ("neta", "netb"):
+            dknet.run("network", "rm", net, timeout=TIMEOUT)
+    assert not runtime_procs(), "runtime processes left: %s" % runtime_procs()
     assert not host_taps()
