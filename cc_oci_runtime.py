@@ -195,8 +195,12 @@ RUNTIME_MOUNT_OPTIONS = ("tmpcopyup", "notmpcopyup")  # done by the runtime, not
 PROPAGATION_OPTIONS = ("private", "rprivate", "shared", "rshared", "slave", "rslave",
                        "unbindable", "runbindable")
 CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWNS = 0x40000000, 0x20000000, 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUSER = 0x10000000
+CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x02000000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWTIME = 0x10000000, 0x00000080
+NAMESPACE_FLAGS = {"cgroup": CLONE_NEWCGROUP, "ipc": CLONE_NEWIPC, "mount": CLONE_NEWNS,
+                   "network": CLONE_NEWNET, "pid": CLONE_NEWPID, "time": CLONE_NEWTIME,
+                   "user": CLONE_NEWUSER, "uts": CLONE_NEWUTS}  # linux.namespaces[].type
+NS_GET_NSTYPE = 0xb703  # ioctl _IO(0xb7, 3) on a namespace file: its CLONE_NEW* flag (4.11+)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 PR_SET_THP_DISABLE = 41
 TIOCGPTN, TIOCSPTLCK = 0x80045430, 0x40045431  # not in the termios module
@@ -938,22 +942,51 @@ def _spec_annotations(conf, value):
     conf["annotations"] = value
 
 
+def namespace_type(path):
+    """The type ("ipc", "network", ...) of the namespace file at path, "" for one of a kernel
+    without NS_GET_NSTYPE, None for any other file; OSError when path cannot be looked at."""
+    st = os.stat(path)
+    if st.st_mode & 0o170000 != 0o100000:  # a namespace file is regular; never open a FIFO
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        flag = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:  # not nsfs (ENOTTY), or a kernel before 4.11: nsfs has one device
+        return "" if st.st_dev == os.stat("/proc/self/ns/net").st_dev else None
+    finally:
+        os.close(fd)
+    return next((name for name, f in NAMESPACE_FLAGS.items() if f == flag), None)
+
+
+def _check_namespace_path(kind, path, field):
+    """linux.namespaces[i].path: an absolute path to a namespace of the entry's type."""
+    _need(path.startswith("/"), field + ".path", "must be an absolute path")
+    try:
+        found = namespace_type(path)
+    except OSError as e:
+        raise Error("%s.path: %s: %s" % (field, path, (e.strerror or str(e)).lower())) from None
+    _need(found is not None, field + ".path", "%s is not a namespace file" % path)
+    _need(found in ("", kind), field, "%s is %s %s namespace, not %s"
+          % (path, "an" if found == "ipc" else "a", found, kind))
+
+
 def _spec_linux(conf, value):
-    """linux: namespaces (network placement), masked/readonly paths and sysctls."""
+    """linux: namespaces (each path checked; the network's placement), masked/readonly paths
+    and sysctls."""
     _obj(value, "linux")
     namespaces = value.get("namespaces", [])
     _need(isinstance(namespaces, list), "linux.namespaces", "must be a list")
     for i, ns in enumerate(namespaces):
         field = "linux.namespaces[%d]" % i
         _obj(ns, field)
-        _need(ns.get("type") in ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"),
-              field + ".type", "unknown namespace type %r" % ns.get("type"))
+        _need(ns.get("type") in NAMESPACE_FLAGS, field + ".type",
+              "unknown namespace type %r" % ns.get("type"))
         path = ns.get("path", "")
         _need(isinstance(path, str), field + ".path", "must be a string")
-        if ns["type"] == "network":
-            _need(not path or os.path.exists(path), field + ".path",
-                  "%s: no such file or directory" % path)
-            conf["netns"] = path or "new"
+        if path:
+            _check_namespace_path(ns["type"], path, field)
+        conf["namespaces"][ns["type"]] = path or "new"
+    conf["netns"] = conf["namespaces"].get("network")
     conf["masked"] = _str_list(value.get("maskedPaths", []), "linux.maskedPaths")
     conf["readonly_paths"] = _str_list(value.get("readonlyPaths", []), "linux.readonlyPaths")
     sysctl = _obj(value.get("sysctl", {}), "linux.sysctl")
@@ -1113,8 +1146,8 @@ def load_spec(bundle, need_process=True):
     if not isinstance(raw, dict):
         raise Error("config.json: must be a JSON object")
     conf = {"bundle": bundle, "mounts": [], "hooks": {}, "annotations": {}, "hostname": None,
-            "masked": [], "readonly_paths": [], "sysctl": {}, "netns": None, "vm": {},
-            "resources": {}, "cgroups_path": "",
+            "masked": [], "readonly_paths": [], "sysctl": {}, "netns": None, "namespaces": {},
+            "vm": {}, "resources": {}, "cgroups_path": "",
             "seccomp": None, "devices": [], "device_rules": None, "id_mappings": None}
     for section in ("ociVersion", "root"):
         if section not in raw:

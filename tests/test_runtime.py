@@ -531,18 +531,108 @@ def test_bind_mounts_accepted(tmp_path):
 
 @pytest.mark.parametrize("namespaces, expected", [
     ([], None), ([{"type": "pid"}, {"type": "mount"}], None), ([{"type": "network"}], "new"),
-    ([{"type": "network", "path": "EXISTING"}], "EXISTING"),
+    ([{"type": "network", "path": "/proc/self/ns/net"}], "/proc/self/ns/net"),
 ])
 def test_network_namespace(tmp_path, namespaces, expected):
-    ns_file = tmp_path / "netns"
-    ns_file.write_text("")
-    for ns in namespaces:
-        if ns.get("path") == "EXISTING":
-            ns["path"] = str(ns_file)
     config = good_config()
     config["linux"] = {"namespaces": namespaces}
     netns = rt.load_spec(str(make_bundle(tmp_path, config)))["netns"]
-    assert netns == (str(ns_file) if expected == "EXISTING" else expected)
+    assert netns == expected
+
+
+NS_FILES = {"cgroup": "cgroup", "ipc": "ipc", "mount": "mnt", "network": "net", "pid": "pid",
+            "time": "time", "user": "user", "uts": "uts"}  # type -> its /proc/PID/ns name
+
+
+def _namespaces_error(tmp_path, namespaces):
+    """load_spec's error for a config with these linux.namespaces, or None."""
+    config = good_config()
+    config["linux"] = {"namespaces": namespaces}
+    bundle = tmp_path / "bundle"
+    if bundle.exists():
+        write_json(bundle / "config.json", config)
+    else:
+        make_bundle(tmp_path, config)
+    try:
+        rt.load_spec(str(bundle))
+    except rt.Error as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("kind", sorted(NS_FILES))
+def test_namespace_path_of_another_type_is_refused_naming_the_entry(tmp_path, kind):
+    for other, name in NS_FILES.items():
+        path = "/proc/self/ns/" + name
+        msg = _namespaces_error(tmp_path, [{"type": "pid"}, {"type": "network"},
+                                           {"type": kind, "path": path}])
+        if other == kind:
+            assert msg is None
+        else:
+            assert msg == "config.json: linux.namespaces[2]: %s is %s %s namespace, not %s" % (
+                path, "an" if other == "ipc" else "a", other, kind)
+
+
+def test_namespace_paths_of_the_right_type_are_kept_for_the_monitor(tmp_path):
+    config = good_config()
+    config["linux"] = {"namespaces": [{"type": "pid"}, {"type": "network"},
+                                      {"type": "ipc", "path": "/proc/self/ns/ipc"},
+                                      {"type": "uts", "path": "/proc/%d/ns/uts" % os.getpid()},
+                                      {"type": "cgroup"}]}
+    conf = rt.load_spec(str(make_bundle(tmp_path, config)))
+    assert conf["namespaces"] == {"pid": "new", "network": "new", "ipc": "/proc/self/ns/ipc",
+                                  "uts": "/proc/%d/ns/uts" % os.getpid(), "cgroup": "new"}
+
+
+def test_namespace_path_that_is_no_namespace_is_refused_without_opening_it(tmp_path):
+    (tmp_path / "regular").write_text("")
+    os.mkfifo(str(tmp_path / "fifo"))  # opened, a FIFO would block the create
+    cases = {str(tmp_path / "regular"): "%s is not a namespace file",
+             str(tmp_path / "fifo"): "%s is not a namespace file",
+             str(tmp_path): "%s is not a namespace file",
+             "/dev/null": "%s is not a namespace file",
+             str(tmp_path / "gone"): "%s: no such file or directory",
+             "proc/self/ns/ipc": "must be an absolute path"}
+    for path, what in cases.items():
+        msg = _namespaces_error(tmp_path, [{"type": "network"}, {"type": "ipc", "path": path}])
+        assert msg == "config.json: linux.namespaces[1].path: " + (what % path if "%" in what else what)
+
+
+def test_namespace_path_bind_mounted_elsewhere_is_recognised(tmp_path):
+    holder = tmp_path / "uts"
+    holder.write_text("")
+
+    def probe():
+        rt.mount("/proc/self/ns/uts", str(holder), None, rt.MS_BIND)  # as ip netns add binds a netns
+        return json.dumps([rt.namespace_type(str(holder)),
+                           _namespaces_error(tmp_path, [{"type": "network"}, {"type": "uts", "path": str(holder)}]),
+                           _namespaces_error(tmp_path, [{"type": "network"}, {"type": "ipc", "path": str(holder)}])])
+
+    assert json.loads(_in_mount_ns(probe)) == [
+        "uts", None, "config.json: linux.namespaces[1]: %s is a uts namespace, not ipc" % holder]
+
+
+def test_namespace_type_without_ns_get_nstype_accepts_nsfs_files_only(tmp_path, monkeypatch):
+    def old_kernel(_fd, _request, *_args):
+        raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
+    monkeypatch.setattr(rt.fcntl, "ioctl", old_kernel)
+    (tmp_path / "regular").write_text("")
+    assert rt.namespace_type("/proc/self/ns/ipc") == ""  # a namespace of unknown type: setns checks it
+    assert rt.namespace_type(str(tmp_path / "regular")) is None
+
+
+def test_create_refuses_a_wrong_namespace_path_before_anything_is_made(tmp_path):
+    config = good_config()
+    config["linux"]["namespaces"] = [{"type": "pid"}, {"type": "network"},
+                                     {"type": "cgroup", "path": "/proc/self/ns/ipc"}]
+    config["vm"] = {"path": "/nonexistent/qemu"}  # a create that went on would stop there, no VM
+    bundle = make_bundle(tmp_path, config)
+    root = tmp_path / "root"
+    r = cli(tmp_path, "--root", root, "create", "--bundle", bundle, "c1")
+    assert r.returncode == 1
+    assert stderr_text(r.stderr) == ("config.json: linux.namespaces[2]: /proc/self/ns/ipc is an ipc "
+                                     "namespace, not cgroup\n")
+    assert not root.exists() or os.listdir(root) == []
 
 
 @pytest.mark.parametrize("section", ["ociVersion", "root", "process"])
