@@ -3270,8 +3270,11 @@ class Monitor:
     """Runs QEMU, boots the agent, relays stdio and signals, exits with the workload's status."""
 
     def __init__(self, state_dir, cid, gconf, argv, vm, netns, notify_fd, stdio=(0, 1, 2),
-                 restore=None, terminal=None, staged=(), cgroups=()):
+                 restore=None, terminal=None, staged=(), cgroups=(), namespaces=None,
+                 hostname=None):
         self.dir, self.id, self.gconf, self.argv, self.vm = state_dir, cid, gconf, argv, vm
+        self.namespaces = namespaces or {}  # cgroup, ipc, uts of the config: a path or "new"
+        self.hostname = hostname  # set in our uts namespace when the config gives it one
         self.cgroups = cgroups  # the host cgroup directories QEMU and we belong in
         self.staged = staged  # bind-mounted files to export: (source, staged path, read-only)
         self.restore = restore  # {"dir": template, "argv": QEMU restoring it}, or None
@@ -3308,16 +3311,20 @@ class Monitor:
         return self._loop()
 
     def _setup(self):
-        """New session, sub-reaper, the container's network namespace, signal wake-ups."""
+        """New session, sub-reaper, the container's namespaces, signal wake-ups."""
         os.setsid()
         prctl(PR_SET_CHILD_SUBREAPER, 1)
-        join_host_cgroup(self.cgroups)
+        join_host_cgroup(self.cgroups)  # first: a new cgroup namespace has this cgroup as root
         if self.netns:  # before our own /proc hides /proc/<pid>/ns/net (--network container:ID)
             enter_netns(self.netns)
-        _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")  # QEMU inherits it
+        new = join_namespaces(self.namespaces)  # QEMU inherits them all
+        _check_libc(_libc().unshare(CLONE_NEWNS | new), "unshare(mount%s)" % "".join(
+            ", " + k for k, v in self.namespaces.items() if v == "new"))
+        if self.hostname:  # as runc sets it, in the container's (new or joined) uts namespace
+            socket.sethostname(self.hostname)
         mount(None, "/", None, MS_REC | MS_PRIVATE)
-        if os.getpid() == 1:  # our own pid namespace: a /proc that shows just us and QEMU
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        # a /proc of our pid namespace: our own shows just us and QEMU, a joined one its processes
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         stage_files(self.dir, self.staged)
         os.chdir(self.dir)
         with Netlink() as nl:
@@ -3952,6 +3959,28 @@ def _tail(path, lines=5):
 
 
 HUB_WARNING = "is not connected to host network"  # QEMU on an unused NIC slot's hub (only_taps)
+
+
+MONITOR_NAMESPACES = ("cgroup", "ipc", "uts")  # the monitor's as the config has them (Monitor._setup)
+
+
+def join_namespaces(namespaces):
+    """Join each namespace {type: path} gives a path for (every one opened before the first is
+    joined, as a joined one may change what a path means); returns the CLONE_NEW* flags of
+    the types given as "new"."""
+    fds, new = [], 0
+    try:
+        for kind, path in namespaces.items():
+            if path == "new":
+                new |= NAMESPACE_FLAGS[kind]
+            else:
+                fds.append((kind, path, os.open(path, os.O_RDONLY | os.O_CLOEXEC)))
+        for kind, path, fd in fds:  # setns checks the type too: EINVAL for another's
+            _check_libc(_libc().setns(fd, NAMESPACE_FLAGS[kind]), "setns %s (%s)" % (path, kind))
+    finally:
+        for _kind, _path, fd in fds:
+            os.close(fd)
+    return new
 
 
 def enter_netns(netns):
@@ -5574,17 +5603,19 @@ def create_container(args, console_socket=None, foreground=False):
         state.save()
         stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
         gconf = guest_config(args.id, conf)
+        namespaces = {k: v for k, v in conf["namespaces"].items() if k in MONITOR_NAMESPACES}
 
         def monitor_main(notify_fd):
             state.unlock()
             params = {"state_dir": state.dir, "cid": args.id, "gconf": gconf, "argv": argv,
                       "vm": vm, "netns": conf["netns"], "notify_fd": notify_fd,
                       "stdio": stdio, "restore": restore, "terminal": host_tty,
-                      "staged": conf["staged"], "cgroups": cgroups}
+                      "staged": conf["staged"], "cgroups": cgroups, "namespaces": namespaces,
+                      "hostname": conf["hostname"] if "uts" in namespaces else None}
             _exec_monitor(params, [fd for fd in stdio + (notify_fd, host_tty) if fd is not None])
             return Monitor(**params).run()  # where exec is impossible: this copy of create
         monitor_pid, rfd = _fork_monitor(monitor_main, keep_stdio=host_tty is None,
-                                         own_pid_ns=True)
+                                         pid_ns=conf["namespaces"].get("pid", "new"))
         if host_tty is not None and console_socket:
             os.close(host_tty)
         state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid), creating=True)
@@ -5686,13 +5717,14 @@ def _restore_plan(cid, vm, conf, state, image):
     return {"dir": template, "argv": qemu_command(cid, vm, conf, state.dir, image, spec)}
 
 
-def _fork_monitor(monitor_main, keep_stdio=True, own_pid_ns=False):
+def _fork_monitor(monitor_main, keep_stdio=True, pid_ns=None):
     """Fork a monitor running monitor_main(notify_fd); returns its pid and the pipe it reports on.
 
     Without keep_stdio the monitor lets go of the caller's fds 0-2 (its container talks through
-    a pty): an engine waits for EOF on the pipes it gave the runtime. With own_pid_ns it is
-    PID 1 of a new pid namespace (forked by a child that exits at once, so it is orphaned to
-    the caller's sub-reaper), and its first line on the pipe is its pid."""
+    a pty): an engine waits for EOF on the pipes it gave the runtime. With pid_ns "new" it is
+    PID 1 of a new pid namespace, with a path in that one (forked by a child that exits at
+    once, so it is orphaned to the caller's sub-reaper), and its first line on the pipe is its
+    pid (or that child's error)."""
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -5701,8 +5733,13 @@ def _fork_monitor(monitor_main, keep_stdio=True, own_pid_ns=False):
         code = 1
         try:
             os.close(rfd)
-            if own_pid_ns:
-                _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+            if pid_ns:
+                try:
+                    if join_namespaces({"pid": pid_ns}):  # "new"
+                        _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+                except OSError as e:
+                    _write_all(wfd, b"monitor: %s\n" % str(e).encode())
+                    raise
                 inner = os.fork()
                 if inner:
                     _write_all(wfd, b"%d\n" % inner)
@@ -5718,11 +5755,11 @@ def _fork_monitor(monitor_main, keep_stdio=True, own_pid_ns=False):
         finally:
             os._exit(code)
     os.close(wfd)
-    if own_pid_ns:
+    if pid_ns:
         os.waitpid(pid, 0)  # (its child wrote the line before it exited)
         line = _read_line(rfd, time.monotonic() + 10)
         if not line.isdigit():
-            raise Error("cannot start the container's monitor")
+            raise Error(line.decode(errors="replace") or "cannot start the container's monitor")
         pid = int(line)
     return pid, rfd
 

@@ -2268,11 +2268,115 @@ def test_read_line_leaves_the_rest_in_the_pipe_and_stops_at_eof_or_deadline():
             os.close(w)
 
 
+NS_LINKS = ("cgroup", "ipc", "uts", "net", "mnt", "pid", "user")
+
+
+def _ns_links(pid="self"):
+    """{name: readlink of /proc/PID/ns/name} for NS_LINKS."""
+    return {n: os.readlink("/proc/%s/ns/%s" % (pid, n)) for n in NS_LINKS}
+
+
+def _monitor_setup_in_child(tmp_path, namespaces, hostname):
+    """Run Monitor._setup (network "new", no QEMU) in a forked child; its namespaces, hostname
+    and cgroup as it sees them."""
+    m = rt.Monitor(str(tmp_path), "c1", {}, [], {}, "new", None, namespaces=namespaces,
+                   hostname=hostname)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            m._setup()
+            with open("/proc/self/cgroup") as f:
+                out = json.dumps([_ns_links(), socket.gethostname(), f.read()])
+        except BaseException as e:
+            out = json.dumps("error: %s" % e)
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = json.loads(f.read())
+    os.waitpid(pid, 0)
+    return out
+
+
+def _namespace_holder(flags, hostname):
+    """A child in new namespaces (flags) with hostname set; (pid, fd to close to end it)."""
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        rt._check_libc(rt._libc().unshare(flags), "unshare")
+        socket.sethostname(hostname)
+        os.write(ready_w, b"x")
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    os.read(ready_r, 1)
+    os.close(ready_r)
+    os.close(ready_w)
+    return pid, w
+
+
+def test_monitor_makes_the_configs_new_cgroup_ipc_uts_namespaces_and_sets_the_hostname(tmp_path):
+    host, host_name = _ns_links(), socket.gethostname()
+    links, name, cgroup = _monitor_setup_in_child(
+        tmp_path, {"cgroup": "new", "ipc": "new", "uts": "new"}, "cc-monitor-test")
+    assert {n for n in NS_LINKS if links[n] != host[n]} == {"cgroup", "ipc", "uts", "net", "mnt"}
+    assert (name, socket.gethostname()) == ("cc-monitor-test", host_name)
+    assert all(line.endswith(":/") for line in cgroup.split())  # its cgroup is the new root
+
+
+def test_monitor_without_those_namespaces_stays_in_the_hosts(tmp_path):
+    host, host_name = _ns_links(), socket.gethostname()
+    links, name, _cgroup = _monitor_setup_in_child(tmp_path, {}, None)
+    assert {n for n in NS_LINKS if links[n] != host[n]} == {"net", "mnt"}
+    assert name == host_name
+
+
+def test_monitor_joins_the_namespaces_given_by_path_and_sets_the_hostname_there(tmp_path):
+    pid, end = _namespace_holder(rt.CLONE_NEWIPC | rt.CLONE_NEWUTS | rt.CLONE_NEWCGROUP, "holder")
+    try:
+        theirs = _ns_links(pid)
+        links, name, _cgroup = _monitor_setup_in_child(
+            tmp_path, {k: "/proc/%d/ns/%s" % (pid, k) for k in ("cgroup", "ipc", "uts")}, "joined")
+        assert {n: links[n] for n in ("cgroup", "ipc", "uts")} == {
+            n: theirs[n] for n in ("cgroup", "ipc", "uts")}
+        assert name == "joined"  # as runc, which sets the hostname in a joined uts namespace too
+    finally:
+        os.close(end)
+        os.waitpid(pid, 0)
+
+
+def test_join_namespaces_opens_every_path_first_and_setns_checks_the_type():
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            flags = rt.join_namespaces({"ipc": "new", "uts": "/proc/self/ns/uts"})
+            try:
+                rt.join_namespaces({"ipc": "/proc/self/ns/uts"})
+                out = [flags, "joined"]
+            except OSError as e:
+                out = [flags, e.errno, str(e)]
+        except BaseException as e:
+            out = ["error: %s" % e]
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert out == [rt.CLONE_NEWIPC, errno.EINVAL,
+                   "[Errno 22] setns /proc/self/ns/uts (ipc): Invalid argument"]
+
+
 def test_exec_monitor_runs_a_fresh_interpreter_that_reports_on_the_notify_pipe(tmp_path):
     r, w = os.pipe2(os.O_CLOEXEC)
     params = {"state_dir": str(tmp_path), "cid": "c1", "gconf": {}, "argv": ["/nonexistent"],
               "vm": {"boot_timeout": 5}, "netns": None, "notify_fd": w, "stdio": [0, 1, 2],
-              "restore": None, "terminal": None, "staged": [], "cgroups": []}
+              "restore": None, "terminal": None, "staged": [], "cgroups": [],
+              "namespaces": {"ipc": "new", "uts": "new"}, "hostname": "cc-exec-monitor"}
     pid = os.fork()
     if pid == 0:
         try:
