@@ -3961,7 +3961,7 @@ def _tail(path, lines=5):
 HUB_WARNING = "is not connected to host network"  # QEMU on an unused NIC slot's hub (only_taps)
 
 
-MONITOR_NAMESPACES = ("cgroup", "ipc", "uts")  # the monitor's as the config has them (Monitor._setup)
+MONITOR_NAMESPACES = ("cgroup", "ipc", "uts")  # the monitor's as the config has them (_setup)
 
 
 def join_namespaces(namespaces):

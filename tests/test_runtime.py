@@ -595,7 +595,8 @@ def test_namespace_path_that_is_no_namespace_is_refused_without_opening_it(tmp_p
              "proc/self/ns/ipc": "must be an absolute path"}
     for path, what in cases.items():
         msg = _namespaces_error(tmp_path, [{"type": "network"}, {"type": "ipc", "path": path}])
-        assert msg == "config.json: linux.namespaces[1].path: " + (what % path if "%" in what else what)
+        what = what % path if "%" in what else what
+        assert msg == "config.json: linux.namespaces[1].path: " + what
 
 
 def test_namespace_path_bind_mounted_elsewhere_is_recognised(tmp_path):
@@ -603,10 +604,11 @@ def test_namespace_path_bind_mounted_elsewhere_is_recognised(tmp_path):
     holder.write_text("")
 
     def probe():
-        rt.mount("/proc/self/ns/uts", str(holder), None, rt.MS_BIND)  # as ip netns add binds a netns
-        return json.dumps([rt.namespace_type(str(holder)),
-                           _namespaces_error(tmp_path, [{"type": "network"}, {"type": "uts", "path": str(holder)}]),
-                           _namespaces_error(tmp_path, [{"type": "network"}, {"type": "ipc", "path": str(holder)}])])
+        rt.mount("/proc/self/ns/uts", str(holder), None, rt.MS_BIND)  # as ip netns add binds one
+        given = [{"type": "network"}, {"type": "uts", "path": str(holder)}]
+        wrong = [{"type": "network"}, {"type": "ipc", "path": str(holder)}]
+        return json.dumps([rt.namespace_type(str(holder)), _namespaces_error(tmp_path, given),
+                           _namespaces_error(tmp_path, wrong)])
 
     assert json.loads(_in_mount_ns(probe)) == [
         "uts", None, "config.json: linux.namespaces[1]: %s is a uts namespace, not ipc" % holder]
@@ -617,7 +619,7 @@ def test_namespace_type_without_ns_get_nstype_accepts_nsfs_files_only(tmp_path, 
         raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
     monkeypatch.setattr(rt.fcntl, "ioctl", old_kernel)
     (tmp_path / "regular").write_text("")
-    assert rt.namespace_type("/proc/self/ns/ipc") == ""  # a namespace of unknown type: setns checks it
+    assert rt.namespace_type("/proc/self/ns/ipc") == ""  # of unknown type: setns will check it
     assert rt.namespace_type(str(tmp_path / "regular")) is None
 
 
@@ -630,8 +632,8 @@ def test_create_refuses_a_wrong_namespace_path_before_anything_is_made(tmp_path)
     root = tmp_path / "root"
     r = cli(tmp_path, "--root", root, "create", "--bundle", bundle, "c1")
     assert r.returncode == 1
-    assert stderr_text(r.stderr) == ("config.json: linux.namespaces[2]: /proc/self/ns/ipc is an ipc "
-                                     "namespace, not cgroup\n")
+    assert stderr_text(r.stderr) == ("config.json: linux.namespaces[2]: /proc/self/ns/ipc is an "
+                                     "ipc namespace, not cgroup\n")
     assert not root.exists() or os.listdir(root) == []
 
 

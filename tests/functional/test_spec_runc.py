@@ -526,14 +526,14 @@ def holder():
     p = subprocess.Popen(["unshare", "--cgroup", "--ipc", "--uts", "--net", "--pid", "--fork",
                           "--kill-child", "sleep", "600"])
     try:
-        pid = poll_child(p.pid)
+        pid = _sleeping_child(p.pid)
         yield pid
     finally:
         p.kill()
         p.wait()
 
 
-def poll_child(pid, timeout=10):
+def _sleeping_child(pid, timeout=10):
     """The pid of pid's only child, once it is there and has exec'd sleep."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -553,11 +553,11 @@ def test_host_sees_the_namespaces_given_by_path_as_with_runc(both, runtime, tmp_
     paths = {t: "/proc/%d/ns/%s" % (holder, NS_FILES[t]) for t in joined}
     b = both.bundle(["sleep", "30"], hostname="cc-ns-joined",
                     linux_namespaces=_namespaces("mount", **paths))
-    theirs_want, _name = _ns_of(holder)
+    want, _name = _ns_of(holder)
     theirs = _created_ns([RUNC, "--root", str(tmp_path / "runc-root")], b, "ns-path-r", tmp_path)
-    assert {t: theirs[0][t] for t in joined} == {t: theirs_want[t] for t in joined}
+    assert {t: theirs[0][t] for t in joined} == {t: want[t] for t in joined}
     assert theirs[1] == "cc-ns-joined"  # runc sets the hostname in the joined uts namespace
     subprocess.run(["nsenter", "-t", str(holder), "-u", "hostname", "holder"], check=True)
     ours = _created_ns(runtime.argv(), b, "ns-path-o", tmp_path)
-    assert {t: ours[0][t] for t in joined} == {t: theirs_want[t] for t in joined}
+    assert {t: ours[0][t] for t in joined} == {t: want[t] for t in joined}
     assert ours[1] == theirs[1]
