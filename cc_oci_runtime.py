@@ -195,8 +195,12 @@ RUNTIME_MOUNT_OPTIONS = ("tmpcopyup", "notmpcopyup")  # done by the runtime, not
 PROPAGATION_OPTIONS = ("private", "rprivate", "shared", "rshared", "slave", "rslave",
                        "unbindable", "runbindable")
 CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWNS = 0x40000000, 0x20000000, 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUSER = 0x10000000
+CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x02000000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWTIME = 0x10000000, 0x00000080
+NAMESPACE_FLAGS = {"cgroup": CLONE_NEWCGROUP, "ipc": CLONE_NEWIPC, "mount": CLONE_NEWNS,
+                   "network": CLONE_NEWNET, "pid": CLONE_NEWPID, "time": CLONE_NEWTIME,
+                   "user": CLONE_NEWUSER, "uts": CLONE_NEWUTS}  # linux.namespaces[].type
+NS_GET_NSTYPE = 0xb703  # ioctl _IO(0xb7, 3) on a namespace file: its CLONE_NEW* flag (4.11+)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 PR_SET_THP_DISABLE = 41
 TIOCGPTN, TIOCSPTLCK = 0x80045430, 0x40045431  # not in the termios module
@@ -941,24 +945,53 @@ def _spec_annotations(conf, value):
     conf["annotations"] = value
 
 
+def namespace_type(path):
+    """The type ("ipc", "network", ...) of the namespace file at path, "" for one of a kernel
+    without NS_GET_NSTYPE, None for any other file; OSError when path cannot be looked at."""
+    st = os.stat(path)
+    if st.st_mode & 0o170000 != 0o100000:  # a namespace file is regular; never open a FIFO
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        flag = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:  # not nsfs (ENOTTY), or a kernel before 4.11: nsfs has one device
+        return "" if st.st_dev == os.stat("/proc/self/ns/net").st_dev else None
+    finally:
+        os.close(fd)
+    return next((name for name, f in NAMESPACE_FLAGS.items() if f == flag), None)
+
+
+def _check_namespace_path(kind, path, field):
+    """linux.namespaces[i].path: an absolute path to a namespace of the entry's type."""
+    _need(path.startswith("/"), field + ".path", "must be an absolute path")
+    try:
+        found = namespace_type(path)
+    except OSError as e:
+        raise Error("%s.path: %s: %s" % (field, path, (e.strerror or str(e)).lower())) from None
+    _need(found is not None, field + ".path", "%s is not a namespace file" % path)
+    _need(found in ("", kind), field, "%s is %s %s namespace, not %s"
+          % (path, "an" if found == "ipc" else "a", found, kind))
+
+
 def _spec_linux(conf, value):
-    """linux: namespaces (network placement), masked/readonly paths and sysctls."""
+    """linux: namespaces (each path checked; the network's placement), masked/readonly paths
+    and sysctls."""
     _obj(value, "linux")
     namespaces = value.get("namespaces", [])
     _need(isinstance(namespaces, list), "linux.namespaces", "must be a list")
     for i, ns in enumerate(namespaces):
         field = "linux.namespaces[%d]" % i
         _obj(ns, field)
-        _need(ns.get("type") in ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"),
-              field + ".type", "unknown namespace type %r" % ns.get("type"))
+        _need(ns.get("type") in NAMESPACE_FLAGS, field + ".type",
+              "unknown namespace type %r" % ns.get("type"))
         path = ns.get("path", "")
         _need(isinstance(path, str), field + ".path", "must be a string")
-        if ns["type"] == "network":
-            _need(not path or os.path.exists(path), field + ".path",
-                  "%s: no such file or directory" % path)
-            conf["netns"] = path or "new"
-        if ns["type"] == "pid":
-            conf["pid_ns_path"] = path  # a pod member's: it shares its sandbox's
+        if path:
+            _check_namespace_path(ns["type"], path, field)
+        conf["namespaces"][ns["type"]] = path or "new"
+    conf["netns"] = conf["namespaces"].get("network")
+    pid = conf["namespaces"].get("pid")
+    conf["pid_ns_path"] = pid if pid not in (None, "new") else ""  # a pod member: its sandbox's
     conf["masked"] = _str_list(value.get("maskedPaths", []), "linux.maskedPaths")
     conf["readonly_paths"] = _str_list(value.get("readonlyPaths", []), "linux.readonlyPaths")
     sysctl = _obj(value.get("sysctl", {}), "linux.sysctl")
@@ -1118,8 +1151,8 @@ def load_spec(bundle, need_process=True):
     if not isinstance(raw, dict):
         raise Error("config.json: must be a JSON object")
     conf = {"bundle": bundle, "mounts": [], "hooks": {}, "annotations": {}, "hostname": None,
-            "masked": [], "readonly_paths": [], "sysctl": {}, "netns": None, "vm": {},
-            "resources": {}, "cgroups_path": "",
+            "masked": [], "readonly_paths": [], "sysctl": {}, "netns": None, "namespaces": {},
+            "vm": {}, "resources": {}, "cgroups_path": "",
             "seccomp": None, "devices": [], "device_rules": None, "id_mappings": None}
     for section in ("ociVersion", "root"):
         if section not in raw:
@@ -3584,8 +3617,11 @@ class Monitor:
     """Runs QEMU, boots the agent, relays stdio and signals, exits with the workload's status."""
 
     def __init__(self, state_dir, cid, gconf, argv, vm, netns, notify_fd, stdio=(0, 1, 2),
-                 restore=None, terminal=None, staged=(), cgroups=()):
+                 restore=None, terminal=None, staged=(), cgroups=(), namespaces=None,
+                 hostname=None):
         self.dir, self.id, self.gconf, self.argv, self.vm = state_dir, cid, gconf, argv, vm
+        self.namespaces = namespaces or {}  # cgroup, ipc, uts of the config: a path or "new"
+        self.hostname = hostname  # set in our uts namespace when the config gives it one
         self.cgroups = cgroups  # the host cgroup directories QEMU and we belong in
         self.staged = staged  # bind-mounted files to export: (source, staged path, read-only)
         self.restore = restore  # {"dir": template, "argv": QEMU restoring it}, or None
@@ -3626,16 +3662,20 @@ class Monitor:
         return self._loop()
 
     def _setup(self):
-        """New session, sub-reaper, the container's network namespace, signal wake-ups."""
+        """New session, sub-reaper, the container's namespaces, signal wake-ups."""
         os.setsid()
         prctl(PR_SET_CHILD_SUBREAPER, 1)
-        join_host_cgroup(self.cgroups)
+        join_host_cgroup(self.cgroups)  # first: a new cgroup namespace has this cgroup as root
         if self.netns:  # before our own /proc hides /proc/<pid>/ns/net (--network container:ID)
             enter_netns(self.netns)
-        _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")  # QEMU inherits it
+        new = join_namespaces(self.namespaces)  # QEMU inherits them all
+        _check_libc(_libc().unshare(CLONE_NEWNS | new), "unshare(mount%s)" % "".join(
+            ", " + k for k, v in self.namespaces.items() if v == "new"))
+        if self.hostname:  # as runc sets it, in the container's (new or joined) uts namespace
+            socket.sethostname(self.hostname)
         mount(None, "/", None, MS_REC | MS_PRIVATE)
-        if os.getpid() == 1:  # our own pid namespace: a /proc that shows just us and QEMU
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        # a /proc of our pid namespace: our own shows just us and QEMU, a joined one its processes
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         stage_files(self.dir, self.staged)
         os.chdir(self.dir)
         with Netlink() as nl:
@@ -4506,6 +4546,28 @@ def _tail(path, lines=5):
 
 
 HUB_WARNING = "is not connected to host network"  # QEMU on an unused NIC slot's hub (only_taps)
+
+
+MONITOR_NAMESPACES = ("cgroup", "ipc", "uts")  # the monitor's as the config has them (_setup)
+
+
+def join_namespaces(namespaces):
+    """Join each namespace {type: path} gives a path for (every one opened before the first is
+    joined, as a joined one may change what a path means); returns the CLONE_NEW* flags of
+    the types given as "new"."""
+    fds, new = [], 0
+    try:
+        for kind, path in namespaces.items():
+            if path == "new":
+                new |= NAMESPACE_FLAGS[kind]
+            else:
+                fds.append((kind, path, os.open(path, os.O_RDONLY | os.O_CLOEXEC)))
+        for kind, path, fd in fds:  # setns checks the type too: EINVAL for another's
+            _check_libc(_libc().setns(fd, NAMESPACE_FLAGS[kind]), "setns %s (%s)" % (path, kind))
+    finally:
+        for _kind, _path, fd in fds:
+            os.close(fd)
+    return new
 
 
 def enter_netns(netns):
@@ -6427,17 +6489,19 @@ def create_container(args, console_socket=None, foreground=False):
         state.save()
         stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
         gconf = guest_config(args.id, conf)
+        namespaces = {k: v for k, v in conf["namespaces"].items() if k in MONITOR_NAMESPACES}
 
         def monitor_main(notify_fd):
             state.unlock()
             params = {"state_dir": state.dir, "cid": args.id, "gconf": gconf, "argv": argv,
                       "vm": vm, "netns": conf["netns"], "notify_fd": notify_fd,
                       "stdio": stdio, "restore": restore, "terminal": host_tty,
-                      "staged": conf["staged"], "cgroups": cgroups}
+                      "staged": conf["staged"], "cgroups": cgroups, "namespaces": namespaces,
+                      "hostname": conf["hostname"] if "uts" in namespaces else None}
             _exec_monitor(params, [fd for fd in stdio + (notify_fd, host_tty) if fd is not None])
             return Monitor(**params).run()  # where exec is impossible: this copy of create
         monitor_pid, rfd = _fork_monitor(monitor_main, keep_stdio=host_tty is None,
-                                         own_pid_ns=True)
+                                         pid_ns=conf["namespaces"].get("pid", "new"))
         if host_tty is not None and console_socket:
             os.close(host_tty)
         state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid), creating=True)
@@ -6617,13 +6681,14 @@ def _restore_plan(cid, vm, conf, state, image):
     return {"dir": template, "argv": qemu_command(cid, vm, conf, state.dir, image, spec)}
 
 
-def _fork_monitor(monitor_main, keep_stdio=True, own_pid_ns=False):
+def _fork_monitor(monitor_main, keep_stdio=True, pid_ns=None):
     """Fork a monitor running monitor_main(notify_fd); returns its pid and the pipe it reports on.
 
     Without keep_stdio the monitor lets go of the caller's fds 0-2 (its container talks through
-    a pty): an engine waits for EOF on the pipes it gave the runtime. With own_pid_ns it is
-    PID 1 of a new pid namespace (forked by a child that exits at once, so it is orphaned to
-    the caller's sub-reaper), and its first line on the pipe is its pid."""
+    a pty): an engine waits for EOF on the pipes it gave the runtime. With pid_ns "new" it is
+    PID 1 of a new pid namespace, with a path in that one (forked by a child that exits at
+    once, so it is orphaned to the caller's sub-reaper), and its first line on the pipe is its
+    pid (or that child's error)."""
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -6632,8 +6697,13 @@ def _fork_monitor(monitor_main, keep_stdio=True, own_pid_ns=False):
         code = 1
         try:
             os.close(rfd)
-            if own_pid_ns:
-                _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+            if pid_ns:
+                try:
+                    if join_namespaces({"pid": pid_ns}):  # "new"
+                        _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+                except OSError as e:
+                    _write_all(wfd, b"monitor: %s\n" % str(e).encode())
+                    raise
                 inner = os.fork()
                 if inner:
                     _write_all(wfd, b"%d\n" % inner)
@@ -6649,11 +6719,11 @@ def _fork_monitor(monitor_main, keep_stdio=True, own_pid_ns=False):
         finally:
             os._exit(code)
     os.close(wfd)
-    if own_pid_ns:
+    if pid_ns:
         os.waitpid(pid, 0)  # (its child wrote the line before it exited)
         line = _read_line(rfd, time.monotonic() + 10)
         if not line.isdigit():
-            raise Error("cannot start the container's monitor")
+            raise Error(line.decode(errors="replace") or "cannot start the container's monitor")
         pid = int(line)
     return pid, rfd
 

@@ -531,18 +531,110 @@ def test_bind_mounts_accepted(tmp_path):
 
 @pytest.mark.parametrize("namespaces, expected", [
     ([], None), ([{"type": "pid"}, {"type": "mount"}], None), ([{"type": "network"}], "new"),
-    ([{"type": "network", "path": "EXISTING"}], "EXISTING"),
+    ([{"type": "network", "path": "/proc/self/ns/net"}], "/proc/self/ns/net"),
 ])
 def test_network_namespace(tmp_path, namespaces, expected):
-    ns_file = tmp_path / "netns"
-    ns_file.write_text("")
-    for ns in namespaces:
-        if ns.get("path") == "EXISTING":
-            ns["path"] = str(ns_file)
     config = good_config()
     config["linux"] = {"namespaces": namespaces}
     netns = rt.load_spec(str(make_bundle(tmp_path, config)))["netns"]
-    assert netns == (str(ns_file) if expected == "EXISTING" else expected)
+    assert netns == expected
+
+
+NS_FILES = {"cgroup": "cgroup", "ipc": "ipc", "mount": "mnt", "network": "net", "pid": "pid",
+            "time": "time", "user": "user", "uts": "uts"}  # type -> its /proc/PID/ns name
+
+
+def _namespaces_error(tmp_path, namespaces):
+    """load_spec's error for a config with these linux.namespaces, or None."""
+    config = good_config()
+    config["linux"] = {"namespaces": namespaces}
+    bundle = tmp_path / "bundle"
+    if bundle.exists():
+        write_json(bundle / "config.json", config)
+    else:
+        make_bundle(tmp_path, config)
+    try:
+        rt.load_spec(str(bundle))
+    except rt.Error as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("kind", sorted(NS_FILES))
+def test_namespace_path_of_another_type_is_refused_naming_the_entry(tmp_path, kind):
+    for other, name in NS_FILES.items():
+        path = "/proc/self/ns/" + name
+        msg = _namespaces_error(tmp_path, [{"type": "pid"}, {"type": "network"},
+                                           {"type": kind, "path": path}])
+        if other == kind:
+            assert msg is None
+        else:
+            assert msg == "config.json: linux.namespaces[2]: %s is %s %s namespace, not %s" % (
+                path, "an" if other == "ipc" else "a", other, kind)
+
+
+def test_namespace_paths_of_the_right_type_are_kept_for_the_monitor(tmp_path):
+    config = good_config()
+    config["linux"] = {"namespaces": [{"type": "pid"}, {"type": "network"},
+                                      {"type": "ipc", "path": "/proc/self/ns/ipc"},
+                                      {"type": "uts", "path": "/proc/%d/ns/uts" % os.getpid()},
+                                      {"type": "cgroup"}]}
+    conf = rt.load_spec(str(make_bundle(tmp_path, config)))
+    assert conf["namespaces"] == {"pid": "new", "network": "new", "ipc": "/proc/self/ns/ipc",
+                                  "uts": "/proc/%d/ns/uts" % os.getpid(), "cgroup": "new"}
+
+
+def test_namespace_path_that_is_no_namespace_is_refused_without_opening_it(tmp_path):
+    (tmp_path / "regular").write_text("")
+    os.mkfifo(str(tmp_path / "fifo"))  # opened, a FIFO would block the create
+    cases = {str(tmp_path / "regular"): "%s is not a namespace file",
+             str(tmp_path / "fifo"): "%s is not a namespace file",
+             str(tmp_path): "%s is not a namespace file",
+             "/dev/null": "%s is not a namespace file",
+             str(tmp_path / "gone"): "%s: no such file or directory",
+             "proc/self/ns/ipc": "must be an absolute path"}
+    for path, what in cases.items():
+        msg = _namespaces_error(tmp_path, [{"type": "network"}, {"type": "ipc", "path": path}])
+        what = what % path if "%" in what else what
+        assert msg == "config.json: linux.namespaces[1].path: " + what
+
+
+def test_namespace_path_bind_mounted_elsewhere_is_recognised(tmp_path):
+    holder = tmp_path / "uts"
+    holder.write_text("")
+
+    def probe():
+        rt.mount("/proc/self/ns/uts", str(holder), None, rt.MS_BIND)  # as ip netns add binds one
+        given = [{"type": "network"}, {"type": "uts", "path": str(holder)}]
+        wrong = [{"type": "network"}, {"type": "ipc", "path": str(holder)}]
+        return json.dumps([rt.namespace_type(str(holder)), _namespaces_error(tmp_path, given),
+                           _namespaces_error(tmp_path, wrong)])
+
+    assert json.loads(_in_mount_ns(probe)) == [
+        "uts", None, "config.json: linux.namespaces[1]: %s is a uts namespace, not ipc" % holder]
+
+
+def test_namespace_type_without_ns_get_nstype_accepts_nsfs_files_only(tmp_path, monkeypatch):
+    def old_kernel(_fd, _request, *_args):
+        raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
+    monkeypatch.setattr(rt.fcntl, "ioctl", old_kernel)
+    (tmp_path / "regular").write_text("")
+    assert rt.namespace_type("/proc/self/ns/ipc") == ""  # of unknown type: setns will check it
+    assert rt.namespace_type(str(tmp_path / "regular")) is None
+
+
+def test_create_refuses_a_wrong_namespace_path_before_anything_is_made(tmp_path):
+    config = good_config()
+    config["linux"]["namespaces"] = [{"type": "pid"}, {"type": "network"},
+                                     {"type": "cgroup", "path": "/proc/self/ns/ipc"}]
+    config["vm"] = {"path": "/nonexistent/qemu"}  # a create that went on would stop there, no VM
+    bundle = make_bundle(tmp_path, config)
+    root = tmp_path / "root"
+    r = cli(tmp_path, "--root", root, "create", "--bundle", bundle, "c1")
+    assert r.returncode == 1
+    assert stderr_text(r.stderr) == ("config.json: linux.namespaces[2]: /proc/self/ns/ipc is an "
+                                     "ipc namespace, not cgroup\n")
+    assert not root.exists() or os.listdir(root) == []
 
 
 @pytest.mark.parametrize("section", ["ociVersion", "root", "process"])
@@ -2200,11 +2292,115 @@ def test_read_line_leaves_the_rest_in_the_pipe_and_stops_at_eof_or_deadline():
             os.close(w)
 
 
+NS_LINKS = ("cgroup", "ipc", "uts", "net", "mnt", "pid", "user")
+
+
+def _ns_links(pid="self"):
+    """{name: readlink of /proc/PID/ns/name} for NS_LINKS."""
+    return {n: os.readlink("/proc/%s/ns/%s" % (pid, n)) for n in NS_LINKS}
+
+
+def _monitor_setup_in_child(tmp_path, namespaces, hostname):
+    """Run Monitor._setup (network "new", no QEMU) in a forked child; its namespaces, hostname
+    and cgroup as it sees them."""
+    m = rt.Monitor(str(tmp_path), "c1", {}, [], {}, "new", None, namespaces=namespaces,
+                   hostname=hostname)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            m._setup()
+            with open("/proc/self/cgroup") as f:
+                out = json.dumps([_ns_links(), socket.gethostname(), f.read()])
+        except BaseException as e:
+            out = json.dumps("error: %s" % e)
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = json.loads(f.read())
+    os.waitpid(pid, 0)
+    return out
+
+
+def _namespace_holder(flags, hostname):
+    """A child in new namespaces (flags) with hostname set; (pid, fd to close to end it)."""
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        rt._check_libc(rt._libc().unshare(flags), "unshare")
+        socket.sethostname(hostname)
+        os.write(ready_w, b"x")
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    os.read(ready_r, 1)
+    os.close(ready_r)
+    os.close(ready_w)
+    return pid, w
+
+
+def test_monitor_makes_the_configs_new_cgroup_ipc_uts_namespaces_and_sets_the_hostname(tmp_path):
+    host, host_name = _ns_links(), socket.gethostname()
+    links, name, cgroup = _monitor_setup_in_child(
+        tmp_path, {"cgroup": "new", "ipc": "new", "uts": "new"}, "cc-monitor-test")
+    assert {n for n in NS_LINKS if links[n] != host[n]} == {"cgroup", "ipc", "uts", "net", "mnt"}
+    assert (name, socket.gethostname()) == ("cc-monitor-test", host_name)
+    assert all(line.endswith(":/") for line in cgroup.split())  # its cgroup is the new root
+
+
+def test_monitor_without_those_namespaces_stays_in_the_hosts(tmp_path):
+    host, host_name = _ns_links(), socket.gethostname()
+    links, name, _cgroup = _monitor_setup_in_child(tmp_path, {}, None)
+    assert {n for n in NS_LINKS if links[n] != host[n]} == {"net", "mnt"}
+    assert name == host_name
+
+
+def test_monitor_joins_the_namespaces_given_by_path_and_sets_the_hostname_there(tmp_path):
+    pid, end = _namespace_holder(rt.CLONE_NEWIPC | rt.CLONE_NEWUTS | rt.CLONE_NEWCGROUP, "holder")
+    try:
+        theirs = _ns_links(pid)
+        links, name, _cgroup = _monitor_setup_in_child(
+            tmp_path, {k: "/proc/%d/ns/%s" % (pid, k) for k in ("cgroup", "ipc", "uts")}, "joined")
+        assert {n: links[n] for n in ("cgroup", "ipc", "uts")} == {
+            n: theirs[n] for n in ("cgroup", "ipc", "uts")}
+        assert name == "joined"  # as runc, which sets the hostname in a joined uts namespace too
+    finally:
+        os.close(end)
+        os.waitpid(pid, 0)
+
+
+def test_join_namespaces_opens_every_path_first_and_setns_checks_the_type():
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            flags = rt.join_namespaces({"ipc": "new", "uts": "/proc/self/ns/uts"})
+            try:
+                rt.join_namespaces({"ipc": "/proc/self/ns/uts"})
+                out = [flags, "joined"]
+            except OSError as e:
+                out = [flags, e.errno, str(e)]
+        except BaseException as e:
+            out = ["error: %s" % e]
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert out == [rt.CLONE_NEWIPC, errno.EINVAL,
+                   "[Errno 22] setns /proc/self/ns/uts (ipc): Invalid argument"]
+
+
 def test_exec_monitor_runs_a_fresh_interpreter_that_reports_on_the_notify_pipe(tmp_path):
     r, w = os.pipe2(os.O_CLOEXEC)
     params = {"state_dir": str(tmp_path), "cid": "c1", "gconf": {}, "argv": ["/nonexistent"],
               "vm": {"boot_timeout": 5}, "netns": None, "notify_fd": w, "stdio": [0, 1, 2],
-              "restore": None, "terminal": None, "staged": [], "cgroups": []}
+              "restore": None, "terminal": None, "staged": [], "cgroups": [],
+              "namespaces": {"ipc": "new", "uts": "new"}, "hostname": "cc-exec-monitor"}
     pid = os.fork()
     if pid == 0:
         try:

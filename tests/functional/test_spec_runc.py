@@ -395,3 +395,169 @@ def test_exec_failure_after_start_is_the_process_stderr_and_status_1(both, runti
     assert runtime("start", "spec-bad-exec").returncode == 0
     runtime.wait_status("spec-bad-exec", "stopped", timeout=60)
     runtime("delete", "spec-bad-exec", check=True)
+
+
+# -- namespaces: paths checked, and what the host sees at /proc/<pid>/ns ------
+
+NS_FILES = {"cgroup": "cgroup", "ipc": "ipc", "mount": "mnt", "network": "net", "pid": "pid",
+            "user": "user", "uts": "uts"}  # type -> its /proc/PID/ns name (runc 1.1: no time)
+DEFAULT_NAMESPACES = ("pid", "network", "ipc", "uts", "mount")
+MAPS = {"uidMappings": [{"containerID": 0, "hostID": 0, "size": 65536}],
+        "gidMappings": [{"containerID": 0, "hostID": 0, "size": 65536}]}
+
+
+def _namespaces(*given, **paths):
+    """linux.namespaces of the given types (new), then each of paths as {type: path}."""
+    return [{"type": t} for t in given] + [{"type": t, "path": p} for t, p in paths.items()]
+
+
+def _leftovers(cid):
+    """What a refused create of cid may have left: processes naming it, cgroups, mounts."""
+    found = [p for p in os.listdir("/proc") if p.isdigit() and cid.encode() in _cmdline(p)]
+    for mount_point, _version, _controllers in rt.cgroup_hierarchies():
+        for top, dirs, _files in os.walk(mount_point):
+            found += [os.path.join(top, d) for d in dirs if d == cid]
+    with open("/proc/self/mountinfo") as f:
+        found += [ln for ln in f if cid in ln]
+    return found
+
+
+def _cmdline(pid):
+    """A process's command line (b"" once gone)."""
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+@pytest.mark.parametrize("kind", sorted(NS_FILES))
+def test_namespace_path_of_another_type_is_refused_as_by_runc(both, runtime, kind):
+    other = "uts" if kind == "ipc" else "ipc"
+    path = "/proc/self/ns/" + other
+    namespaces = _namespaces(*[t for t in DEFAULT_NAMESPACES if t != kind], **{kind: path})
+    b = both.bundle(["true"], linux_namespaces=namespaces, **(
+        {"linux_" + k: v for k, v in MAPS.items()} if kind == "user" else {}))
+    theirs = both.runc(b)
+    assert theirs[0] == 1 and "failed to setns into %s namespace: Invalid argument" % (
+        {"mount": "mnt", "network": "net"}.get(kind, kind)) in theirs[1]
+    ours = both.ours(b)
+    index = [ns["type"] for ns in namespaces].index(kind)
+    message = ("config.json: linux.namespaces[%d]: %s is %s %s namespace, not %s"
+               % (index, path, "an" if other == "ipc" else "a", other, kind))
+    assert ours[0] == theirs[0] and ours[1].endswith(' level=error msg="%s"\n' % message)
+    cid = "spec-ours-%d" % both.n  # the id both.ours gave it
+    assert cid not in os.listdir(runtime.root)
+    assert _leftovers(cid) == []
+
+
+def _ns_of(pid):
+    """{type: /proc/PID/ns link} for NS_FILES, and the hostname in pid's uts namespace."""
+    links = {t: os.readlink("/proc/%d/ns/%s" % (pid, name)) for t, name in NS_FILES.items()}
+    host = subprocess.run(["nsenter", "-t", str(pid), "-u", "cat", "/proc/sys/kernel/hostname"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    return links, host
+
+
+def _created_ns(argv_prefix, bundle, cid, tmp_path):
+    """create the bundle (not started), then _ns_of the pid of --pid-file; deleted after."""
+    pid_file = tmp_path / ("%s.pid" % cid)
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
+             "stderr": subprocess.DEVNULL, "timeout": 180}
+    try:
+        subprocess.run(argv_prefix + ["create", "--bundle", bundle, "--pid-file", str(pid_file),
+                                      cid], check=True, **quiet)
+        return _ns_of(int(pid_file.read_text()))
+    finally:
+        subprocess.run(argv_prefix + ["delete", "--force", cid], capture_output=True, timeout=60)
+
+
+def _differing(links, reference):
+    """The namespace types whose link differs from reference's."""
+    return {t for t in links if links[t] != reference[t]}
+
+
+def test_host_sees_the_new_namespaces_the_config_asks_for_as_with_runc(both, runtime, tmp_path):
+    host, host_name = _ns_of(os.getpid())
+    b = both.bundle(["sleep", "30"], hostname="cc-ns-new",
+                    linux_namespaces=_namespaces(*DEFAULT_NAMESPACES + ("cgroup",)))
+    theirs = _created_ns([RUNC, "--root", str(tmp_path / "runc-root")], b, "ns-new-r", tmp_path)
+    ours = _created_ns(runtime.argv(), b, "ns-new-o", tmp_path)
+    assert _differing(theirs[0], host) == {"pid", "network", "ipc", "uts", "mount", "cgroup"}
+    assert theirs[1] == "cc-ns-new" != host_name
+    assert _differing(ours[0], host) == _differing(theirs[0], host)
+    assert ours[1] == theirs[1]
+    assert _ns_of(os.getpid()) == (host, host_name)
+
+
+def test_host_sees_the_hosts_namespaces_the_config_does_not_ask_for(both, runtime, tmp_path):
+    host, _name = _ns_of(os.getpid())
+    b = both.bundle(["sleep", "30"], linux_namespaces=_namespaces("pid", "network", "mount"))
+    path = os.path.join(b, "config.json")
+    with open(path) as f:
+        conf = json.load(f)
+    del conf["hostname"]  # runc refuses a hostname without a uts namespace
+    with open(path, "w") as f:
+        json.dump(conf, f)
+    theirs = _created_ns([RUNC, "--root", str(tmp_path / "runc-root")], b, "ns-few-r", tmp_path)
+    ours = _created_ns(runtime.argv(), b, "ns-few-o", tmp_path)
+    assert _differing(theirs[0], host) == {"pid", "network", "mount"}
+    assert _differing(ours[0], host) == _differing(theirs[0], host)
+
+
+def test_host_sees_the_user_namespace_only_inside_the_vm(both, runtime, tmp_path):
+    """The documented difference: the monitor stays in the host's user namespace (QEMU needs
+    the host's privileges over the taps and the files it exports); the guest has the new one."""
+    host, _name = _ns_of(os.getpid())
+    mounts = [m for m in rt.default_spec()["mounts"] if m["destination"] != "/sys"]
+    b = both.bundle(["sleep", "30"], mounts=mounts,
+                    linux_namespaces=_namespaces(*DEFAULT_NAMESPACES + ("user",)),
+                    **{"linux_" + k: v for k, v in MAPS.items()})
+    theirs = _created_ns([RUNC, "--root", str(tmp_path / "runc-root")], b, "ns-user-r", tmp_path)
+    ours = _created_ns(runtime.argv(), b, "ns-user-o", tmp_path)
+    assert _differing(theirs[0], host) - _differing(ours[0], host) == {"user"}
+    assert _differing(ours[0], host) == {"pid", "network", "ipc", "uts", "mount"}
+
+
+@pytest.fixture
+def holder():
+    """A process in new cgroup, ipc, uts, network and pid namespaces (PID 1 of the last);
+    its host pid."""
+    p = subprocess.Popen(["unshare", "--cgroup", "--ipc", "--uts", "--net", "--pid", "--fork",
+                          "--kill-child", "sleep", "600"])
+    try:
+        pid = _sleeping_child(p.pid)
+        yield pid
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _sleeping_child(pid, timeout=10):
+    """The pid of pid's only child, once it is there and has exec'd sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+                child = int(f.read().split()[0])
+            if _cmdline(child).startswith(b"sleep"):
+                return child
+        except (OSError, IndexError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("unshare did not start its child")
+
+
+def test_host_sees_the_namespaces_given_by_path_as_with_runc(both, runtime, tmp_path, holder):
+    joined = ("cgroup", "ipc", "uts", "network", "pid")
+    paths = {t: "/proc/%d/ns/%s" % (holder, NS_FILES[t]) for t in joined}
+    b = both.bundle(["sleep", "30"], hostname="cc-ns-joined",
+                    linux_namespaces=_namespaces("mount", **paths))
+    want, _name = _ns_of(holder)
+    theirs = _created_ns([RUNC, "--root", str(tmp_path / "runc-root")], b, "ns-path-r", tmp_path)
+    assert {t: theirs[0][t] for t in joined} == {t: want[t] for t in joined}
+    assert theirs[1] == "cc-ns-joined"  # runc sets the hostname in the joined uts namespace
+    subprocess.run(["nsenter", "-t", str(holder), "-u", "hostname", "holder"], check=True)
+    ours = _created_ns(runtime.argv(), b, "ns-path-o", tmp_path)
+    assert {t: ours[0][t] for t in joined} == {t: want[t] for t in joined}
+    assert ours[1] == theirs[1]
