@@ -52,9 +52,22 @@ One file, four roles (read top to bottom):
            host's own Python and kernel modules; the rootfs arrives over virtio-9p,
            host and agent talk over a virtio-serial port, and the container's network
            namespace reaches the guest through virtio-net NICs on taps (see Network).
+A pod is one VM: its sandbox restores it, its other containers (members) run in it.
 
-Sections: constants - utilities - logging - state - spec handlers - hypervisor -
-guest image - agent protocol - network - monitor - agent - commands - main.
+Sections, in order:
+  constants - utilities - logging - state - spec handlers - process restrictions
+  hypervisor (vm.json, hypervisor.args, templates) - host cgroups
+  pods, host side (which containers share a VM; how a member's rootfs and binds reach it)
+  guest image - agent protocol - network (rtnetlink and tc)
+  monitor: the VM's lifecycle - the relay of stdio, signals and requests - the
+           container's network, followed while it runs - exec and pod member processes
+  agent:   boot, the host's requests and the processes - a container's set-up (rootfs,
+           mounts, devices, root) - the process (hooks, capabilities, seccomp) and the
+           guest's cgroups - the guest's network - pod members (a member's container
+           in the pod's VM, its rootfs from the pod export)
+  commands: create, start, run, delete - a pod member's create and delete - exec,
+           pause, resume, ps - events, update, state, kill, list, spec, check
+  main (the command line)
 """
 
 import _signal as signal  # the C module: `signal` imports enum (~4 ms a call) for Signals alone
@@ -3604,17 +3617,53 @@ def net_probe():
 
 
 # ===========================================================================
-# Monitor: one per container, parent of QEMU, relay of stdio and signals
+# Monitor: one per container, QEMU's parent; the VM's lifecycle
 # ===========================================================================
+# The monitor is the container's --pid-file pid. Its roles are three classes put together as
+# Monitor at the end of the network section: the VM's lifecycle (here), the relay of stdio,
+# signals and requests, and the container's network. Exec and pod member processes, which
+# talk to it, follow.
 
 _WORKLOAD = "workload"  # a pending request whose answer goes to the workload's stderr
-_NETWORK = "network"  # a pending plan sent after create: an error in the answer is logged
-NET_SETTLE = 0.1  # seconds without namespace events before the monitor follows them
 NAMESPACES_READY = b"namespaces"  # the monitor's first line to create: it is in them, QEMU starts
+MONITOR_NAMESPACES = ("cgroup", "ipc", "uts")  # the monitor's as the config has them (_setup)
 
 
-class Monitor:
-    """Runs QEMU, boots the agent, relays stdio and signals, exits with the workload's status."""
+def join_namespaces(namespaces):
+    """Join each namespace {type: path} gives a path for (every one opened before the first is
+    joined, as a joined one may change what a path means); returns the CLONE_NEW* flags of
+    the types given as "new"."""
+    fds, new = [], 0
+    try:
+        for kind, path in namespaces.items():
+            if path == "new":
+                new |= NAMESPACE_FLAGS[kind]
+            else:
+                fds.append((kind, path, os.open(path, os.O_RDONLY | os.O_CLOEXEC)))
+        for kind, path, fd in fds:  # setns checks the type too: EINVAL for another's
+            _check_libc(_libc().setns(fd, NAMESPACE_FLAGS[kind]), "setns %s (%s)" % (path, kind))
+    finally:
+        for _kind, _path, fd in fds:
+            os.close(fd)
+    return new
+
+
+def enter_netns(netns):
+    """Join the network namespace at path, or make a new one for "new"."""
+    libc = _libc()
+    if netns == "new":
+        _check_libc(libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        return
+    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check_libc(libc.setns(fd, CLONE_NEWNET), "setns %s" % netns)
+    finally:
+        os.close(fd)
+
+
+class _MonitorVM:
+    """The monitor's life: namespaces, QEMU started (restored or booted) and reaped, the agent
+    connected, the exit recorded."""
 
     def __init__(self, state_dir, cid, gconf, argv, vm, netns, notify_fd, stdio=(0, 1, 2),
                  restore=None, terminal=None, staged=(), cgroups=(), namespaces=None,
@@ -3640,7 +3689,6 @@ class Monitor:
         self.members = {}  # pod members' host processes: {client fd: slot}
         self.dns_queries = []  # [(socket, guest peer)] of DNS queries relayed to docker's resolver
 
-    # -- start-up ----------------------------------------------------------
     def run(self):
         """The monitor's whole life; returns its exit code."""
         try:
@@ -3844,7 +3892,71 @@ class Monitor:
                     raise Error("the VM closed the agent channel during boot")
                 self.reader.buf += data
 
-    # -- the relay loop ----------------------------------------------------
+    def _record_exit(self, status):
+        """Write the exit record that makes the container stopped."""
+        LOG.timeline("monitor: the workload exited")
+        self.exit_code = status
+        write_atomic(os.path.join(self.dir, "exit.json"),
+                     json_dumps({"status": status, "time": _now_rfc3339()}))
+
+    def _finish(self):
+        """Stop the VM and close everything: the agent syncs before it reports the workload's
+        exit, so nothing is lost by not waiting for the guest to power off."""
+        self._stop_qemu()
+        LOG.timeline("monitor: QEMU has exited")
+        self._unwire()
+        for fd in list(self.clients):
+            self._drop_client(fd)
+
+    def _reap_qemu_wait(self, timeout):
+        """Wait up to timeout seconds for QEMU to exit by itself."""
+        deadline = time.monotonic() + timeout
+        while not self._reap_qemu() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _stop_qemu(self):
+        """Kill QEMU if it still runs, and reap it."""
+        if self.qemu_pid and not self._reap_qemu():
+            try:
+                os.kill(self.qemu_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._reap_qemu_wait(5)
+
+
+def _release_memory():
+    """Hand back to the host what the boot freed (its arguments' JSON, the agent's replies;
+    the create's heap too in a monitor that could not exec): it lives as long as its container."""
+    import gc
+    gc.collect()
+    try:
+        _libc().malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
+
+
+def _tail(path, lines=5):
+    """The last lines of a small log file, on one line."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()[-4096:].decode(errors="replace")
+    except OSError:
+        return ""
+    kept = [ln.strip() for ln in text.strip().splitlines() if not ln.endswith(HUB_WARNING)]
+    return " | ".join(kept[-lines:])
+
+
+HUB_WARNING = "is not connected to host network"  # QEMU on an unused NIC slot's hub (only_taps)
+
+
+# ===========================================================================
+# Monitor: the relay of stdio, signals and requests
+# ===========================================================================
+
+class _MonitorRelay:
+    """The monitor's relay loop: frames from the agent, requests from clients (CLI, exec and
+    member processes), stdin and signals."""
+
     def _loop(self):
         """Relay until the workload exits; return its status."""
         import selectors
@@ -4089,7 +4201,48 @@ class Monitor:
         if slot is not None and self.exit_code is None:  # a member's host process has gone
             self._to_agent(lambda a: send_msg(a, {"op": "remove_member", "member": slot}))
 
-    # -- network -------------------------------------------------------------
+
+def resize_message(tty_fd, proc):
+    """A resize request carrying the size of tty_fd, or None when it is not a sized terminal."""
+    import termios
+    try:
+        rows, cols = struct.unpack("HHHH", fcntl.ioctl(tty_fd, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+    except (OSError, TypeError):
+        return None
+    return {"op": "resize", "proc": proc, "rows": rows, "cols": cols} if rows and cols else None
+
+
+def _drain(fd):
+    """Empty a non-blocking wake-up pipe."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _read_or_eof(fd):
+    """Read what is there; an error counts as end-of-file, None is nothing to read after all."""
+    try:
+        return os.read(fd, CHUNK)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+# ===========================================================================
+# Monitor: the container's network, wired at create and followed while it runs
+# ===========================================================================
+
+_NETWORK = "network"  # a pending plan sent after create: an error in the answer is logged
+NET_SETTLE = 0.1  # seconds without namespace events before the monitor follows them
+
+
+class _MonitorNetwork:
+    """The container's network: its interfaces wired to NIC slots, followed while it runs,
+    docker's resolver relayed."""
+
     def _on_network(self, fd):
         """Wire the namespace's interfaces to the VM and have the agent configure the guest; create
         asks once the engine's hooks have run (docker adds its veths in one). From then on the
@@ -4211,7 +4364,6 @@ class Monitor:
         self.next_id += 1
         self._to_agent(lambda a: send_msg(a, msg))
 
-    # -- NIC slots: the VM takes new networks while it runs ------------------
     def _give_tap(self, slot, name):
         """Give NIC slot a tap now (QMP), when it is backed by a bare hub; True when we did."""
         if slot in self.nic_taps or slot not in self.hubs:
@@ -4292,59 +4444,14 @@ class Monitor:
                 LOG.warning("network: %s", e)
             self.wired = []
 
-    # -- the end -----------------------------------------------------------
-    def _record_exit(self, status):
-        """Write the exit record that makes the container stopped."""
-        LOG.timeline("monitor: the workload exited")
-        self.exit_code = status
-        write_atomic(os.path.join(self.dir, "exit.json"),
-                     json_dumps({"status": status, "time": _now_rfc3339()}))
 
-    def _finish(self):
-        """Stop the VM and close everything: the agent syncs before it reports the workload's
-        exit, so nothing is lost by not waiting for the guest to power off."""
-        self._stop_qemu()
-        LOG.timeline("monitor: QEMU has exited")
-        self._unwire()
-        for fd in list(self.clients):
-            self._drop_client(fd)
-
-    def _reap_qemu_wait(self, timeout):
-        """Wait up to timeout seconds for QEMU to exit by itself."""
-        deadline = time.monotonic() + timeout
-        while not self._reap_qemu() and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    def _stop_qemu(self):
-        """Kill QEMU if it still runs, and reap it."""
-        if self.qemu_pid and not self._reap_qemu():
-            try:
-                os.kill(self.qemu_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._reap_qemu_wait(5)
+class Monitor(_MonitorVM, _MonitorRelay, _MonitorNetwork):
+    """Runs QEMU, boots the agent, relays stdio and signals, exits with the workload's status."""
 
 
-def _release_memory():
-    """Hand back to the host what the boot freed (its arguments' JSON, the agent's replies;
-    the create's heap too in a monitor that could not exec): it lives as long as its container."""
-    import gc
-    gc.collect()
-    try:
-        _libc().malloc_trim(0)
-    except (AttributeError, OSError):
-        pass
-
-
-def resize_message(tty_fd, proc):
-    """A resize request carrying the size of tty_fd, or None when it is not a sized terminal."""
-    import termios
-    try:
-        rows, cols = struct.unpack("HHHH", fcntl.ioctl(tty_fd, termios.TIOCGWINSZ, b"\0" * 8))[:2]
-    except (OSError, TypeError):
-        return None
-    return {"op": "resize", "proc": proc, "rows": rows, "cols": cols} if rows and cols else None
-
+# ===========================================================================
+# Monitor: exec and pod member processes (each one's --pid-file pid)
+# ===========================================================================
 
 class ExecMonitor:
     """One exec'd process: relays its stdio through the container's monitor, exits with its status."""
@@ -4515,77 +4622,12 @@ def _notify_once(fd, obj):
     os.close(fd)
 
 
-def _drain(fd):
-    """Empty a non-blocking wake-up pipe."""
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
-
-
-def _read_or_eof(fd):
-    """Read what is there; an error counts as end-of-file, None is nothing to read after all."""
-    try:
-        return os.read(fd, CHUNK)
-    except BlockingIOError:
-        return None
-    except OSError:
-        return b""
-
-
-def _tail(path, lines=5):
-    """The last lines of a small log file, on one line."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read()[-4096:].decode(errors="replace")
-    except OSError:
-        return ""
-    kept = [ln.strip() for ln in text.strip().splitlines() if not ln.endswith(HUB_WARNING)]
-    return " | ".join(kept[-lines:])
-
-
-HUB_WARNING = "is not connected to host network"  # QEMU on an unused NIC slot's hub (only_taps)
-
-
-MONITOR_NAMESPACES = ("cgroup", "ipc", "uts")  # the monitor's as the config has them (_setup)
-
-
-def join_namespaces(namespaces):
-    """Join each namespace {type: path} gives a path for (every one opened before the first is
-    joined, as a joined one may change what a path means); returns the CLONE_NEW* flags of
-    the types given as "new"."""
-    fds, new = [], 0
-    try:
-        for kind, path in namespaces.items():
-            if path == "new":
-                new |= NAMESPACE_FLAGS[kind]
-            else:
-                fds.append((kind, path, os.open(path, os.O_RDONLY | os.O_CLOEXEC)))
-        for kind, path, fd in fds:  # setns checks the type too: EINVAL for another's
-            _check_libc(_libc().setns(fd, NAMESPACE_FLAGS[kind]), "setns %s (%s)" % (path, kind))
-    finally:
-        for _kind, _path, fd in fds:
-            os.close(fd)
-    return new
-
-
-def enter_netns(netns):
-    """Join the network namespace at path, or make a new one for "new"."""
-    libc = _libc()
-    if netns == "new":
-        _check_libc(libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-        return
-    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _check_libc(libc.setns(fd, CLONE_NEWNET), "setns %s" % netns)
-    finally:
-        os.close(fd)
-
-
 # ===========================================================================
-# Agent: this file as PID 1 inside the guest
+# Agent: this file as PID 1 in the guest; boot, the host's requests and the processes
 # ===========================================================================
+# The agent's roles are four classes put together as Agent at the end of the pod members'
+# section: its life and the host's requests (here), a container's set-up, the guest's
+# network, and pod members.
 
 GUEST_RUN = "/run/cc"  # a tmpfs of the agent's: the container's root and the 9p shares
 GUEST_ROOT = GUEST_RUN + "/root"
@@ -4596,92 +4638,6 @@ SYS_PIVOT_ROOT = 155  # x86_64
 GUEST_CGROUP = "/sys/fs/cgroup"  # cgroup v2 in the guest
 CONTAINER_CGROUP = GUEST_CGROUP + "/container"  # the container's processes and limits
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
-DEFAULT_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
-                   ("urandom", 1, 9), ("tty", 5, 0))
-DEFAULT_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                     ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
-                     ("ptmx", "pts/ptmx"), ("core", "/proc/kcore"))
-
-
-def mount(source, target, fstype, flags=0, data=""):
-    """mount(2) through libc."""
-    enc = (lambda s: s.encode() if s else None)
-    _check_libc(_libc().mount(enc(source), enc(target), enc(fstype), flags, enc(data)),
-                "mount %s on %s" % (fstype or source, target))
-
-
-def mount_options(options):
-    """(flags, data string) from OCI mount options."""
-    flags, data = 0, []
-    for opt in options:
-        if opt in MOUNT_OPTIONS:
-            bit, on = MOUNT_OPTIONS[opt]
-            flags = flags | bit if on else flags & ~bit
-        elif opt not in PROPAGATION_OPTIONS and opt not in RUNTIME_MOUNT_OPTIONS:
-            data.append(opt)
-    return flags, ",".join(data)
-
-
-def resolve_in_root(root, path, max_links=40):
-    """root + path with every symlink in path resolved inside root, never above it (what
-    runc's securejoin does for mount destinations)."""
-    todo = [p for p in path.split("/") if p not in ("", ".")]
-    done, links = [], 0
-    while todo:
-        name = todo.pop(0)
-        if name == "..":
-            done = done[:-1]
-            continue
-        try:
-            target = os.readlink(os.path.join(root, *done, name))
-        except OSError:  # not a symlink, or not there (yet)
-            done.append(name)
-            continue
-        links += 1
-        if links > max_links:
-            raise Error("%s: too many levels of symbolic links" % path)
-        if target.startswith("/"):
-            done = []
-        todo = [p for p in target.split("/") if p not in ("", ".")] + todo
-    return os.path.join(root, *done) if done else root
-
-
-def umount(target, flags=MNT_DETACH):
-    """umount2(2) through libc."""
-    _check_libc(_libc().umount2(target.encode(), flags), "umount %s" % target)
-
-
-def resolve_executable(args0, env, cwd="/"):
-    """The path exec would run for args0 (PATH from env), or an Error saying why not."""
-    if "/" in args0:
-        mode = _mode_of(os.path.join(cwd, args0))
-        if mode is None:
-            raise Error('exec: "%s": stat %s: no such file or directory' % (args0, args0))
-        if not _root_can_exec(mode):
-            raise Error('exec: "%s": permission denied' % args0)
-        return args0
-    search = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
-    for d in search.split(":"):
-        path = os.path.join(d or ".", args0)
-        if _root_can_exec(_mode_of(path)):
-            return path
-    raise Error('exec: "%s": executable file not found in $PATH: no such file or directory'
-                % args0)
-
-
-def _mode_of(path):
-    """st_mode of path (symlinks followed), or None when there is nothing there: one stat,
-    which over 9p in a TCG guest is worth saving (every lookup is a round trip to QEMU)."""
-    try:
-        return os.stat(path).st_mode
-    except OSError:
-        return None
-
-
-def _root_can_exec(mode):
-    """What access(X_OK) says to root: a regular file with an execute bit."""
-    import stat
-    return mode is not None and stat.S_ISREG(mode) and bool(mode & 0o111)
 
 
 def _power_off():
@@ -4703,8 +4659,9 @@ def agent_main():
     _power_off()
 
 
-class Agent:
-    """Prepares the container in the guest on the host's command and runs its processes."""
+class _AgentCore:
+    """The agent's life in the guest: boot, the host's requests on the virtio-serial port, and
+    the processes it runs for them (stdio, signals, exits)."""
 
     def __init__(self):
         self.port, self.reader, self.conf = None, FrameReader(), None
@@ -4740,7 +4697,6 @@ class Agent:
             if getattr(self, "gone_cgroups", None):
                 self._remove_gone_cgroups()
 
-    # -- boot --------------------------------------------------------------
     def _boot(self):
         """Mount /proc, /sys, /dev; load the modules; open the agent port."""
         for target, fstype in (("/proc", "proc"), ("/sys", "sysfs"), ("/dev", "devtmpfs")):
@@ -4792,7 +4748,6 @@ class Agent:
                 raise OSError(errno.ENODEV, "virtio port %s not found" % AGENT_PORT)
             time.sleep(0.01)
 
-    # -- host messages -----------------------------------------------------
     def _on_port(self):
         """Frames from the host."""
         data = os.read(self.port, CHUNK)
@@ -4812,6 +4767,415 @@ class Agent:
             except (Error, OSError, KeyError, TypeError, ValueError) as e:
                 reply.update({"op": "error", "error": str(e), "msg": str(e)})
             send_msg(self.port, reply)
+
+    def _op_start(self, msg):
+        """Start the container's process (the sandbox's, or a pod member's)."""
+        num, _conf, cgroup = self._container_of(msg)
+        proc = self.procs.get(num)
+        if proc is None or proc["started"] or proc["status"] is not None:
+            raise Error("cannot start a container that is not created")
+        proc["started"] = True
+        sock = proc.pop("init")
+        try:
+            child_fds, outs = self._stdio(proc, "/proc/%d/root" % proc["pid"])
+            try:  # the process is released, as runc's start does: what fails from here on
+                socket.send_fds(sock, [b"s"], list(child_fds))  # is its stderr and exit 1
+            finally:
+                for fd in set(child_fds):
+                    os.close(fd)
+        except (Error, OSError):
+            proc["status"] = 127  # its pid namespace is spent: the container stops, as runc's does
+            if num:
+                signal_cgroup(cgroup, signal.SIGKILL)
+            else:
+                _kill_all()
+            raise
+        finally:
+            sock.close()
+        self._watch(num, proc, proc["pid"], outs)
+        return {"op": "started", "pid": proc["pid"]}
+
+    def _op_exec(self, msg):
+        """Run another process in the container (the sandbox or a pod member)."""
+        first, conf, _cgroup = self._container_of(msg)
+        if self.procs.get(first, {}).get("status") is not None:
+            raise Error("container not running")
+        process = msg["process"]
+        exe = self._check_process(process, "/proc/%d/root" % self.procs[first]["pid"])
+        proc = {"pid": None, "status": None, "process": process, "open": 0,
+                "member": msg.get("member")}
+        self.procs[msg["proc"]] = proc
+        try:
+            self._spawn(msg["proc"], proc, exe, self.procs[first]["pid"], conf)
+        except (Error, OSError):
+            del self.procs[msg["proc"]]
+            raise
+        return {"op": "started", "pid": proc["pid"], "proc": msg["proc"]}
+
+    def _op_signal(self, msg):
+        """Deliver a signal to one process, or to all of the container's (all=True)."""
+        first, _conf, cgroup = self._container_of(msg)
+        proc = self.procs.get(msg.get("proc", first))
+        sig = msg["sig"]
+        if proc is None or proc["status"] is not None:
+            raise Error("container not running")
+        if not proc.get("started", True):  # created, never started
+            if sig not in HARMLESS_SIGNALS:
+                proc["status"] = 128 + sig
+                os.kill(proc["pid"], signal.SIGKILL)
+            return None
+        if msg.get("all") and first:
+            signal_cgroup(cgroup, sig)
+            return None
+        try:
+            os.kill(-1 if msg.get("all") else proc["pid"], sig)
+        except ProcessLookupError:
+            pass
+        return None
+
+    def _op_stats(self, msg):
+        """The container cgroup's figures (memory, CPU, pids) for `events`."""
+        return {"op": "stats", "cgroup": guest_cgroup_stats(self._container_of(msg)[2])}
+
+    def _op_update(self, msg):
+        """New limits for the container's cgroup."""
+        _apply_guest_limits(msg["resources"], self._container_of(msg)[2])
+        return None
+
+    def _op_freeze(self, msg):
+        """Pause (frozen=True) or resume a pod member's processes: its cgroup's freezer."""
+        with open(self._container_of(msg)[2] + "/cgroup.freeze", "w") as f:
+            f.write("1" if msg.get("frozen") else "0")
+        return None
+
+    def _check_oom(self, force=False):
+        """Tell the host when the container's cgroup has had another OOM kill."""
+        now = time.monotonic()
+        if not force and now - self.oom_checked < 0.25:
+            return
+        self.oom_checked = now
+        count = _cgroup_counter("memory.events", "oom_kill")
+        if count > self.oom_kills:
+            self.oom_kills = count
+            send_msg(self.port, {"op": "oom", "count": count})
+        for slot, member in self.members.items():  # each pod member's own cgroup
+            count = _cgroup_counter("memory.events", "oom_kill", member["cgroup"])
+            if count > member.get("oom_kills", 0):
+                member["oom_kills"] = count
+                send_msg(self.port, {"op": "oom", "count": count, "member": slot})
+
+    def _op_resize(self, msg):
+        """A new terminal size for a process."""
+        proc = self.procs.get(msg.get("proc", 0))
+        if proc and proc.get("master") is not None:
+            _set_winsize(proc["master"], msg["rows"], msg["cols"])
+        return None
+
+    def _op_ps(self, msg):
+        """The container's processes in the guest (not the agent), for the host's ps table:
+        the trees of its first process and of the exec'd ones (orphans go to the first);
+        their environments only when the table shows them."""
+        slot = msg.get("member")
+        roots = [p["pid"] for p in self.procs.values() if p.get("pid") and p["status"] is None
+                 and p.get("member") == slot]
+        return {"op": "ps", "processes": guest_processes(roots, env=msg.get("env", True)),
+                "mem_total": _mem_total_kb()}
+
+    def _spawn(self, num, proc, exe, pid1, conf):
+        """fork/exec a process with pipes (or a pty) for its stdio, in the pid namespace of
+        the container whose first process is pid1."""
+        p = proc["process"]
+        child_fds, outs = self._stdio(proc, "/proc/%d/root" % pid1)
+        err_r2, err_w2 = os.pipe2(os.O_CLOEXEC)
+        pid = _fork_in_pid_ns(pid1, self.procs[0]["pid"])
+        if pid == 0:
+            try:
+                _exec_child(p, exe, child_fds, err_w2, None, pid1, conf)
+            finally:
+                os._exit(127)
+        for fd in set(child_fds) | {err_w2}:
+            os.close(fd)
+        with os.fdopen(err_r2, "rb") as f:
+            failure = f.read().decode(errors="replace")
+        if failure:
+            os.waitpid(pid, 0)
+            for fd in set(outs) | {proc["stdin"]}:
+                os.close(fd)
+            raise Error(failure)
+        self._watch(num, proc, pid, outs)
+
+    def _stdio(self, proc, root):
+        """A process's stdio: pipes, or a pty from the container's devpts under root; returns
+        the child's three fds and {our fd: 1 or 2} to read its output from."""
+        p = proc["process"]
+        if p.get("terminal"):
+            master, slave = _open_container_pty(root)
+            size = p.get("consoleSize") or {}
+            if size.get("height") and size.get("width"):
+                _set_winsize(master, size["height"], size["width"])
+            child_fds, proc["stdin"], outs = (slave, slave, slave), master, {master: 1}
+            proc["master"] = master
+        else:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            child_fds, proc["stdin"], outs = (in_r, out_w, err_w), in_w, {out_r: 1, err_r: 2}
+        return child_fds, outs
+
+    def _watch(self, num, proc, pid, outs):
+        """Record a started process and poll its output."""
+        import select
+        proc["pid"], proc["inbuf"], proc["in_eof"] = pid, bytearray(), False
+        os.set_blocking(proc["stdin"], False)  # stdin is buffered here, never blocking the agent
+        for fd, which in outs.items():
+            self.out_fds[fd] = (num, which)
+            self.poll.register(fd, select.POLLIN)
+            proc["open"] += 1
+
+    def _on_stdin(self, num, data):
+        """Host stdin for a process, buffered; empty data is end-of-file."""
+        proc = self.procs.get(num)
+        if proc is None or proc.get("stdin") is None:
+            return
+        if data:
+            proc["inbuf"] += data
+        else:
+            proc["in_eof"] = True
+        self._flush_stdin(num)
+
+    def _flush_stdin(self, num):
+        """Write what the process's stdin takes now; wait for POLLOUT for the rest; EOF last."""
+        import select
+        proc = self.procs[num]
+        fd = proc.get("stdin")
+        if fd is None:
+            return
+        try:
+            while proc["inbuf"]:
+                del proc["inbuf"][:os.write(fd, proc["inbuf"])]
+        except BlockingIOError:
+            pass
+        except OSError:  # the reader has gone
+            proc["inbuf"].clear()
+        pending = bool(proc["inbuf"])
+        is_master = fd == proc.get("master")
+        if pending != (fd in self.in_fds):
+            events = (select.POLLIN if is_master else 0) | (select.POLLOUT if pending else 0)
+            if pending:
+                self.in_fds[fd] = num
+            else:
+                del self.in_fds[fd]
+            if events and (is_master or pending):
+                self.poll.register(fd, events)  # (re-)registering changes the events
+            elif not is_master:
+                self.poll.unregister(fd)
+        if not pending and proc["in_eof"]:
+            self._close_stdin(proc)
+
+    def _close_stdin(self, proc):
+        """End a process's stdin: close the pipe, or ^D through the pty's line discipline."""
+        fd = proc["stdin"]  # _flush_stdin has already stopped polling it
+        try:
+            if fd == proc.get("master"):
+                os.write(fd, b"\x04")
+            else:
+                os.close(fd)
+        except OSError:
+            pass
+        proc["stdin"] = None
+
+    def _on_output(self, fd):
+        """Output of a process, passed to the host; EOF closes the stream."""
+        num, which = self.out_fds[fd]
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: the pty's other side is closed
+            data = b""
+        if data:
+            send_data(self.port, stream_id(num, which), data)
+            return
+        self.poll.unregister(fd)
+        del self.out_fds[fd]
+        self.in_fds.pop(fd, None)
+        os.close(fd)
+        proc = self.procs[num]
+        proc["open"] -= 1
+        if proc.get("master") == fd:  # closed: never write to (or close) that fd number again
+            proc["master"] = proc["stdin"] = None
+
+    def _on_sigchld(self):
+        """Reap every exited child; record the status of ours."""
+        try:
+            os.read(self.wake_fd, 4096)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for num, proc in self.procs.items():
+                if proc["pid"] == pid:
+                    if proc["status"] is None:  # (a container killed before start has one)
+                        proc["status"] = exit_status(status)
+                    if num == 0:
+                        _kill_all()
+
+    def _report_exits(self):
+        """Send the exit of every process whose output is drained; end after process 0."""
+        for num in sorted(self.procs, reverse=True):
+            proc = self.procs[num]
+            if proc["status"] is None or proc.get("reported") or proc["open"] > 0:
+                continue
+            if num == 0 and any(p["status"] is None for n, p in self.procs.items() if n):
+                continue
+            proc["reported"] = True
+            if proc.get("stdin") is not None and proc.get("master") is None:
+                proc["inbuf"].clear()
+                if proc["stdin"] in self.in_fds:
+                    self.poll.unregister(proc["stdin"])
+                self.in_fds.pop(proc["stdin"], None)
+                os.close(proc["stdin"])
+                proc["stdin"] = None  # a late EOF from the host must not close it again
+            if num == 0:  # what the guest wrote reaches the host first: the VM may go at once
+                os.sync()
+                self.finished = True
+            send_msg(self.port, {"op": "exit", "proc": num, "status": proc["status"]})
+
+
+def _kill_all():
+    """SIGKILL every process but PID 1 (the container's process has ended)."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _open_container_pty(root):
+    """A pty pair from the container's own devpts (so that `tty` inside names /dev/pts/N);
+    root: the container's root seen from the agent (/proc/PID/root)."""
+    master = os.open(root + "/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+    num = struct.unpack("i", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
+    slave = os.open(root + "/dev/pts/%d" % num, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    return master, slave
+
+
+def _set_winsize(fd, rows, cols):
+    """TIOCSWINSZ on a terminal."""
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def guest_processes(roots=None, env=True):
+    """The processes of the trees under roots (pids), or every process but PID 1 and kernel
+    threads, in the container's pid numbers: [{pid, ppid, uid, ruid, gid, comm, args, state,
+    tty, cpu (s), start (epoch s), vsz, rss (KiB), nlwp, pgid, sid, nice, env}], by pid (env
+    empty unless asked for)."""
+    ticks, page_kb, btime, _ = _guest_constants()
+    raw = {}
+    names = _process_trees(roots) if roots is not None else (
+        n for n in os.listdir("/proc") if n.isdigit() and n != "1")
+    for name in names:
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                args = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+            if not args:  # a kernel thread (or a zombie): not listed, its files not read
+                continue
+            with open("/proc/%s/stat" % name, "rb") as f:
+                head, _, tail = f.read().decode(errors="replace").rpartition(")")
+            with open("/proc/%s/status" % name) as f:
+                status = _status_fields(f.read(), ("Uid", "Gid", "NSpid"))
+            status["env"] = ""
+            if env:
+                with open("/proc/%s/environ" % name, "rb") as f:
+                    status["env"] = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        raw[int(name)] = (args, head.partition("(")[2], tail.split(), status)
+    nspid = {pid: int(st.get("NSpid", [pid])[-1]) for pid, (_, _, _, st) in raw.items()}
+    out = []
+    for pid, (args, comm, f, st) in raw.items():
+        out.append({"pid": nspid[pid], "ppid": nspid.get(int(f[1]), 0), "uid": int(st["Uid"][1]),
+                    "ruid": int(st["Uid"][0]), "gid": int(st["Gid"][1]), "comm": comm,
+                    "args": args, "state": f[0], "tty": int(f[4]),
+                    "cpu": (int(f[11]) + int(f[12])) / ticks, "start": btime + int(f[19]) / ticks,
+                    "vsz": int(f[20]) // 1024, "rss": int(f[21]) * page_kb, "nlwp": int(f[17]),
+                    "pgid": nspid.get(int(f[2]), 0), "sid": nspid.get(int(f[3]), 0),
+                    "nice": int(f[16]), "env": st["env"]})
+    return sorted(out, key=lambda p: p["pid"])
+
+
+def _status_fields(text, keys):
+    """{key: its values} of those keys of a /proc/PID/status text (the rest left unparsed: ps
+    runs under TCG, where parsing the 50-odd other lines costs about a millisecond)."""
+    out = {}
+    for key in keys:
+        at = text.find("\n%s:" % key)
+        if at >= 0:
+            end = text.find("\n", at + 1)
+            out[key] = text[at + len(key) + 2:end if end >= 0 else None].split()
+    return out
+
+
+def _process_trees(roots):
+    """The pids (as /proc names) of roots and all their descendants: a walk of the children
+    lists, rather than a read of every process (the kernel's threads) under TCG."""
+    seen, todo = [], [str(r) for r in roots]
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        try:
+            for task in os.listdir("/proc/%s/task" % pid):
+                with open("/proc/%s/task/%s/children" % (pid, task)) as f:
+                    todo += f.read().split()
+        except OSError:  # gone meanwhile
+            continue
+    return seen
+
+
+def _mem_total_kb():
+    """The guest's MemTotal in KiB (for %MEM)."""
+    return _guest_constants()[3]
+
+
+_CONSTANTS = []
+
+
+def _guest_constants():
+    """(clock ticks a second, page KiB, boot time, MemTotal KiB), read once: at the first ps,
+    after create has set the clock (the boot time moves with it; not read at boot)."""
+    if not _CONSTANTS:
+        with open("/proc/stat") as f:
+            btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
+        with open("/proc/meminfo") as f:
+            mem = int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal:")))
+        _CONSTANTS.append((os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE") // 1024, btime, mem))
+    return _CONSTANTS[0]
+
+
+# ===========================================================================
+# Agent: a container's set-up (its rootfs, mounts, devices and root)
+# ===========================================================================
+
+DEFAULT_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+                   ("urandom", 1, 9), ("tty", 5, 0))
+
+
+DEFAULT_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                     ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                     ("ptmx", "pts/ptmx"), ("core", "/proc/kcore"))
+
+
+class _AgentContainers:
+    """A container's set-up: its first process (forked at boot, in the template), then at create
+    its mounts, devices, paths and root."""
 
     def _op_create(self, msg):
         """Mount the container's rootfs and filesystems; check its process can run."""
@@ -4833,111 +5197,6 @@ class Agent:
         self.procs[0] = {"pid": pid, "status": None, "process": c["process"], "open": 0,
                          "init": sock, "started": False}
         return {"op": "created"}
-
-    # -- pod members: more containers in this VM (see "Pods (host side)") -----
-    def _op_create_member(self, msg):
-        """Create a pod member's container: its rootfs and binds from the pod export, a cgroup
-        of its own, its own pid namespace (or the sandbox's, when its config names one); the
-        guest's network, IPC and UTS namespaces are the pod's. It then waits for start."""
-        c, num, slot = msg["config"], msg["proc"], msg["member"]
-        if self.procs.get(0, {}).get("status") is not None or self.conf is None:
-            raise Error("pod: the sandbox is not running")
-        if not os.path.ismount(GUEST_POD):
-            os.makedirs(GUEST_POD, exist_ok=True)
-            mount(c["pod_tag"], GUEST_POD, "9p", 0, NINEP_OPTIONS)
-        cgroup = "%s/member-%d" % (GUEST_CGROUP, num)
-        os.mkdir(cgroup)
-        try:
-            _apply_guest_limits(c.get("resources", {}), cgroup)
-            c["cgroup"] = setup_device_cgroup(c["id"], c.get("device_rules"))
-            c["guest_cgroup"] = cgroup
-            init = self._fork_member_init(slot, cgroup, c.get("share_pid"))
-            pid, sock = self._create_init(c, init)
-        except BaseException:
-            _rmdir_quietly(cgroup)
-            raise
-        self.procs[num] = {"pid": pid, "status": None, "process": c["process"], "open": 0,
-                           "init": sock, "started": False, "member": slot}
-        self.members[slot] = {"proc": num, "conf": c, "cgroup": cgroup}
-        return {"op": "created", "pid": pid, "proc": num}
-
-    def _fork_member_init(self, slot, cgroup, share_pid):
-        """Fork a member's first process in a new pid namespace (or the sandbox's): in a mount
-        namespace of its own with the member's rootfs at GUEST_ROOT, in its cgroup; it then
-        sets the container up as the sandbox's does (_set_up_container)."""
-        sandbox_ns = os.open("/proc/%d/ns/pid" % self.procs[0]["pid"], os.O_RDONLY | os.O_CLOEXEC)
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            if not share_pid:  # (a new one is made from our own; later children: the sandbox's)
-                own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _check_libc(_libc().setns(own, CLONE_NEWPID), "setns(pid)")
-                finally:
-                    os.close(own)
-                _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
-            pid = os.fork()
-            if pid == 0:
-                parent.close()
-                try:
-                    self._member_init(child, slot, cgroup)
-                finally:
-                    os._exit(127)
-        finally:
-            _check_libc(_libc().setns(sandbox_ns, CLONE_NEWPID), "setns(pid)")
-            os.close(sandbox_ns)
-            child.close()
-        return pid, parent
-
-    def _member_init(self, sock, slot, cgroup):
-        """In a member's first process: namespaces, cgroup and rootfs, then the config."""
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        try:
-            _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-            mount(None, "/", None, MS_REC | MS_PRIVATE)
-            _enter_container_cgroup(None, cgroup)
-            c = read_msg(sock.fileno(), FrameReader(), 60)
-            mount(os.path.join(GUEST_POD, str(slot), "rootfs"), GUEST_ROOT, None, MS_BIND)
-        except (Error, OSError) as e:
-            sock.sendall(str(e).encode())
-            return
-        self._set_up_container(sock, c)
-
-    def _container_of(self, msg):
-        """(first process number, config, guest cgroup) of the container a request is for:
-        the sandbox's, or the pod member msg["member"] names."""
-        slot = msg.get("member")
-        if slot is None:
-            return 0, self.conf, CONTAINER_CGROUP
-        member = self.members.get(slot)
-        if member is None:
-            raise Error("container not running")
-        return member["proc"], member["conf"], member["cgroup"]
-
-    def _op_remove_member(self, msg):
-        """A deleted (or gone) member: kill its processes; its cgroup goes once they are reaped."""
-        member = self.members.pop(msg["member"], None)
-        if member is None:
-            return None
-        signal_cgroup(member["cgroup"], signal.SIGKILL)
-        init = self.procs.get(member["proc"])
-        if init is not None and init.get("init") is not None:  # never started
-            init.pop("init").close()
-        if init is not None and init["status"] is None and not init["started"]:
-            init["status"] = 137
-        self.gone_cgroups = getattr(self, "gone_cgroups", []) + [member["cgroup"]]
-        return None
-
-    def _remove_gone_cgroups(self):
-        """rmdir the cgroups of removed members once their processes are gone."""
-        for cgroup in list(getattr(self, "gone_cgroups", [])):
-            try:
-                os.rmdir(cgroup)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                continue
-            self.gone_cgroups.remove(cgroup)
 
     def _fork_init(self):
         """At boot (so in the template): fork the container's first process, PID 1 of a new
@@ -5115,49 +5374,665 @@ class Agent:
             raise Error(result.partition(":")[2] or "cannot check the process")
         return result[3:]
 
-    def _op_start(self, msg):
-        """Start the container's process (the sandbox's, or a pod member's)."""
-        num, _conf, cgroup = self._container_of(msg)
-        proc = self.procs.get(num)
-        if proc is None or proc["started"] or proc["status"] is not None:
-            raise Error("cannot start a container that is not created")
-        proc["started"] = True
-        sock = proc.pop("init")
-        try:
-            child_fds, outs = self._stdio(proc, "/proc/%d/root" % proc["pid"])
-            try:  # the process is released, as runc's start does: what fails from here on
-                socket.send_fds(sock, [b"s"], list(child_fds))  # is its stderr and exit 1
-            finally:
-                for fd in set(child_fds):
-                    os.close(fd)
-        except (Error, OSError):
-            proc["status"] = 127  # its pid namespace is spent: the container stops, as runc's does
-            if num:
-                signal_cgroup(cgroup, signal.SIGKILL)
-            else:
-                _kill_all()
-            raise
-        finally:
-            sock.close()
-        self._watch(num, proc, proc["pid"], outs)
-        return {"op": "started", "pid": proc["pid"]}
 
-    def _op_exec(self, msg):
-        """Run another process in the container (the sandbox or a pod member)."""
-        first, conf, _cgroup = self._container_of(msg)
-        if self.procs.get(first, {}).get("status") is not None:
-            raise Error("container not running")
-        process = msg["process"]
-        exe = self._check_process(process, "/proc/%d/root" % self.procs[first]["pid"])
-        proc = {"pid": None, "status": None, "process": process, "open": 0,
-                "member": msg.get("member")}
-        self.procs[msg["proc"]] = proc
+def mount(source, target, fstype, flags=0, data=""):
+    """mount(2) through libc."""
+    enc = (lambda s: s.encode() if s else None)
+    _check_libc(_libc().mount(enc(source), enc(target), enc(fstype), flags, enc(data)),
+                "mount %s on %s" % (fstype or source, target))
+
+
+def mount_options(options):
+    """(flags, data string) from OCI mount options."""
+    flags, data = 0, []
+    for opt in options:
+        if opt in MOUNT_OPTIONS:
+            bit, on = MOUNT_OPTIONS[opt]
+            flags = flags | bit if on else flags & ~bit
+        elif opt not in PROPAGATION_OPTIONS and opt not in RUNTIME_MOUNT_OPTIONS:
+            data.append(opt)
+    return flags, ",".join(data)
+
+
+def resolve_in_root(root, path, max_links=40):
+    """root + path with every symlink in path resolved inside root, never above it (what
+    runc's securejoin does for mount destinations)."""
+    todo = [p for p in path.split("/") if p not in ("", ".")]
+    done, links = [], 0
+    while todo:
+        name = todo.pop(0)
+        if name == "..":
+            done = done[:-1]
+            continue
         try:
-            self._spawn(msg["proc"], proc, exe, self.procs[first]["pid"], conf)
-        except (Error, OSError):
-            del self.procs[msg["proc"]]
-            raise
-        return {"op": "started", "pid": proc["pid"], "proc": msg["proc"]}
+            target = os.readlink(os.path.join(root, *done, name))
+        except OSError:  # not a symlink, or not there (yet)
+            done.append(name)
+            continue
+        links += 1
+        if links > max_links:
+            raise Error("%s: too many levels of symbolic links" % path)
+        if target.startswith("/"):
+            done = []
+        todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+    return os.path.join(root, *done) if done else root
+
+
+def umount(target, flags=MNT_DETACH):
+    """umount2(2) through libc."""
+    _check_libc(_libc().umount2(target.encode(), flags), "umount %s" % target)
+
+
+def resolve_executable(args0, env, cwd="/"):
+    """The path exec would run for args0 (PATH from env), or an Error saying why not."""
+    if "/" in args0:
+        mode = _mode_of(os.path.join(cwd, args0))
+        if mode is None:
+            raise Error('exec: "%s": stat %s: no such file or directory' % (args0, args0))
+        if not _root_can_exec(mode):
+            raise Error('exec: "%s": permission denied' % args0)
+        return args0
+    search = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
+    for d in search.split(":"):
+        path = os.path.join(d or ".", args0)
+        if _root_can_exec(_mode_of(path)):
+            return path
+    raise Error('exec: "%s": executable file not found in $PATH: no such file or directory'
+                % args0)
+
+
+def _mode_of(path):
+    """st_mode of path (symlinks followed), or None when there is nothing there: one stat,
+    which over 9p in a TCG guest is worth saving (every lookup is a round trip to QEMU)."""
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return None
+
+
+def _root_can_exec(mode):
+    """What access(X_OK) says to root: a regular file with an execute bit."""
+    import stat
+    return mode is not None and stat.S_ISREG(mode) and bool(mode & 0o111)
+
+
+def _mount_tmpfs_copyup(source, target, flags, data):
+    """A tmpfs that starts with what its mount point held (runc's tmpcopyup, e.g. podman's
+    --tmpfs): mounted aside, filled, then moved over the mount point."""
+    aside = os.path.join(GUEST_RUN, "copyup")
+    os.makedirs(aside, exist_ok=True)
+    mount(source, aside, "tmpfs", flags, data)
+    _copy_tree(target, aside)
+    mount(aside, target, None, MS_MOVE)
+
+
+def _copy_tree(src, dst):
+    """Copy src's contents into dst: files, directories and symlinks with modes and owners."""
+    import stat
+    for entry in os.scandir(src):
+        st = entry.stat(follow_symlinks=False)
+        to = os.path.join(dst, entry.name)
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(entry.path), to)
+        elif stat.S_ISDIR(st.st_mode):
+            os.mkdir(to)
+            _copy_tree(entry.path, to)
+        elif stat.S_ISREG(st.st_mode):
+            with open(entry.path, "rb") as f, open(to, "wb") as out:
+                while True:
+                    chunk = f.read(1 << 20)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+        else:
+            continue  # device nodes, fifos and sockets are not copied up
+        os.chown(to, st.st_uid, st.st_gid, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(to, stat.S_IMODE(st.st_mode))
+
+
+def _make_mountpoint(target, directory):
+    """Create a directory, or an empty file, to mount on."""
+    if directory:
+        os.makedirs(target, exist_ok=True)
+    elif not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+
+
+def _populate_dev(dev):
+    """The device nodes and links runc puts in a container's /dev."""
+    import stat
+    for name, major, minor in DEFAULT_DEVICES:
+        path = os.path.join(dev, name)
+        if not os.path.exists(path):
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+            os.chmod(path, 0o666)
+    for name, target in DEFAULT_DEV_LINKS:
+        if not os.path.lexists(os.path.join(dev, name)):
+            os.symlink(target, os.path.join(dev, name))
+    for name, mode in (("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o755)):
+        path = os.path.join(dev, name)
+        if not os.path.exists(path):
+            os.mkdir(path)
+            os.chmod(path, mode)
+
+
+def _pivot_into_container():
+    """In the container's mount namespace, make the rootfs its root (pivot_root): the
+    agent's /proc, /sys, /dev and 9p shares are detached from it, out of the workload's reach."""
+    for path in ("/proc", "/sys", "/dev"):
+        umount(path)
+    os.chdir(GUEST_RUN)  # pivot_root cannot leave the initramfs: start from the tmpfs above
+    os.chroot(".")
+    os.chdir(GUEST_ROOT[len(GUEST_RUN):])
+    _check_libc(_libc().syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+    umount(".")  # the old root (the tmpfs with the shares), now stacked on "/"
+    os.chdir("/")
+
+
+def _switch_root():
+    """Make the rootfs the root of the container's mount namespace, as switch_root does: the
+    rootfs moved over the initramfs (which stays beneath, unreachable), the agent's mounts
+    detached; the process is then not chrooted, as a new user namespace requires."""
+    new_root = "/newroot"
+    os.makedirs(new_root, exist_ok=True)
+    mount(GUEST_ROOT, new_root, None, MS_MOVE)
+    for path in (GUEST_RUN, "/proc", "/sys", "/dev"):
+        umount(path)
+    os.chdir(new_root)
+    mount(".", "/", None, MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+
+
+def _join_container_root(pid1, userns=False):
+    """Enter the user namespace (when it has one), mount namespace and root of the
+    container's process (as nsenter -U -m -r)."""
+    if userns:
+        user = os.open("/proc/%d/ns/user" % pid1, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _check_libc(_libc().setns(user, CLONE_NEWUSER), "setns(user)")
+        finally:
+            os.close(user)
+    root = os.open("/proc/%d/root" % pid1, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    ns = os.open("/proc/%d/ns/mnt" % pid1, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check_libc(_libc().setns(ns, CLONE_NEWNS), "setns(mnt)")
+        os.fchdir(root)
+        os.chroot(".")
+    finally:
+        os.close(root)
+        os.close(ns)
+
+
+def _masked_and_readonly(conf):
+    """readonlyPaths then maskedPaths (runc's order), over the container's mounts (proc
+    included); files are masked with the container's own /dev/null."""
+    for path in conf.get("readonly_paths", []):
+        target = resolve_in_root(GUEST_ROOT, path)
+        if os.path.exists(target):
+            mount(target, target, None, MS_BIND | MS_REC)
+            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC)
+    null = resolve_in_root(GUEST_ROOT, "/dev/null")
+    for path in conf.get("masked", []):
+        target = resolve_in_root(GUEST_ROOT, path)
+        if os.path.isdir(target):
+            mount("tmpfs", target, "tmpfs", MS_RDONLY)
+        elif os.path.exists(target):
+            mount(null if os.path.exists(null) else "/dev/null", target, None, MS_BIND)
+
+
+# -- process set-up: devices, device cgroup, user namespace, hooks, capabilities, seccomp --
+
+
+MS_UNBINDABLE = 1 << 17
+PROPAGATION_FLAGS = {"private": MS_PRIVATE, "shared": MS_SHARED, "slave": MS_SLAVE,
+                     "unbindable": MS_UNBINDABLE}
+
+
+def _set_propagation(target, options):
+    """The propagation options of a mount (shared, rslave, ...), applied after it."""
+    for opt in options:
+        if opt in PROPAGATION_OPTIONS:
+            flag = PROPAGATION_FLAGS[opt[1:] if opt.startswith("r") else opt]
+            mount(None, target, None, flag | (MS_REC if opt.startswith("r") else 0))
+
+
+def make_devices(root, devices):
+    """linux.devices: nodes with their type, numbers, mode and owner (an existing one is
+    kept, as runc does)."""
+    import stat
+    kinds = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
+    for d in devices:
+        target = resolve_in_root(root, d["path"])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            os.mknod(target, kinds[d["type"]] | d["fileMode"], os.makedev(d["major"], d["minor"]))
+        except FileExistsError:
+            continue
+        os.chmod(target, d["fileMode"])
+        os.chown(target, d["uid"], d["gid"])
+
+
+DEVICE_CGROUP = GUEST_RUN + "/devices"  # the cgroup v1 devices hierarchy, the agent's only
+
+
+# runc's rules added after linux.resources.devices (libcontainer/specconv AllowedDevices).
+RUNC_ALLOWED_DEVICES = ("c *:* m", "b *:* m", "c 1:3 rwm", "c 1:8 rwm", "c 1:7 rwm", "c 5:0 rwm",
+                        "c 1:5 rwm", "c 1:9 rwm", "c 136:* rwm", "c 5:2 rwm", "c 10:200 rwm")
+
+
+def setup_device_cgroup(cid, rules):
+    """linux.resources.devices as a cgroup v1 devices group in the guest (rules in order,
+    then runc's default ones); returns its directory, or None without rules."""
+    if rules is None:
+        return None
+    path = os.path.join(DEVICE_CGROUP, "container")
+    os.makedirs(path, exist_ok=True)
+    for allow, rule in list(rules) + [(True, r) for r in RUNC_ALLOWED_DEVICES]:
+        try:
+            with open(os.path.join(path, "devices.allow" if allow else "devices.deny"), "w") as f:
+                f.write(rule)
+        except OSError as e:
+            raise Error("linux.resources.devices: %s: %s" % (rule, e.strerror)) from None
+    return path
+
+
+def _boot_device_cgroup():
+    """At boot: the cgroup v1 devices hierarchy that linux.resources.devices rules go in."""
+    os.makedirs(DEVICE_CGROUP)
+    try:
+        mount("cgroup", DEVICE_CGROUP, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC, "devices")
+    except OSError as e:  # setup_device_cgroup reports it if a container has rules
+        print("agent: no devices cgroup: %s" % e)
+
+
+def join_device_cgroup(path):
+    """Move the calling process into the container's device cgroup (if it has one)."""
+    if path:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write("0")
+
+
+def write_id_mappings(pid, maps):
+    """linux.uidMappings/gidMappings of a process's new user namespace."""
+    for key, name in (("uidMappings", "uid_map"), ("gidMappings", "gid_map")):
+        try:
+            with open("/proc/%d/%s" % (pid, name), "w") as f:
+                f.write(maps[key])
+        except OSError as e:
+            raise Error("linux.%s: %s" % (key, e.strerror)) from None
+
+
+# ===========================================================================
+# Agent: the process (hooks, capabilities, seccomp, user) and the guest's cgroups
+# ===========================================================================
+
+PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_CAP_AMBIENT = 8, 24, 47
+PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 2, 4
+SYS_CAPSET, SYS_SECCOMP = 126, 317
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+SECCOMP_SET_MODE_FILTER = 1
+
+
+def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_state=None,
+                env=None):
+    """In the forked child: become the container process and exec it (errors to err_fd; for
+    the container's own process, which start no longer waits for, to its stderr as runc's
+    init writes them: the caller then exits 1).
+
+    The container's own process (init_conf given) is already in its mount namespace and
+    root, and prepared (env: _prepare_exec's) (Agent._container_init); another process joins
+    the device cgroup, then the user namespace, mount namespace and root of the container's
+    process (pid1: its pid here). conf: the container's configuration (seccomp), for another
+    process."""
+    import resource  # noqa: F401 (before chroot: the container's root has no Python modules)
+    import termios
+    try:
+        conf = init_conf or conf or {}
+        if init_conf is None:
+            if p.get("capabilities") is None:  # as runc: the container's, for an exec
+                p = dict(p, capabilities=conf.get("process", {}).get("capabilities"))
+            oom = p.get("oomScoreAdj")
+            _set_oom_score(conf.get("process", {}).get("oomScoreAdj") if oom is None else oom)
+            join_device_cgroup(conf.get("cgroup"))
+            _enter_container_cgroup(pid1, conf.get("guest_cgroup") or CONTAINER_CGROUP)
+        os.setsid()
+        if p.get("terminal"):
+            fcntl.ioctl(fds[0], termios.TIOCSCTTY, 0)
+        for i, fd in enumerate(fds):
+            os.dup2(fd, i, inheritable=True)
+        if init_conf is None and pid1:
+            _join_container_root(pid1, bool(conf.get("id_mappings")))
+        os.chdir(p["cwd"])
+        if env is None:
+            env = _prepare_exec(p)
+        finalize_process(p, conf.get("seccomp"))
+        if hook_state is not None:
+            run_container_hooks(conf.get("hooks", {}), "startContainer", hook_state)
+        os.execve(exe, p["args"], dict(e.split("=", 1) for e in env))
+    except Exception as e:  # noqa: BLE001 (a bug too: tell rather than exit silently)
+        if isinstance(e, OSError):  # in runc's words: its init's after start, its exec's else
+            why = e.strerror.lower() if e.strerror else e
+            msg = ("exec %s: %s" % (exe, why) if init_conf is not None
+                   else 'exec: "%s": %s' % (p["args"][0], why))
+        else:
+            msg = str(e) if isinstance(e, Error) else 'exec: "%s": %r' % (p["args"][0], e)
+        if init_conf is not None:
+            _write_failure(fds, msg)
+        else:
+            os.write(err_fd, msg.encode())
+
+
+def _write_failure(fds, msg):
+    """The container process's last words, on its stderr (fd 2 once its stdio is in place)."""
+    for fd in (2, fds[2]):
+        try:
+            os.write(fd, (msg + "\n").encode())
+            return
+        except OSError:
+            continue
+
+
+def _prepare_exec(p):
+    """The part of becoming the process that needs neither its stdio nor its user: signals
+    back to their defaults (exec resets handled ones; ignored ones it keeps), no signal
+    blocked, rlimits, the capability bounding set; returns its environment (HOME added)."""
+    import resource
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for r in p.get("rlimits", []):
+        resource.setrlimit(getattr(resource, r["type"]), (r["soft"], r["hard"]))
+    env = list(p["env"])
+    if not any(e.startswith("HOME=") for e in env):
+        env.append("HOME=" + _home_of(p["uid"]))
+    caps = p.get("capabilities") or {k: [] for k in CAP_SETS}
+    bounding = set(cap_numbers(caps["bounding"]))
+    drop = _libc().prctl  # called directly: ~40 calls, each costly through _prctl under TCG
+    for cap in range(_last_cap() + 1):
+        if cap not in bounding and drop(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            _check_libc(-1, "prctl(PR_CAPBSET_DROP, %d)" % cap)
+    return env
+
+
+def _last_cap(path="/proc/sys/kernel/cap_last_cap"):
+    """The kernel's highest capability number (kept once read: the agent reads it at boot)."""
+    if not _LAST_CAP:
+        try:
+            with open(path) as f:
+                _LAST_CAP.append(int(f.read()))
+        except (OSError, ValueError):
+            _LAST_CAP.append(63)
+    return _LAST_CAP[0]
+
+
+_LAST_CAP = []
+
+
+def run_container_hooks(hooks, name, state):
+    """Run createContainer/startContainer hooks (programs of the container) with the state
+    on stdin; a failure or a timeout raises."""
+    for hook in hooks.get(name, []):
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for i, fd in enumerate((in_r, out_w, out_w)):
+                    os.dup2(fd, i)
+                os.execve(hook["path"], hook.get("args") or [hook["path"]],
+                          dict(e.split("=", 1) for e in hook.get("env", [])))
+            except OSError as e:
+                os.write(2, ("exec %s: %s" % (hook["path"], e.strerror)).encode())
+            finally:
+                os._exit(127)
+        os.close(in_r)
+        os.close(out_w)
+        try:
+            os.write(in_w, json_dumps(state, separators=(",", ":")).encode())
+        except OSError:
+            pass
+        os.close(in_w)
+        output, status = _wait_hook(pid, out_r, hook.get("timeout"))
+        if status is None:
+            raise Error("%s hook %s timed out after %ss" % (name, hook["path"], hook["timeout"]))
+        if status != 0:
+            raise Error("%s hook %s failed: exit status %d: %s" % (
+                name, hook["path"], status, output.decode(errors="replace").strip()))
+
+
+def _wait_hook(pid, out_fd, timeout):
+    """(output, exit status) of a hook; status None (and the hook killed) after timeout."""
+    deadline = time.monotonic() + timeout if timeout else None
+    output = bytearray()
+    os.set_blocking(out_fd, False)
+    while True:
+        try:
+            output += os.read(out_fd, 4096)[:4096 - len(output)]
+        except BlockingIOError:
+            pass
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            os.close(out_fd)
+            return bytes(output), exit_status(status)
+        if deadline and time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(out_fd)
+            return bytes(output), None
+        time.sleep(0.005)
+
+
+def _set_oom_score(value):
+    """process.oomScoreAdj of the calling process."""
+    if value is not None:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+
+
+def _prctl(option, *args):
+    """prctl(2) with up to four unsigned long arguments."""
+    import ctypes
+    args = [ctypes.c_ulong(a) for a in args] + [ctypes.c_ulong(0)] * (4 - len(args))
+    return _check_libc(_libc().prctl(option, *args), "prctl(%d)" % option)
+
+
+def _cap_mask(names):
+    """A 64-bit capability mask from CAP_ names."""
+    return sum(1 << n for n in cap_numbers(names))
+
+
+def _capset(effective, permitted, inheritable):
+    """capset(2) of the calling thread (version 3: two 32-bit halves per set)."""
+    import ctypes
+    header = ctypes.create_string_buffer(struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0))
+    data = ctypes.create_string_buffer(b"".join(
+        struct.pack("III", e >> shift & 0xFFFFFFFF, p >> shift & 0xFFFFFFFF, i >> shift & 0xFFFFFFFF)
+        for e, p, i, shift in ((effective, permitted, inheritable, 0),
+                               (effective, permitted, inheritable, 32))))
+    _check_libc(_libc().syscall(SYS_CAPSET, header, data), "capset")
+
+
+def _fix_stdio_owner(uid):
+    """runc's fixStdioPermissions: stdio (a pty, pipes) owned by the process's user, group
+    kept, unless it is /dev/null."""
+    try:
+        null = os.stat("/dev/null").st_rdev
+    except OSError:
+        null = None
+    for fd in (0, 1, 2):
+        st = os.fstat(fd)
+        if st.st_uid == uid or (null is not None and st.st_rdev == null):
+            continue
+        try:
+            os.fchown(fd, uid, st.st_gid)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EPERM, errno.EROFS):
+                raise
+
+
+def install_seccomp(seccomp):
+    """Install a compiled linux.seccomp filter (compile_seccomp) on the calling process."""
+    import ctypes
+    prog = bytes.fromhex(seccomp["bpf"])
+    code = ctypes.create_string_buffer(prog, len(prog))
+    fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(prog) // 8,
+                                                    ctypes.addressof(code)))
+    _check_libc(_libc().syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER,
+                                ctypes.c_ulong(seccomp.get("flags", 0)), fprog), "seccomp")
+
+
+def finalize_process(p, seccomp=None):
+    """User, groups, capabilities, umask, noNewPrivileges and seccomp, in runc's order
+    (finalizeNamespace; the bounding set is already dropped, by _prepare_exec): keep caps
+    across setuid, the user, capset, ambient; seccomp before the drop without
+    noNewPrivileges, last with it."""
+    caps = p.get("capabilities") or {k: [] for k in CAP_SETS}
+    nnp = p.get("noNewPrivileges")
+    if nnp:
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if seccomp and not nnp:
+        install_seccomp(seccomp)
+    _prctl(PR_SET_KEEPCAPS, 1)
+    _fix_stdio_owner(p["uid"])
+    os.setgroups(p.get("additionalGids") or [])
+    os.setgid(p["gid"])
+    os.setuid(p["uid"])
+    _prctl(PR_SET_KEEPCAPS, 0)
+    _capset(_cap_mask(caps["effective"]), _cap_mask(caps["permitted"]),
+            _cap_mask(caps["inheritable"]))
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    for cap in cap_numbers(caps["ambient"]):
+        try:  # not permitted and inheritable: runc ignores the failure, and so do we
+            _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
+        except OSError:
+            pass
+    os.umask(p["umask"] if p.get("umask") is not None else 0o022)
+    if seccomp and nnp:
+        install_seccomp(seccomp)
+
+
+def _home_of(uid, passwd="/etc/passwd"):
+    """The home directory of uid in the container's /etc/passwd, or /."""
+    try:
+        with open(passwd) as f:
+            for line in f:
+                fields = line.split(":")
+                if len(fields) > 5 and fields[2] == str(uid):
+                    return fields[5]
+    except OSError:
+        pass
+    return "/"
+
+
+GUEST_CONTROLLERS = ("cpu", "io", "memory", "pids")  # what the limits use (cpuset slows moves)
+
+
+def guest_cgroup_limits(resources):
+    """{file: value} of the container's cgroup v2 from linux.resources, converted as runc
+    converts v1 values (0 leaves a value as it is, -1 is unlimited)."""
+    out, mem, cpu = {}, resources.get("memory", {}), resources.get("cpu", {})
+
+    def value(v):
+        return "max" if v is not None and v < 0 else v
+    if mem.get("limit"):
+        out["memory.max"] = value(mem["limit"])
+    if mem.get("reservation"):
+        out["memory.low"] = max(0, mem["reservation"])
+    if mem.get("swap"):
+        swap, limit = mem["swap"], mem.get("limit") or 0
+        out["memory.swap.max"] = "max" if swap < 0 else max(0, swap - limit) if limit > 0 else swap
+    if cpu.get("quota") or cpu.get("period"):
+        quota = cpu.get("quota") or -1
+        out["cpu.max"] = "%s %d" % (value(quota), cpu.get("period") or 100000)
+    if cpu.get("shares"):
+        out["cpu.weight"] = cpu_weight(cpu["shares"])
+    if resources.get("pids", {}).get("limit"):
+        out["pids.max"] = value(resources["pids"]["limit"])
+    weight = resources.get("blockIO", {}).get("weight")
+    if weight:
+        out["io.weight"] = "default %d" % (1 + (max(10, min(weight, 1000)) - 10) * 9999 // 990)
+    return out
+
+
+def _boot_guest_cgroup():
+    """At boot: cgroup2 on /sys/fs/cgroup, delegating the controllers the limits use to the
+    container's cgroup (made empty; create fills in its limits)."""
+    mount("cgroup2", GUEST_CGROUP, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    with open(GUEST_CGROUP + "/cgroup.controllers") as f:
+        controllers = [c for c in f.read().split() if c in GUEST_CONTROLLERS]
+    with open(GUEST_CGROUP + "/cgroup.subtree_control", "w") as f:
+        f.write(" ".join("+" + c for c in controllers))
+    os.mkdir(CONTAINER_CGROUP)
+
+
+def _apply_guest_limits(resources, cgroup=CONTAINER_CGROUP):
+    """Write the container cgroup's limits (a file the guest kernel lacks is skipped)."""
+    for name, value in guest_cgroup_limits(resources).items():
+        path = os.path.join(cgroup, name)
+        if not os.path.exists(path):
+            print("agent: %s: not in this kernel, not applied" % name)
+            continue
+        try:
+            with open(path, "w") as f:
+                f.write(str(value))
+        except OSError as e:
+            raise Error("linux.resources: cannot set %s to %s: %s"
+                        % (name, value, e.strerror)) from None
+
+
+def _cgroup_counter(name, key, cgroup=CONTAINER_CGROUP):
+    """One counter of a flat-keyed file of the container's cgroup (0 when absent)."""
+    try:
+        with open(os.path.join(cgroup, name)) as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k == key:
+                    return int(v)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def guest_cgroup_stats(cgroup=CONTAINER_CGROUP):
+    """The container cgroup's raw figures: {file: text} of the files `events` reads."""
+    out = {}
+    for name in ("memory.current", "memory.max", "memory.peak", "memory.stat", "memory.events",
+                 "memory.swap.current", "memory.swap.max", "cpu.stat", "cpu.max",
+                 "pids.current", "pids.max"):
+        try:
+            with open(os.path.join(cgroup, name)) as f:
+                out[name] = f.read()
+        except OSError:
+            pass
+    return out
+
+
+def _enter_container_cgroup(pid1, cgroup=CONTAINER_CGROUP):
+    """Join the container's cgroup, and its cgroup namespace (pid1's, or a new one)."""
+    if not os.path.isdir(cgroup):
+        return
+    with open(cgroup + "/cgroup.procs", "w") as f:
+        f.write("0")
+    if not pid1:
+        _check_libc(_libc().unshare(CLONE_NEWCGROUP), "unshare(CLONE_NEWCGROUP)")
+        return
+    ns = os.open("/proc/%d/ns/cgroup" % pid1, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check_libc(_libc().setns(ns, CLONE_NEWCGROUP), "setns(cgroup)")
+    finally:
+        os.close(ns)
+
+
+# ===========================================================================
+# Agent: the guest's network
+# ===========================================================================
+
+class _AgentNetwork:
+    """The guest's network on the host's plan, and docker's resolver relayed."""
 
     def _op_network(self, msg):
         """Give the guest's NICs the host interfaces' MAC, MTU, name, addresses and routes (at
@@ -5191,297 +6066,6 @@ class Agent:
         except OSError:
             pass
         return {"op": "none"}
-
-    def _op_signal(self, msg):
-        """Deliver a signal to one process, or to all of the container's (all=True)."""
-        first, _conf, cgroup = self._container_of(msg)
-        proc = self.procs.get(msg.get("proc", first))
-        sig = msg["sig"]
-        if proc is None or proc["status"] is not None:
-            raise Error("container not running")
-        if not proc.get("started", True):  # created, never started
-            if sig not in HARMLESS_SIGNALS:
-                proc["status"] = 128 + sig
-                os.kill(proc["pid"], signal.SIGKILL)
-            return None
-        if msg.get("all") and first:
-            signal_cgroup(cgroup, sig)
-            return None
-        try:
-            os.kill(-1 if msg.get("all") else proc["pid"], sig)
-        except ProcessLookupError:
-            pass
-        return None
-
-    def _op_stats(self, msg):
-        """The container cgroup's figures (memory, CPU, pids) for `events`."""
-        return {"op": "stats", "cgroup": guest_cgroup_stats(self._container_of(msg)[2])}
-
-    def _op_update(self, msg):
-        """New limits for the container's cgroup."""
-        _apply_guest_limits(msg["resources"], self._container_of(msg)[2])
-        return None
-
-    def _op_freeze(self, msg):
-        """Pause (frozen=True) or resume a pod member's processes: its cgroup's freezer."""
-        with open(self._container_of(msg)[2] + "/cgroup.freeze", "w") as f:
-            f.write("1" if msg.get("frozen") else "0")
-        return None
-
-    def _check_oom(self, force=False):
-        """Tell the host when the container's cgroup has had another OOM kill."""
-        now = time.monotonic()
-        if not force and now - self.oom_checked < 0.25:
-            return
-        self.oom_checked = now
-        count = _cgroup_counter("memory.events", "oom_kill")
-        if count > self.oom_kills:
-            self.oom_kills = count
-            send_msg(self.port, {"op": "oom", "count": count})
-        for slot, member in self.members.items():  # each pod member's own cgroup
-            count = _cgroup_counter("memory.events", "oom_kill", member["cgroup"])
-            if count > member.get("oom_kills", 0):
-                member["oom_kills"] = count
-                send_msg(self.port, {"op": "oom", "count": count, "member": slot})
-
-    def _op_resize(self, msg):
-        """A new terminal size for a process."""
-        proc = self.procs.get(msg.get("proc", 0))
-        if proc and proc.get("master") is not None:
-            _set_winsize(proc["master"], msg["rows"], msg["cols"])
-        return None
-
-    def _op_ps(self, msg):
-        """The container's processes in the guest (not the agent), for the host's ps table:
-        the trees of its first process and of the exec'd ones (orphans go to the first);
-        their environments only when the table shows them."""
-        slot = msg.get("member")
-        roots = [p["pid"] for p in self.procs.values() if p.get("pid") and p["status"] is None
-                 and p.get("member") == slot]
-        return {"op": "ps", "processes": guest_processes(roots, env=msg.get("env", True)),
-                "mem_total": _mem_total_kb()}
-
-    # -- processes ---------------------------------------------------------
-    def _spawn(self, num, proc, exe, pid1, conf):
-        """fork/exec a process with pipes (or a pty) for its stdio, in the pid namespace of
-        the container whose first process is pid1."""
-        p = proc["process"]
-        child_fds, outs = self._stdio(proc, "/proc/%d/root" % pid1)
-        err_r2, err_w2 = os.pipe2(os.O_CLOEXEC)
-        pid = _fork_in_pid_ns(pid1, self.procs[0]["pid"])
-        if pid == 0:
-            try:
-                _exec_child(p, exe, child_fds, err_w2, None, pid1, conf)
-            finally:
-                os._exit(127)
-        for fd in set(child_fds) | {err_w2}:
-            os.close(fd)
-        with os.fdopen(err_r2, "rb") as f:
-            failure = f.read().decode(errors="replace")
-        if failure:
-            os.waitpid(pid, 0)
-            for fd in set(outs) | {proc["stdin"]}:
-                os.close(fd)
-            raise Error(failure)
-        self._watch(num, proc, pid, outs)
-
-    def _stdio(self, proc, root):
-        """A process's stdio: pipes, or a pty from the container's devpts under root; returns
-        the child's three fds and {our fd: 1 or 2} to read its output from."""
-        p = proc["process"]
-        if p.get("terminal"):
-            master, slave = _open_container_pty(root)
-            size = p.get("consoleSize") or {}
-            if size.get("height") and size.get("width"):
-                _set_winsize(master, size["height"], size["width"])
-            child_fds, proc["stdin"], outs = (slave, slave, slave), master, {master: 1}
-            proc["master"] = master
-        else:
-            in_r, in_w = os.pipe2(os.O_CLOEXEC)
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            child_fds, proc["stdin"], outs = (in_r, out_w, err_w), in_w, {out_r: 1, err_r: 2}
-        return child_fds, outs
-
-    def _watch(self, num, proc, pid, outs):
-        """Record a started process and poll its output."""
-        import select
-        proc["pid"], proc["inbuf"], proc["in_eof"] = pid, bytearray(), False
-        os.set_blocking(proc["stdin"], False)  # stdin is buffered here, never blocking the agent
-        for fd, which in outs.items():
-            self.out_fds[fd] = (num, which)
-            self.poll.register(fd, select.POLLIN)
-            proc["open"] += 1
-
-    def _on_stdin(self, num, data):
-        """Host stdin for a process, buffered; empty data is end-of-file."""
-        proc = self.procs.get(num)
-        if proc is None or proc.get("stdin") is None:
-            return
-        if data:
-            proc["inbuf"] += data
-        else:
-            proc["in_eof"] = True
-        self._flush_stdin(num)
-
-    def _flush_stdin(self, num):
-        """Write what the process's stdin takes now; wait for POLLOUT for the rest; EOF last."""
-        import select
-        proc = self.procs[num]
-        fd = proc.get("stdin")
-        if fd is None:
-            return
-        try:
-            while proc["inbuf"]:
-                del proc["inbuf"][:os.write(fd, proc["inbuf"])]
-        except BlockingIOError:
-            pass
-        except OSError:  # the reader has gone
-            proc["inbuf"].clear()
-        pending = bool(proc["inbuf"])
-        is_master = fd == proc.get("master")
-        if pending != (fd in self.in_fds):
-            events = (select.POLLIN if is_master else 0) | (select.POLLOUT if pending else 0)
-            if pending:
-                self.in_fds[fd] = num
-            else:
-                del self.in_fds[fd]
-            if events and (is_master or pending):
-                self.poll.register(fd, events)  # (re-)registering changes the events
-            elif not is_master:
-                self.poll.unregister(fd)
-        if not pending and proc["in_eof"]:
-            self._close_stdin(proc)
-
-    def _close_stdin(self, proc):
-        """End a process's stdin: close the pipe, or ^D through the pty's line discipline."""
-        fd = proc["stdin"]  # _flush_stdin has already stopped polling it
-        try:
-            if fd == proc.get("master"):
-                os.write(fd, b"\x04")
-            else:
-                os.close(fd)
-        except OSError:
-            pass
-        proc["stdin"] = None
-
-    def _on_output(self, fd):
-        """Output of a process, passed to the host; EOF closes the stream."""
-        num, which = self.out_fds[fd]
-        try:
-            data = os.read(fd, CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:  # EIO: the pty's other side is closed
-            data = b""
-        if data:
-            send_data(self.port, stream_id(num, which), data)
-            return
-        self.poll.unregister(fd)
-        del self.out_fds[fd]
-        self.in_fds.pop(fd, None)
-        os.close(fd)
-        proc = self.procs[num]
-        proc["open"] -= 1
-        if proc.get("master") == fd:  # closed: never write to (or close) that fd number again
-            proc["master"] = proc["stdin"] = None
-
-    def _on_sigchld(self):
-        """Reap every exited child; record the status of ours."""
-        try:
-            os.read(self.wake_fd, 4096)
-        except BlockingIOError:
-            pass
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            for num, proc in self.procs.items():
-                if proc["pid"] == pid:
-                    if proc["status"] is None:  # (a container killed before start has one)
-                        proc["status"] = exit_status(status)
-                    if num == 0:
-                        _kill_all()
-
-    def _report_exits(self):
-        """Send the exit of every process whose output is drained; end after process 0."""
-        for num in sorted(self.procs, reverse=True):
-            proc = self.procs[num]
-            if proc["status"] is None or proc.get("reported") or proc["open"] > 0:
-                continue
-            if num == 0 and any(p["status"] is None for n, p in self.procs.items() if n):
-                continue
-            proc["reported"] = True
-            if proc.get("stdin") is not None and proc.get("master") is None:
-                proc["inbuf"].clear()
-                if proc["stdin"] in self.in_fds:
-                    self.poll.unregister(proc["stdin"])
-                self.in_fds.pop(proc["stdin"], None)
-                os.close(proc["stdin"])
-                proc["stdin"] = None  # a late EOF from the host must not close it again
-            if num == 0:  # what the guest wrote reaches the host first: the VM may go at once
-                os.sync()
-                self.finished = True
-            send_msg(self.port, {"op": "exit", "proc": num, "status": proc["status"]})
-
-
-def guest_cgroup_limits(resources):
-    """{file: value} of the container's cgroup v2 from linux.resources, converted as runc
-    converts v1 values (0 leaves a value as it is, -1 is unlimited)."""
-    out, mem, cpu = {}, resources.get("memory", {}), resources.get("cpu", {})
-
-    def value(v):
-        return "max" if v is not None and v < 0 else v
-    if mem.get("limit"):
-        out["memory.max"] = value(mem["limit"])
-    if mem.get("reservation"):
-        out["memory.low"] = max(0, mem["reservation"])
-    if mem.get("swap"):
-        swap, limit = mem["swap"], mem.get("limit") or 0
-        out["memory.swap.max"] = "max" if swap < 0 else max(0, swap - limit) if limit > 0 else swap
-    if cpu.get("quota") or cpu.get("period"):
-        quota = cpu.get("quota") or -1
-        out["cpu.max"] = "%s %d" % (value(quota), cpu.get("period") or 100000)
-    if cpu.get("shares"):
-        out["cpu.weight"] = cpu_weight(cpu["shares"])
-    if resources.get("pids", {}).get("limit"):
-        out["pids.max"] = value(resources["pids"]["limit"])
-    weight = resources.get("blockIO", {}).get("weight")
-    if weight:
-        out["io.weight"] = "default %d" % (1 + (max(10, min(weight, 1000)) - 10) * 9999 // 990)
-    return out
-
-
-GUEST_CONTROLLERS = ("cpu", "io", "memory", "pids")  # what the limits use (cpuset slows moves)
-
-
-def _boot_guest_cgroup():
-    """At boot: cgroup2 on /sys/fs/cgroup, delegating the controllers the limits use to the
-    container's cgroup (made empty; create fills in its limits)."""
-    mount("cgroup2", GUEST_CGROUP, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    with open(GUEST_CGROUP + "/cgroup.controllers") as f:
-        controllers = [c for c in f.read().split() if c in GUEST_CONTROLLERS]
-    with open(GUEST_CGROUP + "/cgroup.subtree_control", "w") as f:
-        f.write(" ".join("+" + c for c in controllers))
-    os.mkdir(CONTAINER_CGROUP)
-
-
-def _apply_guest_limits(resources, cgroup=CONTAINER_CGROUP):
-    """Write the container cgroup's limits (a file the guest kernel lacks is skipped)."""
-    for name, value in guest_cgroup_limits(resources).items():
-        path = os.path.join(cgroup, name)
-        if not os.path.exists(path):
-            print("agent: %s: not in this kernel, not applied" % name)
-            continue
-        try:
-            with open(path, "w") as f:
-                f.write(str(value))
-        except OSError as e:
-            raise Error("linux.resources: cannot set %s to %s: %s"
-                        % (name, value, e.strerror)) from None
 
 
 def guest_net_boot():
@@ -5650,39 +6234,117 @@ def _guest_net_step(fn, args, what):
             raise Error("network: cannot set %s in the VM: %s" % (what, e.strerror)) from None
 
 
-def _cgroup_counter(name, key, cgroup=CONTAINER_CGROUP):
-    """One counter of a flat-keyed file of the container's cgroup (0 when absent)."""
-    try:
-        with open(os.path.join(cgroup, name)) as f:
-            for line in f:
-                k, _, v = line.partition(" ")
-                if k == key:
-                    return int(v)
-    except (OSError, ValueError):
-        pass
-    return 0
+# ===========================================================================
+# Agent: pod members (more containers in the pod's VM)
+# ===========================================================================
 
+class _AgentPods:
+    """Pod members: more containers in this VM, each with its own rootfs from the pod export,
+    mount and pid namespaces and cgroup."""
 
-def guest_cgroup_stats(cgroup=CONTAINER_CGROUP):
-    """The container cgroup's raw figures: {file: text} of the files `events` reads."""
-    out = {}
-    for name in ("memory.current", "memory.max", "memory.peak", "memory.stat", "memory.events",
-                 "memory.swap.current", "memory.swap.max", "cpu.stat", "cpu.max",
-                 "pids.current", "pids.max"):
+    def _op_create_member(self, msg):
+        """Create a pod member's container: its rootfs and binds from the pod export, a cgroup
+        of its own, its own pid namespace (or the sandbox's, when its config names one); the
+        guest's network, IPC and UTS namespaces are the pod's. It then waits for start."""
+        c, num, slot = msg["config"], msg["proc"], msg["member"]
+        if self.procs.get(0, {}).get("status") is not None or self.conf is None:
+            raise Error("pod: the sandbox is not running")
+        if not os.path.ismount(GUEST_POD):
+            os.makedirs(GUEST_POD, exist_ok=True)
+            mount(c["pod_tag"], GUEST_POD, "9p", 0, NINEP_OPTIONS)
+        cgroup = "%s/member-%d" % (GUEST_CGROUP, num)
+        os.mkdir(cgroup)
         try:
-            with open(os.path.join(cgroup, name)) as f:
-                out[name] = f.read()
-        except OSError:
-            pass
-    return out
+            _apply_guest_limits(c.get("resources", {}), cgroup)
+            c["cgroup"] = setup_device_cgroup(c["id"], c.get("device_rules"))
+            c["guest_cgroup"] = cgroup
+            init = self._fork_member_init(slot, cgroup, c.get("share_pid"))
+            pid, sock = self._create_init(c, init)
+        except BaseException:
+            _rmdir_quietly(cgroup)
+            raise
+        self.procs[num] = {"pid": pid, "status": None, "process": c["process"], "open": 0,
+                           "init": sock, "started": False, "member": slot}
+        self.members[slot] = {"proc": num, "conf": c, "cgroup": cgroup}
+        return {"op": "created", "pid": pid, "proc": num}
 
+    def _fork_member_init(self, slot, cgroup, share_pid):
+        """Fork a member's first process in a new pid namespace (or the sandbox's): in a mount
+        namespace of its own with the member's rootfs at GUEST_ROOT, in its cgroup; it then
+        sets the container up as the sandbox's does (_set_up_container)."""
+        sandbox_ns = os.open("/proc/%d/ns/pid" % self.procs[0]["pid"], os.O_RDONLY | os.O_CLOEXEC)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if not share_pid:  # (a new one is made from our own; later children: the sandbox's)
+                own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _check_libc(_libc().setns(own, CLONE_NEWPID), "setns(pid)")
+                finally:
+                    os.close(own)
+                _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+            pid = os.fork()
+            if pid == 0:
+                parent.close()
+                try:
+                    self._member_init(child, slot, cgroup)
+                finally:
+                    os._exit(127)
+        finally:
+            _check_libc(_libc().setns(sandbox_ns, CLONE_NEWPID), "setns(pid)")
+            os.close(sandbox_ns)
+            child.close()
+        return pid, parent
 
-def _kill_all():
-    """SIGKILL every process but PID 1 (the container's process has ended)."""
-    try:
-        os.kill(-1, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    def _member_init(self, sock, slot, cgroup):
+        """In a member's first process: namespaces, cgroup and rootfs, then the config."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        try:
+            _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+            mount(None, "/", None, MS_REC | MS_PRIVATE)
+            _enter_container_cgroup(None, cgroup)
+            c = read_msg(sock.fileno(), FrameReader(), 60)
+            mount(os.path.join(GUEST_POD, str(slot), "rootfs"), GUEST_ROOT, None, MS_BIND)
+        except (Error, OSError) as e:
+            sock.sendall(str(e).encode())
+            return
+        self._set_up_container(sock, c)
+
+    def _container_of(self, msg):
+        """(first process number, config, guest cgroup) of the container a request is for:
+        the sandbox's, or the pod member msg["member"] names."""
+        slot = msg.get("member")
+        if slot is None:
+            return 0, self.conf, CONTAINER_CGROUP
+        member = self.members.get(slot)
+        if member is None:
+            raise Error("container not running")
+        return member["proc"], member["conf"], member["cgroup"]
+
+    def _op_remove_member(self, msg):
+        """A deleted (or gone) member: kill its processes; its cgroup goes once they are reaped."""
+        member = self.members.pop(msg["member"], None)
+        if member is None:
+            return None
+        signal_cgroup(member["cgroup"], signal.SIGKILL)
+        init = self.procs.get(member["proc"])
+        if init is not None and init.get("init") is not None:  # never started
+            init.pop("init").close()
+        if init is not None and init["status"] is None and not init["started"]:
+            init["status"] = 137
+        self.gone_cgroups = getattr(self, "gone_cgroups", []) + [member["cgroup"]]
+        return None
+
+    def _remove_gone_cgroups(self):
+        """rmdir the cgroups of removed members once their processes are gone."""
+        for cgroup in list(getattr(self, "gone_cgroups", [])):
+            try:
+                os.rmdir(cgroup)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            self.gone_cgroups.remove(cgroup)
 
 
 def _fork_in_pid_ns(pid1, sandbox_pid1):
@@ -5732,590 +6394,12 @@ def signal_cgroup(cgroup, sig):
             pass
 
 
-def _open_container_pty(root):
-    """A pty pair from the container's own devpts (so that `tty` inside names /dev/pts/N);
-    root: the container's root seen from the agent (/proc/PID/root)."""
-    master = os.open(root + "/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
-    num = struct.unpack("i", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
-    slave = os.open(root + "/dev/pts/%d" % num, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    return master, slave
-
-
-def _set_winsize(fd, rows, cols):
-    """TIOCSWINSZ on a terminal."""
-    import termios
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def _mount_tmpfs_copyup(source, target, flags, data):
-    """A tmpfs that starts with what its mount point held (runc's tmpcopyup, e.g. podman's
-    --tmpfs): mounted aside, filled, then moved over the mount point."""
-    aside = os.path.join(GUEST_RUN, "copyup")
-    os.makedirs(aside, exist_ok=True)
-    mount(source, aside, "tmpfs", flags, data)
-    _copy_tree(target, aside)
-    mount(aside, target, None, MS_MOVE)
-
-
-def _copy_tree(src, dst):
-    """Copy src's contents into dst: files, directories and symlinks with modes and owners."""
-    import stat
-    for entry in os.scandir(src):
-        st = entry.stat(follow_symlinks=False)
-        to = os.path.join(dst, entry.name)
-        if stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(entry.path), to)
-        elif stat.S_ISDIR(st.st_mode):
-            os.mkdir(to)
-            _copy_tree(entry.path, to)
-        elif stat.S_ISREG(st.st_mode):
-            with open(entry.path, "rb") as f, open(to, "wb") as out:
-                while True:
-                    chunk = f.read(1 << 20)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-        else:
-            continue  # device nodes, fifos and sockets are not copied up
-        os.chown(to, st.st_uid, st.st_gid, follow_symlinks=False)
-        if not stat.S_ISLNK(st.st_mode):
-            os.chmod(to, stat.S_IMODE(st.st_mode))
-
-
-def _make_mountpoint(target, directory):
-    """Create a directory, or an empty file, to mount on."""
-    if directory:
-        os.makedirs(target, exist_ok=True)
-    elif not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
-
-
-def _populate_dev(dev):
-    """The device nodes and links runc puts in a container's /dev."""
-    import stat
-    for name, major, minor in DEFAULT_DEVICES:
-        path = os.path.join(dev, name)
-        if not os.path.exists(path):
-            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
-            os.chmod(path, 0o666)
-    for name, target in DEFAULT_DEV_LINKS:
-        if not os.path.lexists(os.path.join(dev, name)):
-            os.symlink(target, os.path.join(dev, name))
-    for name, mode in (("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o755)):
-        path = os.path.join(dev, name)
-        if not os.path.exists(path):
-            os.mkdir(path)
-            os.chmod(path, mode)
-
-
-def _exec_child(p, exe, fds, err_fd, init_conf=None, pid1=None, conf=None, hook_state=None,
-                env=None):
-    """In the forked child: become the container process and exec it (errors to err_fd; for
-    the container's own process, which start no longer waits for, to its stderr as runc's
-    init writes them: the caller then exits 1).
-
-    The container's own process (init_conf given) is already in its mount namespace and
-    root, and prepared (env: _prepare_exec's) (Agent._container_init); another process joins
-    the device cgroup, then the user namespace, mount namespace and root of the container's
-    process (pid1: its pid here). conf: the container's configuration (seccomp), for another
-    process."""
-    import resource  # noqa: F401 (before chroot: the container's root has no Python modules)
-    import termios
-    try:
-        conf = init_conf or conf or {}
-        if init_conf is None:
-            if p.get("capabilities") is None:  # as runc: the container's, for an exec
-                p = dict(p, capabilities=conf.get("process", {}).get("capabilities"))
-            oom = p.get("oomScoreAdj")
-            _set_oom_score(conf.get("process", {}).get("oomScoreAdj") if oom is None else oom)
-            join_device_cgroup(conf.get("cgroup"))
-            _enter_container_cgroup(pid1, conf.get("guest_cgroup") or CONTAINER_CGROUP)
-        os.setsid()
-        if p.get("terminal"):
-            fcntl.ioctl(fds[0], termios.TIOCSCTTY, 0)
-        for i, fd in enumerate(fds):
-            os.dup2(fd, i, inheritable=True)
-        if init_conf is None and pid1:
-            _join_container_root(pid1, bool(conf.get("id_mappings")))
-        os.chdir(p["cwd"])
-        if env is None:
-            env = _prepare_exec(p)
-        finalize_process(p, conf.get("seccomp"))
-        if hook_state is not None:
-            run_container_hooks(conf.get("hooks", {}), "startContainer", hook_state)
-        os.execve(exe, p["args"], dict(e.split("=", 1) for e in env))
-    except Exception as e:  # noqa: BLE001 (a bug too: tell rather than exit silently)
-        if isinstance(e, OSError):  # in runc's words: its init's after start, its exec's else
-            why = e.strerror.lower() if e.strerror else e
-            msg = ("exec %s: %s" % (exe, why) if init_conf is not None
-                   else 'exec: "%s": %s' % (p["args"][0], why))
-        else:
-            msg = str(e) if isinstance(e, Error) else 'exec: "%s": %r' % (p["args"][0], e)
-        if init_conf is not None:
-            _write_failure(fds, msg)
-        else:
-            os.write(err_fd, msg.encode())
-
-
-def _write_failure(fds, msg):
-    """The container process's last words, on its stderr (fd 2 once its stdio is in place)."""
-    for fd in (2, fds[2]):
-        try:
-            os.write(fd, (msg + "\n").encode())
-            return
-        except OSError:
-            continue
-
-
-def _prepare_exec(p):
-    """The part of becoming the process that needs neither its stdio nor its user: signals
-    back to their defaults (exec resets handled ones; ignored ones it keeps), no signal
-    blocked, rlimits, the capability bounding set; returns its environment (HOME added)."""
-    import resource
-    for sig in signal.valid_signals():
-        if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) == signal.SIG_IGN:
-            signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    for r in p.get("rlimits", []):
-        resource.setrlimit(getattr(resource, r["type"]), (r["soft"], r["hard"]))
-    env = list(p["env"])
-    if not any(e.startswith("HOME=") for e in env):
-        env.append("HOME=" + _home_of(p["uid"]))
-    caps = p.get("capabilities") or {k: [] for k in CAP_SETS}
-    bounding = set(cap_numbers(caps["bounding"]))
-    drop = _libc().prctl  # called directly: ~40 calls, each costly through _prctl under TCG
-    for cap in range(_last_cap() + 1):
-        if cap not in bounding and drop(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            _check_libc(-1, "prctl(PR_CAPBSET_DROP, %d)" % cap)
-    return env
-
-
-def _last_cap(path="/proc/sys/kernel/cap_last_cap"):
-    """The kernel's highest capability number (kept once read: the agent reads it at boot)."""
-    if not _LAST_CAP:
-        try:
-            with open(path) as f:
-                _LAST_CAP.append(int(f.read()))
-        except (OSError, ValueError):
-            _LAST_CAP.append(63)
-    return _LAST_CAP[0]
-
-
-_LAST_CAP = []
-
-
-def _pivot_into_container():
-    """In the container's mount namespace, make the rootfs its root (pivot_root): the
-    agent's /proc, /sys, /dev and 9p shares are detached from it, out of the workload's reach."""
-    for path in ("/proc", "/sys", "/dev"):
-        umount(path)
-    os.chdir(GUEST_RUN)  # pivot_root cannot leave the initramfs: start from the tmpfs above
-    os.chroot(".")
-    os.chdir(GUEST_ROOT[len(GUEST_RUN):])
-    _check_libc(_libc().syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
-    umount(".")  # the old root (the tmpfs with the shares), now stacked on "/"
-    os.chdir("/")
-
-
-def _enter_container_cgroup(pid1, cgroup=CONTAINER_CGROUP):
-    """Join the container's cgroup, and its cgroup namespace (pid1's, or a new one)."""
-    if not os.path.isdir(cgroup):
-        return
-    with open(cgroup + "/cgroup.procs", "w") as f:
-        f.write("0")
-    if not pid1:
-        _check_libc(_libc().unshare(CLONE_NEWCGROUP), "unshare(CLONE_NEWCGROUP)")
-        return
-    ns = os.open("/proc/%d/ns/cgroup" % pid1, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _check_libc(_libc().setns(ns, CLONE_NEWCGROUP), "setns(cgroup)")
-    finally:
-        os.close(ns)
-
-
-def _switch_root():
-    """Make the rootfs the root of the container's mount namespace, as switch_root does: the
-    rootfs moved over the initramfs (which stays beneath, unreachable), the agent's mounts
-    detached; the process is then not chrooted, as a new user namespace requires."""
-    new_root = "/newroot"
-    os.makedirs(new_root, exist_ok=True)
-    mount(GUEST_ROOT, new_root, None, MS_MOVE)
-    for path in (GUEST_RUN, "/proc", "/sys", "/dev"):
-        umount(path)
-    os.chdir(new_root)
-    mount(".", "/", None, MS_MOVE)
-    os.chroot(".")
-    os.chdir("/")
-
-
-def _join_container_root(pid1, userns=False):
-    """Enter the user namespace (when it has one), mount namespace and root of the
-    container's process (as nsenter -U -m -r)."""
-    if userns:
-        user = os.open("/proc/%d/ns/user" % pid1, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _check_libc(_libc().setns(user, CLONE_NEWUSER), "setns(user)")
-        finally:
-            os.close(user)
-    root = os.open("/proc/%d/root" % pid1, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    ns = os.open("/proc/%d/ns/mnt" % pid1, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _check_libc(_libc().setns(ns, CLONE_NEWNS), "setns(mnt)")
-        os.fchdir(root)
-        os.chroot(".")
-    finally:
-        os.close(root)
-        os.close(ns)
-
-
-def _masked_and_readonly(conf):
-    """readonlyPaths then maskedPaths (runc's order), over the container's mounts (proc
-    included); files are masked with the container's own /dev/null."""
-    for path in conf.get("readonly_paths", []):
-        target = resolve_in_root(GUEST_ROOT, path)
-        if os.path.exists(target):
-            mount(target, target, None, MS_BIND | MS_REC)
-            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC)
-    null = resolve_in_root(GUEST_ROOT, "/dev/null")
-    for path in conf.get("masked", []):
-        target = resolve_in_root(GUEST_ROOT, path)
-        if os.path.isdir(target):
-            mount("tmpfs", target, "tmpfs", MS_RDONLY)
-        elif os.path.exists(target):
-            mount(null if os.path.exists(null) else "/dev/null", target, None, MS_BIND)
-
-
-# -- process set-up: devices, device cgroup, user namespace, hooks, capabilities, seccomp --
-
-DEVICE_CGROUP = GUEST_RUN + "/devices"  # the cgroup v1 devices hierarchy, the agent's only
-# runc's rules added after linux.resources.devices (libcontainer/specconv AllowedDevices).
-RUNC_ALLOWED_DEVICES = ("c *:* m", "b *:* m", "c 1:3 rwm", "c 1:8 rwm", "c 1:7 rwm", "c 5:0 rwm",
-                        "c 1:5 rwm", "c 1:9 rwm", "c 136:* rwm", "c 5:2 rwm", "c 10:200 rwm")
-MS_UNBINDABLE = 1 << 17
-PROPAGATION_FLAGS = {"private": MS_PRIVATE, "shared": MS_SHARED, "slave": MS_SLAVE,
-                     "unbindable": MS_UNBINDABLE}
-PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_CAP_AMBIENT = 8, 24, 47
-PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 2, 4
-SYS_CAPSET, SYS_SECCOMP = 126, 317
-LINUX_CAPABILITY_VERSION_3 = 0x20080522
-SECCOMP_SET_MODE_FILTER = 1
-
-
-def _set_propagation(target, options):
-    """The propagation options of a mount (shared, rslave, ...), applied after it."""
-    for opt in options:
-        if opt in PROPAGATION_OPTIONS:
-            flag = PROPAGATION_FLAGS[opt[1:] if opt.startswith("r") else opt]
-            mount(None, target, None, flag | (MS_REC if opt.startswith("r") else 0))
-
-
-def make_devices(root, devices):
-    """linux.devices: nodes with their type, numbers, mode and owner (an existing one is
-    kept, as runc does)."""
-    import stat
-    kinds = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
-    for d in devices:
-        target = resolve_in_root(root, d["path"])
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        try:
-            os.mknod(target, kinds[d["type"]] | d["fileMode"], os.makedev(d["major"], d["minor"]))
-        except FileExistsError:
-            continue
-        os.chmod(target, d["fileMode"])
-        os.chown(target, d["uid"], d["gid"])
-
-
-def setup_device_cgroup(cid, rules):
-    """linux.resources.devices as a cgroup v1 devices group in the guest (rules in order,
-    then runc's default ones); returns its directory, or None without rules."""
-    if rules is None:
-        return None
-    path = os.path.join(DEVICE_CGROUP, "container")
-    os.makedirs(path, exist_ok=True)
-    for allow, rule in list(rules) + [(True, r) for r in RUNC_ALLOWED_DEVICES]:
-        try:
-            with open(os.path.join(path, "devices.allow" if allow else "devices.deny"), "w") as f:
-                f.write(rule)
-        except OSError as e:
-            raise Error("linux.resources.devices: %s: %s" % (rule, e.strerror)) from None
-    return path
-
-
-def _boot_device_cgroup():
-    """At boot: the cgroup v1 devices hierarchy that linux.resources.devices rules go in."""
-    os.makedirs(DEVICE_CGROUP)
-    try:
-        mount("cgroup", DEVICE_CGROUP, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC, "devices")
-    except OSError as e:  # setup_device_cgroup reports it if a container has rules
-        print("agent: no devices cgroup: %s" % e)
-
-
-def join_device_cgroup(path):
-    """Move the calling process into the container's device cgroup (if it has one)."""
-    if path:
-        with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write("0")
-
-
-def write_id_mappings(pid, maps):
-    """linux.uidMappings/gidMappings of a process's new user namespace."""
-    for key, name in (("uidMappings", "uid_map"), ("gidMappings", "gid_map")):
-        try:
-            with open("/proc/%d/%s" % (pid, name), "w") as f:
-                f.write(maps[key])
-        except OSError as e:
-            raise Error("linux.%s: %s" % (key, e.strerror)) from None
-
-
-def run_container_hooks(hooks, name, state):
-    """Run createContainer/startContainer hooks (programs of the container) with the state
-    on stdin; a failure or a timeout raises."""
-    for hook in hooks.get(name, []):
-        in_r, in_w = os.pipe()
-        out_r, out_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                for i, fd in enumerate((in_r, out_w, out_w)):
-                    os.dup2(fd, i)
-                os.execve(hook["path"], hook.get("args") or [hook["path"]],
-                          dict(e.split("=", 1) for e in hook.get("env", [])))
-            except OSError as e:
-                os.write(2, ("exec %s: %s" % (hook["path"], e.strerror)).encode())
-            finally:
-                os._exit(127)
-        os.close(in_r)
-        os.close(out_w)
-        try:
-            os.write(in_w, json_dumps(state, separators=(",", ":")).encode())
-        except OSError:
-            pass
-        os.close(in_w)
-        output, status = _wait_hook(pid, out_r, hook.get("timeout"))
-        if status is None:
-            raise Error("%s hook %s timed out after %ss" % (name, hook["path"], hook["timeout"]))
-        if status != 0:
-            raise Error("%s hook %s failed: exit status %d: %s" % (
-                name, hook["path"], status, output.decode(errors="replace").strip()))
-
-
-def _wait_hook(pid, out_fd, timeout):
-    """(output, exit status) of a hook; status None (and the hook killed) after timeout."""
-    deadline = time.monotonic() + timeout if timeout else None
-    output = bytearray()
-    os.set_blocking(out_fd, False)
-    while True:
-        try:
-            output += os.read(out_fd, 4096)[:4096 - len(output)]
-        except BlockingIOError:
-            pass
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            os.close(out_fd)
-            return bytes(output), exit_status(status)
-        if deadline and time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(out_fd)
-            return bytes(output), None
-        time.sleep(0.005)
-
-
-def _set_oom_score(value):
-    """process.oomScoreAdj of the calling process."""
-    if value is not None:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(str(value))
-
-
-def _prctl(option, *args):
-    """prctl(2) with up to four unsigned long arguments."""
-    import ctypes
-    args = [ctypes.c_ulong(a) for a in args] + [ctypes.c_ulong(0)] * (4 - len(args))
-    return _check_libc(_libc().prctl(option, *args), "prctl(%d)" % option)
-
-
-def _cap_mask(names):
-    """A 64-bit capability mask from CAP_ names."""
-    return sum(1 << n for n in cap_numbers(names))
-
-
-def _capset(effective, permitted, inheritable):
-    """capset(2) of the calling thread (version 3: two 32-bit halves per set)."""
-    import ctypes
-    header = ctypes.create_string_buffer(struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0))
-    data = ctypes.create_string_buffer(b"".join(
-        struct.pack("III", e >> shift & 0xFFFFFFFF, p >> shift & 0xFFFFFFFF, i >> shift & 0xFFFFFFFF)
-        for e, p, i, shift in ((effective, permitted, inheritable, 0),
-                               (effective, permitted, inheritable, 32))))
-    _check_libc(_libc().syscall(SYS_CAPSET, header, data), "capset")
-
-
-def _fix_stdio_owner(uid):
-    """runc's fixStdioPermissions: stdio (a pty, pipes) owned by the process's user, group
-    kept, unless it is /dev/null."""
-    try:
-        null = os.stat("/dev/null").st_rdev
-    except OSError:
-        null = None
-    for fd in (0, 1, 2):
-        st = os.fstat(fd)
-        if st.st_uid == uid or (null is not None and st.st_rdev == null):
-            continue
-        try:
-            os.fchown(fd, uid, st.st_gid)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EPERM, errno.EROFS):
-                raise
-
-
-def install_seccomp(seccomp):
-    """Install a compiled linux.seccomp filter (compile_seccomp) on the calling process."""
-    import ctypes
-    prog = bytes.fromhex(seccomp["bpf"])
-    code = ctypes.create_string_buffer(prog, len(prog))
-    fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(prog) // 8,
-                                                    ctypes.addressof(code)))
-    _check_libc(_libc().syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER,
-                                ctypes.c_ulong(seccomp.get("flags", 0)), fprog), "seccomp")
-
-
-def finalize_process(p, seccomp=None):
-    """User, groups, capabilities, umask, noNewPrivileges and seccomp, in runc's order
-    (finalizeNamespace; the bounding set is already dropped, by _prepare_exec): keep caps
-    across setuid, the user, capset, ambient; seccomp before the drop without
-    noNewPrivileges, last with it."""
-    caps = p.get("capabilities") or {k: [] for k in CAP_SETS}
-    nnp = p.get("noNewPrivileges")
-    if nnp:
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
-    if seccomp and not nnp:
-        install_seccomp(seccomp)
-    _prctl(PR_SET_KEEPCAPS, 1)
-    _fix_stdio_owner(p["uid"])
-    os.setgroups(p.get("additionalGids") or [])
-    os.setgid(p["gid"])
-    os.setuid(p["uid"])
-    _prctl(PR_SET_KEEPCAPS, 0)
-    _capset(_cap_mask(caps["effective"]), _cap_mask(caps["permitted"]),
-            _cap_mask(caps["inheritable"]))
-    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    for cap in cap_numbers(caps["ambient"]):
-        try:  # not permitted and inheritable: runc ignores the failure, and so do we
-            _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
-        except OSError:
-            pass
-    os.umask(p["umask"] if p.get("umask") is not None else 0o022)
-    if seccomp and nnp:
-        install_seccomp(seccomp)
-
-
-def _home_of(uid, passwd="/etc/passwd"):
-    """The home directory of uid in the container's /etc/passwd, or /."""
-    try:
-        with open(passwd) as f:
-            for line in f:
-                fields = line.split(":")
-                if len(fields) > 5 and fields[2] == str(uid):
-                    return fields[5]
-    except OSError:
-        pass
-    return "/"
-
-
-def guest_processes(roots=None, env=True):
-    """The processes of the trees under roots (pids), or every process but PID 1 and kernel
-    threads, in the container's pid numbers: [{pid, ppid, uid, ruid, gid, comm, args, state,
-    tty, cpu (s), start (epoch s), vsz, rss (KiB), nlwp, pgid, sid, nice, env}], by pid (env
-    empty unless asked for)."""
-    ticks, page_kb, btime, _ = _guest_constants()
-    raw = {}
-    names = _process_trees(roots) if roots is not None else (
-        n for n in os.listdir("/proc") if n.isdigit() and n != "1")
-    for name in names:
-        try:
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                args = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-            if not args:  # a kernel thread (or a zombie): not listed, its files not read
-                continue
-            with open("/proc/%s/stat" % name, "rb") as f:
-                head, _, tail = f.read().decode(errors="replace").rpartition(")")
-            with open("/proc/%s/status" % name) as f:
-                status = _status_fields(f.read(), ("Uid", "Gid", "NSpid"))
-            status["env"] = ""
-            if env:
-                with open("/proc/%s/environ" % name, "rb") as f:
-                    status["env"] = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        raw[int(name)] = (args, head.partition("(")[2], tail.split(), status)
-    nspid = {pid: int(st.get("NSpid", [pid])[-1]) for pid, (_, _, _, st) in raw.items()}
-    out = []
-    for pid, (args, comm, f, st) in raw.items():
-        out.append({"pid": nspid[pid], "ppid": nspid.get(int(f[1]), 0), "uid": int(st["Uid"][1]),
-                    "ruid": int(st["Uid"][0]), "gid": int(st["Gid"][1]), "comm": comm,
-                    "args": args, "state": f[0], "tty": int(f[4]),
-                    "cpu": (int(f[11]) + int(f[12])) / ticks, "start": btime + int(f[19]) / ticks,
-                    "vsz": int(f[20]) // 1024, "rss": int(f[21]) * page_kb, "nlwp": int(f[17]),
-                    "pgid": nspid.get(int(f[2]), 0), "sid": nspid.get(int(f[3]), 0),
-                    "nice": int(f[16]), "env": st["env"]})
-    return sorted(out, key=lambda p: p["pid"])
-
-
-def _status_fields(text, keys):
-    """{key: its values} of those keys of a /proc/PID/status text (the rest left unparsed: ps
-    runs under TCG, where parsing the 50-odd other lines costs about a millisecond)."""
-    out = {}
-    for key in keys:
-        at = text.find("\n%s:" % key)
-        if at >= 0:
-            end = text.find("\n", at + 1)
-            out[key] = text[at + len(key) + 2:end if end >= 0 else None].split()
-    return out
-
-
-def _process_trees(roots):
-    """The pids (as /proc names) of roots and all their descendants: a walk of the children
-    lists, rather than a read of every process (the kernel's threads) under TCG."""
-    seen, todo = [], [str(r) for r in roots]
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.append(pid)
-        try:
-            for task in os.listdir("/proc/%s/task" % pid):
-                with open("/proc/%s/task/%s/children" % (pid, task)) as f:
-                    todo += f.read().split()
-        except OSError:  # gone meanwhile
-            continue
-    return seen
-
-
-def _mem_total_kb():
-    """The guest's MemTotal in KiB (for %MEM)."""
-    return _guest_constants()[3]
-
-
-_CONSTANTS = []
-
-
-def _guest_constants():
-    """(clock ticks a second, page KiB, boot time, MemTotal KiB), read once: at the first ps,
-    after create has set the clock (the boot time moves with it; not read at boot)."""
-    if not _CONSTANTS:
-        with open("/proc/stat") as f:
-            btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
-        with open("/proc/meminfo") as f:
-            mem = int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal:")))
-        _CONSTANTS.append((os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE") // 1024, btime, mem))
-    return _CONSTANTS[0]
+class Agent(_AgentCore, _AgentContainers, _AgentNetwork, _AgentPods):
+    """Prepares the container in the guest on the host's command and runs its processes."""
 
 
 # ===========================================================================
-# Commands
+# Commands: create, start, run and delete (a container and its monitor)
 # ===========================================================================
 
 def _open_state(args, lock=False):
@@ -6533,84 +6617,6 @@ def create_container(args, console_socket=None, foreground=False):
         state.remove()
         raise
     LOG.info("created %s (monitor %d, %s)", args.id, monitor_pid, vm["accel_used"])
-    return state, monitor_pid
-
-
-def create_member(args, conf, sandbox, console_socket=None):
-    """create of a pod member: its files exported to the sandbox's VM (see "Pods (host side)"),
-    then its host process (the --pid-file pid), which has the sandbox's monitor create the
-    member in that VM; the create hooks; return (state, pid)."""
-    state = State(args.root, args.id)
-    terminal = conf["process"]["terminal"]
-    cgroup_dirs = host_cgroup_dirs(conf["cgroups_path"], args.id, getattr(args, "systemd_cgroup", False))
-    sdata = sandbox.data
-    room = memory_room(sdata["vm"]["memory"])
-    limit = _limit(conf["resources"], "memory", "limit")
-    if limit and limit > room:
-        raise Error("linux.resources.memory.limit: %d MiB does not fit the pod's VM: it has %s, "
-                    "room for a limit of %d MiB" % (-(-limit >> 20), sdata["vm"]["memory"], room >> 20))
-    state.make()
-    slot, monitor_pid, cgroups, exported = None, None, [], False
-    try:
-        slot = claim_pod_slot(sandbox.dir, args.id)
-        trees = member_trees(conf, slot)
-        stage = state.path("stage")
-        os.mkdir(stage)
-        export_member(sandbox, stage, slot, trees)
-        exported = True
-        os.rmdir(stage)  # (what was mounted there is in the sandbox monitor's namespace)
-        LOG.timeline("create: the member's files are in the pod's VM")
-        cgroups = create_host_cgroup(cgroup_dirs, sdata["vm"]["memory"], {})
-        gconf = guest_config(args.id, conf)
-        gconf.update(pod_tag=sdata["pod"]["tag"], share_pid=bool(conf.get("pid_ns_path")))
-        vm = sdata.get("vm", {})
-        state.data = {"ociVersion": conf.get("ociVersion", OCI_VERSION), "id": args.id, "pid": 0,
-                      "bundle": conf["bundle"], "rootfs": conf["root"]["path"],
-                      "created": _now_rfc3339(), "annotations": conf["annotations"],
-                      "hooks": conf["hooks"], "started": False, "paused": False,
-                      "terminal": terminal, "process": conf["process"],
-                      "vm": {"memory": vm.get("memory"), "cpus": vm.get("cpus")},
-                      "sandbox": {"id": sandbox.id, "dir": sandbox.dir, "slot": slot,
-                                  "qemu_pid": vm.get("qemu_pid"), "qemu_start": vm.get("qemu_start")},
-                      "resources": conf["resources"],
-                      "cgroups": [[d, v, sorted(c)] for d, v, c in cgroup_dirs]}
-        state.save()
-        stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
-
-        def member_main(notify_fd):
-            state.unlock()
-            params = {"state_dir": state.dir, "cid": args.id, "sandbox_dir": sandbox.dir, "slot": slot,
-                      "config": gconf, "stdio": stdio, "notify_fd": notify_fd,
-                      "terminal": host_tty, "cgroups": cgroups}
-            _exec_monitor(params, [fd for fd in stdio + (notify_fd, host_tty) if fd is not None],
-                          kind="member")
-            return MemberMonitor(**params).run()
-        monitor_pid, rfd = _fork_monitor(member_main, keep_stdio=host_tty is None)
-        if host_tty is not None:
-            os.close(host_tty)
-        state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid), creating=True)
-        state.save()  # from here on, delete --force finds the member's process even if we die
-        reply = _read_pipe(rfd, 90)
-        result = json_loads(reply) if reply.strip() else {"error": "the member's process died"}
-        if result.get("error"):
-            raise Error(result["error"])
-        state.data["proc"] = result["proc"]
-        state.save()
-        _create_hooks(conf["hooks"], state)
-        state.data["creating"] = False
-        state.save()
-        if getattr(args, "pid_file", None):
-            write_atomic(os.path.abspath(args.pid_file), str(monitor_pid))
-    except BaseException:
-        if monitor_pid:
-            _kill_container(state)
-        if exported:
-            unexport_member(sdata, sandbox.dir, slot)
-        release_pod_slot(sandbox.dir, slot)
-        remove_host_cgroup(cgroups)
-        state.remove()
-        raise
-    LOG.info("created %s in pod %s (process %d, slot %d)", args.id, sandbox.id, monitor_pid, slot)
     return state, monitor_pid
 
 
@@ -6870,14 +6876,6 @@ def delete_container(state, force):
     LOG.info("deleted %s", state.id)
 
 
-def _unexport_member_of(root, sandbox):
-    """Unmount a deleted member's files from its sandbox's VM and free its slot."""
-    sandbox_state = State(root, sandbox["id"])
-    if sandbox_state.exists() and sandbox_state.load(must_exist=False):
-        unexport_member(sandbox_state.data, sandbox["dir"], sandbox["slot"])
-    release_pod_slot(sandbox["dir"], sandbox["slot"])
-
-
 def cmd_create(args):
     """create: boot the container's VM and leave its monitor waiting for start."""
     create_container(args, args.console_socket)
@@ -6942,6 +6940,100 @@ def _raw_terminal():
     tty.setraw(0)
     return lambda: termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
+
+# ===========================================================================
+# Commands: a pod member's create and delete (its files into the sandbox's VM)
+# ===========================================================================
+
+def create_member(args, conf, sandbox, console_socket=None):
+    """create of a pod member: its files exported to the sandbox's VM (see "Pods (host side)"),
+    then its host process (the --pid-file pid), which has the sandbox's monitor create the
+    member in that VM; the create hooks; return (state, pid)."""
+    state = State(args.root, args.id)
+    terminal = conf["process"]["terminal"]
+    cgroup_dirs = host_cgroup_dirs(conf["cgroups_path"], args.id, getattr(args, "systemd_cgroup", False))
+    sdata = sandbox.data
+    room = memory_room(sdata["vm"]["memory"])
+    limit = _limit(conf["resources"], "memory", "limit")
+    if limit and limit > room:
+        raise Error("linux.resources.memory.limit: %d MiB does not fit the pod's VM: it has %s, "
+                    "room for a limit of %d MiB" % (-(-limit >> 20), sdata["vm"]["memory"], room >> 20))
+    state.make()
+    slot, monitor_pid, cgroups, exported = None, None, [], False
+    try:
+        slot = claim_pod_slot(sandbox.dir, args.id)
+        trees = member_trees(conf, slot)
+        stage = state.path("stage")
+        os.mkdir(stage)
+        export_member(sandbox, stage, slot, trees)
+        exported = True
+        os.rmdir(stage)  # (what was mounted there is in the sandbox monitor's namespace)
+        LOG.timeline("create: the member's files are in the pod's VM")
+        cgroups = create_host_cgroup(cgroup_dirs, sdata["vm"]["memory"], {})
+        gconf = guest_config(args.id, conf)
+        gconf.update(pod_tag=sdata["pod"]["tag"], share_pid=bool(conf.get("pid_ns_path")))
+        vm = sdata.get("vm", {})
+        state.data = {"ociVersion": conf.get("ociVersion", OCI_VERSION), "id": args.id, "pid": 0,
+                      "bundle": conf["bundle"], "rootfs": conf["root"]["path"],
+                      "created": _now_rfc3339(), "annotations": conf["annotations"],
+                      "hooks": conf["hooks"], "started": False, "paused": False,
+                      "terminal": terminal, "process": conf["process"],
+                      "vm": {"memory": vm.get("memory"), "cpus": vm.get("cpus")},
+                      "sandbox": {"id": sandbox.id, "dir": sandbox.dir, "slot": slot,
+                                  "qemu_pid": vm.get("qemu_pid"), "qemu_start": vm.get("qemu_start")},
+                      "resources": conf["resources"],
+                      "cgroups": [[d, v, sorted(c)] for d, v, c in cgroup_dirs]}
+        state.save()
+        stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
+
+        def member_main(notify_fd):
+            state.unlock()
+            params = {"state_dir": state.dir, "cid": args.id, "sandbox_dir": sandbox.dir, "slot": slot,
+                      "config": gconf, "stdio": stdio, "notify_fd": notify_fd,
+                      "terminal": host_tty, "cgroups": cgroups}
+            _exec_monitor(params, [fd for fd in stdio + (notify_fd, host_tty) if fd is not None],
+                          kind="member")
+            return MemberMonitor(**params).run()
+        monitor_pid, rfd = _fork_monitor(member_main, keep_stdio=host_tty is None)
+        if host_tty is not None:
+            os.close(host_tty)
+        state.data.update(pid=monitor_pid, pid_start=proc_start_time(monitor_pid), creating=True)
+        state.save()  # from here on, delete --force finds the member's process even if we die
+        reply = _read_pipe(rfd, 90)
+        result = json_loads(reply) if reply.strip() else {"error": "the member's process died"}
+        if result.get("error"):
+            raise Error(result["error"])
+        state.data["proc"] = result["proc"]
+        state.save()
+        _create_hooks(conf["hooks"], state)
+        state.data["creating"] = False
+        state.save()
+        if getattr(args, "pid_file", None):
+            write_atomic(os.path.abspath(args.pid_file), str(monitor_pid))
+    except BaseException:
+        if monitor_pid:
+            _kill_container(state)
+        if exported:
+            unexport_member(sdata, sandbox.dir, slot)
+        release_pod_slot(sandbox.dir, slot)
+        remove_host_cgroup(cgroups)
+        state.remove()
+        raise
+    LOG.info("created %s in pod %s (process %d, slot %d)", args.id, sandbox.id, monitor_pid, slot)
+    return state, monitor_pid
+
+
+def _unexport_member_of(root, sandbox):
+    """Unmount a deleted member's files from its sandbox's VM and free its slot."""
+    sandbox_state = State(root, sandbox["id"])
+    if sandbox_state.exists() and sandbox_state.load(must_exist=False):
+        unexport_member(sandbox_state.data, sandbox["dir"], sandbox["slot"])
+    release_pod_slot(sandbox["dir"], sandbox["slot"])
+
+
+# ===========================================================================
+# Commands: exec, pause, resume and ps
+# ===========================================================================
 
 def _arg_json(args, name):
     """The JSON of a file option (- for stdin; a /dev/fd/N file read before fds were closed)."""
@@ -7161,16 +7253,22 @@ PS_COLUMNS = {
     "ni": ("NI", 3, True, lambda p, c: p.get("nice", 0)),
     "psr": ("PSR", 3, True, lambda p, c: 0),
 }
+
+
 PS_ALIASES = {"euid": "uid", "uname": "user", "egid": "gid", "egroup": "group",
               "ucomm": "comm", "command": "args", "%cpu": "pcpu", "%mem": "pmem",
               "tt": "tty", "cputime": "time", "state": "s", "rssize": "rss", "rsz": "rss",
               "vsize": "vsz", "thcount": "nlwp", "pgrp": "pgid", "sess": "sid", "session": "sid",
               "nice": "ni"}
+
+
 PS_FORMATS = {"default": "pid,tname,time,ucmd",
               "f": "uid_hack,pid,ppid,c,stime,tname,time,cmd",
               "F": "uid_hack,pid,ppid,c,sz,rss,psr,stime,tname,time,cmd",
               "u": "user,pid,pcpu,pmem,vsz,rss,tname,stat,bsdstart,bsdtime,args",
               "bsd": "pid,tname,stat,bsdtime,args"}
+
+
 PS_SELECTION = set("eAadgNrxTw")  # process selection and width: every container process is listed
 PS_EMULATED = "emulated: -e -A -a -x -f -F -o FORMAT, BSD a x u"
 
@@ -7341,6 +7439,10 @@ def _tty_name(dev):
         return "hvc%d" % minor
     return "?"
 
+
+# ===========================================================================
+# Commands: events, update, state, kill, list, spec, features, version, check
+# ===========================================================================
 
 def vm_stats(state):
     """runc-style stats of the VM: QEMU's CPU time and memory as the host sees them."""
