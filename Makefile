@@ -44,9 +44,10 @@ test-functional:
 
 DENSITY ?= 50
 ENGINE_RUNS ?= 5
-bench: deps  ## issue 8's figures (CLI, warm start, memory, density, engines + timeline), then network
+bench: deps  ## issue 8's figures (CLI, warm start, memory, density, engines + timeline), then network, then pods
 	$(PYTHON) bench/bench.py --density $(DENSITY) --engines $(ENGINE_RUNS)
 	$(PYTHON) bench/network.py
+	$(PYTHON) bench/pods.py
 
 check:
 	$(PYTHON) $(RUNTIME) check
