@@ -119,8 +119,11 @@ def test_every_9p_tag_mounted_and_written_leaves_the_host_untouched(runtime, hos
     lines = r.stdout.splitlines()
     assert not [ln for ln in lines if "WROTE" in ln], r.stdout
     spare = [ln for ln in lines if ln.startswith("share")]
-    # the second container has no binds: all spare, in the template with the fewest slots
+    # the second container has no binds: all spare, in the template with the fewest slots;
+    # the first spare one is its pod export, which holds only its empty member slots
     assert len(spare) == rt.SHARE_SLOT_CLASSES[0], r.stdout
+    pod, spare = spare[0], spare[1:]
+    assert sorted(pod.split()[1:]) == sorted(str(n) for n in range(rt.POD_SLOTS)), pod
     assert all(ln.endswith(":") or ln.endswith(": ") for ln in spare), "spare slots are not empty: %s" % spare
     assert os.listdir(cache_empty) == []
     # and the first container, whose spare tags are its own, writes only its own writable mounts
@@ -149,9 +152,15 @@ def test_qemu_exports_only_the_given_files_and_read_only_mounts_read_only(runtim
     state_dir = os.path.join(runtime.root, "exports")
     staged = {p: o for p, o in exports.items() if p.startswith(state_dir)}
     assert staged, exports
-    assert all(o.get("readonly") == "on" for p, opts in staged.items() if not p.endswith("/rw")
-               for o in opts)
+    assert all(o.get("readonly") == "on" for p, opts in staged.items()
+               if not p.endswith(("/rw", "/" + rt.POD_DIR)) for o in opts)
     assert [o.get("readonly") for o in staged[state_dir + "/files/rw"]] == [None]
+    # the pod export: writable for members' read-write files, itself on the read-only tmpfs
+    assert [o.get("readonly") for o in staged[state_dir + "/files/pod"]] == [None]
+    pod = subprocess.run(["nsenter", "-t", str(qemu), "-m", "sh", "-c",
+                          "cd %s/files/pod && ls -A 0 && touch planted 0/planted" % state_dir],
+                         capture_output=True, text=True)
+    assert pod.stdout == "" and "Read-only file system" in pod.stderr, (pod.stdout, pod.stderr)
     # In QEMU's mount namespace: each staging directory holds just the given files, on a tmpfs
     # that is read-only, and the spare slots' directory is empty.
     listing = subprocess.run(["nsenter", "-t", str(qemu), "-m", "sh", "-c",
