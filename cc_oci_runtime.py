@@ -1806,23 +1806,38 @@ def make_mountpoints(rootfs, mounts):
             points.append((dest, not (src and os.path.isfile(src))))
         if m["type"] != "bind":
             covered.append(dest)
+
+    def make():
+        """In the chrooted child."""
+        os.chroot(rootfs)
+        for dest, directory in points:
+            try:
+                _make_mountpoint(dest, directory)
+            except OSError as e:
+                raise Error("mount point %s: %s" % (e.filename or "", e.strerror or e)) from None
+    failure = _in_child(make)
+    if failure:
+        raise Error("root.readonly: " + failure)
+
+
+def _in_child(work):
+    """Run work() in a forked child (to chroot or enter a namespace without changing us); the
+    text of the Error or OSError it raised, or "" when it succeeded."""
     r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
+    child = os.fork()
+    if child == 0:
         os.close(r)
         try:
-            os.chroot(rootfs)
-            for dest, directory in points:
-                _make_mountpoint(dest, directory)
-        except OSError as e:
-            os.write(w, ("mount point %s: %s" % (e.filename or "", e.strerror or e)).encode())
-        os._exit(0)
+            work()
+        except (Error, OSError) as e:
+            os.write(w, str(e).encode(errors="replace") or b"failed")
+        finally:
+            os._exit(0)
     os.close(w)
     with os.fdopen(r, "rb") as f:
         failure = f.read().decode(errors="replace")
-    os.waitpid(pid, 0)
-    if failure:
-        raise Error("root.readonly: " + failure)
+    os.waitpid(child, 0)
+    return failure
 
 
 def qemu_command(cid, vm, conf, state_dir, image, template=None, vm_uuid=None):
@@ -2457,22 +2472,13 @@ def _open_tree(path, recursive):
 def _in_mount_ns(pid, work):
     """Run work() in a child that has entered the mount namespace of process pid; its error
     (an Error's or OSError's text) is raised here."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    child = os.fork()
-    if child == 0:
-        os.close(r)
-        try:
-            fd = os.open("/proc/%d/ns/mnt" % pid, os.O_RDONLY | os.O_CLOEXEC)
-            _check_libc(_libc().setns(fd, CLONE_NEWNS), "setns(mnt)")
-            work()
-        except (Error, OSError) as e:
-            os.write(w, str(e).encode(errors="replace") or b"failed")
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        failure = f.read().decode(errors="replace")
-    os.waitpid(child, 0)
+
+    def entered():
+        """In the child: enter the namespace, then work."""
+        fd = os.open("/proc/%d/ns/mnt" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        _check_libc(_libc().setns(fd, CLONE_NEWNS), "setns(mnt)")
+        work()
+    failure = _in_child(entered)
     if failure:
         raise Error(failure)
 
