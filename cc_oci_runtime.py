@@ -2480,7 +2480,7 @@ def unexport_member(sandbox_data, sandbox_dir, slot):
 # Guest image: an initramfs built from the host's Python and kernel modules
 # ===========================================================================
 
-IMAGE_FORMAT = 5  # bump when the image layout changes
+IMAGE_FORMAT = 6  # bump when the image layout changes
 AGENT_IMPORTS = ("ctypes", "resource", "termios", "select", "json", "struct", "errno",
                  "fcntl", "socket", "signal", "time", "traceback")
 
@@ -2759,6 +2759,8 @@ def guest_image(vm, python=None):
     script, manifest, modules = _image_inputs(python, vm["modules_dir"])
     digest = sha256(script + b"%d" % IMAGE_FORMAT)
     files = [python] + manifest["maps"] + manifest["modules"] + modules + ["/etc/ld.so.cache"]
+    criu = criu_files(vm["modules_dir"])  # (see "Checkpoint and restore")
+    files += sum(criu.values(), []) if criu else []
     for path in files:
         try:
             st = os.stat(path)
@@ -2773,7 +2775,7 @@ def guest_image(vm, python=None):
     tmp = "%s.tmp.%d" % (out, os.getpid())
     try:
         with open(tmp, "wb") as f:
-            _write_image(CpioWriter(f), python, manifest, modules, script)
+            _write_image(CpioWriter(f), python, manifest, modules, script, criu)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, out)
@@ -2802,8 +2804,9 @@ def prune_cache(prefix, keep, age=3600):
                     pass
 
 
-def _write_image(w, python, manifest, modules, script):
-    """The initramfs contents: interpreter, libraries, modules, agent, /init."""
+def _write_image(w, python, manifest, modules, script, criu=None):
+    """The initramfs contents: interpreter, libraries, modules, agent, /init (and criu's
+    files when the host has criu)."""
     for d in ("dev", "proc", "sys", "run", "tmp", "mnt", GUEST_MODULES_DIR.strip("/")):
         w.add_dir(d)
     w.add_device("dev/console", True, 5, 1)
@@ -2832,6 +2835,8 @@ def _write_image(w, python, manifest, modules, script):
     init = ("#!%s -IS\nimport sys\nsys.path.insert(0, '/')\nimport cc_oci_runtime\n"
             "cc_oci_runtime.agent_main()\n" % python)
     w.add_file("init", init.encode(), 0o755)
+    if criu:
+        _add_criu(w, criu)
     w.close()
 
 
@@ -2852,7 +2857,7 @@ def _pyc_from_source(source, name):
 
 FRAME = struct.Struct("!BII")
 CLIENT_OPS = ("start", "exec", "signal", "resize", "ps", "stats", "update",  # the monitor's socket
-              "create_member", "freeze")
+              "create_member", "freeze", "criu_check", "checkpoint")
 MSG, DATA = 1, 2
 CHUNK = 65536
 
@@ -4935,6 +4940,12 @@ class Agent:
         return {"op": "ps", "processes": guest_processes(roots, env=msg.get("env", True)),
                 "mem_total": _mem_total_kb()}
 
+    # -- checkpoint and restore (see "Checkpoint and restore") ---------------
+    def _op_criu_check(self, _msg):
+        """criu check in the guest: whether this kernel and image can checkpoint."""
+        status, out = guest_criu(["check"])
+        return {"op": "criu_check", "status": status, "output": out}
+
     # -- processes ---------------------------------------------------------
     def _spawn(self, num, proc, exe, pid1, conf):
         """fork/exec a process with pipes (or a pty) for its stdio, in the pid namespace of
@@ -5891,6 +5902,175 @@ def _guest_constants():
             mem = int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal:")))
         _CONSTANTS.append((os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE") // 1024, btime, mem))
     return _CONSTANTS[0]
+
+
+# ===========================================================================
+# Checkpoint and restore: CRIU in the guest on the container's process tree
+# ===========================================================================
+# QEMU 7.2 refuses to migrate or snapshot a VM while a 9p export is mounted, so a container is
+# checkpointed as runc does it on a host: CRIU dumps the container's process tree, here from
+# inside the VM (the guest runs the host's own kernel, which the host's criu was built for;
+# the guest image carries criu, its libraries, tar and gzip, which it runs to dump a tmpfs, and
+# the socket-diag modules it reads sockets with). The image directory reaches the running VM
+# as a pod member's files do: cloned on the host and moved onto a slot of the pod export.
+
+CRIU_TOOLS = ("criu", "tar", "gzip")  # criu dumps and restores a tmpfs with `tar --gzip`
+# (libcrc32c, which nf_tables needs, asks the crypto API for crc32c: no module loader in the guest)
+CRIU_MODULES = ("unix_diag", "inet_diag", "tcp_diag", "udp_diag", "netlink_diag", "crc32c_generic",
+                "nf_tables")
+GUEST_CRIU_MODULES = "/cc/criu-modules"  # loaded by the agent at the first checkpoint or restore
+OPTIONAL_CHECKS = ("checkpoint",)  # check's items a host can do without
+TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def find_tool(name):
+    """A host program's path in TOOL_PATH, or None."""
+    for d in TOOL_PATH.split(":"):
+        path = os.path.join(d, name)
+        if _root_can_exec(_mode_of(path)):
+            return path
+    return None
+
+
+def criu_files(modules_dir):
+    """What the guest image carries for checkpoint and restore, {"tools", "libraries",
+    "modules"}, or None when the host has no criu; cached by the tools' size and mtime."""
+    tools = [find_tool(name) for name in CRIU_TOOLS]
+    if None in tools:
+        return None
+    key = sha256(("%s|%s" % (modules_dir, ",".join(CRIU_MODULES))).encode())
+    for path in tools:
+        st = os.stat(path)
+        key.update(("|%s|%d|%d" % (path, st.st_size, st.st_mtime_ns)).encode())
+    cache = os.path.join(CACHE_DIR, "criu-%s.json" % key.hexdigest()[:20])
+    try:
+        with open(cache) as f:
+            return json_loads(f.read())
+    except (OSError, ValueError):
+        pass
+    libraries = sorted({lib for path in tools for lib in _elf_libraries(path)})
+    found = {"tools": tools, "libraries": libraries,
+             "modules": guest_modules(modules_dir, CRIU_MODULES)}
+    try:
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        write_atomic(cache, json_dumps(found))
+        prune_cache("criu-", cache)
+    except OSError:
+        pass
+    return found
+
+
+def _elf_libraries(path):
+    """The shared libraries an executable loads, as its dynamic loader lists them (ldd)."""
+    loader = elf_interpreter(path)
+    if not loader:
+        return []
+    out = _run_tool([loader, "--list", path])[1]
+    libs = []
+    for line in out.splitlines():
+        target = line.partition("=>")[2] if "=>" in line else line
+        target = target.strip().partition(" (")[0]
+        if target.startswith("/") and os.path.isfile(target):
+            libs.append(target)
+    return libs
+
+
+def _add_criu(w, criu):
+    """Put criu's files in the guest image, at their host paths (modules in their own dir)."""
+    for path in criu["tools"] + criu["libraries"]:
+        _add_host_path(w, path)
+        _add_library_links(w, path)
+    for i, path in enumerate(criu["modules"]):
+        w.add_file("%s/%02d-%s.ko" % (GUEST_CRIU_MODULES.strip("/"), i, _module_name(path)),
+                   _module_bytes(path))
+
+
+def _run_tool(argv, cwd=None, env=None, fds=()):
+    """(exit status, stdout and stderr) of a program, without subprocess (the guest image has
+    not got it); fds are passed at their own numbers."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            for fd in fds:
+                os.set_inheritable(fd, True)
+            if cwd:
+                os.chdir(cwd)
+            os.execve(argv[0], argv, env if env is not None else os.environ)
+        except OSError as e:
+            os.write(2, ("%s: %s\n" % (argv[0], e.strerror)).encode())
+        finally:
+            os._exit(127)
+    os.close(w)
+    chunks = []
+    try:
+        while True:
+            data = os.read(r, CHUNK)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(r)
+    _pid, status = os.waitpid(pid, 0)
+    return exit_status(status), b"".join(chunks).decode(errors="replace")
+
+
+def criu_version():
+    """The host's criu version ("3.17.1"), or an Error naming what is missing."""
+    criu = find_tool("criu")
+    if criu is None:
+        raise Error("no criu on the host (apt-get install criu): checkpoint and restore fail")
+    missing = [name for name in CRIU_TOOLS if find_tool(name) is None]
+    if missing:
+        raise Error("criu needs %s on the host" % ", ".join(missing))
+    out = _run_tool([criu, "--version"])[1]
+    return out.split("Version:")[-1].split()[0] if "Version:" in out else out.strip()
+
+
+# -- in the guest: criu run by the agent -------------------------------------
+
+def _criu_ready():
+    """Once: load the modules criu needs (EEXIST is fine) and give the agent a devpts (criu
+    opens /dev/ptmx, which needs a /dev/pts beside it)."""
+    if getattr(_criu_ready, "done", False):
+        return
+    import ctypes
+    for name in sorted(os.listdir(GUEST_CRIU_MODULES)):
+        fd = os.open(os.path.join(GUEST_CRIU_MODULES, name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc().syscall(313, fd, b"", 0) != 0 and ctypes.get_errno() != errno.EEXIST:
+                raise Error("checkpoint: cannot load %s: %s"
+                            % (name, os.strerror(ctypes.get_errno())))
+        finally:
+            os.close(fd)
+    if not os.path.ismount("/dev/pts"):
+        os.makedirs("/dev/pts", exist_ok=True)
+        mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666")
+    _criu_ready.done = True
+
+
+def guest_criu(args, cwd=None, fds=()):
+    """(status, output) of criu in the guest, forked into the VM's own pid namespace (the
+    agent's children are the container's) with the tools' PATH."""
+    criu = find_tool("criu")
+    if criu is None or not os.path.isdir(GUEST_CRIU_MODULES):
+        raise Error("checkpoint: the guest image has no criu (install criu on the host)")
+    _criu_ready()
+    back = os.open("/proc/self/ns/pid_for_children", os.O_RDONLY | os.O_CLOEXEC)
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check_libc(_libc().setns(own, CLONE_NEWPID), "setns(pid)")
+        try:
+            return _run_tool([criu] + args, cwd, {"PATH": TOOL_PATH, "HOME": "/"}, fds)
+        finally:
+            _libc().setns(back, CLONE_NEWPID)
+    finally:
+        os.close(back)
+        os.close(own)
 
 
 # ===========================================================================
@@ -7371,6 +7551,7 @@ def check_host():
         if results[-1][0] and results[1][0]:
             item("VM template", template)
     item("networking", net_probe)
+    item("checkpoint", lambda: "criu %s (carried in the guest image)" % criu_version())
     return results
 
 
@@ -7378,8 +7559,9 @@ def cmd_check(_args):
     """check: can this host run containers? Names the fix for each missing piece."""
     results = check_host()
     for ok, what, detail in results:
-        print("%-4s %-15s %s" % ("ok" if ok else "FAIL", what, detail))
-    if not all(ok for ok, _, _ in results):
+        print("%-4s %-15s %s" % ("ok" if ok else "off" if what in OPTIONAL_CHECKS else "FAIL",
+                                 what, detail))
+    if not all(ok for ok, what, _ in results if what not in OPTIONAL_CHECKS):
         raise Error("this host cannot run containers yet: see the FAIL lines above")
 
 

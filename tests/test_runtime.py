@@ -4668,3 +4668,67 @@ def test_agent_requests_find_their_container():
     with pytest.raises(rt.Error) as e:
         agent._container_of({"op": "ps", "member": 3})
     assert str(e.value) == "container not running"
+
+
+# ===========================================================================
+# 14. Checkpoint and restore: what the guest image carries (no VM)
+# ===========================================================================
+
+def test_elf_libraries_lists_what_the_loader_loads():
+    sh = os.path.realpath(shutil.which("sh"))
+    libs = rt._elf_libraries(sh)
+    assert any(os.path.basename(p).startswith("libc.so") for p in libs), libs
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p in libs)
+    assert rt._elf_libraries(SCRIPT) == []  # not an ELF file
+
+
+def test_criu_files_none_without_criu(tmp_path, monkeypatch):
+    monkeypatch.setattr(rt, "TOOL_PATH", str(tmp_path))
+    assert rt.criu_files(str(tmp_path)) is None
+    with pytest.raises(rt.Error, match="no criu on the host"):
+        rt.criu_version()
+
+
+def test_criu_files_are_tools_libraries_and_modules(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    sh = os.path.realpath(shutil.which("sh"))
+    for name in rt.CRIU_TOOLS:
+        shutil.copy(sh, bindir / name)
+    mods = tmp_path / "mods"
+    (mods / "kernel").mkdir(parents=True)
+    dep = ""
+    for name in rt.CRIU_MODULES:
+        (mods / "kernel" / (name + ".ko")).write_bytes(b"\x7fELF" + name.encode())
+        dep += "kernel/%s.ko:\n" % name
+    (mods / "modules.dep").write_text(dep)
+    monkeypatch.setattr(rt, "TOOL_PATH", str(bindir))
+    found = rt.criu_files(str(mods))
+    assert found["tools"] == [str(bindir / n) for n in rt.CRIU_TOOLS]
+    assert any("libc.so" in p for p in found["libraries"])
+    assert [os.path.basename(p) for p in found["modules"]] == [n + ".ko" for n in rt.CRIU_MODULES]
+    assert rt.criu_files(str(mods)) == found  # (from the cache)
+    buf = io.BytesIO()
+    w = rt.CpioWriter(buf)
+    rt._add_criu(w, found)
+    w.close()
+    entries = rt.read_cpio(buf.getvalue())
+    assert (str(bindir / "criu").lstrip("/")) in entries
+    names = sorted(n for n in entries if n.startswith(rt.GUEST_CRIU_MODULES.strip("/") + "/"))
+    assert names == ["%s/%02d-%s.ko" % (rt.GUEST_CRIU_MODULES.strip("/"), i, n)
+                     for i, n in enumerate(rt.CRIU_MODULES)]
+
+
+def test_run_tool_gives_status_and_output():
+    assert rt._run_tool(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"]) == (3, "out\nerr\n")
+    status, out = rt._run_tool(["/nonexistent/tool"])
+    assert status == 127 and "No such file" in out
+
+
+def test_check_reports_checkpoint_without_failing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rt, "check_host", lambda: [(True, "qemu", "q"), (False, "checkpoint", "no criu")])
+    rt.cmd_check(None)
+    assert "off  checkpoint      no criu" in capsys.readouterr().out
+    monkeypatch.setattr(rt, "check_host", lambda: [(False, "qemu", "q")])
+    with pytest.raises(rt.Error):
+        rt.cmd_check(None)
