@@ -4946,6 +4946,29 @@ class Agent:
         status, out = guest_criu(["check"])
         return {"op": "criu_check", "status": status, "output": out}
 
+    def _op_checkpoint(self, msg):
+        """Dump the container's process tree with criu into the image directory the host put
+        on the pod export, with runc's descriptors.json (its stdio); without leave_running
+        (or pre_dump) criu kills the processes and the container ends."""
+        proc = self.procs.get(0)
+        if proc is None or proc["status"] is not None or not proc["started"]:
+            raise Error("container not running")
+        images = guest_export_path(msg["pod_tag"], msg["images"])
+        work = guest_export_path(msg["pod_tag"], msg["work"])
+        stdio = []
+        for fd in (0, 1, 2):
+            try:
+                stdio.append(os.readlink("/proc/%d/fd/%d" % (proc["pid"], fd)))
+            except OSError:
+                stdio.append("/dev/null")
+        with open(os.path.join(images, "descriptors.json"), "w") as f:
+            f.write(json_dumps(stdio))
+        status, out = guest_criu(criu_dump_args(self.conf, proc["pid"], images, work, msg))
+        if status != 0:
+            raise Error("criu failed: %s" % (criu_log_errors(os.path.join(work, "dump.log"))
+                                             or out.strip() or "exit status %d" % status))
+        return {"op": "checkpointed"}
+
     # -- processes ---------------------------------------------------------
     def _spawn(self, num, proc, exe, pid1, conf):
         """fork/exec a process with pipes (or a pty) for its stdio, in the pid namespace of
@@ -5501,8 +5524,9 @@ def _pivot_into_container():
     agent's /proc, /sys, /dev and 9p shares are detached from it, out of the workload's reach."""
     for path in ("/proc", "/sys", "/dev"):
         umount(path)
-    os.chdir(GUEST_RUN)  # pivot_root cannot leave the initramfs: start from the tmpfs above
-    os.chroot(".")
+    os.chdir(GUEST_RUN)  # pivot_root cannot leave the initramfs: start from the tmpfs above,
+    mount(GUEST_RUN, "/", None, MS_MOVE)  # moved onto "/", so that the rootfs ends up there
+    os.chroot(".")  # (criu dumps only a task whose root is its mount namespace's "/")
     os.chdir(GUEST_ROOT[len(GUEST_RUN):])
     _check_libc(_libc().syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
     umount(".")  # the old root (the tmpfs with the shares), now stacked on "/"
@@ -5914,7 +5938,7 @@ def _guest_constants():
 # the socket-diag modules it reads sockets with). The image directory reaches the running VM
 # as a pod member's files do: cloned on the host and moved onto a slot of the pod export.
 
-CRIU_TOOLS = ("criu", "tar", "gzip")  # criu dumps and restores a tmpfs with `tar --gzip`
+CRIU_TOOLS = ("criu", "tar", "gzip", "sh")  # criu dumps a tmpfs with `tar --gzip` (sh -c gzip)
 # (libcrc32c, which nf_tables needs, asks the crypto API for crc32c: no module loader in the guest)
 CRIU_MODULES = ("unix_diag", "inet_diag", "tcp_diag", "udp_diag", "netlink_diag", "crc32c_generic",
                 "nf_tables")
@@ -6071,6 +6095,144 @@ def guest_criu(args, cwd=None, fds=()):
     finally:
         os.close(back)
         os.close(own)
+
+
+def guest_export_path(tag, path):
+    """A path on the pod export in the guest (which is mounted on first use)."""
+    if not os.path.ismount(GUEST_POD):
+        os.makedirs(GUEST_POD, exist_ok=True)
+        mount(tag, GUEST_POD, "9p", 0, NINEP_OPTIONS)
+    return os.path.join(GUEST_POD, path)
+
+
+def criu_dump_args(conf, pid, images, work, opts):
+    """criu's arguments to dump (or pre-dump) the container whose first process is pid:
+    runc's, with the bind mounts external (the restore maps them to the new VM's shares), the
+    cgroups left to the agent, the container's cgroup frozen during the dump."""
+    args = ["pre-dump" if opts.get("pre_dump") else "dump", "--tree", str(pid),
+            "--images-dir", images, "--work-dir", work, "--log-file", "dump.log", "-v4",
+            "--manage-cgroups=ignore", "--freeze-cgroup", CONTAINER_CGROUP]
+    for m in conf["mounts"]:
+        if m["type"] == "bind":
+            args += ["--external", "mnt[%s]:%s" % (m["destination"], m["destination"])]
+    if opts.get("pre_dump") or opts.get("parent"):
+        args.append("--track-mem")
+    if opts.get("parent"):
+        args += ["--prev-images-dir", opts["parent"]]
+    return args + _criu_flags(opts)
+
+
+def _criu_flags(opts):
+    """criu's flags for runc's boolean options."""
+    flags = {"leave_running": "--leave-running", "tcp_established": "--tcp-established",
+             "ext_unix_sk": "--ext-unix-sk", "shell_job": "--shell-job",
+             "file_locks": "--file-locks"}
+    out = [flag for key, flag in flags.items() if opts.get(key)]
+    if opts.get("tcp_established"):  # the guest has nftables, not the iptables binary
+        out += ["--network-lock", "nftables"]
+    return out
+
+
+def criu_log_errors(path, lines=4):
+    """The last error lines of a criu log (what says why it failed), or ''."""
+    try:
+        with open(path, errors="replace") as f:
+            errors = [ln.strip() for ln in f if "Error" in ln]
+    except OSError:
+        return ""
+    return "; ".join(errors[-lines:])
+
+
+# -- on the host: the checkpoint and restore commands ------------------------
+
+CHECKPOINT_STAGE = "checkpoint-stage"  # in the state dir: where the export is assembled
+CRIU_TIMEOUT = 600  # seconds a dump or restore may take (TCG on a busy host is slow)
+
+
+def _image_dirs(args):
+    """(image directory, work directory) of a checkpoint or restore, absolute: runc's
+    defaults (./checkpoint; the work directory is the image directory)."""
+    images = os.path.abspath(args.image_path or "checkpoint")
+    return images, os.path.abspath(args.work_path) if args.work_path else images
+
+
+def export_images(state, dirs):
+    """Give a running VM host directories [(name, path)]: cloned onto a free slot of its pod
+    export (as a member's files are); returns the slot (the VM sees <slot>/<name>)."""
+    if not (state.data.get("pod") or {}).get("tag"):
+        raise Error("checkpoint: the VM has no 9p slot left for the image directory (the "
+                    "container has %d bind-mount sources)" % SHARE_SLOTS)
+    slot = claim_pod_slot(state.dir, "checkpoint")
+    stage = os.path.join(state.dir, CHECKPOINT_STAGE)
+    try:
+        os.makedirs(stage, exist_ok=True)
+        export_member(state, stage, slot, [(name, path, True, False, False)
+                                           for name, path in dirs])
+    except BaseException:
+        release_pod_slot(state.dir, slot)
+        raise
+    finally:
+        _ignore_oserror(os.rmdir, stage)
+    return slot
+
+
+def unexport_images(state, slot):
+    """Take the directories export_images gave a VM away again."""
+    unexport_member(state.data, state.dir, slot)
+    release_pod_slot(state.dir, slot)
+
+
+def checkpoint_options(args):
+    """The agent's checkpoint/restore options from runc's flags."""
+    return {key: bool(getattr(args, key, False)) for key in
+            ("leave_running", "tcp_established", "ext_unix_sk", "shell_job", "file_locks",
+             "pre_dump")}
+
+
+def _checkpointable(state):
+    """Raise runc's error (or ours) when the container cannot be checkpointed now."""
+    status = state.status()
+    if status in ("created", "stopped", "creating"):
+        raise Error("Container cannot be checkpointed in %s state" % status)
+    if state.data.get("sandbox") or has_members(state.dir):
+        raise Error("checkpoint: a container in a pod's VM cannot be checkpointed")
+    if state.data.get("terminal"):
+        raise Error("checkpoint: a container with a terminal (process.terminal) cannot be "
+                    "checkpointed")
+    if state.data.get("paused") == PAUSED_FROZEN:
+        raise Error("checkpoint: a container frozen in a pod cannot be checkpointed")
+
+
+def cmd_checkpoint(args):
+    """checkpoint: CRIU in the VM dumps the container's processes into --image-path; the
+    container then goes (its VM with it), unless --leave-running or --pre-dump."""
+    state = _open_state(args, lock=True)
+    _checkpointable(state)
+    images, work = _image_dirs(args)
+    for path in {images, work}:
+        os.makedirs(path, 0o700, exist_ok=True)
+    began = time.monotonic()
+    paused = state.data.get("paused") == PAUSED_VM
+    if paused:  # the agent must run; criu freezes the container's cgroup first thing
+        qmp(state, "cont")
+    slot = None
+    try:
+        slot = export_images(state, [("images", images)] + ([("work", work)] if work != images else []))
+        msg = dict(checkpoint_options(args), op="checkpoint", pod_tag=state.data["pod"]["tag"],
+                   images="%d/images" % slot, work="%d/%s" % (slot, "work" if work != images else "images"),
+                   parent=args.parent_path)
+        try:
+            monitor_request(state, msg, timeout=CRIU_TIMEOUT)
+        except Error as e:
+            raise Error("%s (log file: %s)" % (e, os.path.join(work, "dump.log"))) from None
+    finally:
+        if slot is not None:
+            unexport_images(state, slot)
+        if paused and (args.leave_running or args.pre_dump) and state.status() != "stopped":
+            qmp(state, "stop")
+    LOG.info("checkpointed %s into %s in %.1f s", state.id, images, time.monotonic() - began)
+    if not (args.leave_running or args.pre_dump):
+        delete_container(state, force=True)  # as runc destroys a checkpointed container
 
 
 # ===========================================================================
@@ -7456,12 +7618,6 @@ def cmd_spec(args):
         raise Error("%s: %s" % (path, e.strerror)) from None
 
 
-def cmd_checkpoint(args):
-    """checkpoint: not supported (a VM's state is not criu's); fails as runc without criu."""
-    _open_state(args)
-    raise Error("checkpoint is not supported: the container runs in a VM (runc needs criu)")
-
-
 def cmd_restore(args):
     """restore: not supported (nothing can be checkpointed); fails as runc without an image."""
     raise Error("restore is not supported: the container runs in a VM (runc needs criu)")
@@ -7740,7 +7896,8 @@ def build_parser(only=None):
         up.add_argument(opt, help=argparse.SUPPRESS)
     command("features", cmd_features, "print the supported features as JSON", with_id=False)
     for name, fn in (("checkpoint", cmd_checkpoint), ("restore", cmd_restore)):
-        c = command(name, fn, "%s a container (not supported: fails as runc without criu)" % name)
+        c = command(name, fn, "%s a container (CRIU in its VM; see README.md, \"Checkpoint "
+                              "and restore\")" % name)
         for flag in ("--leave-running", "--tcp-established", "--ext-unix-sk", "--shell-job",
                      "--lazy-pages", "--file-locks", "--pre-dump", "--auto-dedup",
                      "-d", "--detach", "--no-subreaper", "--no-pivot"):

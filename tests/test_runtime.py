@@ -4732,3 +4732,52 @@ def test_check_reports_checkpoint_without_failing(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(rt, "check_host", lambda: [(False, "qemu", "q")])
     with pytest.raises(rt.Error):
         rt.cmd_check(None)
+
+
+def test_criu_dump_args_make_binds_external_and_freeze_the_cgroup():
+    conf = {"mounts": [{"destination": "/data", "type": "bind"},
+                       {"destination": "/tmp", "type": "tmpfs"}]}
+    args = rt.criu_dump_args(conf, 42, "/i", "/w", {"leave_running": True, "file_locks": True})
+    assert args[:3] == ["dump", "--tree", "42"]
+    assert args[args.index("--images-dir") + 1] == "/i" and args[args.index("--work-dir") + 1] == "/w"
+    assert args[args.index("--freeze-cgroup") + 1] == rt.CONTAINER_CGROUP
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--external"] == ["mnt[/data]:/data"]
+    assert "--leave-running" in args and "--file-locks" in args and "--tcp-established" not in args
+    pre = rt.criu_dump_args(conf, 42, "/i", "/w", {"pre_dump": True, "tcp_established": True})
+    assert pre[0] == "pre-dump" and "--track-mem" in pre
+    assert pre[pre.index("--network-lock") + 1] == "nftables"
+    child = rt.criu_dump_args(conf, 42, "/i", "/w", {"parent": "../pre"})
+    assert child[child.index("--prev-images-dir") + 1] == "../pre" and "--track-mem" in child
+
+
+def test_image_dirs_default_as_runc(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = rt._Args({"image_path": None, "work_path": None})
+    assert rt._image_dirs(args) == (str(tmp_path / "checkpoint"),) * 2
+    args = rt._Args({"image_path": "img", "work_path": "/w"})
+    assert rt._image_dirs(args) == (str(tmp_path / "img"), "/w")
+
+
+def test_criu_log_errors_keeps_the_last_error_lines(tmp_path):
+    log = tmp_path / "dump.log"
+    log.write_text("(0.1) info\n(0.2) Error (a): one\n(0.3) Error (b): two\nok\n")
+    assert rt.criu_log_errors(str(log)) == "(0.2) Error (a): one; (0.3) Error (b): two"
+    assert rt.criu_log_errors(str(log), lines=1) == "(0.3) Error (b): two"
+    assert rt.criu_log_errors(str(tmp_path / "none")) == ""
+
+
+@pytest.mark.parametrize("data, error", [
+    ({}, "Container cannot be checkpointed in creating state"),
+    ({"pid": "ME", "started": False}, "Container cannot be checkpointed in created state"),
+    ({"pid": "ME", "started": True, "terminal": True}, "with a terminal"),
+    ({"pid": "ME", "started": True, "sandbox": {"id": "s"}}, "in a pod's VM"),
+    ({"pid": "ME", "started": True, "paused": rt.PAUSED_FROZEN}, "frozen in a pod"),
+])
+def test_checkpointable_refuses_as_runc(tmp_path, data, error):
+    state = rt.State(str(tmp_path), "c")
+    me = os.getpid()
+    state.data = dict(data, pid=me, pid_start=rt.proc_start_time(me)) if data else {}
+    with pytest.raises(rt.Error, match=re.escape(error)):
+        rt._checkpointable(state)
+    state.data = {"pid": me, "pid_start": rt.proc_start_time(me), "started": True}
+    rt._checkpointable(state)  # running: fine
