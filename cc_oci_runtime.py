@@ -2857,7 +2857,7 @@ def _pyc_from_source(source, name):
 
 FRAME = struct.Struct("!BII")
 CLIENT_OPS = ("start", "exec", "signal", "resize", "ps", "stats", "update",  # the monitor's socket
-              "create_member", "freeze", "criu_check", "checkpoint")
+              "create_member", "freeze", "criu_check", "checkpoint", "restore")
 MSG, DATA = 1, 2
 CHUNK = 65536
 
@@ -3751,6 +3751,8 @@ class Monitor:
         """A reply to a request, or an exit event."""
         if "id" in msg:
             client = self.pending.pop(msg.pop("id"), None)
+            if msg.get("op") == "restored":  # the workload runs: relay stdin from now on
+                self._watch_stdin()
             if client is _WORKLOAD:
                 self._workload_error(msg.get("error"))
             elif client is not None:
@@ -4514,6 +4516,8 @@ class Agent:
         _apply_guest_limits(c.get("resources", {}))  # on the cgroup made at boot
         mount(ROOTFS_TAG, GUEST_ROOT, "9p", 0, NINEP_OPTIONS)
         c["cgroup"] = setup_device_cgroup(c["id"], c.get("device_rules"))
+        if c.get("restore"):
+            return self._await_restore(c)
         pid, sock = self._create_init(c)
         self.procs[0] = {"pid": pid, "status": None, "process": c["process"], "open": 0,
                          "init": sock, "started": False}
@@ -4968,6 +4972,62 @@ class Agent:
             raise Error("criu failed: %s" % (criu_log_errors(os.path.join(work, "dump.log"))
                                              or out.strip() or "exit status %d" % status))
         return {"op": "checkpointed"}
+
+    def _await_restore(self, c):
+        """(create of a container to restore) The first process forked at boot is not wanted:
+        criu makes the container's namespaces and processes (_op_restore)."""
+        os.kill(self.init_pid, signal.SIGKILL)
+        os.waitpid(self.init_pid, 0)
+        self.init_sock.close()
+        self.procs[0] = {"pid": None, "status": None, "process": c["process"], "open": 0,
+                         "started": False, "restoring": True}
+        return {"op": "created"}
+
+    def _op_restore(self, msg):
+        """criu restore of the container from the image directory on the pod export: its
+        mount namespace on the rootfs, the bind mounts from this VM's shares, its stdio new
+        pipes of ours (descriptors.json names the old ones), in the container's cgroups."""
+        proc = self.procs.get(0)
+        if proc is None or not proc.get("restoring"):
+            raise Error("restore: the container is not waiting for a restore")
+        images = guest_export_path(msg["pod_tag"], msg["images"])
+        work = guest_export_path(msg["pod_tag"], msg["work"])
+        with open(os.path.join(images, "descriptors.json")) as f:
+            stdio = json_loads(f.read())
+        binds = {m["destination"]: self._bind_source(m) for m in self.conf["mounts"]
+                 if m["type"] == "bind"}
+        child_fds, outs = self._stdio(proc, GUEST_ROOT)
+        pidfile = os.path.join(GUEST_RUN, "restored.pid")
+        args = criu_restore_args(images, work, pidfile, binds, stdio, msg)
+        cgroups = [CONTAINER_CGROUP] + ([self.conf["cgroup"]] if self.conf.get("cgroup") else [])
+        try:
+            status, out = guest_criu(args, stdio=child_fds, cgroups=cgroups, own_root=True)
+        finally:
+            for fd in set(child_fds):
+                os.close(fd)
+        if status != 0:
+            for fd in set(outs) | {proc["stdin"]}:
+                os.close(fd)
+            raise Error("criu failed: %s" % (criu_log_errors(os.path.join(work, "restore.log"))
+                                             or out.strip() or "exit status %d" % status))
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        ns = os.open("/proc/%d/ns/pid" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        try:  # the agent's children (exec) go into the restored container's pid namespace
+            _check_libc(_libc().setns(ns, CLONE_NEWPID), "setns(pid)")
+        finally:
+            os.close(ns)
+        proc.update(started=True, restoring=False)
+        self._watch(0, proc, pid, outs)
+        return {"op": "restored", "pid": pid}
+
+    def _bind_source(self, m):
+        """Where a bind mount's source is in the guest: its 9p share, mounted here."""
+        share = os.path.join(GUEST_SHARES, m["share"])
+        if not os.path.ismount(share):
+            os.makedirs(share, exist_ok=True)
+            mount(m["share"], share, "9p", 0, NINEP_OPTIONS)
+        return os.path.join(share, m["subpath"]) if m["subpath"] else share
 
     # -- processes ---------------------------------------------------------
     def _spawn(self, num, proc, exe, pid1, conf):
@@ -6009,37 +6069,36 @@ def _add_criu(w, criu):
                    _module_bytes(path))
 
 
-def _run_tool(argv, cwd=None, env=None, fds=()):
+def _run_tool(argv, cwd=None, env=None, stdio=None, setup=None):
     """(exit status, stdout and stderr) of a program, without subprocess (the guest image has
-    not got it); fds are passed at their own numbers."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(w, 1)
-            os.dup2(w, 2)
-            for fd in fds:
-                os.set_inheritable(fd, True)
-            if cwd:
-                os.chdir(cwd)
-            os.execve(argv[0], argv, env if env is not None else os.environ)
-        except OSError as e:
-            os.write(2, ("%s: %s\n" % (argv[0], e.strerror)).encode())
-        finally:
-            os._exit(127)
-    os.close(w)
-    chunks = []
+    not got it); stdio: its fds 0-2 instead (the output is then ''); setup() runs in the
+    child first. The output goes to a memfd: nothing the program leaves can hold it open."""
+    out = os.memfd_create("tool-output", os.MFD_CLOEXEC)
     try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for target, fd in enumerate(stdio or (os.open(os.devnull, os.O_RDONLY), out, out)):
+                    os.dup2(fd, target)
+                if setup:
+                    setup()
+                if cwd:
+                    os.chdir(cwd)
+                os.execve(argv[0], argv, env if env is not None else os.environ)
+            except (Error, OSError) as e:
+                os.write(2, ("%s: %s\n" % (argv[0], getattr(e, "strerror", None) or e)).encode())
+            finally:
+                os._exit(127)
+        _pid, status = os.waitpid(pid, 0)
+        os.lseek(out, 0, os.SEEK_SET)
+        chunks = []
         while True:
-            data = os.read(r, CHUNK)
+            data = os.read(out, CHUNK)
             if not data:
                 break
             chunks.append(data)
     finally:
-        os.close(r)
-    _pid, status = os.waitpid(pid, 0)
+        os.close(out)
     return exit_status(status), b"".join(chunks).decode(errors="replace")
 
 
@@ -6077,9 +6136,11 @@ def _criu_ready():
     _criu_ready.done = True
 
 
-def guest_criu(args, cwd=None, fds=()):
+def guest_criu(args, cwd=None, stdio=None, cgroups=(), own_root=False):
     """(status, output) of criu in the guest, forked into the VM's own pid namespace (the
-    agent's children are the container's) with the tools' PATH."""
+    agent's children are the container's) with the tools' PATH, in cgroups (what it
+    restores stays there); own_root: in a mount namespace whose root can be pivoted away
+    from (criu restore's --root)."""
     criu = find_tool("criu")
     if criu is None or not os.path.isdir(GUEST_CRIU_MODULES):
         raise Error("checkpoint: the guest image has no criu (install criu on the host)")
@@ -6089,7 +6150,8 @@ def guest_criu(args, cwd=None, fds=()):
     try:
         _check_libc(_libc().setns(own, CLONE_NEWPID), "setns(pid)")
         try:
-            return _run_tool([criu] + args, cwd, {"PATH": TOOL_PATH, "HOME": "/"}, fds)
+            return _run_tool([criu] + args, cwd, {"PATH": TOOL_PATH, "HOME": "/"}, stdio,
+                             lambda: _criu_setup(cgroups, own_root))
         finally:
             _libc().setns(back, CLONE_NEWPID)
     finally:
@@ -6131,6 +6193,39 @@ def _criu_flags(opts):
     if opts.get("tcp_established"):  # the guest has nftables, not the iptables binary
         out += ["--network-lock", "nftables"]
     return out
+
+
+def _criu_setup(cgroups, own_root):
+    """(In criu's process, before exec.) Join cgroups; with own_root, a mount namespace whose
+    root is a bind of the initramfs onto itself: pivot_root refuses to move the initramfs
+    itself (it has no parent mount), and criu restore pivots into the container's rootfs."""
+    for cgroup in cgroups:
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write("0")
+    if own_root:
+        _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        mount("/", "/mnt", None, MS_BIND | MS_REC)
+        os.chdir("/mnt")
+        mount("/mnt", "/", None, MS_MOVE)
+        os.chroot(".")
+        os.chdir("/")
+
+
+def criu_restore_args(images, work, pidfile, binds, stdio, opts):
+    """criu's arguments to restore a container (the root task a child of the agent, detached):
+    the rootfs at GUEST_ROOT, each bind mount's destination mapped to its source in this VM
+    (binds), each dumped stdio pipe (stdio, from descriptors.json) to criu's own fd of that
+    number, the new pipe (an inherited fd elsewhere would stay open in the restored task)."""
+    args = ["restore", "--images-dir", images, "--work-dir", work, "--log-file", "restore.log",
+            "-v4", "--root", GUEST_ROOT, "--restore-detached", "--restore-sibling",
+            "--manage-cgroups=ignore", "--pidfile", pidfile]
+    for dest, source in sorted(binds.items()):
+        args += ["--external", "mnt[%s]:%s" % (dest, source)]
+    for fd, name in enumerate(stdio):
+        if name.startswith("pipe:"):
+            args += ["--inherit-fd", "fd[%d]:%s" % (fd, name)]
+    return args + _criu_flags(dict(opts, leave_running=False))
 
 
 def criu_log_errors(path, lines=4):
@@ -6233,6 +6328,58 @@ def cmd_checkpoint(args):
     LOG.info("checkpointed %s into %s in %.1f s", state.id, images, time.monotonic() - began)
     if not (args.leave_running or args.pre_dump):
         delete_container(state, force=True)  # as runc destroys a checkpointed container
+
+
+def _restorable(args, images):
+    """Raise runc's error when there is nothing to restore or the id is taken."""
+    if not os.path.isfile(os.path.join(images, "descriptors.json")):
+        raise Error("open %s: no such file or directory" % os.path.join(images, "descriptors.json"))
+    if State(args.root, args.id).exists():
+        raise Error("container with given ID already exists")
+
+
+def cmd_restore(args):
+    """restore: a new VM as create makes one (the bundle's rootfs and mounts), then CRIU in
+    it restores the processes from --image-path; running when restore returns (with -d;
+    without, restore waits for the container as run does)."""
+    images, work = _image_dirs(args)
+    _restorable(args, images)
+    args.bundle = args.bundle or "."
+    foreground = not args.detach
+    if foreground:  # as run: adopt the monitor to wait for it
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+    began = time.monotonic()
+    state, monitor_pid = create_container(args, args.console_socket, foreground=foreground,
+                                          restoring=True)
+    try:
+        _restore_into(state, args, images, work)
+    except BaseException:
+        delete_container(state, force=True)
+        raise
+    LOG.info("restored %s from %s in %.1f s", state.id, images, time.monotonic() - began)
+    if args.detach:
+        return 0
+    state.unlock()
+    return _wait_foreground(state, monitor_pid)
+
+
+def _restore_into(state, args, images, work):
+    """Give the created VM the image directory and have its agent run criu restore."""
+    if state.data.get("terminal"):
+        raise Error("restore: a container with a terminal (process.terminal) cannot be restored")
+    slot = export_images(state, [("images", images)] + ([("work", work)] if work != images else []))
+    try:
+        msg = dict(checkpoint_options(args), op="restore", pod_tag=state.data["pod"]["tag"],
+                   images="%d/images" % slot, work="%d/%s" % (slot, "work" if work != images else "images"))
+        try:
+            monitor_request(state, msg, timeout=CRIU_TIMEOUT)
+        except Error as e:
+            raise Error("%s (log file: %s)" % (e, os.path.join(work, "restore.log"))) from None
+    finally:
+        unexport_images(state, slot)
+    state.data["started"] = True
+    state.save()
 
 
 # ===========================================================================
@@ -6364,9 +6511,10 @@ def _reap_children():
         pass
 
 
-def create_container(args, console_socket=None, foreground=False):
+def create_container(args, console_socket=None, foreground=False, restoring=False):
     """Validate, boot the VM under a new monitor, run the create hooks; return (state, pid).
-    A pod member goes into its sandbox's VM instead (create_member)."""
+    A pod member goes into its sandbox's VM instead (create_member). restoring: the agent
+    mounts the rootfs and waits for a restore (see "Checkpoint and restore")."""
     state = State(args.root, args.id)
     conf = load_spec(args.bundle)
     terminal = conf["process"]["terminal"]
@@ -6375,6 +6523,8 @@ def create_container(args, console_socket=None, foreground=False):
     if terminal and not console_socket and not foreground:
         raise Error("process.terminal: --console-socket is required when terminal is true")
     role, sandbox_id, strict = pod_role(args.id, conf["annotations"])
+    if role == "member" and restoring:
+        raise Error("restore: a pod member cannot be restored")
     if role == "member":
         sandbox = find_sandbox(args.root, sandbox_id, strict)
         if sandbox is not None:
@@ -6409,7 +6559,7 @@ def create_container(args, console_socket=None, foreground=False):
                       "pod": {"tag": conf["pod_tag"]} if conf.get("pod_tag") else None}
         state.save()
         stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
-        gconf = guest_config(args.id, conf)
+        gconf = dict(guest_config(args.id, conf), restore=restoring)
 
         def monitor_main(notify_fd):
             state.unlock()
@@ -7618,11 +7768,6 @@ def cmd_spec(args):
         raise Error("%s: %s" % (path, e.strerror)) from None
 
 
-def cmd_restore(args):
-    """restore: not supported (nothing can be checkpointed); fails as runc without an image."""
-    raise Error("restore is not supported: the container runs in a VM (runc needs criu)")
-
-
 def cmd_features(_args):
     """features: what this runtime supports (runtime-spec features document)."""
     print(go_json({
@@ -7900,8 +8045,10 @@ def build_parser(only=None):
                               "and restore\")" % name)
         for flag in ("--leave-running", "--tcp-established", "--ext-unix-sk", "--shell-job",
                      "--lazy-pages", "--file-locks", "--pre-dump", "--auto-dedup",
-                     "-d", "--detach", "--no-subreaper", "--no-pivot"):
+                     "--no-subreaper", "--no-pivot"):
             c.add_argument(flag, action="store_true", help="accepted")
+        c.add_argument("-d", "--detach", action="store_true",
+                       help="(restore) do not wait for the restored container")
         for opt in ("--image-path", "--work-path", "--parent-path", "--status-fd", "--page-server",
                     "--manage-cgroups-mode", "--empty-ns", "--console-socket", "--pid-file",
                     "--lsm-profile", "--lsm-mount-context"):

@@ -4781,3 +4781,43 @@ def test_checkpointable_refuses_as_runc(tmp_path, data, error):
         rt._checkpointable(state)
     state.data = {"pid": me, "pid_start": rt.proc_start_time(me), "started": True}
     rt._checkpointable(state)  # running: fine
+
+
+def test_criu_restore_args_map_binds_and_stdio():
+    args = rt.criu_restore_args("/i", "/w", "/run/p", {"/data": "/run/cc/shares/share0"},
+                                ["pipe:[5]", "/dev/null", "pipe:[7]"],
+                                {"leave_running": True, "tcp_established": True})
+    assert args[0] == "restore" and args[args.index("--root") + 1] == rt.GUEST_ROOT
+    assert "--restore-detached" in args and "--restore-sibling" in args
+    assert args[args.index("--pidfile") + 1] == "/run/p"
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--external"] == \
+        ["mnt[/data]:/run/cc/shares/share0"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--inherit-fd"] == \
+        ["fd[0]:pipe:[5]", "fd[2]:pipe:[7]"]
+    assert "--tcp-established" in args and "--leave-running" not in args
+
+
+def test_restorable_wants_descriptors_and_a_free_id(tmp_path):
+    args = rt._Args({"root": str(tmp_path / "root"), "id": "r1"})
+    with pytest.raises(rt.Error, match="^open %s: no such file or directory$"
+                       % re.escape(str(tmp_path / "descriptors.json"))):
+        rt._restorable(args, str(tmp_path))
+    (tmp_path / "descriptors.json").write_text("[]")
+    rt._restorable(args, str(tmp_path))
+    state = rt.State(args.root, "r1")
+    state.make()
+    state.data = {"id": "r1"}
+    state.save()
+    with pytest.raises(rt.Error, match="^container with given ID already exists$"):
+        rt._restorable(args, str(tmp_path))
+
+
+def test_run_tool_puts_stdio_in_place(tmp_path):
+    out = os.open(str(tmp_path / "out"), os.O_WRONLY | os.O_CREAT, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        assert rt._run_tool(["/bin/sh", "-c", "echo to-fd1"], stdio=(null, out, out)) == (0, "")
+    finally:
+        os.close(out)
+        os.close(null)
+    assert (tmp_path / "out").read_text() == "to-fd1\n"
