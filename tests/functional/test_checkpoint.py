@@ -3,10 +3,12 @@ directory on the host, and a new VM restores it (runc's command line; see README
 "Checkpoint and restore"). Needs criu on the host (the guest image carries it)."""
 import json
 import os
+import shutil
+import time
 
 import pytest
 
-from conftest import rt
+from conftest import poll, rt
 
 pytestmark = pytest.mark.skipif(rt.find_tool("criu") is None, reason="no criu on the host")
 
@@ -60,3 +62,79 @@ def test_checkpoint_of_a_paused_container_leaves_it_paused(runtime, tmp_path):
     assert runtime.state("ck3")["status"] == "paused"
     runtime("resume", "ck3", check=True)
     assert runtime("exec", "ck3", "true").returncode == 0
+
+
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /vol/count; sleep 0.2; done"
+
+
+def counter_bundle(runtime, vol):
+    """A bundle whose shell counts in memory and writes the count to /vol/count (a volume)."""
+    mounts = rt.default_spec()["mounts"] + [
+        {"destination": "/vol", "type": "bind", "source": str(vol), "options": ["rbind", "rw"]}]
+    return runtime.bundle(["sh", "-c", COUNTER], mounts=mounts)
+
+
+def count(vol):
+    """The counter's last value (0 when unreadable)."""
+    try:
+        return int((vol / "count").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def test_restore_continues_the_count_under_a_new_id_and_bundle(runtime, tmp_path):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    runtime("run", "-d", "-b", counter_bundle(runtime, vol), "cnt1", check=True)
+    assert poll(lambda: count(vol) >= 5)
+    kept = tmp_path / "kept"
+    r = runtime("checkpoint", "--leave-running", "--image-path", kept, "cnt1")
+    assert r.returncode == 0, r.stderr
+    before = count(vol)
+    assert poll(lambda: count(vol) > before + 2), "--leave-running: still counting"
+    images = tmp_path / "images"
+    r = runtime("checkpoint", "--image-path", images, "cnt1")
+    assert r.returncode == 0, r.stderr
+    assert runtime("state", "cnt1").returncode == 1, "checkpointed without --leave-running: gone"
+    dumped = count(vol)
+    (vol / "count").write_text("0\n")  # a count from zero would write 1, 2, ... here
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(os.path.join(counter_bundle(runtime, vol), "config.json"), moved)
+    pid_file = tmp_path / "restored.pid"
+    t0 = time.monotonic()
+    r = runtime("restore", "-d", "-b", moved, "--image-path", images, "--pid-file", pid_file, "cnt2")
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    state = runtime.state("cnt2")
+    assert state["status"] == "running" and state["bundle"] == str(moved)
+    assert int(pid_file.read_text()) == state["pid"]
+    assert poll(lambda: count(vol) > 0)
+    assert dumped < count(vol) < dumped + 100, "continues from %d, not from zero" % dumped
+    print("restore took %.1f s" % took)
+    # restore onto an existing id: runc's error; the running one is untouched
+    r = runtime("restore", "-d", "-b", moved, "--image-path", images, "cnt2")
+    assert r.returncode == 1 and "container with given ID already exists" in r.stderr
+    assert runtime.state("cnt2")["status"] == "running"
+    # the first image (--leave-running) restores too, beside the running one
+    r = runtime("restore", "-d", "-b", moved, "--image-path", kept, "cnt3")
+    assert r.returncode == 0, r.stderr
+    assert runtime("exec", "cnt3", "cat", "/vol/count").returncode == 0
+
+
+def test_restore_of_a_missing_or_corrupt_image_leaves_nothing(runtime, tmp_path):
+    bundle = runtime.bundle(["sleep", "300"])
+    r = runtime("restore", "-d", "-b", bundle, "--image-path", tmp_path / "none", "bad1")
+    assert r.returncode == 1
+    assert r.stderr.count("level=error") == 1
+    assert "%s: no such file or directory" % (tmp_path / "none" / "descriptors.json") in r.stderr
+    assert "bad1" not in os.listdir(runtime.root)
+    runtime("run", "-d", "-b", bundle, "good", check=True)
+    images = tmp_path / "images"
+    runtime("checkpoint", "--leave-running", "--image-path", images, "good", check=True)
+    (images / "pstree.img").write_bytes(b"\0garbage")
+    r = runtime("restore", "-d", "-b", bundle, "--image-path", images, "bad2")
+    assert r.returncode == 1 and r.stderr.count("level=error") == 1
+    assert "criu failed" in r.stderr and "restore.log" in r.stderr, r.stderr
+    assert "bad2" not in os.listdir(runtime.root)
+    assert runtime.state("good")["status"] == "running"
