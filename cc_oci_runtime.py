@@ -4996,6 +4996,7 @@ class Agent:
             stdio = json_loads(f.read())
         binds = {m["destination"]: self._bind_source(m) for m in self.conf["mounts"]
                  if m["type"] == "bind"}
+        restore_mountpoints(self.conf["mounts"], binds)
         child_fds, outs = self._stdio(proc, GUEST_ROOT)
         pidfile = os.path.join(GUEST_RUN, "restored.pid")
         args = criu_restore_args(images, work, pidfile, binds, stdio, msg)
@@ -6195,6 +6196,21 @@ def _criu_flags(opts):
     return out
 
 
+def restore_mountpoints(mounts, binds):
+    """The mount points criu restore mounts on that the rootfs lacks (a new rootfs: another
+    container's, podman's restore --import), as runc makes them; not those inside a mount
+    that is not a bind (a tmpfs comes back with its contents)."""
+    covered = []
+    for m in mounts:
+        dest = m["destination"]
+        if any(dest == c or dest.startswith(c.rstrip("/") + "/") for c in covered):
+            continue
+        source = binds.get(dest)
+        _make_mountpoint(resolve_in_root(GUEST_ROOT, dest), source is None or os.path.isdir(source))
+        if m["type"] != "bind":
+            covered.append(dest)
+
+
 def _criu_setup(cgroups, own_root):
     """(In criu's process, before exec.) Join cgroups; with own_root, a mount namespace whose
     root is a bind of the initramfs onto itself: pivot_root refuses to move the initramfs
@@ -6327,7 +6343,15 @@ def cmd_checkpoint(args):
             qmp(state, "stop")
     LOG.info("checkpointed %s into %s in %.1f s", state.id, images, time.monotonic() - began)
     if not (args.leave_running or args.pre_dump):
+        _wait_gone(state, time.monotonic() + 10)  # the last output reaches the engine first
         delete_container(state, force=True)  # as runc destroys a checkpointed container
+
+
+def _wait_gone(state, deadline):
+    """Wait until the container's monitor has exited (or deadline, time.monotonic())."""
+    target = (state.data.get("pid"), state.data.get("pid_start"))
+    while process_alive(*target) and time.monotonic() < deadline:
+        _wait_exit(target, deadline)
 
 
 def _restorable(args, images):

@@ -4821,3 +4821,20 @@ def test_run_tool_puts_stdio_in_place(tmp_path):
         os.close(out)
         os.close(null)
     assert (tmp_path / "out").read_text() == "to-fd1\n"
+
+
+def test_restore_mountpoints_as_runc_makes_them(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "srcdir").mkdir()
+    (tmp_path / "srcfile").write_text("x")
+    monkeypatch.setattr(rt, "GUEST_ROOT", str(root))
+    mounts = [{"destination": "/dev", "type": "tmpfs"},
+              {"destination": "/dev/shm", "type": "bind"},  # inside the tmpfs: not made
+              {"destination": "/run/.containerenv", "type": "bind"},
+              {"destination": "/data", "type": "bind"}]
+    rt.restore_mountpoints(mounts, {"/dev/shm": str(tmp_path / "srcdir"),
+                                    "/run/.containerenv": str(tmp_path / "srcfile"),
+                                    "/data": str(tmp_path / "srcdir")})
+    assert (root / "dev").is_dir() and not (root / "dev" / "shm").exists()
+    assert (root / "run" / ".containerenv").is_file() and (root / "data").is_dir()
