@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import poll, rt
+from conftest import RUNTIME, poll, rt
 
 pytestmark = pytest.mark.skipif(rt.find_tool("criu") is None, reason="no criu on the host")
 
@@ -138,3 +138,64 @@ def test_restore_of_a_missing_or_corrupt_image_leaves_nothing(runtime, tmp_path)
     assert "criu failed" in r.stderr and "restore.log" in r.stderr, r.stderr
     assert "bad2" not in os.listdir(runtime.root)
     assert runtime.state("good")["status"] == "running"
+
+
+# ---------------------------------------------------------------------------
+# podman: container checkpoint / restore, --export / --import
+# ---------------------------------------------------------------------------
+
+PM_COUNTER = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.2; done"
+
+
+@pytest.fixture(scope="module")
+def podman(rootfs, tmp_path_factory):
+    """A private podman with this runtime registered, image bb imported; nothing left after."""
+    import engines
+    from test_engines import leftover_runtime_procs, state_dirs_of
+    p = engines.Podman(tmp_path_factory.mktemp("podman"), RUNTIME, runtime_name="cc-oci-runtime")
+    try:
+        p.import_image(rootfs, "bb")
+        yield p
+        p.run("rm", "-af", "-t", "0", timeout=120)
+        left = leftover_runtime_procs(p.dir, p.short_run)
+        states = state_dirs_of("/run/cc-oci-runtime", p.dir)
+    finally:
+        p.cleanup()
+    assert not left, "runtime processes outlived their podman containers: %s" % left
+    assert not states, "runtime state left behind: %s" % states
+
+
+def counts(p, cid):
+    """The numbers the counter has logged so far."""
+    out = p.run("logs", cid, timeout=60).stdout
+    return [int(w) for w in out.split() if w.isdigit()]
+
+
+def pm_ok(r):
+    """Assert a podman call succeeded; returns it."""
+    assert r.returncode == 0, (r.args, r.returncode, r.stdout, r.stderr)
+    return r
+
+
+def test_podman_checkpoint_restore_continues(podman, tmp_path):
+    pm_ok(podman.run_rt("run", "-d", "--name", "pc1", "bb", "sh", "-c", PM_COUNTER, timeout=120))
+    assert poll(lambda: len(counts(podman, "pc1")) >= 5)
+    pm_ok(podman.run_rt("container", "checkpoint", "--leave-running", "pc1", timeout=600))
+    assert podman.run("inspect", "-f", "{{.State.Status}}", "pc1").stdout.strip() == "running"
+    pm_ok(podman.run_rt("container", "checkpoint", "pc1", timeout=600))
+    assert podman.run("inspect", "-f", "{{.State.Status}}", "pc1").stdout.strip() == "exited"
+    dumped = counts(podman, "pc1")[-1]
+    pm_ok(podman.run_rt("container", "restore", "pc1", timeout=600))
+    assert podman.run("inspect", "-f", "{{.State.Status}}", "pc1").stdout.strip() == "running"
+    assert poll(lambda: counts(podman, "pc1")[-1] > dumped + 3)
+    seen = counts(podman, "pc1")
+    assert seen == list(range(1, len(seen) + 1)), "one count on from %d, never from zero" % dumped
+    # --export / --import: a new container (its own rootfs) goes on from the exported count
+    tarball = tmp_path / "pc1.tar.gz"
+    pm_ok(podman.run_rt("container", "checkpoint", "--export", tarball, "pc1", timeout=600))
+    exported = counts(podman, "pc1")[-1]
+    pm_ok(podman.run_rt("container", "restore", "--import", tarball, "--name", "pc2", timeout=600))
+    assert poll(lambda: (counts(podman, "pc2") or [0])[-1] > exported + 3)
+    seen = counts(podman, "pc2")  # podman imports the log (ctr.log) with the checkpoint
+    assert seen == list(range(1, len(seen) + 1)), "one count on from %d, never from zero" % exported
+    pm_ok(podman.run("rm", "-f", "-t", "0", "pc1", "pc2", timeout=120))
