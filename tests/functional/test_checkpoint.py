@@ -199,3 +199,44 @@ def test_podman_checkpoint_restore_continues(podman, tmp_path):
     seen = counts(podman, "pc2")  # podman imports the log (ctr.log) with the checkpoint
     assert seen == list(range(1, len(seen) + 1)), "one count on from %d, never from zero" % exported
     pm_ok(podman.run("rm", "-f", "-t", "0", "pc1", "pc2", timeout=120))
+
+
+# ---------------------------------------------------------------------------
+# docker (experimental): checkpoint create, start --checkpoint
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def docker(rootfs, tmp_path_factory):
+    """A private dockerd with experimental features (docker checkpoint) and this runtime."""
+    import engines
+    from test_engines import leftover_runtime_procs
+    d = engines.Docker(tmp_path_factory.mktemp("docker"), RUNTIME, runtime_name="cc-oci-runtime",
+                       experimental=True)
+    try:
+        d.import_image(rootfs, "bb")
+        yield d
+        ids = d.run("ps", "-aq", timeout=60).stdout.split()
+        if ids:
+            d.run("rm", "-f", *ids, timeout=120)
+        left = leftover_runtime_procs(d.dir, d.exec_root)
+    finally:
+        d.stop()
+    assert not left, "runtime processes outlived their docker containers: %s" % left
+
+
+def test_docker_checkpoint_and_start_from_it(docker):
+    pm_ok(docker.run_rt("run", "-d", "--network", "none", "--name", "dc1", "bb", "sh", "-c",
+                        PM_COUNTER, timeout=120))
+    assert poll(lambda: len(counts(docker, "dc1")) >= 5)
+    pm_ok(docker.run("checkpoint", "create", "--leave-running", "dc1", "cp0", timeout=600))
+    assert docker.run("inspect", "-f", "{{.State.Status}}", "dc1").stdout.strip() == "running"
+    pm_ok(docker.run("checkpoint", "create", "dc1", "cp1", timeout=600))
+    assert docker.run("inspect", "-f", "{{.State.Status}}", "dc1").stdout.strip() == "exited"
+    assert "cp1" in docker.run("checkpoint", "ls", "dc1", timeout=60).stdout
+    dumped = counts(docker, "dc1")[-1]
+    pm_ok(docker.run("start", "--checkpoint", "cp1", "dc1", timeout=600))
+    assert docker.run("inspect", "-f", "{{.State.Status}}", "dc1").stdout.strip() == "running"
+    assert poll(lambda: counts(docker, "dc1")[-1] > dumped + 3)
+    seen = counts(docker, "dc1")
+    assert seen == list(range(1, len(seen) + 1)), "one count on from %d, never from zero" % dumped
+    pm_ok(docker.run("rm", "-f", "dc1", timeout=120))
