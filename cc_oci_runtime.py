@@ -6293,6 +6293,38 @@ def unexport_images(state, slot):
     release_pod_slot(state.dir, slot)
 
 
+def image_exports(images, work, parent=None):
+    """What to export for a dump or restore, [(name, host dir)], and the names of the image and
+    work directories in it. A parent image (--parent-path, relative to the image directory,
+    as criu's --prev-images-dir) must be a sibling (../NAME): it is exported beside the image
+    directory under the same names, so that criu's "parent" link reads on the host as well."""
+    if not parent:
+        dirs = [("images", images)] + ([("work", work)] if work != images else [])
+        return dirs, {"images": "images", "work": "work" if work != images else "images"}
+    full = os.path.normpath(os.path.join(images, parent))
+    names = {"images": os.path.basename(images), "parent": os.path.basename(full)}
+    if os.path.dirname(full) != os.path.dirname(images) or names["parent"] == names["images"] \
+            or os.path.isabs(parent):
+        raise Error("checkpoint: --parent-path must name a sibling of the image directory "
+                    "(../NAME), not %s" % parent)
+    if not os.path.isdir(full):
+        raise Error("checkpoint: --parent-path %s: no such directory" % full)
+    dirs = [(names["images"], images), (names["parent"], full)]
+    names["work"] = names["images"]
+    if work != images:
+        names["work"] = next(n for n in ("work", "work-dir", "criu-work") if n not in names.values())
+        dirs.append((names["work"], work))
+    return dirs, names
+
+
+def _restore_parent(images):
+    """The parent image a pre-dumped image names (criu's "parent" link), or None."""
+    try:
+        return os.readlink(os.path.join(images, "parent"))
+    except OSError:
+        return None
+
+
 def checkpoint_options(args):
     """The agent's checkpoint/restore options from runc's flags."""
     return {key: bool(getattr(args, key, False)) for key in
@@ -6328,9 +6360,10 @@ def cmd_checkpoint(args):
         qmp(state, "cont")
     slot = None
     try:
-        slot = export_images(state, [("images", images)] + ([("work", work)] if work != images else []))
+        dirs, names = image_exports(images, work, args.parent_path)
+        slot = export_images(state, dirs)
         msg = dict(checkpoint_options(args), op="checkpoint", pod_tag=state.data["pod"]["tag"],
-                   images="%d/images" % slot, work="%d/%s" % (slot, "work" if work != images else "images"),
+                   images="%d/%s" % (slot, names["images"]), work="%d/%s" % (slot, names["work"]),
                    parent=args.parent_path)
         try:
             monitor_request(state, msg, timeout=CRIU_TIMEOUT)
@@ -6392,10 +6425,11 @@ def _restore_into(state, args, images, work):
     """Give the created VM the image directory and have its agent run criu restore."""
     if state.data.get("terminal"):
         raise Error("restore: a container with a terminal (process.terminal) cannot be restored")
-    slot = export_images(state, [("images", images)] + ([("work", work)] if work != images else []))
+    dirs, names = image_exports(images, work, _restore_parent(images))
+    slot = export_images(state, dirs)
     try:
         msg = dict(checkpoint_options(args), op="restore", pod_tag=state.data["pod"]["tag"],
-                   images="%d/images" % slot, work="%d/%s" % (slot, "work" if work != images else "images"))
+                   images="%d/%s" % (slot, names["images"]), work="%d/%s" % (slot, names["work"]))
         try:
             monitor_request(state, msg, timeout=CRIU_TIMEOUT)
         except Error as e:

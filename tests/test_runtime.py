@@ -4838,3 +4838,23 @@ def test_restore_mountpoints_as_runc_makes_them(tmp_path, monkeypatch):
                                     "/data": str(tmp_path / "srcdir")})
     assert (root / "dev").is_dir() and not (root / "dev" / "shm").exists()
     assert (root / "run" / ".containerenv").is_file() and (root / "data").is_dir()
+
+
+def test_image_exports_name_the_image_work_and_parent_dirs(tmp_path):
+    img, work, pre = str(tmp_path / "final"), str(tmp_path / "w"), str(tmp_path / "pre")
+    assert rt.image_exports(img, img) == ([("images", img)], {"images": "images", "work": "images"})
+    assert rt.image_exports(img, work) == ([("images", img), ("work", work)],
+                                           {"images": "images", "work": "work"})
+    os.mkdir(pre)
+    dirs, names = rt.image_exports(img, work, "../pre")
+    assert dirs == [("final", img), ("pre", pre), ("work", work)]
+    assert names == {"images": "final", "parent": "pre", "work": "work"}
+    for bad in ("../../pre", "/abs/pre", "sub/pre", "../final"):
+        with pytest.raises(rt.Error, match="must name a sibling"):
+            rt.image_exports(img, img, bad)
+    with pytest.raises(rt.Error, match="no such directory"):
+        rt.image_exports(img, img, "../gone")
+    os.mkdir(img)
+    assert rt._restore_parent(img) is None
+    os.symlink("../pre", os.path.join(img, "parent"))
+    assert rt._restore_parent(img) == "../pre"

@@ -140,6 +140,30 @@ def test_restore_of_a_missing_or_corrupt_image_leaves_nothing(runtime, tmp_path)
     assert runtime.state("good")["status"] == "running"
 
 
+def test_pre_dump_then_a_dump_on_it_restores(runtime, tmp_path):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    bundle = counter_bundle(runtime, vol)
+    runtime("run", "-d", "-b", bundle, "pre1", check=True)
+    assert poll(lambda: count(vol) >= 3)
+    r = runtime("checkpoint", "--pre-dump", "--image-path", tmp_path / "pre", "pre1")
+    assert r.returncode == 0, r.stderr
+    assert runtime.state("pre1")["status"] == "running", "a pre-dump leaves it running"
+    assert (tmp_path / "pre" / "pages-1.img").exists()
+    r = runtime("checkpoint", "--parent-path", "../pre", "--image-path", tmp_path / "final", "pre1")
+    assert r.returncode == 0, r.stderr
+    assert os.readlink(tmp_path / "final" / "parent") == "../pre"
+    dumped = count(vol)
+    (vol / "count").write_text("0\n")
+    r = runtime("restore", "-d", "-b", bundle, "--image-path", tmp_path / "final", "pre2")
+    assert r.returncode == 0, r.stderr
+    assert poll(lambda: count(vol) > 0)
+    assert dumped < count(vol) < dumped + 100
+    r = runtime("checkpoint", "--parent-path", "../../x", "--image-path", tmp_path / "f2", "pre2")
+    assert r.returncode == 1 and "must name a sibling" in r.stderr
+    assert runtime.state("pre2")["status"] == "running"
+
+
 # ---------------------------------------------------------------------------
 # podman: container checkpoint / restore, --export / --import
 # ---------------------------------------------------------------------------
