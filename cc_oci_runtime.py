@@ -4999,10 +4999,10 @@ class Agent:
         restore_mountpoints(self.conf["mounts"], binds)
         child_fds, outs = self._stdio(proc, GUEST_ROOT)
         pidfile = os.path.join(GUEST_RUN, "restored.pid")
-        args = criu_restore_args(images, work, pidfile, binds, stdio, msg)
+        args = criu_restore_args(images, work, pidfile, binds, zip(stdio, child_fds), msg)
         cgroups = [CONTAINER_CGROUP] + ([self.conf["cgroup"]] if self.conf.get("cgroup") else [])
         try:
-            status, out = guest_criu(args, stdio=child_fds, cgroups=cgroups, own_root=True)
+            status, out = guest_criu(args, fds=child_fds, cgroups=cgroups, own_root=True)
         finally:
             for fd in set(child_fds):
                 os.close(fd)
@@ -6070,17 +6070,19 @@ def _add_criu(w, criu):
                    _module_bytes(path))
 
 
-def _run_tool(argv, cwd=None, env=None, stdio=None, setup=None):
+def _run_tool(argv, cwd=None, env=None, fds=(), setup=None):
     """(exit status, stdout and stderr) of a program, without subprocess (the guest image has
-    not got it); stdio: its fds 0-2 instead (the output is then ''); setup() runs in the
-    child first. The output goes to a memfd: nothing the program leaves can hold it open."""
+    not got it); fds are passed at their own numbers; setup() runs in the child first. The
+    output goes to a memfd: nothing the program leaves can hold it open."""
     out = os.memfd_create("tool-output", os.MFD_CLOEXEC)
     try:
         pid = os.fork()
         if pid == 0:
             try:
-                for target, fd in enumerate(stdio or (os.open(os.devnull, os.O_RDONLY), out, out)):
+                for target, fd in enumerate((os.open(os.devnull, os.O_RDONLY), out, out)):
                     os.dup2(fd, target)
+                for fd in fds:
+                    os.set_inheritable(fd, True)
                 if setup:
                     setup()
                 if cwd:
@@ -6137,7 +6139,7 @@ def _criu_ready():
     _criu_ready.done = True
 
 
-def guest_criu(args, cwd=None, stdio=None, cgroups=(), own_root=False):
+def guest_criu(args, cwd=None, fds=(), cgroups=(), own_root=False):
     """(status, output) of criu in the guest, forked into the VM's own pid namespace (the
     agent's children are the container's) with the tools' PATH, in cgroups (what it
     restores stays there); own_root: in a mount namespace whose root can be pivoted away
@@ -6151,7 +6153,7 @@ def guest_criu(args, cwd=None, stdio=None, cgroups=(), own_root=False):
     try:
         _check_libc(_libc().setns(own, CLONE_NEWPID), "setns(pid)")
         try:
-            return _run_tool([criu] + args, cwd, {"PATH": TOOL_PATH, "HOME": "/"}, stdio,
+            return _run_tool([criu] + args, cwd, {"PATH": TOOL_PATH, "HOME": "/"}, fds,
                              lambda: _criu_setup(cgroups, own_root))
         finally:
             _libc().setns(back, CLONE_NEWPID)
@@ -6231,14 +6233,14 @@ def _criu_setup(cgroups, own_root):
 def criu_restore_args(images, work, pidfile, binds, stdio, opts):
     """criu's arguments to restore a container (the root task a child of the agent, detached):
     the rootfs at GUEST_ROOT, each bind mount's destination mapped to its source in this VM
-    (binds), each dumped stdio pipe (stdio, from descriptors.json) to criu's own fd of that
-    number, the new pipe (an inherited fd elsewhere would stay open in the restored task)."""
+    (binds), each dumped stdio pipe to the new one criu inherits (stdio: [(name in
+    descriptors.json, fd)])."""
     args = ["restore", "--images-dir", images, "--work-dir", work, "--log-file", "restore.log",
             "-v4", "--root", GUEST_ROOT, "--restore-detached", "--restore-sibling",
             "--manage-cgroups=ignore", "--pidfile", pidfile]
     for dest, source in sorted(binds.items()):
         args += ["--external", "mnt[%s]:%s" % (dest, source)]
-    for fd, name in enumerate(stdio):
+    for name, fd in stdio:
         if name.startswith("pipe:"):
             args += ["--inherit-fd", "fd[%d]:%s" % (fd, name)]
     return args + _criu_flags(dict(opts, leave_running=False))

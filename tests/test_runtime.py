@@ -4785,7 +4785,7 @@ def test_checkpointable_refuses_as_runc(tmp_path, data, error):
 
 def test_criu_restore_args_map_binds_and_stdio():
     args = rt.criu_restore_args("/i", "/w", "/run/p", {"/data": "/run/cc/shares/share0"},
-                                ["pipe:[5]", "/dev/null", "pipe:[7]"],
+                                [("pipe:[5]", 9), ("/dev/null", 10), ("pipe:[7]", 11)],
                                 {"leave_running": True, "tcp_established": True})
     assert args[0] == "restore" and args[args.index("--root") + 1] == rt.GUEST_ROOT
     assert "--restore-detached" in args and "--restore-sibling" in args
@@ -4793,7 +4793,7 @@ def test_criu_restore_args_map_binds_and_stdio():
     assert [args[i + 1] for i, a in enumerate(args) if a == "--external"] == \
         ["mnt[/data]:/run/cc/shares/share0"]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--inherit-fd"] == \
-        ["fd[0]:pipe:[5]", "fd[2]:pipe:[7]"]
+        ["fd[9]:pipe:[5]", "fd[11]:pipe:[7]"]
     assert "--tcp-established" in args and "--leave-running" not in args
 
 
@@ -4812,15 +4812,19 @@ def test_restorable_wants_descriptors_and_a_free_id(tmp_path):
         rt._restorable(args, str(tmp_path))
 
 
-def test_run_tool_puts_stdio_in_place(tmp_path):
-    out = os.open(str(tmp_path / "out"), os.O_WRONLY | os.O_CREAT, 0o644)
-    null = os.open(os.devnull, os.O_RDONLY)
+def test_run_tool_passes_fds_at_their_numbers():
+    r, w = os.pipe()
     try:
-        assert rt._run_tool(["/bin/sh", "-c", "echo to-fd1"], stdio=(null, out, out)) == (0, "")
+        write = "import os; os.write(%d, b'through\\n')"
+        assert rt._run_tool([sys.executable, "-c", write % w], fds=(w,)) == (0, "")
+        os.close(w)
+        w = None
+        assert os.read(r, 100) == b"through\n"
+        assert rt._run_tool([sys.executable, "-c", write % r])[0] != 0  # not passed
     finally:
-        os.close(out)
-        os.close(null)
-    assert (tmp_path / "out").read_text() == "to-fd1\n"
+        os.close(r)
+        if w is not None:
+            os.close(w)
 
 
 def test_restore_mountpoints_as_runc_makes_them(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ directory on the host, and a new VM restores it (runc's command line; see README
 "Checkpoint and restore"). Needs criu on the host (the guest image carries it)."""
 import json
 import os
+import re
 import shutil
 import time
 
@@ -162,6 +163,27 @@ def test_pre_dump_then_a_dump_on_it_restores(runtime, tmp_path):
     r = runtime("checkpoint", "--parent-path", "../../x", "--image-path", tmp_path / "f2", "pre2")
     assert r.returncode == 1 and "must name a sibling" in r.stderr
     assert runtime.state("pre2")["status"] == "running"
+
+
+def fd_table(runtime, cid):
+    """The container's first process's open fds, as `ls -l /proc/1/fd` shows them (no inodes)."""
+    r = runtime("exec", cid, "ls", "-l", "/proc/1/fd")
+    assert r.returncode == 0, r.stderr
+    return sorted(re.sub(r"\[\d+\]", "", " ".join(ln.split()[8:])) for ln in r.stdout.splitlines()[1:])
+
+
+def test_a_listening_socket_and_the_fd_table_survive(runtime, tmp_path):
+    bundle = runtime.bundle(["sh", "-c", "nc -ll -p 8080 -e echo hi & while :; do sleep 1; done"])
+    runtime("run", "-d", "-b", bundle, "tcp1", check=True)
+    assert poll(lambda: runtime("exec", "tcp1", "nc", "127.0.0.1", "8080").stdout.strip() == "hi")
+    before = fd_table(runtime, "tcp1")
+    r = runtime("checkpoint", "--tcp-established", "--image-path", tmp_path / "img", "tcp1")
+    assert r.returncode == 0, r.stderr
+    r = runtime("restore", "-d", "--tcp-established", "-b", bundle, "--image-path", tmp_path / "img", "tcp2")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "", "criu's own messages stay out of the container's stderr"
+    assert runtime("exec", "tcp2", "nc", "127.0.0.1", "8080").stdout.strip() == "hi"
+    assert fd_table(runtime, "tcp2") == before, "the same fds, none of criu's or the agent's"
 
 
 # ---------------------------------------------------------------------------
