@@ -5995,8 +5995,8 @@ def _guest_constants():
 # QEMU 7.2 refuses to migrate or snapshot a VM while a 9p export is mounted, so a container is
 # checkpointed as runc does it on a host: CRIU dumps the container's process tree, here from
 # inside the VM (the guest runs the host's own kernel, which the host's criu was built for;
-# the guest image carries criu, its libraries, tar and gzip, which it runs to dump a tmpfs, and
-# the socket-diag modules it reads sockets with). The image directory reaches the running VM
+# the guest image carries criu, its libraries, the tar, gzip and sh it runs to dump a tmpfs,
+# and the modules it needs: socket diag, nf_tables). The image directory reaches the running VM
 # as a pod member's files do: cloned on the host and moved onto a slot of the pod export.
 
 CRIU_TOOLS = ("criu", "tar", "gzip", "sh")  # criu dumps a tmpfs with `tar --gzip` (sh -c gzip)
@@ -6360,7 +6360,7 @@ def cmd_checkpoint(args):
     paused = state.data.get("paused") == PAUSED_VM
     if paused:  # the agent must run; criu freezes the container's cgroup first thing
         qmp(state, "cont")
-    slot = None
+    slot, dumped = None, False
     try:
         dirs, names = image_exports(images, work, args.parent_path)
         slot = export_images(state, dirs)
@@ -6371,10 +6371,12 @@ def cmd_checkpoint(args):
             monitor_request(state, msg, timeout=CRIU_TIMEOUT)
         except Error as e:
             raise Error("%s (log file: %s)" % (e, os.path.join(work, "dump.log"))) from None
+        dumped = True
     finally:
         if slot is not None:
             unexport_images(state, slot)
-        if paused and (args.leave_running or args.pre_dump) and state.status() != "stopped":
+        still_there = not dumped or args.leave_running or args.pre_dump
+        if paused and still_there and state.status() != "stopped":
             qmp(state, "stop")
     LOG.info("checkpointed %s into %s in %.1f s", state.id, images, time.monotonic() - began)
     if not (args.leave_running or args.pre_dump):
@@ -6415,6 +6417,8 @@ def cmd_restore(args):
         _restore_into(state, args, images, work)
     except BaseException:
         delete_container(state, force=True)
+        if getattr(args, "pid_file", None):  # create wrote it: it names a monitor now gone
+            _ignore_oserror(os.unlink, os.path.abspath(args.pid_file))
         raise
     LOG.info("restored %s from %s in %.1f s", state.id, images, time.monotonic() - began)
     if args.detach:

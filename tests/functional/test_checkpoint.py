@@ -21,6 +21,15 @@ def request(runtime, cid, msg, timeout=300):
     return rt.monitor_request(state, msg, timeout=timeout)
 
 
+def vm_status(runtime, cid):
+    """The container's VM as QEMU reports it (running, paused, ...)."""
+    q = rt.Qmp(os.path.join(runtime.root, cid))
+    try:
+        return q.call("query-status")["status"]
+    finally:
+        q.close()
+
+
 def test_criu_check_passes_in_the_guest(runtime):
     runtime("run", "-d", "-b", runtime.bundle(["sleep", "300"]), "ck0", check=True)
     reply = request(runtime, "ck0", {"op": "criu_check"})
@@ -57,10 +66,13 @@ def test_checkpoint_refuses_created_and_missing_as_runc(runtime, tmp_path):
 def test_checkpoint_of_a_paused_container_leaves_it_paused(runtime, tmp_path):
     runtime("run", "-d", "-b", runtime.bundle(["sleep", "300"]), "ck3", check=True)
     runtime("pause", "ck3", check=True)
+    r = runtime("checkpoint", "--parent-path", "/x", "--image-path", tmp_path / "bad", "ck3")
+    assert r.returncode == 1 and "must name a sibling" in r.stderr
+    assert vm_status(runtime, "ck3") == "paused", "the VM stopped again after a failed checkpoint"
     r = runtime("checkpoint", "--leave-running", "--image-path", tmp_path / "img", "ck3")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "img" / "inventory.img").exists()
-    assert runtime.state("ck3")["status"] == "paused"
+    assert runtime.state("ck3")["status"] == "paused" and vm_status(runtime, "ck3") == "paused"
     runtime("resume", "ck3", check=True)
     assert runtime("exec", "ck3", "true").returncode == 0
 
@@ -134,10 +146,11 @@ def test_restore_of_a_missing_or_corrupt_image_leaves_nothing(runtime, tmp_path)
     images = tmp_path / "images"
     runtime("checkpoint", "--leave-running", "--image-path", images, "good", check=True)
     (images / "pstree.img").write_bytes(b"\0garbage")
-    r = runtime("restore", "-d", "-b", bundle, "--image-path", images, "bad2")
+    pid_file = tmp_path / "bad2.pid"
+    r = runtime("restore", "-d", "-b", bundle, "--image-path", images, "--pid-file", pid_file, "bad2")
     assert r.returncode == 1 and r.stderr.count("level=error") == 1
     assert "criu failed" in r.stderr and "restore.log" in r.stderr, r.stderr
-    assert "bad2" not in os.listdir(runtime.root)
+    assert "bad2" not in os.listdir(runtime.root) and not pid_file.exists()
     assert runtime.state("good")["status"] == "running"
 
 
