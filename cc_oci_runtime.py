@@ -6406,6 +6406,7 @@ def cmd_restore(args):
     images, work = _image_dirs(args)
     _restorable(args, images)
     args.bundle = args.bundle or "."
+    _restorable_spec(load_spec(args.bundle))
     foreground = not args.detach
     if foreground:  # as run: adopt the monitor to wait for it
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -6427,10 +6428,17 @@ def cmd_restore(args):
     return _wait_foreground(state, monitor_pid)
 
 
+def _restorable_spec(conf):
+    """Raise when the bundle's container is one restore cannot make."""
+    if conf["process"]["terminal"]:
+        raise Error("restore: a container with a terminal (process.terminal) cannot be restored")
+    if conf.get("id_mappings"):  # (runc's own userns test chmods the images to get by)
+        raise Error("restore: a container with a user namespace cannot be restored (criu, in "
+                    "it, cannot read the root-owned image directory)")
+
+
 def _restore_into(state, args, images, work):
     """Give the created VM the image directory and have its agent run criu restore."""
-    if state.data.get("terminal"):
-        raise Error("restore: a container with a terminal (process.terminal) cannot be restored")
     dirs, names = image_exports(images, work, _restore_parent(images))
     slot = export_images(state, dirs)
     try:

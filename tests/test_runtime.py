@@ -4862,3 +4862,11 @@ def test_image_exports_name_the_image_work_and_parent_dirs(tmp_path):
     assert rt._restore_parent(img) is None
     os.symlink("../pre", os.path.join(img, "parent"))
     assert rt._restore_parent(img) == "../pre"
+
+
+def test_restorable_spec_refuses_a_terminal_and_a_user_namespace():
+    rt._restorable_spec({"process": {"terminal": False}, "id_mappings": None})
+    with pytest.raises(rt.Error, match="with a terminal"):
+        rt._restorable_spec({"process": {"terminal": True}})
+    with pytest.raises(rt.Error, match="with a user namespace"):
+        rt._restorable_spec({"process": {"terminal": False}, "id_mappings": {"uid": [[0, 1, 1]]}})
