@@ -4967,7 +4967,14 @@ class Agent:
                 stdio.append("/dev/null")
         with open(os.path.join(images, "descriptors.json"), "w") as f:
             f.write(json_dumps(stdio))
-        status, out = guest_criu(criu_dump_args(self.conf, proc["pid"], images, work, msg))
+        tty = None
+        if stdio[0].startswith("/dev/pts/"):  # its terminal: the slave of a pty of ours
+            st = os.stat("/proc/%d/fd/0" % proc["pid"])
+            tty = "tty[%x:%x]" % (st.st_rdev, st.st_dev)
+        with open(os.path.join(images, CHECKPOINT_NOTE), "w") as f:
+            f.write(json_dumps({"tty": tty}))
+        status, out = guest_criu(criu_dump_args(self.conf, proc["pid"], images, work,
+                                                dict(msg, tty=tty)))
         if status != 0:
             raise Error("criu failed: %s" % (criu_log_errors(os.path.join(work, "dump.log"))
                                              or out.strip() or "exit status %d" % status))
@@ -4997,9 +5004,15 @@ class Agent:
         binds = {m["destination"]: self._bind_source(m) for m in self.conf["mounts"]
                  if m["type"] == "bind"}
         restore_mountpoints(self.conf["mounts"], binds)
-        child_fds, outs = self._stdio(proc, GUEST_ROOT)
+        tty = _read_note(images).get("tty")
+        if tty:
+            child_fds, outs = self._restore_tty(proc)
+            inherit = [(tty, child_fds[0])]
+        else:
+            child_fds, outs = self._stdio(proc, GUEST_ROOT)
+            inherit = list(zip(stdio, child_fds))
         pidfile = os.path.join(GUEST_RUN, "restored.pid")
-        args = criu_restore_args(images, work, pidfile, binds, zip(stdio, child_fds), msg)
+        args = criu_restore_args(images, work, pidfile, binds, inherit, msg)
         cgroups = [CONTAINER_CGROUP] + ([self.conf["cgroup"]] if self.conf.get("cgroup") else [])
         try:
             status, out = guest_criu(args, fds=child_fds, cgroups=cgroups, own_root=True)
@@ -5021,6 +5034,18 @@ class Agent:
         proc.update(started=True, restoring=False)
         self._watch(0, proc, pid, outs)
         return {"op": "restored", "pid": pid}
+
+    @staticmethod
+    def _restore_tty(proc):
+        """A new pty for a restored container's terminal, from the agent's devpts (the
+        container's own comes back with criu): the master is ours, as at start."""
+        _criu_ready()
+        master, slave = os.openpty()
+        size = proc["process"].get("consoleSize") or {}
+        if size.get("height") and size.get("width"):
+            _set_winsize(master, size["height"], size["width"])
+        proc["stdin"] = proc["master"] = master
+        return (slave, slave, slave), {master: 1}
 
     def _bind_source(self, m):
         """Where a bind mount's source is in the guest: its 9p share, mounted here."""
@@ -6180,6 +6205,8 @@ def criu_dump_args(conf, pid, images, work, opts):
     for m in conf["mounts"]:
         if m["type"] == "bind":
             args += ["--external", "mnt[%s]:%s" % (m["destination"], m["destination"])]
+    if opts.get("tty"):  # the terminal's master is the agent's: criu restores the slave given
+        args += ["--external", opts["tty"]]
     if opts.get("pre_dump") or opts.get("parent"):
         args.append("--track-mem")
     if opts.get("parent"):
@@ -6241,9 +6268,21 @@ def criu_restore_args(images, work, pidfile, binds, stdio, opts):
     for dest, source in sorted(binds.items()):
         args += ["--external", "mnt[%s]:%s" % (dest, source)]
     for name, fd in stdio:
-        if name.startswith("pipe:"):
+        if name.startswith(("pipe:", "tty[")):
             args += ["--inherit-fd", "fd[%d]:%s" % (fd, name)]
     return args + _criu_flags(dict(opts, leave_running=False))
+
+
+CHECKPOINT_NOTE = "cc-oci-runtime.json"  # in the image: what restore needs besides criu's files
+
+
+def _read_note(images):
+    """The runtime's note in an image directory ({} for an image without one)."""
+    try:
+        with open(os.path.join(images, CHECKPOINT_NOTE)) as f:
+            return json_loads(f.read())
+    except (OSError, ValueError):
+        return {}
 
 
 def criu_log_errors(path, lines=4):
@@ -6341,9 +6380,6 @@ def _checkpointable(state):
         raise Error("Container cannot be checkpointed in %s state" % status)
     if state.data.get("sandbox") or has_members(state.dir):
         raise Error("checkpoint: a container in a pod's VM cannot be checkpointed")
-    if state.data.get("terminal"):
-        raise Error("checkpoint: a container with a terminal (process.terminal) cannot be "
-                    "checkpointed")
     if state.data.get("paused") == PAUSED_FROZEN:
         raise Error("checkpoint: a container frozen in a pod cannot be checkpointed")
 
@@ -6430,8 +6466,6 @@ def cmd_restore(args):
 
 def _restorable_spec(conf):
     """Raise when the bundle's container is one restore cannot make."""
-    if conf["process"]["terminal"]:
-        raise Error("restore: a container with a terminal (process.terminal) cannot be restored")
     if conf.get("id_mappings"):  # (runc's own userns test chmods the images to get by)
         raise Error("restore: a container with a user namespace cannot be restored (criu, in "
                     "it, cannot read the root-owned image directory)")

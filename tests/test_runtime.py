@@ -4743,6 +4743,8 @@ def test_criu_dump_args_make_binds_external_and_freeze_the_cgroup():
     assert args[args.index("--freeze-cgroup") + 1] == rt.CONTAINER_CGROUP
     assert [args[i + 1] for i, a in enumerate(args) if a == "--external"] == ["mnt[/data]:/data"]
     assert "--leave-running" in args and "--file-locks" in args and "--tcp-established" not in args
+    tty = rt.criu_dump_args(conf, 42, "/i", "/w", {"tty": "tty[8800:1e]"})
+    assert [tty[i + 1] for i, a in enumerate(tty) if a == "--external"][-1] == "tty[8800:1e]"
     pre = rt.criu_dump_args(conf, 42, "/i", "/w", {"pre_dump": True, "tcp_established": True})
     assert pre[0] == "pre-dump" and "--track-mem" in pre
     assert pre[pre.index("--network-lock") + 1] == "nftables"
@@ -4769,7 +4771,6 @@ def test_criu_log_errors_keeps_the_last_error_lines(tmp_path):
 @pytest.mark.parametrize("data, error", [
     ({}, "Container cannot be checkpointed in creating state"),
     ({"pid": "ME", "started": False}, "Container cannot be checkpointed in created state"),
-    ({"pid": "ME", "started": True, "terminal": True}, "with a terminal"),
     ({"pid": "ME", "started": True, "sandbox": {"id": "s"}}, "in a pod's VM"),
     ({"pid": "ME", "started": True, "paused": rt.PAUSED_FROZEN}, "frozen in a pod"),
 ])
@@ -4785,7 +4786,7 @@ def test_checkpointable_refuses_as_runc(tmp_path, data, error):
 
 def test_criu_restore_args_map_binds_and_stdio():
     args = rt.criu_restore_args("/i", "/w", "/run/p", {"/data": "/run/cc/shares/share0"},
-                                [("pipe:[5]", 9), ("/dev/null", 10), ("pipe:[7]", 11)],
+                                [("pipe:[5]", 9), ("/dev/null", 10), ("tty[88:1]", 11)],
                                 {"leave_running": True, "tcp_established": True})
     assert args[0] == "restore" and args[args.index("--root") + 1] == rt.GUEST_ROOT
     assert "--restore-detached" in args and "--restore-sibling" in args
@@ -4793,7 +4794,7 @@ def test_criu_restore_args_map_binds_and_stdio():
     assert [args[i + 1] for i, a in enumerate(args) if a == "--external"] == \
         ["mnt[/data]:/run/cc/shares/share0"]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--inherit-fd"] == \
-        ["fd[9]:pipe:[5]", "fd[11]:pipe:[7]"]
+        ["fd[9]:pipe:[5]", "fd[11]:tty[88:1]"]
     assert "--tcp-established" in args and "--leave-running" not in args
 
 
@@ -4864,9 +4865,13 @@ def test_image_exports_name_the_image_work_and_parent_dirs(tmp_path):
     assert rt._restore_parent(img) == "../pre"
 
 
-def test_restorable_spec_refuses_a_terminal_and_a_user_namespace():
-    rt._restorable_spec({"process": {"terminal": False}, "id_mappings": None})
-    with pytest.raises(rt.Error, match="with a terminal"):
-        rt._restorable_spec({"process": {"terminal": True}})
+def test_restorable_spec_refuses_a_user_namespace():
+    rt._restorable_spec({"process": {"terminal": True}, "id_mappings": None})
     with pytest.raises(rt.Error, match="with a user namespace"):
         rt._restorable_spec({"process": {"terminal": False}, "id_mappings": {"uid": [[0, 1, 1]]}})
+
+
+def test_read_note_of_an_image(tmp_path):
+    assert rt._read_note(str(tmp_path)) == {}
+    (tmp_path / rt.CHECKPOINT_NOTE).write_text('{"tty": "tty[1:2]"}')
+    assert rt._read_note(str(tmp_path)) == {"tty": "tty[1:2]"}

@@ -290,7 +290,8 @@ def test_docker_checkpoint_and_start_from_it(docker):
     pm_ok(docker.run("checkpoint", "create", "--leave-running", "dc1", "cp0", timeout=600))
     assert docker.run("inspect", "-f", "{{.State.Status}}", "dc1").stdout.strip() == "running"
     pm_ok(docker.run("checkpoint", "create", "dc1", "cp1", timeout=600))
-    assert docker.run("inspect", "-f", "{{.State.Status}}", "dc1").stdout.strip() == "exited"
+    assert poll(lambda: docker.run("inspect", "-f", "{{.State.Status}}", "dc1").stdout.strip()
+                == "exited", timeout=10), "dockerd learns of the exit from containerd's event"
     assert "cp1" in docker.run("checkpoint", "ls", "dc1", timeout=60).stdout
     dumped = counts(docker, "dc1")[-1]
     pm_ok(docker.run("start", "--checkpoint", "cp1", "dc1", timeout=600))
@@ -299,3 +300,16 @@ def test_docker_checkpoint_and_start_from_it(docker):
     seen = counts(docker, "dc1")
     assert seen == list(range(1, len(seen) + 1)), "one count on from %d, never from zero" % dumped
     pm_ok(docker.run("rm", "-f", "dc1", timeout=120))
+
+
+def test_podman_checkpoint_restore_with_a_terminal(podman):
+    script = "i=0; while true; do i=$((i+1)); [ -t 1 ] && echo $i; sleep 0.2; done"
+    pm_ok(podman.run_rt("run", "-dt", "--name", "pt1", "bb", "sh", "-c", script, timeout=120))
+    assert poll(lambda: len(counts(podman, "pt1")) >= 5)
+    pm_ok(podman.run_rt("container", "checkpoint", "pt1", timeout=600))
+    dumped = counts(podman, "pt1")[-1]
+    pm_ok(podman.run_rt("container", "restore", "pt1", timeout=600))
+    assert poll(lambda: counts(podman, "pt1")[-1] > dumped + 3), "counts on, on a terminal"
+    seen = counts(podman, "pt1")
+    assert seen == list(range(1, len(seen) + 1))
+    pm_ok(podman.run("rm", "-f", "-t", "0", "pt1", timeout=120))
