@@ -4875,3 +4875,22 @@ def test_read_note_of_an_image(tmp_path):
     assert rt._read_note(str(tmp_path)) == {}
     (tmp_path / rt.CHECKPOINT_NOTE).write_text('{"tty": "tty[1:2]"}')
     assert rt._read_note(str(tmp_path)) == {"tty": "tty[1:2]"}
+
+
+def test_monitor_relays_stdin_once_a_restore_is_answered():
+    agent, guest = socket.socketpair()
+    client, cli = socket.socketpair()
+    try:
+        m = _bare_monitor(agent.fileno(), client.fileno())
+        watched = []
+        m._watch_stdin = lambda: watched.append(True)
+        m._on_client_msg(client.fileno(), {"op": "restore", "images": "0/images"})
+        assert rt.read_msg(guest.fileno(), rt.FrameReader(), 5) == \
+            {"op": "restore", "images": "0/images", "id": 1}
+        assert watched == []
+        m._on_agent_msg({"id": 1, "op": "restored", "pid": 80})
+        assert rt.read_msg(cli.fileno(), rt.FrameReader(), 5) == {"op": "restored", "pid": 80}
+        assert watched == [True]
+    finally:
+        for s in (agent, guest, client, cli):
+            s.close()

@@ -199,6 +199,23 @@ def test_a_listening_socket_and_the_fd_table_survive(runtime, tmp_path):
     assert fd_table(runtime, "tcp2") == before, "the same fds, none of criu's or the agent's"
 
 
+def test_a_restored_process_reads_the_stdin_given_to_restore(runtime, tmp_path):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    mounts = rt.default_spec()["mounts"] + [
+        {"destination": "/vol", "type": "bind", "source": str(vol), "options": ["rbind", "rw"]}]
+    script = "while [ ! -e /vol/go ]; do sleep 0.2; done; read l; echo \"got $l\" > /vol/out; sleep 300"
+    bundle = runtime.bundle(["sh", "-c", script], mounts=mounts)
+    runtime("run", "-d", "-b", bundle, "in1", check=True)
+    runtime("checkpoint", "--image-path", tmp_path / "img", "in1", check=True)
+    r = runtime("restore", "-d", "-b", bundle, "--image-path", tmp_path / "img", "in2",
+                input="hello\n")
+    assert r.returncode == 0, r.stderr
+    (vol / "go").write_text("")
+    assert poll(lambda: (vol / "out").exists())
+    assert (vol / "out").read_text() == "got hello\n"
+
+
 # ---------------------------------------------------------------------------
 # podman: container checkpoint / restore, --export / --import
 # ---------------------------------------------------------------------------
