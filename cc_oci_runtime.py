@@ -6241,12 +6241,16 @@ def restore_mountpoints(mounts, binds):
 
 
 def _criu_setup(cgroups, own_root):
-    """(In criu's process, before exec.) Join cgroups; with own_root, a mount namespace whose
-    root is a bind of the initramfs onto itself: pivot_root refuses to move the initramfs
-    itself (it has no parent mount), and criu restore pivots into the container's rootfs."""
-    for cgroup in cgroups:
+    """(In criu's process, before exec.) Join cgroups: the first, then a cgroup namespace of
+    our own rooted there (what criu restores has it, as the container's first process had:
+    see _container_init), then the others; with own_root, a mount namespace whose root is a
+    bind of the initramfs onto itself: pivot_root refuses to move the initramfs itself (it
+    has no parent mount), and criu restore pivots into the container's rootfs."""
+    for i, cgroup in enumerate(cgroups):
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
             f.write("0")
+        if i == 0:
+            _check_libc(_libc().unshare(CLONE_NEWCGROUP), "unshare(CLONE_NEWCGROUP)")
     if own_root:
         _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
         mount(None, "/", None, MS_REC | MS_PRIVATE)

@@ -185,11 +185,22 @@ def fd_table(runtime, cid):
     return sorted(re.sub(r"\[\d+\]", "", " ".join(ln.split()[8:])) for ln in r.stdout.splitlines()[1:])
 
 
-def test_a_listening_socket_and_the_fd_table_survive(runtime, tmp_path):
-    bundle = runtime.bundle(["sh", "-c", "nc -ll -p 8080 -e echo hi & while :; do sleep 1; done"])
+def cgroup_view(runtime, cid):
+    """The container's cgroup as it sees it: /proc/1/cgroup and its /sys/fs/cgroup's files."""
+    r = runtime("exec", cid, "sh", "-c", "cat /proc/1/cgroup; ls /sys/fs/cgroup")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_a_listening_socket_the_fd_table_and_the_cgroup_view_survive(runtime, tmp_path):
+    cgroup = {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+              "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+    bundle = runtime.bundle(["sh", "-c", "nc -ll -p 8080 -e echo hi & while :; do sleep 1; done"],
+                            mounts=rt.default_spec()["mounts"] + [cgroup])
     runtime("run", "-d", "-b", bundle, "tcp1", check=True)
     assert poll(lambda: runtime("exec", "tcp1", "nc", "127.0.0.1", "8080").stdout.strip() == "hi")
-    before = fd_table(runtime, "tcp1")
+    before, view = fd_table(runtime, "tcp1"), cgroup_view(runtime, "tcp1")
+    assert "0::/\n" in view and "memory.max" in view
     r = runtime("checkpoint", "--tcp-established", "--image-path", tmp_path / "img", "tcp1")
     assert r.returncode == 0, r.stderr
     r = runtime("restore", "-d", "--tcp-established", "-b", bundle, "--image-path", tmp_path / "img", "tcp2")
@@ -197,6 +208,7 @@ def test_a_listening_socket_and_the_fd_table_survive(runtime, tmp_path):
     assert r.stderr.strip() == "", "criu's own messages stay out of the container's stderr"
     assert runtime("exec", "tcp2", "nc", "127.0.0.1", "8080").stdout.strip() == "hi"
     assert fd_table(runtime, "tcp2") == before, "the same fds, none of criu's or the agent's"
+    assert cgroup_view(runtime, "tcp2") == view, "its own cgroup namespace, not the guest's root"
 
 
 def test_a_restored_process_reads_the_stdin_given_to_restore(runtime, tmp_path):
