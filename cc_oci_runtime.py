@@ -6447,6 +6447,7 @@ def cmd_restore(args):
     _restorable(args, images)
     args.bundle = args.bundle or "."
     _restorable_spec(load_spec(args.bundle))
+    os.makedirs(work, 0o700, exist_ok=True)  # (as runc: criu writes restore.log there)
     foreground = not args.detach
     if foreground:  # as run: adopt the monitor to wait for it
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)

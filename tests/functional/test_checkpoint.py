@@ -46,10 +46,11 @@ def test_checkpoint_leave_running_and_without(runtime, tmp_path):
     assert json.loads((kept / "descriptors.json").read_text())[1].startswith("pipe:[")
     assert runtime.state("ck1")["status"] == "running"
     assert not os.listdir(os.path.join(runtime.root, "ck1", "members")), "slot given back"
-    gone = tmp_path / "gone"
-    r = runtime("checkpoint", "--image-path", gone, "ck1")
+    gone, work = tmp_path / "gone", tmp_path / "work"
+    r = runtime("checkpoint", "--image-path", gone, "--work-path", work, "ck1")
     assert r.returncode == 0, r.stderr
-    assert (gone / "inventory.img").exists()
+    assert (gone / "inventory.img").exists() and not (gone / "dump.log").exists()
+    assert (work / "dump.log").exists(), "criu's log in the work directory"
     r = runtime("state", "ck1")
     assert r.returncode == 1 and "container does not exist" in r.stderr
 
@@ -130,8 +131,10 @@ def test_restore_continues_the_count_under_a_new_id_and_bundle(runtime, tmp_path
     assert r.returncode == 1 and "container with given ID already exists" in r.stderr
     assert runtime.state("cnt2")["status"] == "running"
     # the first image (--leave-running) restores too, beside the running one
-    r = runtime("restore", "-d", "-b", moved, "--image-path", kept, "cnt3")
+    r = runtime("restore", "-d", "-b", moved, "--image-path", kept, "--work-path", tmp_path / "w3",
+                "cnt3")
     assert r.returncode == 0, r.stderr
+    assert (tmp_path / "w3" / "restore.log").exists() and not (kept / "restore.log").exists()
     assert runtime("exec", "cnt3", "cat", "/vol/count").returncode == 0
 
 
