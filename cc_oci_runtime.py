@@ -2542,7 +2542,7 @@ def unexport_member(sandbox_data, sandbox_dir, slot):
 # Guest image: an initramfs built from the host's Python and kernel modules
 # ===========================================================================
 
-IMAGE_FORMAT = 5  # bump when the image layout changes
+IMAGE_FORMAT = 6  # bump when the image layout changes
 AGENT_IMPORTS = ("ctypes", "resource", "termios", "select", "json", "struct", "errno",
                  "fcntl", "socket", "signal", "time", "traceback")
 
@@ -2821,6 +2821,8 @@ def guest_image(vm, python=None):
     script, manifest, modules = _image_inputs(python, vm["modules_dir"])
     digest = sha256(script + b"%d" % IMAGE_FORMAT)
     files = [python] + manifest["maps"] + manifest["modules"] + modules + ["/etc/ld.so.cache"]
+    criu = criu_files(vm["modules_dir"])  # (see "Checkpoint and restore")
+    files += sum(criu.values(), []) if criu else []
     for path in files:
         try:
             st = os.stat(path)
@@ -2835,7 +2837,7 @@ def guest_image(vm, python=None):
     tmp = "%s.tmp.%d" % (out, os.getpid())
     try:
         with open(tmp, "wb") as f:
-            _write_image(CpioWriter(f), python, manifest, modules, script)
+            _write_image(CpioWriter(f), python, manifest, modules, script, criu)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, out)
@@ -2864,8 +2866,9 @@ def prune_cache(prefix, keep, age=3600):
                     pass
 
 
-def _write_image(w, python, manifest, modules, script):
-    """The initramfs contents: interpreter, libraries, modules, agent, /init."""
+def _write_image(w, python, manifest, modules, script, criu=None):
+    """The initramfs contents: interpreter, libraries, modules, agent, /init (and criu's
+    files when the host has criu)."""
     for d in ("dev", "proc", "sys", "run", "tmp", "mnt", GUEST_MODULES_DIR.strip("/")):
         w.add_dir(d)
     w.add_device("dev/console", True, 5, 1)
@@ -2894,6 +2897,8 @@ def _write_image(w, python, manifest, modules, script):
     init = ("#!%s -IS\nimport sys\nsys.path.insert(0, '/')\nimport cc_oci_runtime\n"
             "cc_oci_runtime.agent_main()\n" % python)
     w.add_file("init", init.encode(), 0o755)
+    if criu:
+        _add_criu(w, criu)
     w.close()
 
 
@@ -2914,7 +2919,7 @@ def _pyc_from_source(source, name):
 
 FRAME = struct.Struct("!BII")
 CLIENT_OPS = ("start", "exec", "signal", "resize", "ps", "stats", "update",  # the monitor's socket
-              "create_member", "freeze")
+              "create_member", "freeze", "criu_check", "checkpoint", "restore")
 MSG, DATA = 1, 2
 CHUNK = 65536
 
@@ -4010,6 +4015,8 @@ class _MonitorRelay:
         """A reply to a request, or an exit event."""
         if "id" in msg:
             client = self.pending.pop(msg.pop("id"), None)
+            if msg.get("op") == "restored":  # the workload runs: relay stdin from now on
+                self._watch_stdin()
             if client is _WORKLOAD:
                 self._workload_error(msg.get("error"))
             elif client is _NETWORK:
@@ -5199,6 +5206,8 @@ class _AgentContainers:
         _apply_guest_limits(c.get("resources", {}))  # on the cgroup made at boot
         mount(ROOTFS_TAG, GUEST_ROOT, "9p", 0, NINEP_OPTIONS)
         c["cgroup"] = setup_device_cgroup(c["id"], c.get("device_rules"))
+        if c.get("restore"):
+            return self._await_restore(c)
         pid, sock = self._create_init(c)
         self.procs[0] = {"pid": pid, "status": None, "process": c["process"], "open": 0,
                          "init": sock, "started": False}
@@ -5529,8 +5538,9 @@ def _pivot_into_container():
     agent's /proc, /sys, /dev and 9p shares are detached from it, out of the workload's reach."""
     for path in ("/proc", "/sys", "/dev"):
         umount(path)
-    os.chdir(GUEST_RUN)  # pivot_root cannot leave the initramfs: start from the tmpfs above
-    os.chroot(".")
+    os.chdir(GUEST_RUN)  # pivot_root cannot leave the initramfs: start from the tmpfs above,
+    mount(GUEST_RUN, "/", None, MS_MOVE)  # moved onto "/", so that the rootfs ends up there
+    os.chroot(".")  # (criu dumps only a task whose root is its mount namespace's "/")
     os.chdir(GUEST_ROOT[len(GUEST_RUN):])
     _check_libc(_libc().syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
     umount(".")  # the old root (the tmpfs with the shares), now stacked on "/"
@@ -6034,6 +6044,600 @@ def _enter_container_cgroup(pid1, cgroup=CONTAINER_CGROUP):
 
 
 # ===========================================================================
+# Checkpoint and restore: CRIU in the guest on the container's process tree
+# ===========================================================================
+# QEMU 7.2 refuses to migrate or snapshot a VM while a 9p export is mounted, so a container is
+# checkpointed as runc does it on a host: CRIU dumps the container's process tree, here from
+# inside the VM (the guest runs the host's own kernel, which the host's criu was built for;
+# the guest image carries criu, its libraries, the tar, gzip and sh it runs to dump a tmpfs,
+# and the modules it needs: socket diag, nf_tables). The image directory reaches the running VM
+# as a pod member's files do: cloned on the host and moved onto a slot of the pod export.
+
+CRIU_TOOLS = ("criu", "tar", "gzip", "sh")  # criu dumps a tmpfs with `tar --gzip` (sh -c gzip)
+# (libcrc32c, which nf_tables needs, asks the crypto API for crc32c: no module loader in the guest)
+CRIU_MODULES = ("unix_diag", "inet_diag", "tcp_diag", "udp_diag", "netlink_diag", "crc32c_generic",
+                "nf_tables")
+GUEST_CRIU_MODULES = "/cc/criu-modules"  # loaded by the agent at the first checkpoint or restore
+OPTIONAL_CHECKS = ("checkpoint",)  # check's items a host can do without
+TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class _AgentCheckpoint:
+    """checkpoint and restore in the agent: criu dumps the container's process tree into the
+    image directory on the pod export, or restores it into a new VM's container."""
+
+    def _op_criu_check(self, _msg):
+        """criu check in the guest: whether this kernel and image can checkpoint."""
+        status, out = guest_criu(["check"])
+        return {"op": "criu_check", "status": status, "output": out}
+
+    def _op_checkpoint(self, msg):
+        """Dump the container's process tree with criu into the image directory the host put
+        on the pod export, with runc's descriptors.json (its stdio); without leave_running
+        (or pre_dump) criu kills the processes and the container ends."""
+        proc = self.procs.get(0)
+        if proc is None or proc["status"] is not None or not proc["started"]:
+            raise Error("container not running")
+        images = guest_export_path(msg["pod_tag"], msg["images"])
+        work = guest_export_path(msg["pod_tag"], msg["work"])
+        stdio = []
+        for fd in (0, 1, 2):
+            try:
+                stdio.append(os.readlink("/proc/%d/fd/%d" % (proc["pid"], fd)))
+            except OSError:
+                stdio.append("/dev/null")
+        with open(os.path.join(images, "descriptors.json"), "w") as f:
+            f.write(json_dumps(stdio))
+        tty = None
+        if stdio[0].startswith("/dev/pts/"):  # its terminal: the slave of a pty of ours
+            st = os.stat("/proc/%d/fd/0" % proc["pid"])
+            tty = "tty[%x:%x]" % (st.st_rdev, st.st_dev)
+        with open(os.path.join(images, CHECKPOINT_NOTE), "w") as f:
+            f.write(json_dumps({"tty": tty}))
+        status, out = guest_criu(criu_dump_args(self.conf, proc["pid"], images, work,
+                                                dict(msg, tty=tty)))
+        if status != 0:
+            raise Error("criu failed: %s" % (criu_log_errors(os.path.join(work, "dump.log"))
+                                             or out.strip() or "exit status %d" % status))
+        return {"op": "checkpointed"}
+
+    def _await_restore(self, c):
+        """(create of a container to restore) The first process forked at boot is not wanted:
+        criu makes the container's namespaces and processes (_op_restore)."""
+        os.kill(self.init_pid, signal.SIGKILL)
+        os.waitpid(self.init_pid, 0)
+        self.init_sock.close()
+        self.procs[0] = {"pid": None, "status": None, "process": c["process"], "open": 0,
+                         "started": False, "restoring": True}
+        return {"op": "created"}
+
+    def _op_restore(self, msg):
+        """criu restore of the container from the image directory on the pod export: its
+        mount namespace on the rootfs, the bind mounts from this VM's shares, its stdio new
+        pipes of ours (descriptors.json names the old ones), in the container's cgroups."""
+        proc = self.procs.get(0)
+        if proc is None or not proc.get("restoring"):
+            raise Error("restore: the container is not waiting for a restore")
+        images = guest_export_path(msg["pod_tag"], msg["images"])
+        work = guest_export_path(msg["pod_tag"], msg["work"])
+        with open(os.path.join(images, "descriptors.json")) as f:
+            stdio = json_loads(f.read())
+        binds = {m["destination"]: self._bind_source(m) for m in self.conf["mounts"]
+                 if m["type"] == "bind"}
+        restore_mountpoints(self.conf["mounts"], binds)
+        tty = _read_note(images).get("tty")
+        if tty:
+            child_fds, outs = self._restore_tty(proc)
+            inherit = [(tty, child_fds[0])]
+        else:
+            child_fds, outs = self._stdio(proc, GUEST_ROOT)
+            inherit = list(zip(stdio, child_fds))
+        pidfile = os.path.join(GUEST_RUN, "restored.pid")
+        args = criu_restore_args(images, work, pidfile, binds, inherit, msg)
+        cgroups = [CONTAINER_CGROUP] + ([self.conf["cgroup"]] if self.conf.get("cgroup") else [])
+        try:
+            status, out = guest_criu(args, fds=child_fds, cgroups=cgroups, own_root=True)
+        finally:
+            for fd in set(child_fds):
+                os.close(fd)
+        if status != 0:
+            for fd in set(outs) | {proc["stdin"]}:
+                os.close(fd)
+            raise Error("criu failed: %s" % (criu_log_errors(os.path.join(work, "restore.log"))
+                                             or out.strip() or "exit status %d" % status))
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        ns = os.open("/proc/%d/ns/pid" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        try:  # the agent's children (exec) go into the restored container's pid namespace
+            _check_libc(_libc().setns(ns, CLONE_NEWPID), "setns(pid)")
+        finally:
+            os.close(ns)
+        proc.update(started=True, restoring=False)
+        self._watch(0, proc, pid, outs)
+        return {"op": "restored", "pid": pid}
+
+    @staticmethod
+    def _restore_tty(proc):
+        """A new pty for a restored container's terminal, from the agent's devpts (the
+        container's own comes back with criu): the master is ours, as at start."""
+        _criu_ready()
+        master, slave = os.openpty()
+        size = proc["process"].get("consoleSize") or {}
+        if size.get("height") and size.get("width"):
+            _set_winsize(master, size["height"], size["width"])
+        proc["stdin"] = proc["master"] = master
+        return (slave, slave, slave), {master: 1}
+
+    def _bind_source(self, m):
+        """Where a bind mount's source is in the guest: its 9p share, mounted here."""
+        share = os.path.join(GUEST_SHARES, m["share"])
+        if not os.path.ismount(share):
+            os.makedirs(share, exist_ok=True)
+            mount(m["share"], share, "9p", 0, NINEP_OPTIONS)
+        return os.path.join(share, m["subpath"]) if m["subpath"] else share
+
+
+def find_tool(name):
+    """A host program's path in TOOL_PATH, or None."""
+    for d in TOOL_PATH.split(":"):
+        path = os.path.join(d, name)
+        if _root_can_exec(_mode_of(path)):
+            return path
+    return None
+
+
+def criu_files(modules_dir):
+    """What the guest image carries for checkpoint and restore, {"tools", "libraries",
+    "modules"}, or None when the host has no criu; cached by the tools' size and mtime."""
+    tools = [find_tool(name) for name in CRIU_TOOLS]
+    if None in tools:
+        return None
+    key = sha256(("%s|%s" % (modules_dir, ",".join(CRIU_MODULES))).encode())
+    for path in tools:
+        st = os.stat(path)
+        key.update(("|%s|%d|%d" % (path, st.st_size, st.st_mtime_ns)).encode())
+    cache = os.path.join(CACHE_DIR, "criu-%s.json" % key.hexdigest()[:20])
+    try:
+        with open(cache) as f:
+            return json_loads(f.read())
+    except (OSError, ValueError):
+        pass
+    libraries = sorted({lib for path in tools for lib in _elf_libraries(path)})
+    found = {"tools": tools, "libraries": libraries,
+             "modules": guest_modules(modules_dir, CRIU_MODULES)}
+    try:
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        write_atomic(cache, json_dumps(found))
+        prune_cache("criu-", cache)
+    except OSError:
+        pass
+    return found
+
+
+def _elf_libraries(path):
+    """The shared libraries an executable loads, as its dynamic loader lists them (ldd)."""
+    loader = elf_interpreter(path)
+    if not loader:
+        return []
+    out = _run_tool([loader, "--list", path])[1]
+    libs = []
+    for line in out.splitlines():
+        target = line.partition("=>")[2] if "=>" in line else line
+        target = target.strip().partition(" (")[0]
+        if target.startswith("/") and os.path.isfile(target):
+            libs.append(target)
+    return libs
+
+
+def _add_criu(w, criu):
+    """Put criu's files in the guest image, at their host paths (modules in their own dir)."""
+    for path in criu["tools"] + criu["libraries"]:
+        _add_host_path(w, path)
+        _add_library_links(w, path)
+    for i, path in enumerate(criu["modules"]):
+        w.add_file("%s/%02d-%s.ko" % (GUEST_CRIU_MODULES.strip("/"), i, _module_name(path)),
+                   _module_bytes(path))
+
+
+def _run_tool(argv, cwd=None, env=None, fds=(), setup=None):
+    """(exit status, stdout and stderr) of a program, without subprocess (the guest image has
+    not got it); fds are passed at their own numbers; setup() runs in the child first. The
+    output goes to a memfd: nothing the program leaves can hold it open."""
+    out = os.memfd_create("tool-output", os.MFD_CLOEXEC)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for target, fd in enumerate((os.open(os.devnull, os.O_RDONLY), out, out)):
+                    os.dup2(fd, target)
+                for fd in fds:
+                    os.set_inheritable(fd, True)
+                if setup:
+                    setup()
+                if cwd:
+                    os.chdir(cwd)
+                os.execve(argv[0], argv, env if env is not None else os.environ)
+            except (Error, OSError) as e:
+                os.write(2, ("%s: %s\n" % (argv[0], getattr(e, "strerror", None) or e)).encode())
+            finally:
+                os._exit(127)
+        _pid, status = os.waitpid(pid, 0)
+        os.lseek(out, 0, os.SEEK_SET)
+        chunks = []
+        while True:
+            data = os.read(out, CHUNK)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(out)
+    return exit_status(status), b"".join(chunks).decode(errors="replace")
+
+
+def criu_version():
+    """The host's criu version ("3.17.1"), or an Error naming what is missing."""
+    criu = find_tool("criu")
+    if criu is None:
+        raise Error("no criu on the host (apt-get install criu): checkpoint and restore fail")
+    missing = [name for name in CRIU_TOOLS if find_tool(name) is None]
+    if missing:
+        raise Error("criu needs %s on the host" % ", ".join(missing))
+    out = _run_tool([criu, "--version"])[1]
+    return out.split("Version:")[-1].split()[0] if "Version:" in out else out.strip()
+
+
+# -- in the guest: criu run by the agent -------------------------------------
+
+def _criu_ready():
+    """Once: load the modules criu needs (EEXIST is fine) and give the agent a devpts (criu
+    opens /dev/ptmx, which needs a /dev/pts beside it)."""
+    if getattr(_criu_ready, "done", False):
+        return
+    import ctypes
+    for name in sorted(os.listdir(GUEST_CRIU_MODULES)):
+        fd = os.open(os.path.join(GUEST_CRIU_MODULES, name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc().syscall(313, fd, b"", 0) != 0 and ctypes.get_errno() != errno.EEXIST:
+                raise Error("checkpoint: cannot load %s: %s"
+                            % (name, os.strerror(ctypes.get_errno())))
+        finally:
+            os.close(fd)
+    if not os.path.ismount("/dev/pts"):
+        os.makedirs("/dev/pts", exist_ok=True)
+        mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666")
+    _criu_ready.done = True
+
+
+def guest_criu(args, cwd=None, fds=(), cgroups=(), own_root=False):
+    """(status, output) of criu in the guest, forked into the VM's own pid namespace (the
+    agent's children are the container's) with the tools' PATH, in cgroups (what it
+    restores stays there); own_root: in a mount namespace whose root can be pivoted away
+    from (criu restore's --root)."""
+    criu = find_tool("criu")
+    if criu is None or not os.path.isdir(GUEST_CRIU_MODULES):
+        raise Error("checkpoint: the guest image has no criu (install criu on the host)")
+    _criu_ready()
+    back = os.open("/proc/self/ns/pid_for_children", os.O_RDONLY | os.O_CLOEXEC)
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check_libc(_libc().setns(own, CLONE_NEWPID), "setns(pid)")
+        try:
+            return _run_tool([criu] + args, cwd, {"PATH": TOOL_PATH, "HOME": "/"}, fds,
+                             lambda: _criu_setup(cgroups, own_root))
+        finally:
+            _libc().setns(back, CLONE_NEWPID)
+    finally:
+        os.close(back)
+        os.close(own)
+
+
+def guest_export_path(tag, path):
+    """A path on the pod export in the guest (which is mounted on first use)."""
+    if not os.path.ismount(GUEST_POD):
+        os.makedirs(GUEST_POD, exist_ok=True)
+        mount(tag, GUEST_POD, "9p", 0, NINEP_OPTIONS)
+    return os.path.join(GUEST_POD, path)
+
+
+def criu_dump_args(conf, pid, images, work, opts):
+    """criu's arguments to dump (or pre-dump) the container whose first process is pid:
+    runc's, with the bind mounts external (the restore maps them to the new VM's shares), the
+    cgroups left to the agent, the container's cgroup frozen during the dump."""
+    args = ["pre-dump" if opts.get("pre_dump") else "dump", "--tree", str(pid),
+            "--images-dir", images, "--work-dir", work, "--log-file", "dump.log", "-v4",
+            "--manage-cgroups=ignore", "--freeze-cgroup", CONTAINER_CGROUP]
+    for m in conf["mounts"]:
+        if m["type"] == "bind":
+            args += ["--external", "mnt[%s]:%s" % (m["destination"], m["destination"])]
+    if opts.get("tty"):  # the terminal's master is the agent's: criu restores the slave given
+        args += ["--external", opts["tty"]]
+    if opts.get("pre_dump") or opts.get("parent"):
+        args.append("--track-mem")
+    if opts.get("parent"):
+        args += ["--prev-images-dir", opts["parent"]]
+    return args + _criu_flags(opts)
+
+
+def _criu_flags(opts):
+    """criu's flags for runc's boolean options."""
+    flags = {"leave_running": "--leave-running", "tcp_established": "--tcp-established",
+             "ext_unix_sk": "--ext-unix-sk", "shell_job": "--shell-job",
+             "file_locks": "--file-locks"}
+    out = [flag for key, flag in flags.items() if opts.get(key)]
+    if opts.get("tcp_established"):  # the guest has nftables, not the iptables binary
+        out += ["--network-lock", "nftables"]
+    return out
+
+
+def restore_mountpoints(mounts, binds):
+    """The mount points criu restore mounts on that the rootfs lacks (a new rootfs: another
+    container's, podman's restore --import), as runc makes them; not those inside a mount
+    that is not a bind (a tmpfs comes back with its contents)."""
+    covered = []
+    for m in mounts:
+        dest = m["destination"]
+        if any(dest == c or dest.startswith(c.rstrip("/") + "/") for c in covered):
+            continue
+        source = binds.get(dest)
+        _make_mountpoint(resolve_in_root(GUEST_ROOT, dest), source is None or os.path.isdir(source))
+        if m["type"] != "bind":
+            covered.append(dest)
+
+
+def _criu_setup(cgroups, own_root):
+    """(In criu's process, before exec.) Join cgroups: the first, then a cgroup namespace of
+    our own rooted there (what criu restores has it, as the container's first process had:
+    see _container_init), then the others; with own_root, a mount namespace whose root is a
+    bind of the initramfs onto itself: pivot_root refuses to move the initramfs itself (it
+    has no parent mount), and criu restore pivots into the container's rootfs."""
+    for i, cgroup in enumerate(cgroups):
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write("0")
+        if i == 0:
+            _check_libc(_libc().unshare(CLONE_NEWCGROUP), "unshare(CLONE_NEWCGROUP)")
+    if own_root:
+        _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        mount("/", "/mnt", None, MS_BIND | MS_REC)
+        os.chdir("/mnt")
+        mount("/mnt", "/", None, MS_MOVE)
+        os.chroot(".")
+        os.chdir("/")
+
+
+def criu_restore_args(images, work, pidfile, binds, stdio, opts):
+    """criu's arguments to restore a container (the root task a child of the agent, detached):
+    the rootfs at GUEST_ROOT, each bind mount's destination mapped to its source in this VM
+    (binds), each dumped stdio pipe to the new one criu inherits (stdio: [(name in
+    descriptors.json, fd)])."""
+    args = ["restore", "--images-dir", images, "--work-dir", work, "--log-file", "restore.log",
+            "-v4", "--root", GUEST_ROOT, "--restore-detached", "--restore-sibling",
+            "--manage-cgroups=ignore", "--pidfile", pidfile]
+    for dest, source in sorted(binds.items()):
+        args += ["--external", "mnt[%s]:%s" % (dest, source)]
+    for name, fd in stdio:
+        if name.startswith(("pipe:", "tty[")):
+            args += ["--inherit-fd", "fd[%d]:%s" % (fd, name)]
+    return args + _criu_flags(dict(opts, leave_running=False))
+
+
+CHECKPOINT_NOTE = "cc-oci-runtime.json"  # in the image: what restore needs besides criu's files
+
+
+def _read_note(images):
+    """The runtime's note in an image directory ({} for an image without one)."""
+    try:
+        with open(os.path.join(images, CHECKPOINT_NOTE)) as f:
+            return json_loads(f.read())
+    except (OSError, ValueError):
+        return {}
+
+
+def criu_log_errors(path, lines=4):
+    """The last error lines of a criu log (what says why it failed), or ''."""
+    try:
+        with open(path, errors="replace") as f:
+            errors = [ln.strip() for ln in f if "Error" in ln]
+    except OSError:
+        return ""
+    return "; ".join(errors[-lines:])
+
+
+# -- on the host: the checkpoint and restore commands ------------------------
+
+CHECKPOINT_STAGE = "checkpoint-stage"  # in the state dir: where the export is assembled
+CRIU_TIMEOUT = 600  # seconds a dump or restore may take (TCG on a busy host is slow)
+
+
+def _image_dirs(args):
+    """(image directory, work directory) of a checkpoint or restore, absolute: runc's
+    defaults (./checkpoint; the work directory is the image directory)."""
+    images = os.path.abspath(args.image_path or "checkpoint")
+    return images, os.path.abspath(args.work_path) if args.work_path else images
+
+
+def export_images(state, dirs):
+    """Give a running VM host directories [(name, path)]: cloned onto a free slot of its pod
+    export (as a member's files are); returns the slot (the VM sees <slot>/<name>)."""
+    if not (state.data.get("pod") or {}).get("tag"):
+        raise Error("checkpoint: the VM has no 9p slot left for the image directory (the "
+                    "container has %d bind-mount sources)" % SHARE_SLOTS)
+    slot = claim_pod_slot(state.dir, "checkpoint")
+    stage = os.path.join(state.dir, CHECKPOINT_STAGE)
+    try:
+        os.makedirs(stage, exist_ok=True)
+        export_member(state, stage, slot, [(name, path, True, False, False)
+                                           for name, path in dirs])
+    except BaseException:
+        release_pod_slot(state.dir, slot)
+        raise
+    finally:
+        _ignore_oserror(os.rmdir, stage)
+    return slot
+
+
+def unexport_images(state, slot):
+    """Take the directories export_images gave a VM away again."""
+    unexport_member(state.data, state.dir, slot)
+    release_pod_slot(state.dir, slot)
+
+
+def image_exports(images, work, parent=None):
+    """What to export for a dump or restore, [(name, host dir)], and the names of the image and
+    work directories in it. A parent image (--parent-path, relative to the image directory,
+    as criu's --prev-images-dir) must be a sibling (../NAME): it is exported beside the image
+    directory under the same names, so that criu's "parent" link reads on the host as well."""
+    if not parent:
+        dirs = [("images", images)] + ([("work", work)] if work != images else [])
+        return dirs, {"images": "images", "work": "work" if work != images else "images"}
+    full = os.path.normpath(os.path.join(images, parent))
+    names = {"images": os.path.basename(images), "parent": os.path.basename(full)}
+    if os.path.dirname(full) != os.path.dirname(images) or names["parent"] == names["images"] \
+            or os.path.isabs(parent):
+        raise Error("checkpoint: --parent-path must name a sibling of the image directory "
+                    "(../NAME), not %s" % parent)
+    if not os.path.isdir(full):
+        raise Error("checkpoint: --parent-path %s: no such directory" % full)
+    dirs = [(names["images"], images), (names["parent"], full)]
+    names["work"] = names["images"]
+    if work != images:
+        names["work"] = next(n for n in ("work", "work-dir", "criu-work") if n not in names.values())
+        dirs.append((names["work"], work))
+    return dirs, names
+
+
+def _restore_parent(images):
+    """The parent image a pre-dumped image names (criu's "parent" link), or None."""
+    try:
+        return os.readlink(os.path.join(images, "parent"))
+    except OSError:
+        return None
+
+
+def checkpoint_options(args):
+    """The agent's checkpoint/restore options from runc's flags."""
+    return {key: bool(getattr(args, key, False)) for key in
+            ("leave_running", "tcp_established", "ext_unix_sk", "shell_job", "file_locks",
+             "pre_dump")}
+
+
+def _checkpointable(state):
+    """Raise runc's error (or ours) when the container cannot be checkpointed now."""
+    status = state.status()
+    if status in ("created", "stopped", "creating"):
+        raise Error("Container cannot be checkpointed in %s state" % status)
+    if state.data.get("sandbox") or has_members(state.dir):
+        raise Error("checkpoint: a container in a pod's VM cannot be checkpointed")
+    if state.data.get("paused") == PAUSED_FROZEN:
+        raise Error("checkpoint: a container frozen in a pod cannot be checkpointed")
+
+
+def cmd_checkpoint(args):
+    """checkpoint: CRIU in the VM dumps the container's processes into --image-path; the
+    container then goes (its VM with it), unless --leave-running or --pre-dump."""
+    state = _open_state(args, lock=True)
+    _checkpointable(state)
+    images, work = _image_dirs(args)
+    for path in {images, work}:
+        os.makedirs(path, 0o700, exist_ok=True)
+    began = time.monotonic()
+    paused = state.data.get("paused") == PAUSED_VM
+    if paused:  # the agent must run; criu freezes the container's cgroup first thing
+        qmp(state, "cont")
+    slot, dumped = None, False
+    try:
+        dirs, names = image_exports(images, work, args.parent_path)
+        slot = export_images(state, dirs)
+        msg = dict(checkpoint_options(args), op="checkpoint", pod_tag=state.data["pod"]["tag"],
+                   images="%d/%s" % (slot, names["images"]), work="%d/%s" % (slot, names["work"]),
+                   parent=args.parent_path)
+        try:
+            monitor_request(state, msg, timeout=CRIU_TIMEOUT)
+        except Error as e:
+            raise Error("%s (log file: %s)" % (e, os.path.join(work, "dump.log"))) from None
+        dumped = True
+    finally:
+        if slot is not None:
+            unexport_images(state, slot)
+        still_there = not dumped or args.leave_running or args.pre_dump
+        if paused and still_there and state.status() != "stopped":
+            qmp(state, "stop")
+    LOG.info("checkpointed %s into %s in %.1f s", state.id, images, time.monotonic() - began)
+    if not (args.leave_running or args.pre_dump):
+        _wait_gone(state, time.monotonic() + 10)  # the last output reaches the engine first
+        delete_container(state, force=True)  # as runc destroys a checkpointed container
+
+
+def _wait_gone(state, deadline):
+    """Wait until the container's monitor has exited (or deadline, time.monotonic())."""
+    target = (state.data.get("pid"), state.data.get("pid_start"))
+    while process_alive(*target) and time.monotonic() < deadline:
+        _wait_exit(target, deadline)
+
+
+def _restorable(args, images):
+    """Raise runc's error when there is nothing to restore or the id is taken."""
+    if not os.path.isfile(os.path.join(images, "descriptors.json")):
+        raise Error("open %s: no such file or directory" % os.path.join(images, "descriptors.json"))
+    if State(args.root, args.id).exists():
+        raise Error("container with given ID already exists")
+
+
+def cmd_restore(args):
+    """restore: a new VM as create makes one (the bundle's rootfs and mounts), then CRIU in
+    it restores the processes from --image-path; running when restore returns (with -d;
+    without, restore waits for the container as run does)."""
+    images, work = _image_dirs(args)
+    _restorable(args, images)
+    args.bundle = args.bundle or "."
+    _restorable_spec(load_spec(args.bundle))
+    os.makedirs(work, 0o700, exist_ok=True)  # (as runc: criu writes restore.log there)
+    foreground = not args.detach
+    if foreground:  # as run: adopt the monitor to wait for it
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+    began = time.monotonic()
+    state, monitor_pid = create_container(args, args.console_socket, foreground=foreground,
+                                          restoring=True)
+    try:
+        _restore_into(state, args, images, work)
+    except BaseException:
+        delete_container(state, force=True)
+        if getattr(args, "pid_file", None):  # create wrote it: it names a monitor now gone
+            _ignore_oserror(os.unlink, os.path.abspath(args.pid_file))
+        raise
+    LOG.info("restored %s from %s in %.1f s", state.id, images, time.monotonic() - began)
+    if args.detach:
+        return 0
+    state.unlock()
+    return _wait_foreground(state, monitor_pid)
+
+
+def _restorable_spec(conf):
+    """Raise when the bundle's container is one restore cannot make."""
+    if conf.get("id_mappings"):  # (runc's own userns test chmods the images to get by)
+        raise Error("restore: a container with a user namespace cannot be restored (criu, in "
+                    "it, cannot read the root-owned image directory)")
+
+
+def _restore_into(state, args, images, work):
+    """Give the created VM the image directory and have its agent run criu restore."""
+    dirs, names = image_exports(images, work, _restore_parent(images))
+    slot = export_images(state, dirs)
+    try:
+        msg = dict(checkpoint_options(args), op="restore", pod_tag=state.data["pod"]["tag"],
+                   images="%d/%s" % (slot, names["images"]), work="%d/%s" % (slot, names["work"]))
+        try:
+            monitor_request(state, msg, timeout=CRIU_TIMEOUT)
+        except Error as e:
+            raise Error("%s (log file: %s)" % (e, os.path.join(work, "restore.log"))) from None
+    finally:
+        unexport_images(state, slot)
+    state.data["started"] = True
+    state.save()
+
+
+# ===========================================================================
 # Agent: the guest's network
 # ===========================================================================
 
@@ -6400,7 +7004,7 @@ def signal_cgroup(cgroup, sig):
             pass
 
 
-class Agent(_AgentCore, _AgentContainers, _AgentNetwork, _AgentPods):
+class Agent(_AgentCore, _AgentContainers, _AgentCheckpoint, _AgentNetwork, _AgentPods):
     """Prepares the container in the guest on the host's command and runs its processes."""
 
 
@@ -6533,9 +7137,10 @@ def _reap_children():
         pass
 
 
-def create_container(args, console_socket=None, foreground=False):
+def create_container(args, console_socket=None, foreground=False, restoring=False):
     """Validate, boot the VM under a new monitor, run the create hooks; return (state, pid).
-    A pod member goes into its sandbox's VM instead (create_member)."""
+    A pod member goes into its sandbox's VM instead (create_member). restoring: the agent
+    mounts the rootfs and waits for a restore (see "Checkpoint and restore")."""
     state = State(args.root, args.id)
     conf = load_spec(args.bundle)
     terminal = conf["process"]["terminal"]
@@ -6544,6 +7149,8 @@ def create_container(args, console_socket=None, foreground=False):
     if terminal and not console_socket and not foreground:
         raise Error("process.terminal: --console-socket is required when terminal is true")
     role, sandbox_id, strict = pod_role(args.id, conf["annotations"])
+    if role == "member" and restoring:
+        raise Error("restore: a pod member cannot be restored")
     if role == "member":
         sandbox = find_sandbox(args.root, sandbox_id, strict)
         if sandbox is not None:
@@ -6578,7 +7185,7 @@ def create_container(args, console_socket=None, foreground=False):
                       "pod": {"tag": conf["pod_tag"]} if conf.get("pod_tag") else None}
         state.save()
         stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
-        gconf = guest_config(args.id, conf)
+        gconf = dict(guest_config(args.id, conf), restore=restoring)
         namespaces = {k: v for k, v in conf["namespaces"].items() if k in MONITOR_NAMESPACES}
 
         def monitor_main(notify_fd):
@@ -7813,17 +8420,6 @@ def cmd_spec(args):
         raise Error("%s: %s" % (path, e.strerror)) from None
 
 
-def cmd_checkpoint(args):
-    """checkpoint: not supported (a VM's state is not criu's); fails as runc without criu."""
-    _open_state(args)
-    raise Error("checkpoint is not supported: the container runs in a VM (runc needs criu)")
-
-
-def cmd_restore(args):
-    """restore: not supported (nothing can be checkpointed); fails as runc without an image."""
-    raise Error("restore is not supported: the container runs in a VM (runc needs criu)")
-
-
 def cmd_features(_args):
     """features: what this runtime supports (runtime-spec features document)."""
     print(go_json({
@@ -7908,6 +8504,7 @@ def check_host():
         if results[-1][0] and results[1][0]:
             item("VM template", template)
     item("networking", net_probe)
+    item("checkpoint", lambda: "criu %s (carried in the guest image)" % criu_version())
     return results
 
 
@@ -7915,8 +8512,9 @@ def cmd_check(_args):
     """check: can this host run containers? Names the fix for each missing piece."""
     results = check_host()
     for ok, what, detail in results:
-        print("%-4s %-15s %s" % ("ok" if ok else "FAIL", what, detail))
-    if not all(ok for ok, _, _ in results):
+        print("%-4s %-15s %s" % ("ok" if ok else "off" if what in OPTIONAL_CHECKS else "FAIL",
+                                 what, detail))
+    if not all(ok for ok, what, _ in results if what not in OPTIONAL_CHECKS):
         raise Error("this host cannot run containers yet: see the FAIL lines above")
 
 
@@ -8095,11 +8693,14 @@ def build_parser(only=None):
         up.add_argument(opt, help=argparse.SUPPRESS)
     command("features", cmd_features, "print the supported features as JSON", with_id=False)
     for name, fn in (("checkpoint", cmd_checkpoint), ("restore", cmd_restore)):
-        c = command(name, fn, "%s a container (not supported: fails as runc without criu)" % name)
+        c = command(name, fn, "%s a container (CRIU in its VM; see README.md, \"Checkpoint "
+                              "and restore\")" % name)
         for flag in ("--leave-running", "--tcp-established", "--ext-unix-sk", "--shell-job",
                      "--lazy-pages", "--file-locks", "--pre-dump", "--auto-dedup",
-                     "-d", "--detach", "--no-subreaper", "--no-pivot"):
+                     "--no-subreaper", "--no-pivot"):
             c.add_argument(flag, action="store_true", help="accepted")
+        c.add_argument("-d", "--detach", action="store_true",
+                       help="(restore) do not wait for the restored container")
         for opt in ("--image-path", "--work-path", "--parent-path", "--status-fd", "--page-server",
                     "--manage-cgroups-mode", "--empty-ns", "--console-socket", "--pid-file",
                     "--lsm-profile", "--lsm-mount-context"):

@@ -5065,3 +5065,229 @@ def test_agent_requests_find_their_container():
     with pytest.raises(rt.Error) as e:
         agent._container_of({"op": "ps", "member": 3})
     assert str(e.value) == "container not running"
+
+
+# ===========================================================================
+# 14. Checkpoint and restore: what the guest image carries (no VM)
+# ===========================================================================
+
+def test_elf_libraries_lists_what_the_loader_loads():
+    sh = os.path.realpath(shutil.which("sh"))
+    libs = rt._elf_libraries(sh)
+    assert any(os.path.basename(p).startswith("libc.so") for p in libs), libs
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p in libs)
+    assert rt._elf_libraries(SCRIPT) == []  # not an ELF file
+
+
+def test_criu_files_none_without_criu(tmp_path, monkeypatch):
+    monkeypatch.setattr(rt, "TOOL_PATH", str(tmp_path))
+    assert rt.criu_files(str(tmp_path)) is None
+    with pytest.raises(rt.Error, match="no criu on the host"):
+        rt.criu_version()
+
+
+def test_criu_files_are_tools_libraries_and_modules(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    sh = os.path.realpath(shutil.which("sh"))
+    for name in rt.CRIU_TOOLS:
+        shutil.copy(sh, bindir / name)
+    mods = tmp_path / "mods"
+    (mods / "kernel").mkdir(parents=True)
+    dep = ""
+    for name in rt.CRIU_MODULES:
+        (mods / "kernel" / (name + ".ko")).write_bytes(b"\x7fELF" + name.encode())
+        dep += "kernel/%s.ko:\n" % name
+    (mods / "modules.dep").write_text(dep)
+    monkeypatch.setattr(rt, "TOOL_PATH", str(bindir))
+    found = rt.criu_files(str(mods))
+    assert found["tools"] == [str(bindir / n) for n in rt.CRIU_TOOLS]
+    assert any("libc.so" in p for p in found["libraries"])
+    assert [os.path.basename(p) for p in found["modules"]] == [n + ".ko" for n in rt.CRIU_MODULES]
+    assert rt.criu_files(str(mods)) == found  # (from the cache)
+    buf = io.BytesIO()
+    w = rt.CpioWriter(buf)
+    rt._add_criu(w, found)
+    w.close()
+    entries = rt.read_cpio(buf.getvalue())
+    assert (str(bindir / "criu").lstrip("/")) in entries
+    names = sorted(n for n in entries if n.startswith(rt.GUEST_CRIU_MODULES.strip("/") + "/"))
+    assert names == ["%s/%02d-%s.ko" % (rt.GUEST_CRIU_MODULES.strip("/"), i, n)
+                     for i, n in enumerate(rt.CRIU_MODULES)]
+
+
+def test_run_tool_gives_status_and_output():
+    assert rt._run_tool(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"]) == (3, "out\nerr\n")
+    status, out = rt._run_tool(["/nonexistent/tool"])
+    assert status == 127 and "No such file" in out
+
+
+def test_check_reports_checkpoint_without_failing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rt, "check_host", lambda: [(True, "qemu", "q"), (False, "checkpoint", "no criu")])
+    rt.cmd_check(None)
+    assert "off  checkpoint      no criu" in capsys.readouterr().out
+    monkeypatch.setattr(rt, "check_host", lambda: [(False, "qemu", "q")])
+    with pytest.raises(rt.Error):
+        rt.cmd_check(None)
+
+
+def test_criu_dump_args_make_binds_external_and_freeze_the_cgroup():
+    conf = {"mounts": [{"destination": "/data", "type": "bind"},
+                       {"destination": "/tmp", "type": "tmpfs"}]}
+    args = rt.criu_dump_args(conf, 42, "/i", "/w", {"leave_running": True, "file_locks": True})
+    assert args[:3] == ["dump", "--tree", "42"]
+    assert args[args.index("--images-dir") + 1] == "/i" and args[args.index("--work-dir") + 1] == "/w"
+    assert args[args.index("--freeze-cgroup") + 1] == rt.CONTAINER_CGROUP
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--external"] == ["mnt[/data]:/data"]
+    assert "--leave-running" in args and "--file-locks" in args and "--tcp-established" not in args
+    tty = rt.criu_dump_args(conf, 42, "/i", "/w", {"tty": "tty[8800:1e]"})
+    assert [tty[i + 1] for i, a in enumerate(tty) if a == "--external"][-1] == "tty[8800:1e]"
+    pre = rt.criu_dump_args(conf, 42, "/i", "/w", {"pre_dump": True, "tcp_established": True})
+    assert pre[0] == "pre-dump" and "--track-mem" in pre
+    assert pre[pre.index("--network-lock") + 1] == "nftables"
+    child = rt.criu_dump_args(conf, 42, "/i", "/w", {"parent": "../pre"})
+    assert child[child.index("--prev-images-dir") + 1] == "../pre" and "--track-mem" in child
+
+
+def test_image_dirs_default_as_runc(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = rt._Args({"image_path": None, "work_path": None})
+    assert rt._image_dirs(args) == (str(tmp_path / "checkpoint"),) * 2
+    args = rt._Args({"image_path": "img", "work_path": "/w"})
+    assert rt._image_dirs(args) == (str(tmp_path / "img"), "/w")
+
+
+def test_criu_log_errors_keeps_the_last_error_lines(tmp_path):
+    log = tmp_path / "dump.log"
+    log.write_text("(0.1) info\n(0.2) Error (a): one\n(0.3) Error (b): two\nok\n")
+    assert rt.criu_log_errors(str(log)) == "(0.2) Error (a): one; (0.3) Error (b): two"
+    assert rt.criu_log_errors(str(log), lines=1) == "(0.3) Error (b): two"
+    assert rt.criu_log_errors(str(tmp_path / "none")) == ""
+
+
+@pytest.mark.parametrize("data, error", [
+    ({}, "Container cannot be checkpointed in creating state"),
+    ({"pid": "ME", "started": False}, "Container cannot be checkpointed in created state"),
+    ({"pid": "ME", "started": True, "sandbox": {"id": "s"}}, "in a pod's VM"),
+    ({"pid": "ME", "started": True, "paused": rt.PAUSED_FROZEN}, "frozen in a pod"),
+])
+def test_checkpointable_refuses_as_runc(tmp_path, data, error):
+    state = rt.State(str(tmp_path), "c")
+    me = os.getpid()
+    state.data = dict(data, pid=me, pid_start=rt.proc_start_time(me)) if data else {}
+    with pytest.raises(rt.Error, match=re.escape(error)):
+        rt._checkpointable(state)
+    state.data = {"pid": me, "pid_start": rt.proc_start_time(me), "started": True}
+    rt._checkpointable(state)  # running: fine
+
+
+def test_criu_restore_args_map_binds_and_stdio():
+    args = rt.criu_restore_args("/i", "/w", "/run/p", {"/data": "/run/cc/shares/share0"},
+                                [("pipe:[5]", 9), ("/dev/null", 10), ("tty[88:1]", 11)],
+                                {"leave_running": True, "tcp_established": True})
+    assert args[0] == "restore" and args[args.index("--root") + 1] == rt.GUEST_ROOT
+    assert "--restore-detached" in args and "--restore-sibling" in args
+    assert args[args.index("--pidfile") + 1] == "/run/p"
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--external"] == \
+        ["mnt[/data]:/run/cc/shares/share0"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--inherit-fd"] == \
+        ["fd[9]:pipe:[5]", "fd[11]:tty[88:1]"]
+    assert "--tcp-established" in args and "--leave-running" not in args
+
+
+def test_restorable_wants_descriptors_and_a_free_id(tmp_path):
+    args = rt._Args({"root": str(tmp_path / "root"), "id": "r1"})
+    with pytest.raises(rt.Error, match="^open %s: no such file or directory$"
+                       % re.escape(str(tmp_path / "descriptors.json"))):
+        rt._restorable(args, str(tmp_path))
+    (tmp_path / "descriptors.json").write_text("[]")
+    rt._restorable(args, str(tmp_path))
+    state = rt.State(args.root, "r1")
+    state.make()
+    state.data = {"id": "r1"}
+    state.save()
+    with pytest.raises(rt.Error, match="^container with given ID already exists$"):
+        rt._restorable(args, str(tmp_path))
+
+
+def test_run_tool_passes_fds_at_their_numbers():
+    r, w = os.pipe()
+    try:
+        write = "import os; os.write(%d, b'through\\n')"
+        assert rt._run_tool([sys.executable, "-c", write % w], fds=(w,)) == (0, "")
+        os.close(w)
+        w = None
+        assert os.read(r, 100) == b"through\n"
+        assert rt._run_tool([sys.executable, "-c", write % r])[0] != 0  # not passed
+    finally:
+        os.close(r)
+        if w is not None:
+            os.close(w)
+
+
+def test_restore_mountpoints_as_runc_makes_them(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "srcdir").mkdir()
+    (tmp_path / "srcfile").write_text("x")
+    monkeypatch.setattr(rt, "GUEST_ROOT", str(root))
+    mounts = [{"destination": "/dev", "type": "tmpfs"},
+              {"destination": "/dev/shm", "type": "bind"},  # inside the tmpfs: not made
+              {"destination": "/run/.containerenv", "type": "bind"},
+              {"destination": "/data", "type": "bind"}]
+    rt.restore_mountpoints(mounts, {"/dev/shm": str(tmp_path / "srcdir"),
+                                    "/run/.containerenv": str(tmp_path / "srcfile"),
+                                    "/data": str(tmp_path / "srcdir")})
+    assert (root / "dev").is_dir() and not (root / "dev" / "shm").exists()
+    assert (root / "run" / ".containerenv").is_file() and (root / "data").is_dir()
+
+
+def test_image_exports_name_the_image_work_and_parent_dirs(tmp_path):
+    img, work, pre = str(tmp_path / "final"), str(tmp_path / "w"), str(tmp_path / "pre")
+    assert rt.image_exports(img, img) == ([("images", img)], {"images": "images", "work": "images"})
+    assert rt.image_exports(img, work) == ([("images", img), ("work", work)],
+                                           {"images": "images", "work": "work"})
+    os.mkdir(pre)
+    dirs, names = rt.image_exports(img, work, "../pre")
+    assert dirs == [("final", img), ("pre", pre), ("work", work)]
+    assert names == {"images": "final", "parent": "pre", "work": "work"}
+    for bad in ("../../pre", "/abs/pre", "sub/pre", "../final"):
+        with pytest.raises(rt.Error, match="must name a sibling"):
+            rt.image_exports(img, img, bad)
+    with pytest.raises(rt.Error, match="no such directory"):
+        rt.image_exports(img, img, "../gone")
+    os.mkdir(img)
+    assert rt._restore_parent(img) is None
+    os.symlink("../pre", os.path.join(img, "parent"))
+    assert rt._restore_parent(img) == "../pre"
+
+
+def test_restorable_spec_refuses_a_user_namespace():
+    rt._restorable_spec({"process": {"terminal": True}, "id_mappings": None})
+    with pytest.raises(rt.Error, match="with a user namespace"):
+        rt._restorable_spec({"process": {"terminal": False}, "id_mappings": {"uid": [[0, 1, 1]]}})
+
+
+def test_read_note_of_an_image(tmp_path):
+    assert rt._read_note(str(tmp_path)) == {}
+    (tmp_path / rt.CHECKPOINT_NOTE).write_text('{"tty": "tty[1:2]"}')
+    assert rt._read_note(str(tmp_path)) == {"tty": "tty[1:2]"}
+
+
+def test_monitor_relays_stdin_once_a_restore_is_answered():
+    agent, guest = socket.socketpair()
+    client, cli = socket.socketpair()
+    try:
+        m = _bare_monitor(agent.fileno(), client.fileno())
+        watched = []
+        m._watch_stdin = lambda: watched.append(True)
+        m._on_client_msg(client.fileno(), {"op": "restore", "images": "0/images"})
+        assert rt.read_msg(guest.fileno(), rt.FrameReader(), 5) == \
+            {"op": "restore", "images": "0/images", "id": 1}
+        assert watched == []
+        m._on_agent_msg({"id": 1, "op": "restored", "pid": 80})
+        assert rt.read_msg(cli.fileno(), rt.FrameReader(), 5) == {"op": "restored", "pid": 80}
+        assert watched == [True]
+    finally:
+        for s in (agent, guest, client, cli):
+            s.close()

@@ -311,8 +311,10 @@ class Docker:
     """A private dockerd (and the containerd it starts) with `runtime_path` added as `runtime_name`."""
 
     def __init__(self, workdir, runtime_path, runtime_name="cc-oci-runtime", storage_driver=None,
-                 start_timeout=60, network=False, extra_runtimes=None):
+                 start_timeout=60, network=False, extra_runtimes=None, experimental=False):
         """Start dockerd in the background and wait until `docker info` answers.
+
+        experimental=True: dockerd's experimental features (docker checkpoint).
 
         extra_runtimes: {name: path} of more runtimes to register (--add-runtime) beside it.
 
@@ -333,7 +335,7 @@ class Docker:
         self.log = os.path.join(self.dir, "dockerd.log")
         conf = os.path.join(self.dir, "daemon.json")  # keep /etc/docker/daemon.json out
         with open(conf, "w") as f:
-            f.write("{}\n")
+            f.write('{"experimental": true}\n' if experimental else "{}\n")
         os.makedirs(os.path.join(self.dir, "client"), exist_ok=True)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
         self.env["DOCKER_CONFIG"] = os.path.join(self.dir, "client")

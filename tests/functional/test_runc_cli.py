@@ -128,7 +128,13 @@ def test_container_commands_match_runc(pair):
                  ["events", "--interval", "0", CID], ["state", "nosuch"],
                  ["--log-format", "xml", "list"]):
         same(pair, *argv)
-    assert both(pair, "checkpoint", CID)[1][0] == runc("checkpoint", CID)[0] == 1
+    # checkpoint: runc's criu 3.17 cannot run on this host's kernel (kerndat fails); ours runs
+    # criu in the VM, and --leave-running leaves the container running for the rest
+    images = os.path.join(os.path.dirname(ours.root), "ckpt")
+    code = ours("checkpoint", "--leave-running", "--image-path", images, CID)[0]
+    assert code == (0 if rt.find_tool("criu") else 1)
+    assert os.path.exists(os.path.join(images, "inventory.img")) == (code == 0)
+    assert json.loads(ours("state", CID)[1])["status"] == "running"
     for cli in (runc, ours):
         assert cli("kill", CID, "KILL")[0] == 0
         assert _poll(lambda: json.loads(cli("state", CID)[1])["status"] == "stopped")

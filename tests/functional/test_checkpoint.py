@@ -1,0 +1,347 @@
+"""Checkpoint and restore: CRIU in the guest dumps the container's process tree into an image
+directory on the host, and a new VM restores it (runc's command line; see README.md,
+"Checkpoint and restore"). Needs criu on the host (the guest image carries it)."""
+import json
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+from conftest import RUNTIME, poll, rt
+
+pytestmark = pytest.mark.skipif(rt.find_tool("criu") is None, reason="no criu on the host")
+
+
+def request(runtime, cid, msg, timeout=300):
+    """One request to a container's monitor (what the CLI sends), its reply."""
+    state = rt.State(runtime.root, cid)
+    state.load()
+    return rt.monitor_request(state, msg, timeout=timeout)
+
+
+def vm_status(runtime, cid):
+    """The container's VM as QEMU reports it (running, paused, ...)."""
+    q = rt.Qmp(os.path.join(runtime.root, cid))
+    try:
+        return q.call("query-status")["status"]
+    finally:
+        q.close()
+
+
+def test_criu_check_passes_in_the_guest(runtime):
+    runtime("run", "-d", "-b", runtime.bundle(["sleep", "300"]), "ck0", check=True)
+    reply = request(runtime, "ck0", {"op": "criu_check"})
+    assert reply["status"] == 0 and "Looks good." in reply["output"], reply["output"]
+
+
+def test_checkpoint_leave_running_and_without(runtime, tmp_path):
+    runtime("run", "-d", "-b", runtime.bundle(["sleep", "300"]), "ck1", check=True)
+    kept = tmp_path / "kept"
+    r = runtime("checkpoint", "--leave-running", "--image-path", kept, "ck1")
+    assert r.returncode == 0, r.stderr
+    for name in ("inventory.img", "pstree.img", "descriptors.json", "dump.log"):
+        assert (kept / name).exists(), name
+    assert json.loads((kept / "descriptors.json").read_text())[1].startswith("pipe:[")
+    assert runtime.state("ck1")["status"] == "running"
+    assert not os.listdir(os.path.join(runtime.root, "ck1", "members")), "slot given back"
+    gone, work = tmp_path / "gone", tmp_path / "work"
+    r = runtime("checkpoint", "--image-path", gone, "--work-path", work, "ck1")
+    assert r.returncode == 0, r.stderr
+    assert (gone / "inventory.img").exists() and not (gone / "dump.log").exists()
+    assert (work / "dump.log").exists(), "criu's log in the work directory"
+    r = runtime("state", "ck1")
+    assert r.returncode == 1 and "container does not exist" in r.stderr
+
+
+def test_checkpoint_refuses_created_and_missing_as_runc(runtime, tmp_path):
+    runtime("create", "-b", runtime.bundle(["sleep", "300"]), "ck2", check=True)
+    r = runtime("checkpoint", "--image-path", tmp_path / "img", "ck2")
+    assert r.returncode == 1 and "Container cannot be checkpointed in created state" in r.stderr
+    r = runtime("checkpoint", "--image-path", tmp_path / "img", "nosuch")
+    assert r.returncode == 1 and "container does not exist" in r.stderr
+    assert runtime.state("ck2")["status"] == "created"
+
+
+def test_checkpoint_of_a_paused_container_leaves_it_paused(runtime, tmp_path):
+    runtime("run", "-d", "-b", runtime.bundle(["sleep", "300"]), "ck3", check=True)
+    runtime("pause", "ck3", check=True)
+    r = runtime("checkpoint", "--parent-path", "/x", "--image-path", tmp_path / "bad", "ck3")
+    assert r.returncode == 1 and "must name a sibling" in r.stderr
+    assert vm_status(runtime, "ck3") == "paused", "the VM stopped again after a failed checkpoint"
+    r = runtime("checkpoint", "--leave-running", "--image-path", tmp_path / "img", "ck3")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "img" / "inventory.img").exists()
+    assert runtime.state("ck3")["status"] == "paused" and vm_status(runtime, "ck3") == "paused"
+    runtime("resume", "ck3", check=True)
+    assert runtime("exec", "ck3", "true").returncode == 0
+
+
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /vol/count; sleep 0.2; done"
+
+
+def counter_bundle(runtime, vol):
+    """A bundle whose shell counts in memory and writes the count to /vol/count (a volume)."""
+    mounts = rt.default_spec()["mounts"] + [
+        {"destination": "/vol", "type": "bind", "source": str(vol), "options": ["rbind", "rw"]}]
+    return runtime.bundle(["sh", "-c", COUNTER], mounts=mounts)
+
+
+def count(vol):
+    """The counter's last value (0 when unreadable)."""
+    try:
+        return int((vol / "count").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def test_restore_continues_the_count_under_a_new_id_and_bundle(runtime, tmp_path):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    runtime("run", "-d", "-b", counter_bundle(runtime, vol), "cnt1", check=True)
+    assert poll(lambda: count(vol) >= 5)
+    kept = tmp_path / "kept"
+    r = runtime("checkpoint", "--leave-running", "--image-path", kept, "cnt1")
+    assert r.returncode == 0, r.stderr
+    before = count(vol)
+    assert poll(lambda: count(vol) > before + 2), "--leave-running: still counting"
+    images = tmp_path / "images"
+    r = runtime("checkpoint", "--image-path", images, "cnt1")
+    assert r.returncode == 0, r.stderr
+    assert runtime("state", "cnt1").returncode == 1, "checkpointed without --leave-running: gone"
+    dumped = count(vol)
+    (vol / "count").write_text("0\n")  # a count from zero would write 1, 2, ... here
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(os.path.join(counter_bundle(runtime, vol), "config.json"), moved)
+    pid_file = tmp_path / "restored.pid"
+    t0 = time.monotonic()
+    r = runtime("restore", "-d", "-b", moved, "--image-path", images, "--pid-file", pid_file, "cnt2")
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    state = runtime.state("cnt2")
+    assert state["status"] == "running" and state["bundle"] == str(moved)
+    assert int(pid_file.read_text()) == state["pid"]
+    assert poll(lambda: count(vol) > 0)
+    assert dumped < count(vol) < dumped + 100, "continues from %d, not from zero" % dumped
+    print("restore took %.1f s" % took)
+    # restore onto an existing id: runc's error; the running one is untouched
+    r = runtime("restore", "-d", "-b", moved, "--image-path", images, "cnt2")
+    assert r.returncode == 1 and "container with given ID already exists" in r.stderr
+    assert runtime.state("cnt2")["status"] == "running"
+    # the first image (--leave-running) restores too, beside the running one
+    r = runtime("restore", "-d", "-b", moved, "--image-path", kept, "--work-path", tmp_path / "w3",
+                "cnt3")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "w3" / "restore.log").exists() and not (kept / "restore.log").exists()
+    assert runtime("exec", "cnt3", "cat", "/vol/count").returncode == 0
+
+
+def test_restore_of_a_missing_or_corrupt_image_leaves_nothing(runtime, tmp_path):
+    bundle = runtime.bundle(["sleep", "300"])
+    r = runtime("restore", "-d", "-b", bundle, "--image-path", tmp_path / "none", "bad1")
+    assert r.returncode == 1
+    assert r.stderr.count("level=error") == 1
+    assert "%s: no such file or directory" % (tmp_path / "none" / "descriptors.json") in r.stderr
+    assert "bad1" not in os.listdir(runtime.root)
+    runtime("run", "-d", "-b", bundle, "good", check=True)
+    images = tmp_path / "images"
+    runtime("checkpoint", "--leave-running", "--image-path", images, "good", check=True)
+    (images / "pstree.img").write_bytes(b"\0garbage")
+    pid_file = tmp_path / "bad2.pid"
+    r = runtime("restore", "-d", "-b", bundle, "--image-path", images, "--pid-file", pid_file, "bad2")
+    assert r.returncode == 1 and r.stderr.count("level=error") == 1
+    assert "criu failed" in r.stderr and "restore.log" in r.stderr, r.stderr
+    assert "bad2" not in os.listdir(runtime.root) and not pid_file.exists()
+    assert runtime.state("good")["status"] == "running"
+
+
+def test_pre_dump_then_a_dump_on_it_restores(runtime, tmp_path):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    bundle = counter_bundle(runtime, vol)
+    runtime("run", "-d", "-b", bundle, "pre1", check=True)
+    assert poll(lambda: count(vol) >= 3)
+    r = runtime("checkpoint", "--pre-dump", "--image-path", tmp_path / "pre", "pre1")
+    assert r.returncode == 0, r.stderr
+    assert runtime.state("pre1")["status"] == "running", "a pre-dump leaves it running"
+    assert (tmp_path / "pre" / "pages-1.img").exists()
+    r = runtime("checkpoint", "--parent-path", "../pre", "--image-path", tmp_path / "final", "pre1")
+    assert r.returncode == 0, r.stderr
+    assert os.readlink(tmp_path / "final" / "parent") == "../pre"
+    dumped = count(vol)
+    (vol / "count").write_text("0\n")
+    r = runtime("restore", "-d", "-b", bundle, "--image-path", tmp_path / "final", "pre2")
+    assert r.returncode == 0, r.stderr
+    assert poll(lambda: count(vol) > 0)
+    assert dumped < count(vol) < dumped + 100
+    r = runtime("checkpoint", "--parent-path", "../../x", "--image-path", tmp_path / "f2", "pre2")
+    assert r.returncode == 1 and "must name a sibling" in r.stderr
+    assert runtime.state("pre2")["status"] == "running"
+
+
+def fd_table(runtime, cid):
+    """The container's first process's open fds, as `ls -l /proc/1/fd` shows them (no inodes)."""
+    r = runtime("exec", cid, "ls", "-l", "/proc/1/fd")
+    assert r.returncode == 0, r.stderr
+    return sorted(re.sub(r"\[\d+\]", "", " ".join(ln.split()[8:])) for ln in r.stdout.splitlines()[1:])
+
+
+def cgroup_view(runtime, cid):
+    """The container's cgroup as it sees it: /proc/1/cgroup and its /sys/fs/cgroup's files."""
+    r = runtime("exec", cid, "sh", "-c", "cat /proc/1/cgroup; ls /sys/fs/cgroup")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_a_listening_socket_the_fd_table_and_the_cgroup_view_survive(runtime, tmp_path):
+    cgroup = {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+              "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+    bundle = runtime.bundle(["sh", "-c", "nc -ll -p 8080 -e echo hi & while :; do sleep 1; done"],
+                            mounts=rt.default_spec()["mounts"] + [cgroup])
+    runtime("run", "-d", "-b", bundle, "tcp1", check=True)
+    assert poll(lambda: runtime("exec", "tcp1", "nc", "127.0.0.1", "8080").stdout.strip() == "hi")
+    before, view = fd_table(runtime, "tcp1"), cgroup_view(runtime, "tcp1")
+    assert "0::/\n" in view and "memory.max" in view
+    r = runtime("checkpoint", "--tcp-established", "--image-path", tmp_path / "img", "tcp1")
+    assert r.returncode == 0, r.stderr
+    r = runtime("restore", "-d", "--tcp-established", "-b", bundle, "--image-path", tmp_path / "img", "tcp2")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "", "criu's own messages stay out of the container's stderr"
+    assert runtime("exec", "tcp2", "nc", "127.0.0.1", "8080").stdout.strip() == "hi"
+    assert fd_table(runtime, "tcp2") == before, "the same fds, none of criu's or the agent's"
+    assert cgroup_view(runtime, "tcp2") == view, "its own cgroup namespace, not the guest's root"
+
+
+def test_a_restored_process_reads_the_stdin_given_to_restore(runtime, tmp_path):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    mounts = rt.default_spec()["mounts"] + [
+        {"destination": "/vol", "type": "bind", "source": str(vol), "options": ["rbind", "rw"]}]
+    script = "while [ ! -e /vol/go ]; do sleep 0.2; done; read l; echo \"got $l\" > /vol/out; sleep 300"
+    bundle = runtime.bundle(["sh", "-c", script], mounts=mounts)
+    runtime("run", "-d", "-b", bundle, "in1", check=True)
+    runtime("checkpoint", "--image-path", tmp_path / "img", "in1", check=True)
+    r = runtime("restore", "-d", "-b", bundle, "--image-path", tmp_path / "img", "in2",
+                input="hello\n")
+    assert r.returncode == 0, r.stderr
+    (vol / "go").write_text("")
+    assert poll(lambda: (vol / "out").exists())
+    assert (vol / "out").read_text() == "got hello\n"
+
+
+# ---------------------------------------------------------------------------
+# podman: container checkpoint / restore, --export / --import
+# ---------------------------------------------------------------------------
+
+PM_COUNTER = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.2; done"
+
+
+@pytest.fixture(scope="module")
+def podman(rootfs, tmp_path_factory):
+    """A private podman with this runtime registered, image bb imported; nothing left after."""
+    import engines
+    from test_engines import leftover_runtime_procs, state_dirs_of
+    p = engines.Podman(tmp_path_factory.mktemp("podman"), RUNTIME, runtime_name="cc-oci-runtime")
+    try:
+        p.import_image(rootfs, "bb")
+        yield p
+        p.run("rm", "-af", "-t", "0", timeout=120)
+        left = leftover_runtime_procs(p.dir, p.short_run)
+        states = state_dirs_of("/run/cc-oci-runtime", p.dir)
+    finally:
+        p.cleanup()
+    assert not left, "runtime processes outlived their podman containers: %s" % left
+    assert not states, "runtime state left behind: %s" % states
+
+
+def counts(p, cid):
+    """The numbers the counter has logged so far."""
+    out = p.run("logs", cid, timeout=60).stdout
+    return [int(w) for w in out.split() if w.isdigit()]
+
+
+def pm_ok(r):
+    """Assert a podman call succeeded; returns it."""
+    assert r.returncode == 0, (r.args, r.returncode, r.stdout, r.stderr)
+    return r
+
+
+def test_podman_checkpoint_restore_continues(podman, tmp_path):
+    pm_ok(podman.run_rt("run", "-d", "--name", "pc1", "bb", "sh", "-c", PM_COUNTER, timeout=120))
+    assert poll(lambda: len(counts(podman, "pc1")) >= 5)
+    pm_ok(podman.run_rt("container", "checkpoint", "--leave-running", "pc1", timeout=600))
+    assert podman.run("inspect", "-f", "{{.State.Status}}", "pc1").stdout.strip() == "running"
+    pm_ok(podman.run_rt("container", "checkpoint", "pc1", timeout=600))
+    assert podman.run("inspect", "-f", "{{.State.Status}}", "pc1").stdout.strip() == "exited"
+    dumped = counts(podman, "pc1")[-1]
+    pm_ok(podman.run_rt("container", "restore", "pc1", timeout=600))
+    assert podman.run("inspect", "-f", "{{.State.Status}}", "pc1").stdout.strip() == "running"
+    assert poll(lambda: counts(podman, "pc1")[-1] > dumped + 3)
+    seen = counts(podman, "pc1")
+    assert seen == list(range(1, len(seen) + 1)), "one count on from %d, never from zero" % dumped
+    # --export / --import: a new container (its own rootfs) goes on from the exported count
+    tarball = tmp_path / "pc1.tar.gz"
+    pm_ok(podman.run_rt("container", "checkpoint", "--export", tarball, "pc1", timeout=600))
+    exported = counts(podman, "pc1")[-1]
+    pm_ok(podman.run_rt("container", "restore", "--import", tarball, "--name", "pc2", timeout=600))
+    assert poll(lambda: (counts(podman, "pc2") or [0])[-1] > exported + 3)
+    seen = counts(podman, "pc2")  # podman imports the log (ctr.log) with the checkpoint
+    assert seen == list(range(1, len(seen) + 1)), "one count on from %d, never from zero" % exported
+    pm_ok(podman.run("rm", "-f", "-t", "0", "pc1", "pc2", timeout=120))
+
+
+# ---------------------------------------------------------------------------
+# docker (experimental): checkpoint create, start --checkpoint
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def docker(rootfs, tmp_path_factory):
+    """A private dockerd with experimental features (docker checkpoint) and this runtime."""
+    import engines
+    from test_engines import leftover_runtime_procs
+    d = engines.Docker(tmp_path_factory.mktemp("docker"), RUNTIME, runtime_name="cc-oci-runtime",
+                       experimental=True)
+    try:
+        d.import_image(rootfs, "bb")
+        yield d
+        ids = d.run("ps", "-aq", timeout=60).stdout.split()
+        if ids:
+            d.run("rm", "-f", *ids, timeout=120)
+        left = leftover_runtime_procs(d.dir, d.exec_root)
+    finally:
+        d.stop()
+    assert not left, "runtime processes outlived their docker containers: %s" % left
+
+
+def test_docker_checkpoint_and_start_from_it(docker):
+    pm_ok(docker.run_rt("run", "-d", "--network", "none", "--name", "dc1", "bb", "sh", "-c",
+                        PM_COUNTER, timeout=120))
+    assert poll(lambda: len(counts(docker, "dc1")) >= 5)
+    pm_ok(docker.run("checkpoint", "create", "--leave-running", "dc1", "cp0", timeout=600))
+    assert docker.run("inspect", "-f", "{{.State.Status}}", "dc1").stdout.strip() == "running"
+    pm_ok(docker.run("checkpoint", "create", "dc1", "cp1", timeout=600))
+    assert poll(lambda: docker.run("inspect", "-f", "{{.State.Status}}", "dc1").stdout.strip()
+                == "exited", timeout=10), "dockerd learns of the exit from containerd's event"
+    assert "cp1" in docker.run("checkpoint", "ls", "dc1", timeout=60).stdout
+    dumped = counts(docker, "dc1")[-1]
+    pm_ok(docker.run("start", "--checkpoint", "cp1", "dc1", timeout=600))
+    assert docker.run("inspect", "-f", "{{.State.Status}}", "dc1").stdout.strip() == "running"
+    assert poll(lambda: counts(docker, "dc1")[-1] > dumped + 3)
+    seen = counts(docker, "dc1")
+    assert seen == list(range(1, len(seen) + 1)), "one count on from %d, never from zero" % dumped
+    pm_ok(docker.run("rm", "-f", "dc1", timeout=120))
+
+
+def test_podman_checkpoint_restore_with_a_terminal(podman):
+    script = "i=0; while true; do i=$((i+1)); [ -t 1 ] && echo $i; sleep 0.2; done"
+    pm_ok(podman.run_rt("run", "-dt", "--name", "pt1", "bb", "sh", "-c", script, timeout=120))
+    assert poll(lambda: len(counts(podman, "pt1")) >= 5)
+    pm_ok(podman.run_rt("container", "checkpoint", "pt1", timeout=600))
+    dumped = counts(podman, "pt1")[-1]
+    pm_ok(podman.run_rt("container", "restore", "pt1", timeout=600))
+    assert poll(lambda: counts(podman, "pt1")[-1] > dumped + 3), "counts on, on a terminal"
+    seen = counts(podman, "pt1")
+    assert seen == list(range(1, len(seen) + 1))
+    pm_ok(podman.run("rm", "-f", "-t", "0", "pt1", timeout=120))
