@@ -63,8 +63,9 @@ Sections, in order:
            container's network, followed while it runs - exec and pod member processes
   agent:   boot, the host's requests and the processes - a container's set-up (rootfs,
            mounts, devices, root) - the process (hooks, capabilities, seccomp) and the
-           guest's cgroups - the guest's network - pod members (a member's container
-           in the pod's VM, its rootfs from the pod export)
+           guest's cgroups - checkpoint and restore (criu in the guest, both sides) -
+           the guest's network - pod members (a member's container in the pod's VM, its
+           rootfs from the pod export)
   commands: create, start, run, delete - a pod member's create and delete - exec,
            pause, resume, ps - events, update, state, kill, list, spec, check
   main (the command line)
