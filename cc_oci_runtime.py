@@ -2800,20 +2800,27 @@ def _cached_guest_modules(modules_dir):
             key.update(b"|%d|%d" % (st.st_size, st.st_mtime_ns))
         except OSError:
             key.update(b"|missing")
-    path = os.path.join(CACHE_DIR, "modules-%s.json" % key.hexdigest()[:20])
+    return _json_cached("modules", key, lambda: guest_modules(modules_dir))
+
+
+def _json_cached(prefix, key, compute):
+    """compute()'s JSON, kept in the cache directory as PREFIX-KEY.json (key: a digest of
+    its inputs) and read back while the key holds; a missing, corrupt or unwritable cache
+    only costs the computation."""
+    path = os.path.join(CACHE_DIR, "%s-%s.json" % (prefix, key.hexdigest()[:20]))
     try:
         with open(path) as f:
             return json_loads(f.read())
     except (OSError, ValueError):
         pass
-    modules = guest_modules(modules_dir)
+    value = compute()
     try:
         os.makedirs(CACHE_DIR, exist_ok=True)
-        write_atomic(path, json_dumps(modules))
-        prune_cache("modules-", path)
+        write_atomic(path, json_dumps(value))
+        prune_cache(prefix + "-", path)
     except OSError:
         pass
-    return modules
+    return value
 
 
 def guest_image(vm, python=None):
@@ -4476,6 +4483,7 @@ class ExecMonitor:
         self.signals, self.reader = [], FrameReader()
         self.member = member  # the pod member slot an exec is for (self.dir: its sandbox's)
         self.stdin_now = True  # relay stdin from the start (a pod member's: once started)
+        self.proc = None  # the process's number, once the container's monitor has made it
 
     def _request(self):
         """The request that makes the process."""
@@ -4613,7 +4621,7 @@ class MemberMonitor(ExecMonitor):
         """Join the member's host cgroup, then live as the member's process; its status."""
         join_host_cgroup(self.cgroups)
         status = ExecMonitor.run(self)
-        if getattr(self, "proc", None) is not None:  # it was created: now it has stopped
+        if self.proc is not None:  # it was created: now it has stopped
             write_atomic(os.path.join(self.member_dir, "exit.json"),
                          json_dumps({"status": status, "time": _now_rfc3339()}))
         return status
@@ -4683,6 +4691,7 @@ class _AgentCore:
         self.finished = False
         self.oom_kills, self.oom_checked = 0, 0.0
         self.members = {}  # pod members in this VM: {slot: {"proc", "conf", "cgroup"}}
+        self.gone_cgroups = []  # removed members' cgroups, rmdir'ed once their processes are gone
 
     def run(self):
         """Boot chores, then serve the host until the container's process ends."""
@@ -4708,7 +4717,7 @@ class _AgentCore:
             self._check_oom(force=any(p["status"] is not None and not p.get("reported")
                                       for p in self.procs.values()))
             self._report_exits()
-            if getattr(self, "gone_cgroups", None):
+            if self.gone_cgroups:
                 self._remove_gone_cgroups()
 
     def _boot(self):
@@ -6197,22 +6206,9 @@ def criu_files(modules_dir):
     for path in tools:
         st = os.stat(path)
         key.update(("|%s|%d|%d" % (path, st.st_size, st.st_mtime_ns)).encode())
-    cache = os.path.join(CACHE_DIR, "criu-%s.json" % key.hexdigest()[:20])
-    try:
-        with open(cache) as f:
-            return json_loads(f.read())
-    except (OSError, ValueError):
-        pass
-    libraries = sorted({lib for path in tools for lib in _elf_libraries(path)})
-    found = {"tools": tools, "libraries": libraries,
-             "modules": guest_modules(modules_dir, CRIU_MODULES)}
-    try:
-        os.makedirs(CACHE_DIR, exist_ok=True)
-        write_atomic(cache, json_dumps(found))
-        prune_cache("criu-", cache)
-    except OSError:
-        pass
-    return found
+    return _json_cached("criu", key, lambda: {
+        "tools": tools, "libraries": sorted({lib for p in tools for lib in _elf_libraries(p)}),
+        "modules": guest_modules(modules_dir, CRIU_MODULES)})
 
 
 def _elf_libraries(path):
@@ -6943,12 +6939,12 @@ class _AgentPods:
             init.pop("init").close()
         if init is not None and init["status"] is None and not init["started"]:
             init["status"] = 137
-        self.gone_cgroups = getattr(self, "gone_cgroups", []) + [member["cgroup"]]
+        self.gone_cgroups.append(member["cgroup"])
         return None
 
     def _remove_gone_cgroups(self):
         """rmdir the cgroups of removed members once their processes are gone."""
-        for cgroup in list(getattr(self, "gone_cgroups", [])):
+        for cgroup in list(self.gone_cgroups):
             try:
                 os.rmdir(cgroup)
             except FileNotFoundError:

@@ -801,12 +801,7 @@ def print_table(res):
             print()
     print()
     print("summary of issue 8's targets (load average at the end: %s)" % res.get("loadavg_end", "?"))
-    rows = goal_rows(res)
-    w = max(len(r[0]) for r in rows)
-    print("  %-*s %12s  %-10s %s" % (w, "figure", "value", "goal", "met?"))
-    for fig, val, goal, met in rows:
-        print("  %-*s %12s  %-10s %s" % (w, fig, val, goal,
-                                         "-" if met is None else ("yes" if met else "NO")))
+    print_goals(goal_rows(res))
 
 
 def _load_engines():
@@ -819,6 +814,40 @@ def _load_engines():
 
 
 ENGINES = None
+
+
+def print_goals(rows):
+    """The summary table: a figure, its value and goal, and whether it is met, a row each."""
+    w = max(len(r[0]) for r in rows)
+    print("  %-*s %12s  %-10s %s" % (w, "figure", "value", "goal", "met?"))
+    for fig, val, goal, met in rows:
+        print("  %-*s %12s  %-10s %s" % (w, fig, val, goal,
+                                         "-" if met is None else ("yes" if met else "NO")))
+
+
+def clean_up(bench, tmp, keep):
+    """After a run: what bench.cleanup() killed ({pid: cmdline}); tmp removed unless kept."""
+    try:
+        return bench.cleanup()
+    finally:
+        if keep:
+            log("kept %s" % tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(res, leftovers, as_json, table):
+    """Print a run's results (JSON, or table(res)) with the processes that outlived it."""
+    if res is None:
+        return
+    res["leftover_processes"] = {str(k): v for k, v in leftovers.items()}
+    if as_json:
+        print(json.dumps(res, indent=2))
+        return
+    table(res)
+    if leftovers:
+        print("\nWARNING: %d process(es) outlived delete --force and were killed: %s"
+              % (len(leftovers), ", ".join(map(str, leftovers))))
 
 
 def main(argv=None):
@@ -918,22 +947,8 @@ def main(argv=None):
         log("interrupted")
         res, code = None, 130
     finally:
-        try:
-            leftovers = bench.cleanup()
-        finally:
-            if opts.keep:
-                log("kept %s" % tmp)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-    if res is not None:
-        res["leftover_processes"] = {str(k): v for k, v in leftovers.items()}
-        if opts.json:
-            print(json.dumps(res, indent=2))
-        else:
-            print_table(res)
-            if leftovers:
-                print("\nWARNING: %d process(es) outlived delete --force and were killed: %s"
-                      % (len(leftovers), ", ".join(map(str, leftovers))))
+        leftovers = clean_up(bench, tmp, opts.keep)
+    report(res, leftovers, opts.json, print_table)
     return code
 
 

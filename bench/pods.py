@@ -469,12 +469,7 @@ def print_table(res):
         print_pss("idle %s -S -E" % res["python_floor"]["python"], res["python_floor"])
     print()
     print("summary (load average at the end: %s)" % res["loadavg_end"])
-    rows = goal_rows(res)
-    w = max(len(r[0]) for r in rows)
-    print("  %-*s %12s  %-10s %s" % (w, "figure", "value", "goal", "met?"))
-    for fig, val, goal, met in rows:
-        print("  %-*s %12s  %-10s %s" % (w, fig, val, goal,
-                                         "-" if met is None else ("yes" if met else "NO")))
+    B.print_goals(goal_rows(res))
 
 
 def loadavg():
@@ -536,7 +531,7 @@ def main(argv=None):
     signal.signal(signal.SIGHUP, on_term)
     tmp = tempfile.mkdtemp(prefix="cc-pods-")
     bench = PodBench(tmp, opts)
-    res, code, leftovers = None, 0, {}
+    res, code = None, 0
     try:
         log("temporary directory %s" % tmp)
         res = measure(bench, opts)
@@ -547,22 +542,8 @@ def main(argv=None):
         log("interrupted")
         code = 130
     finally:
-        try:
-            leftovers = bench.cleanup()
-        finally:
-            if opts.keep:
-                log("kept %s" % tmp)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-    if res is not None:
-        res["leftover_processes"] = {str(k): v for k, v in leftovers.items()}
-        if opts.json:
-            print(json.dumps(res, indent=2))
-        else:
-            print_table(res)
-            if leftovers:
-                print("\nWARNING: %d process(es) outlived delete --force and were killed: %s"
-                      % (len(leftovers), ", ".join(map(str, leftovers))))
+        leftovers = B.clean_up(bench, tmp, opts.keep)
+    B.report(res, leftovers, opts.json, print_table)
     return code
 
 

@@ -176,6 +176,16 @@ def find_procs(*markers):
     return sorted(hits)
 
 
+def terminate(proc, timeout):
+    """SIGTERM a daemon we started, SIGKILL it after timeout seconds; reaped either way."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def shim_sockets(pids):
     """/run/containerd/s socket paths of the containerd-shim-runc-v2 processes among pids."""
     procs, out = _procs(), []
@@ -420,12 +430,7 @@ class Docker:
                     self.run("rm", "-f", *ids, timeout=30)
             except subprocess.TimeoutExpired:
                 pass
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc, timeout)
         socks = shim_sockets(find_procs(self.exec_root, self.dir))  # a SIGKILLed shim leaves its socket file behind
         kill_procs(self.exec_root, self.dir)  # containerd, containerd-shim-runc-v2 and their children
         for sock in socks:
@@ -695,12 +700,7 @@ class Containerd:
             except Exception:  # a wedged runtime: whatever is left is killed below
                 pass
             self.cri.close()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc, timeout)
         socks = shim_sockets(find_procs(self.state, self.dir))  # a SIGKILLed shim leaves its socket file behind
         kill_procs(self.state, self.dir)  # shims, pause and workload processes
         for sock in socks:
