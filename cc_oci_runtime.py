@@ -127,6 +127,8 @@ DEFAULT_VM = {
     "memory": "256M",
     "cpus": 1,
     "boot_timeout": 60,
+    "pool": 1,
+    "pool_idle": 900,
     "tcg_tb_size": 32,
 }
 # The built-in hypervisor.args (the repository's copy is the same text): used when no
@@ -1553,6 +1555,10 @@ def load_vm_config(bundle=None, overrides=None):
           "vm.boot_timeout", "must be a positive number of seconds")
     _need(_is_int(vm.get("tcg_tb_size")) and vm["tcg_tb_size"] >= 0, "vm.tcg_tb_size",
           "must be a number of MiB (0: QEMU's default)")
+    _need(_is_int(vm.get("pool")) and vm["pool"] >= 0, "vm.pool",
+          "must be a number of VMs (0: no pool)")
+    _need(isinstance(vm.get("pool_idle"), (int, float)) and vm["pool_idle"] > 0, "vm.pool_idle",
+          "must be a positive number of seconds")
     vm["vm_json"] = path
     return vm
 
@@ -2093,13 +2099,17 @@ class Qmp:
             raise Error("QMP: the VM did not answer") from None
         self.call("qmp_capabilities")
 
-    def call(self, command, **arguments):
-        """Run a command; its "return" value (an error reply raises)."""
+    def call(self, command, fd=None, **arguments):
+        """Run a command (with fd passed along, as getfd takes one); its "return" value (an
+        error reply raises)."""
         msg = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        self.file.write(json_dumps(msg).encode() + b"\n")
-        self.file.flush()
+        if fd is None:
+            self.file.write(json_dumps(msg).encode() + b"\n")
+            self.file.flush()
+        else:
+            socket.send_fds(self.sock, [json_dumps(msg).encode() + b"\n"], [fd])
         while True:
             try:
                 line = self.file.readline()
@@ -2412,12 +2422,15 @@ def has_members(sandbox_dir):
         return False
 
 
-def claim_pod_slot(sandbox_dir, member_id):
+def claim_pod_slot(sandbox_dir, member_id, pooled=False):
     """A free member slot of a sandbox's pod export: the file members/<slot> of its state
-    directory, made exclusively (two creates never get one slot), naming the member."""
+    directory, made exclusively (two creates never get one slot), naming the member (a VM from
+    the pool has the sandbox's own files in POOL_SLOT)."""
     claims = os.path.join(sandbox_dir, "members")
     os.makedirs(claims, exist_ok=True)
     for slot in range(POD_SLOTS):
+        if pooled and slot == POOL_SLOT:
+            continue
         try:
             fd = os.open(os.path.join(claims, str(slot)), os.O_WRONLY | os.O_CREAT | os.O_EXCL
                          | os.O_CLOEXEC, 0o600)
@@ -2484,6 +2497,15 @@ def _in_mount_ns(pid, work):
         raise Error(failure)
 
 
+def vm_files(data, state_dir):
+    """(the pid whose mount namespace is QEMU's, the VM's files directory there) of a container:
+    its monitor's and its state directory's, or a pooled VM's QEMU and its directory."""
+    vm = data.get("vm") or {}
+    if vm.get("pool_dir"):
+        return vm["qemu_pid"], os.path.join(vm["pool_dir"], FILES_DIR)
+    return data["pid"], os.path.join(state_dir, FILES_DIR)
+
+
 def export_member(sandbox, stage, slot, trees):
     """Give the sandbox's VM a member's files: clones of trees assembled at stage (an empty
     directory of the member's) in the sandbox monitor's mount namespace, then moved onto the
@@ -2492,8 +2514,9 @@ def export_member(sandbox, stage, slot, trees):
     try:
         for name, path, is_dir, ro, recursive in trees:
             fds.append((name, _open_tree(path, recursive), is_dir, ro))
-        target = os.path.join(sandbox.dir, FILES_DIR, POD_DIR, str(slot))
-        _in_mount_ns(sandbox.data["pid"], lambda: _assemble_member(stage, target, fds))
+        owner, files = vm_files(sandbox.data, sandbox.dir)
+        target = os.path.join(files, POD_DIR, str(slot))
+        _in_mount_ns(owner, lambda: _assemble_member(stage, target, fds))
     finally:
         for _name, fd, _is_dir, _ro in fds:
             os.close(fd)
@@ -2525,16 +2548,20 @@ def _assemble_member(stage, target, fds):
 def unexport_member(sandbox_data, sandbox_dir, slot):
     """Take a member's files away from the VM (its slot unmounted in the sandbox monitor's
     namespace); nothing to do once that monitor is gone (its namespace went with it)."""
-    if slot is None or not process_alive(sandbox_data.get("pid"), sandbox_data.get("pid_start")):
+    vm = sandbox_data.get("vm") or {}
+    owner, files = vm_files(sandbox_data, sandbox_dir)
+    alive = process_alive(vm.get("qemu_pid"), vm.get("qemu_start")) if vm.get("pool_dir") else \
+        process_alive(sandbox_data.get("pid"), sandbox_data.get("pid_start"))
+    if slot is None or not alive:
         return
-    target = os.path.join(sandbox_dir, FILES_DIR, POD_DIR, str(slot))
+    target = os.path.join(files, POD_DIR, str(slot))
 
     def detach():
         """Unmount the slot's tree, if it is still there."""
         if os.path.ismount(target):
             umount(target)
     try:
-        _in_mount_ns(sandbox_data["pid"], detach)
+        _in_mount_ns(owner, detach)
     except Error as e:
         LOG.warning("pod: unexporting %s: %s", target, e)
 
@@ -3447,14 +3474,31 @@ def hub_slots(argv):
     return {slot for slot in range(NET_SLOTS) if "hubport,id=net%d,hubid=%d" % (slot, slot) in argv}
 
 
-def give_tap_commands(slot):
-    """The QMP commands that give hub-backed NIC slot a tap while QEMU runs: the tap (in QEMU's
-    namespace, without virtio-net headers, as the hub has none), then a port of the slot's hub on
-    it. The slot's backend is not part of the VM's saved state, so a warm start stays warm."""
-    return [("netdev_add", {"type": "tap", "id": "tap%d" % slot, "ifname": tap_name(slot),
-                            "script": "no", "downscript": "no", "vhost": False, "vnet_hdr": False}),
+def give_tap_commands(slot, fd):
+    """The QMP commands that give hub-backed NIC slot the tap fd (open_tap's) while QEMU runs:
+    the fd, a tap netdev on it, then a port of the slot's hub on that. The slot's backend is not
+    part of the VM's saved state, so a warm start stays warm; the tap is in the namespace it was
+    opened in, whichever QEMU's is (a pooled VM's is empty)."""
+    return [("getfd", {"fdname": "tap%d" % slot, "fd": fd}),
+            ("netdev_add", {"type": "tap", "id": "tap%d" % slot, "fd": "tap%d" % slot,
+                            "vhost": False}),
             ("netdev_add", {"type": "hubport", "id": "port%d" % slot, "hubid": slot,
                             "netdev": "tap%d" % slot})]
+
+
+def open_tap(name):
+    """A new tap device in our network namespace, its fd (without virtio-net headers, as a
+    hub has none): it lives while the fd (QEMU's copy once given) is open."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise Error("/dev/net/tun: %s (load the tun module)" % e.strerror) from None
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError as e:
+        os.close(fd)
+        raise Error("network: cannot make the tap %s: %s" % (name, e.strerror)) from None
+    return fd
 
 
 def take_tap_commands(slot):
@@ -3680,14 +3724,167 @@ def enter_netns(netns):
         os.close(fd)
 
 
-class _MonitorVM:
+class _VMProcess:
+    """QEMU as this process's child (the monitor's, a pooled VM's keeper's): started and
+    connected to the agent, booted or restored from the template, reaped, stopped. A pooled
+    VM's QEMU is not the monitor's child: qemu_pidfd is then how it is watched and killed."""
+
+    qemu_pidfd = None  # a pooled VM's QEMU (see "The VM pool")
+    pooled = None  # the monitor's fds of a VM from the pool: {"agent", "pidfd", "keeper"}
+    qemu_netns = None  # "new": QEMU in an empty network namespace (a pooled VM's)
+
+    def _start_vm(self, argv, deadline, template=None):
+        """Run QEMU and connect the agent: boot and wait for it, or restore the template."""
+        for name in ("agent.sock", "qmp.sock"):
+            if os.path.lexists(name):
+                os.unlink(name)
+        self.reader = FrameReader()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind("agent.sock")
+        listener.listen(1)
+        self.qemu_pid = self._spawn_qemu(argv)
+        listener.settimeout(0.1)
+        try:
+            while self.agent is None:
+                self._check_qemu_alive()
+                if time.monotonic() > deadline:
+                    raise Error("QEMU did not connect to the agent socket")
+                try:
+                    self.agent_sock, _ = listener.accept()
+                    self.agent_sock.setblocking(True)
+                    self.agent = self.agent_sock.fileno()
+                except socket.timeout:
+                    pass
+        finally:
+            listener.close()
+        if template is None:
+            self._wait_agent("ready", deadline)
+            return
+        import shlex
+        q = Qmp(".")
+        try:
+            q.call("migrate-set-capabilities",
+                   capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            q.call("migrate-incoming", uri="exec:cat " + shlex.quote(os.path.join(template, "state")))
+            q.wait(lambda: q.call("query-status")["status"] != "inmigrate",
+                   max(1.0, deadline - time.monotonic()))
+            status = q.call("query-status")["status"]
+            if status not in ("running", "paused", "postmigrate", "prelaunch"):
+                raise Error("the restored VM is %s" % status)
+            if status != "running":
+                q.call("cont")
+        finally:
+            q.close()
+
+    def _spawn_qemu(self, argv):
+        """fork/exec QEMU with PR_SET_PDEATHSIG so that it never outlives the monitor."""
+        log_fd = os.open("qemu.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        parent = os.getpid()
+        LOG.debug("qemu: %s", " ".join(argv))
+        pid = os.fork()
+        if pid == 0:
+            try:
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                prctl(PR_SET_THP_DISABLE, 1)  # huge pages would round TCG's buffers up
+                if os.getppid() != parent:
+                    os._exit(1)
+                if self.qemu_netns == "new":  # its taps come as fds from the container's
+                    _check_libc(_libc().unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+                os.dup2(null_fd, 0)
+                os.dup2(log_fd, 1)
+                os.dup2(log_fd, 2)
+                for sig in FORWARDED_SIGNALS + (signal.SIGCHLD, signal.SIGPIPE):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.execv(argv[0], argv)
+            finally:
+                os._exit(127)
+        os.close(log_fd)
+        os.close(null_fd)
+        return pid
+
+    def _check_qemu_alive(self):
+        """Raise with QEMU's own words when it has exited during boot."""
+        if self._reap_qemu():
+            raise Error("the VM exited during boot (status %d): %s"
+                        % (exit_status(self.qemu_status), _tail("qemu.log") or _tail("console.log")))
+
+    def _reap_qemu(self):
+        """Collect QEMU's status if it has exited; True when it has."""
+        if self.qemu_status is None and self.qemu_pidfd is not None:  # the keeper's child
+            import select
+            if select.select([self.qemu_pidfd], [], [], 0)[0]:
+                self.qemu_status = signal.SIGKILL  # (its status is the keeper's to collect)
+        elif self.qemu_status is None and self.qemu_pid:
+            try:
+                pid, status = os.waitpid(self.qemu_pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = self.qemu_pid, 0
+            if pid:
+                self.qemu_status = status
+        while True:  # reap anything else reparented to us
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] <= 0:
+                    break
+            except ChildProcessError:
+                break
+        return self.qemu_status is not None
+
+    def _wait_agent(self, op, deadline):
+        """Read agent frames until message op arrives (an error message raises)."""
+        import select
+        while True:
+            for kind, _stream, msg in self.reader.feed(b""):
+                if kind == MSG and msg.get("op") == "error":
+                    raise Error(msg["msg"])
+                if kind == MSG and msg.get("op") == op:
+                    return msg
+            self._check_qemu_alive()
+            if time.monotonic() > deadline:
+                raise Error("timed out after %ss waiting for the VM to boot (see %s)"
+                            % (self.vm["boot_timeout"], os.path.join(self.dir, "console.log")))
+            if select.select([self.agent], [], [], 0.2)[0]:
+                data = os.read(self.agent, CHUNK)
+                if not data:
+                    self._reap_qemu_wait(2)
+                    self._check_qemu_alive()
+                    raise Error("the VM closed the agent channel during boot")
+                self.reader.buf += data
+
+    def _release_pooled_vm(self):
+        """Close the claim connection of a VM from the pool: its keeper kills QEMU."""
+        if self.pooled and self.pooled["keeper"] is not None:
+            os.close(self.pooled["keeper"])
+            self.pooled["keeper"] = None
+
+    def _reap_qemu_wait(self, timeout):
+        """Wait up to timeout seconds for QEMU to exit by itself."""
+        deadline = time.monotonic() + timeout
+        while not self._reap_qemu() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _stop_qemu(self):
+        """Kill QEMU if it still runs, and reap it."""
+        if self.qemu_pidfd is not None and not self._reap_qemu():
+            self._release_pooled_vm()  # (no signal reaches it from our pid namespace)
+            self._reap_qemu_wait(5)
+        elif self.qemu_pid and not self._reap_qemu():
+            try:
+                os.kill(self.qemu_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._reap_qemu_wait(5)
+
+
+class _MonitorVM(_VMProcess):
     """The monitor's life: namespaces, QEMU started (restored or booted) and reaped, the agent
     connected, the exit recorded."""
 
     def __init__(self, state_dir, cid, gconf, argv, vm, netns, notify_fd, stdio=(0, 1, 2),
                  restore=None, terminal=None, staged=(), cgroups=(), namespaces=None,
-                 hostname=None):
+                 hostname=None, pooled=None):
         self.dir, self.id, self.gconf, self.argv, self.vm = state_dir, cid, gconf, argv, vm
+        self.pooled = pooled  # fds of a VM from the pool: {"agent", "pidfd", "keeper"}
         self.namespaces = namespaces or {}  # cgroup, ipc, uts of the config: a path or "new"
         self.hostname = hostname  # set in our uts namespace when the config gives it one
         self.cgroups = cgroups  # the host cgroup directories QEMU and we belong in
@@ -3749,6 +3946,9 @@ class _MonitorVM:
             net_check(nl)
             # a tap per interface there is now (podman's), or one for docker's, added by its hook
             taps = max(1, len(engine_links(nl.links())))
+        if self.pooled:  # its first NIC's tap comes here, the others are bare hubs (_give_tap)
+            taps = 1
+            self._move_pooled_tap()
         self.argv = only_taps(self.argv, taps)
         if self.restore:
             self.restore["argv"] = only_taps(self.restore["argv"], taps)
@@ -3774,6 +3974,50 @@ class _MonitorVM:
         """Start the VM (restored from the template, else booted), then prepare the container."""
         begun = time.monotonic()
         deadline = begun + float(self.vm["boot_timeout"])
+        if self.pooled:
+            self._take_pooled_vm()
+        else:
+            self._restore_or_boot(deadline)
+        started = time.monotonic()
+        LOG.timeline("monitor: VM %s in %.0f ms" % (
+            "from the pool" if self.pooled else "restored" if self.restore else "booted",
+            (started - begun) * 1000))
+        send_msg(self.agent, {"op": "create", "config": self.gconf, "time": time.time(),
+                              "seed": os.urandom(32).hex()})
+        self._wait_agent("created", deadline)
+        LOG.timeline("monitor: the agent created the container in %.0f ms"
+                     % ((time.monotonic() - started) * 1000))
+        self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ctl.bind("ctl.sock")
+        self.ctl.listen(16)
+
+    def _move_pooled_tap(self):
+        """Move the first NIC's tap, which a pooled QEMU made in its own empty network namespace
+        (the saved VM's first NIC has virtio-net headers, a hub has none), into ours."""
+        own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _check_libc(_libc().setns(self.pooled["pidfd"], CLONE_NEWNET), "setns(QEMU's network)")
+            try:
+                with Netlink() as nl:
+                    index = {ln["name"]: ln["index"] for ln in nl.links()}.get(tap_name(0))
+                    if index is None:
+                        raise Error("the pooled VM has no tap %s" % tap_name(0))
+                    nl.move_link(index, own)
+            finally:
+                _check_libc(_libc().setns(own, CLONE_NEWNET), "setns(network)")
+        finally:
+            os.close(own)
+
+    def _take_pooled_vm(self):
+        """A VM from the pool, handed over by create: the agent's connection, QEMU's pidfd, and
+        the claim connection that keeps QEMU alive while we hold it (see "The VM pool")."""
+        self.agent_sock = socket.socket(fileno=self.pooled["agent"])
+        self.agent_sock.setblocking(True)
+        self.agent = self.agent_sock.fileno()
+        self.qemu_pidfd = self.pooled["pidfd"]
+
+    def _restore_or_boot(self, deadline):
+        """Start QEMU: restored from the template, else (or when that fails) booted."""
         if self.restore:
             try:
                 self._start_vm(self.restore["argv"], deadline, self.restore["dir"])
@@ -3787,129 +4031,6 @@ class _MonitorVM:
                 self.restore = None
         if not self.restore:
             self._start_vm(self.argv, deadline)
-        started = time.monotonic()
-        LOG.timeline("monitor: VM %s in %.0f ms" % ("restored" if self.restore else "booted",
-                                                   (started - begun) * 1000))
-        send_msg(self.agent, {"op": "create", "config": self.gconf, "time": time.time(),
-                              "seed": os.urandom(32).hex()})
-        self._wait_agent("created", deadline)
-        LOG.timeline("monitor: the agent created the container in %.0f ms"
-                     % ((time.monotonic() - started) * 1000))
-        self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.ctl.bind("ctl.sock")
-        self.ctl.listen(16)
-
-    def _start_vm(self, argv, deadline, template=None):
-        """Run QEMU and connect the agent: boot and wait for it, or restore the template."""
-        for name in ("agent.sock", "qmp.sock"):
-            if os.path.lexists(name):
-                os.unlink(name)
-        self.reader = FrameReader()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind("agent.sock")
-        listener.listen(1)
-        self.qemu_pid = self._spawn_qemu(argv)
-        listener.settimeout(0.1)
-        try:
-            while self.agent is None:
-                self._check_qemu_alive()
-                if time.monotonic() > deadline:
-                    raise Error("QEMU did not connect to the agent socket")
-                try:
-                    self.agent_sock, _ = listener.accept()
-                    self.agent_sock.setblocking(True)
-                    self.agent = self.agent_sock.fileno()
-                except socket.timeout:
-                    pass
-        finally:
-            listener.close()
-        if template is None:
-            self._wait_agent("ready", deadline)
-            return
-        import shlex
-        q = Qmp(".")
-        try:
-            q.call("migrate-set-capabilities",
-                   capabilities=[{"capability": "x-ignore-shared", "state": True}])
-            q.call("migrate-incoming", uri="exec:cat " + shlex.quote(os.path.join(template, "state")))
-            q.wait(lambda: q.call("query-status")["status"] != "inmigrate",
-                   max(1.0, deadline - time.monotonic()))
-            status = q.call("query-status")["status"]
-            if status not in ("running", "paused", "postmigrate", "prelaunch"):
-                raise Error("the restored VM is %s" % status)
-            if status != "running":
-                q.call("cont")
-        finally:
-            q.close()
-
-    def _spawn_qemu(self, argv):
-        """fork/exec QEMU with PR_SET_PDEATHSIG so that it never outlives the monitor."""
-        log_fd = os.open("qemu.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        parent = os.getpid()
-        LOG.debug("qemu: %s", " ".join(argv))
-        pid = os.fork()
-        if pid == 0:
-            try:
-                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-                prctl(PR_SET_THP_DISABLE, 1)  # huge pages would round TCG's buffers up
-                if os.getppid() != parent:
-                    os._exit(1)
-                os.dup2(null_fd, 0)
-                os.dup2(log_fd, 1)
-                os.dup2(log_fd, 2)
-                for sig in FORWARDED_SIGNALS + (signal.SIGCHLD, signal.SIGPIPE):
-                    signal.signal(sig, signal.SIG_DFL)
-                os.execv(argv[0], argv)
-            finally:
-                os._exit(127)
-        os.close(log_fd)
-        os.close(null_fd)
-        return pid
-
-    def _check_qemu_alive(self):
-        """Raise with QEMU's own words when it has exited during boot."""
-        if self._reap_qemu():
-            raise Error("the VM exited during boot (status %d): %s"
-                        % (exit_status(self.qemu_status), _tail("qemu.log") or _tail("console.log")))
-
-    def _reap_qemu(self):
-        """Collect QEMU's status if it has exited; True when it has."""
-        if self.qemu_status is None and self.qemu_pid:
-            try:
-                pid, status = os.waitpid(self.qemu_pid, os.WNOHANG)
-            except ChildProcessError:
-                pid, status = self.qemu_pid, 0
-            if pid:
-                self.qemu_status = status
-        while True:  # reap anything else reparented to us
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] <= 0:
-                    break
-            except ChildProcessError:
-                break
-        return self.qemu_status is not None
-
-    def _wait_agent(self, op, deadline):
-        """Read agent frames until message op arrives (an error message raises)."""
-        import select
-        while True:
-            for kind, _stream, msg in self.reader.feed(b""):
-                if kind == MSG and msg.get("op") == "error":
-                    raise Error(msg["msg"])
-                if kind == MSG and msg.get("op") == op:
-                    return msg
-            self._check_qemu_alive()
-            if time.monotonic() > deadline:
-                raise Error("timed out after %ss waiting for the VM to boot (see %s)"
-                            % (self.vm["boot_timeout"], os.path.join(self.dir, "console.log")))
-            if select.select([self.agent], [], [], 0.2)[0]:
-                data = os.read(self.agent, CHUNK)
-                if not data:
-                    self._reap_qemu_wait(2)
-                    self._check_qemu_alive()
-                    raise Error("the VM closed the agent channel during boot")
-                self.reader.buf += data
 
     def _record_exit(self, status):
         """Write the exit record that makes the container stopped."""
@@ -3926,22 +4047,6 @@ class _MonitorVM:
         self._unwire()
         for fd in list(self.clients):
             self._drop_client(fd)
-
-    def _reap_qemu_wait(self, timeout):
-        """Wait up to timeout seconds for QEMU to exit by itself."""
-        deadline = time.monotonic() + timeout
-        while not self._reap_qemu() and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    def _stop_qemu(self):
-        """Kill QEMU if it still runs, and reap it."""
-        if self.qemu_pid and not self._reap_qemu():
-            try:
-                os.kill(self.qemu_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._reap_qemu_wait(5)
-
 
 def _release_memory():
     """Hand back to the host what the boot freed (its arguments' JSON, the agent's replies;
@@ -4389,11 +4494,14 @@ class _MonitorNetwork:
         """Give NIC slot a tap now (QMP), when it is backed by a bare hub; True when we did."""
         if slot in self.nic_taps or slot not in self.hubs:
             return False  # a tap since QEMU started, or no such NIC (wire_interface says so)
+        fd = open_tap(tap_name(slot))
         try:
-            self._qmp(give_tap_commands(slot))
+            self._qmp(give_tap_commands(slot, fd))
         except Error as e:
             self._qmp(take_tap_commands(slot), strict=False)
             raise Error("network: cannot give the VM's NIC %d a tap for %s: %s" % (slot, name, e)) from None
+        finally:
+            os.close(fd)
         self.nic_taps[slot] = "hot"
         return True
 
@@ -4412,7 +4520,7 @@ class _MonitorNetwork:
         try:
             for command, arguments in commands:
                 try:
-                    q.call(command, **arguments)
+                    q.call(command, **arguments)  # (getfd's "fd" is the fd to pass)
                 except Error:
                     if strict:
                         raise
@@ -4645,6 +4753,562 @@ def _notify_once(fd, obj):
 
 
 # ===========================================================================
+# The VM pool: warmed VMs, each kept by a keeper process, handed to create
+# ===========================================================================
+# A keeper (one process per pooled VM, started by a refill that create spawns detached from the
+# engine: a session of its own, the host's namespaces, the pool's cgroup, none of the engine's
+# fds) restores a VM from the template in a mount namespace of its own, with QEMU in an empty
+# network namespace, every NIC slot on a bare hub and the pod export on a spare 9p slot. It runs
+# a throw-away container in it (create, exec, start, kill: the agent's and the guest kernel's
+# code translated once), has the agent undo it (reset) and waits. create takes a VM by renaming
+# its directory out of the pool (of two creates one gets it) and receives the agent's
+# connection and a pidfd of QEMU from its keeper; QEMU moves into the container's host cgroup,
+# the container's files are moved beneath the pod export in QEMU's mount namespace (as a pod
+# member's are), and the monitor gives the VM taps of the container's namespace as fds over
+# QMP. The keeper stays QEMU's parent: when the last holder of the claim connection is gone
+# (create, then the monitor), QEMU is killed and the VM's directory removed.
+
+POOL_DIR = os.environ.get("CC_OCI_POOL_DIR", "/run/cc-oci-runtime-pool")
+POOL_SLOT = 0  # the pod export slot of a pooled VM's container (its pod members take others)
+POOL_CGROUP = "cc-oci-pool"  # in every host cgroup hierarchy: the keepers and their QEMUs
+POOL_CHECK = 1.0  # seconds between a keeper's looks at its QEMU and at the pool's inputs
+WARMUP_ID = "cc-oci-pool-warmup"
+WARMUP_PROGRAMS = ("/bin/sleep", "/bin/true")  # the host's own, with their loader and libc
+
+
+def pool_size(vm):
+    """How many idle VMs of this configuration to keep ready (vm.pool; 0: no pool)."""
+    return vm.get("pool", 0) if vm.get("accel_used") and vm.get("template", True) else 0
+
+
+def pool_key(vm, template):
+    """The pool of VMs of this size restored from this template by this runtime file (the
+    template's name digests QEMU, the kernel, the image and hypervisor.args)."""
+    digest = sha256(json_dumps([os.path.basename(template), str(vm["memory"]), vm["cpus"],
+                                vm["accel_used"], vm.get("tcg_tb_size")]).encode())
+    st = os.stat(os.path.realpath(__file__))
+    digest.update(b"%d|%d" % (st.st_size, st.st_mtime_ns))
+    return digest.hexdigest()[:20]
+
+
+def pool_inputs(vm, image, template):
+    """What a pooled VM was made from, as (path, size, mtime) stats: when one changes (or
+    goes), its keeper ends it."""
+    sig = []
+    for path in (vm["qemu"], vm["kernel_image"], image, os.path.join(template, "state"),
+                 os.path.realpath(__file__)):
+        try:
+            st = os.stat(path)
+            sig.append([path, st.st_size, st.st_mtime_ns])
+        except OSError:
+            sig.append([path, None, None])
+    return sig
+
+
+def pool_take(key):
+    """A ready VM of pool key, claimed (None when there is none): its directory renamed out of
+    the pool, then its keeper's handover: {"dir", "keeper" (the claim connection: QEMU lives
+    while it is open), "agent" (fd), "pidfd", "qemu_pid", "qemu_start"}."""
+    ready = os.path.join(POOL_DIR, key)
+    try:
+        names = sorted(os.listdir(ready))
+    except OSError:
+        return None
+    used = os.path.join(POOL_DIR, "used")
+    os.makedirs(used, exist_ok=True)
+    for name in names:
+        vmdir = os.path.join(used, name)
+        try:
+            os.rename(os.path.join(ready, name), vmdir)
+        except OSError:
+            continue  # another create took it
+        try:
+            return _claim(vmdir)
+        except (Error, OSError) as e:
+            LOG.debug("pool: %s: %s", vmdir, e)
+            _remove_tree(vmdir)  # its keeper is gone (or going): so is its QEMU
+    return None
+
+
+def _claim(vmdir):
+    """The keeper's handover of the VM in vmdir (see pool_take)."""
+    sock = socket.socket(fileno=connect_unix(vmdir, "keeper.sock", 2.0).detach())
+    try:
+        sock.settimeout(10.0)
+        sock.sendall(b"claim")
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 4096, 2)
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise Error("the keeper did not hand the VM over")
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    info = json_loads(msg.decode())
+    return {"dir": vmdir, "keeper": sock, "agent": fds[0], "pidfd": fds[1],
+            "qemu_pid": info["qemu_pid"], "qemu_start": info["qemu_start"]}
+
+
+def release_pooled(taken):
+    """Let go of a claimed VM that will not be used: its keeper kills QEMU and removes it."""
+    for fd in (taken["agent"], taken["pidfd"]):
+        os.close(fd)
+    taken["keeper"].close()
+
+
+def give_pooled_vm(taken, cgroups, conf):
+    """Make a claimed VM the container's: QEMU in its host cgroups (its memory charged there
+    too), the container's rootfs and bind sources beneath the pod export's POOL_SLOT in QEMU's
+    mount namespace; returns the guest config's changes (where its files are)."""
+    pid = taken["qemu_pid"]
+    for path in cgroups:
+        try:  # (kernels since 6.? refuse: what the pool's VM touched stays the pool's charge)
+            _write_cgroup(path, {"memory.move_charge_at_immigrate": 3})
+        except OSError:
+            pass
+        _write_cgroup(path, {"cgroup.procs": pid})
+    mounts = [dict(m) for m in conf["mounts"]]
+    trees = member_trees(dict(conf, mounts=mounts), POOL_SLOT)
+    fds = []
+    try:
+        for name, path, is_dir, ro, recursive in trees:
+            fds.append((name, _open_tree(path, recursive), is_dir, ro))
+        stage, target = (os.path.join(taken["dir"], d) for d in ("stage", _pool_slot_dir()))
+        _in_mount_ns(pid, lambda: _assemble_member(stage, target, fds))
+    finally:
+        for _name, fd, _is_dir, _ro in fds:
+            os.close(fd)
+    return {"root_pod": "%d/rootfs" % POOL_SLOT, "pod_tag": POOL_POD_TAG,
+            "mounts": [m for m in mounts if not m.get("skip")]}
+
+
+def _pool_slot_dir():
+    """Where the container's files go in a pooled VM's directory (its pod export's slot)."""
+    return os.path.join(FILES_DIR, POD_DIR, str(POOL_SLOT))
+
+
+POOL_POD_TAG = "share0"  # a pooled VM's pod export: the template's first bind-mount slot
+
+
+def pool_shares(vmdir):
+    """A pooled VM's 9p exports: an empty rootfs and bind-mount slots, but the first of them,
+    the pod export (all of its container's files arrive there)."""
+    files = os.path.join(vmdir, FILES_DIR)
+    shares = template_shares([(ROOTFS_TAG, os.path.join(files, "empty"), True)],
+                             os.path.join(files, "empty"), SHARE_SLOT_CLASSES[0])
+    shares[1] = (POOL_POD_TAG, os.path.join(files, POD_DIR), False)
+    return shares
+
+
+def refill_pool(vm, image):
+    """Top the pool of this configuration up in the background (see _spawn_refill); nothing
+    when vm.pool is 0."""
+    want = pool_size(vm)
+    try:
+        template = want and template_for(vm, image)
+    except (Error, OSError):
+        return
+    if not template:
+        return
+    params = {"state_dir": POOL_DIR, "cid": pool_key(vm, template), "vm": vm, "image": image,
+              "template": template, "want": want}
+    try:
+        _spawn_refill(params)
+    except OSError as e:
+        LOG.warning("pool: cannot start a refill: %s", e)
+
+
+def _spawn_refill(params):
+    """Run _run_refill in a grandchild in a session of its own, in PID 1's namespaces and the
+    pool's cgroup, with none of our fds (an engine waits for EOF on the pipes it gave us). The
+    kernel gives an orphan to the nearest sub-reaper: under conmon or containerd-shim it is theirs
+    until they exit (they reap it, and wait for nothing of it), then PID 1's."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            _join_host_ns(("pid",))  # (for children: the refill is forked next)
+            if os.fork() == 0:
+                _join_host_ns(("cgroup", "ipc", "uts", "net", "mnt"))
+                _join_pool_cgroup()
+                LOG.path, LOG.fmt, LOG.container_id = os.path.join(POOL_DIR, "pool.log"), "text", "pool"
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                _close_inherited_fds(3)
+                _exec_monitor(params, [], kind="pool")
+                _run_refill(params)  # where exec is impossible: in this copy
+        except BaseException as e:
+            LOG.debug("pool: refill: %r", e)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _join_host_ns(kinds):
+    """setns into PID 1's namespaces of these kinds (those we are not in already; ours when PID
+    1's cannot be read, as under a sandbox's init: an engine runs us in the host's anyway)."""
+    for kind in kinds:
+        own, host = "/proc/self/ns/" + kind, "/proc/1/ns/" + kind
+        try:
+            if os.stat(own).st_ino == os.stat(host).st_ino:
+                continue
+        except PermissionError:
+            continue
+        fd = os.open(host, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _check_libc(_libc().setns(fd, 0), "setns %s" % host)
+        finally:
+            os.close(fd)
+
+
+def _join_pool_cgroup():
+    """Move this process into POOL_CGROUP of every host cgroup hierarchy."""
+    for mount_point, _version, _controllers in cgroup_hierarchies():
+        path = os.path.join(mount_point, POOL_CGROUP)
+        try:
+            os.makedirs(path, exist_ok=True)
+            if os.path.exists(os.path.join(path, "cpuset.cpus")):
+                for key in ("cpuset.cpus", "cpuset.mems"):
+                    with open(os.path.join(path, key)) as f:
+                        if not f.read().strip():
+                            with open(os.path.join(mount_point, key)) as parent:
+                                _write_cgroup(path, {key: parent.read().strip()})
+            _write_cgroup(path, {"cgroup.procs": 0})
+        except OSError as e:
+            LOG.debug("pool: cgroup %s: %s", path, e)
+
+
+def _run_refill(p):
+    """The refill: one at a time per pool (a lock), the dead keepers' directories removed,
+    then keepers started one after another until the pool holds p["want"] VMs."""
+    os.makedirs(POOL_DIR, exist_ok=True)
+    lock = os.open(os.path.join(POOL_DIR, p["cid"] + ".lock"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                   0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return 0  # another refill of this pool runs
+    collect_pool_garbage()
+    ready = os.path.join(POOL_DIR, p["cid"])
+    for _ in range(p["want"]):
+        try:
+            if len(os.listdir(ready)) >= p["want"]:
+                break
+        except FileNotFoundError:
+            pass
+        if not _start_keeper(p):
+            break
+    return 0
+
+
+def _start_keeper(p):
+    """Fork a keeper and wait until its VM is ready (True) or it failed (logged)."""
+    name = uuid4().replace("-", "")[:16]
+    vmdir = os.path.join(POOL_DIR, "warming", name)
+    os.makedirs(vmdir)
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(rfd)
+            code = PoolKeeper(p["cid"], name, vmdir, p["vm"], p["image"], p["template"], wfd).run()
+        except BaseException as e:
+            LOG.debug("pool: keeper: %r", e)
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    reply = _read_pipe(rfd, float(p["vm"]["boot_timeout"]) * 2)
+    if reply.strip() != b"ready":
+        LOG.warning("pool: a VM for the pool failed: %s",
+                    reply.decode(errors="replace").strip() or "its keeper died")
+        return False
+    return True
+
+
+def collect_pool_garbage():
+    """Remove the directories of pooled VMs whose keeper is gone (killed, or the host rebooted
+    under a persistent POOL_DIR): nothing runs in them any more."""
+    try:
+        groups = os.listdir(POOL_DIR)
+    except FileNotFoundError:
+        return
+    for group in groups:
+        top = os.path.join(POOL_DIR, group)
+        if not os.path.isdir(top):
+            continue
+        for name in os.listdir(top):
+            vmdir = os.path.join(top, name)
+            keeper = read_json_quietly(os.path.join(vmdir, "keeper.json"))
+            if keeper is None and time.time() - _mtime(vmdir) < 60:
+                continue  # a keeper starting
+            if not keeper or not process_alive(keeper.get("pid"), keeper.get("start")):
+                _remove_tree(vmdir)
+
+
+def read_json_quietly(path):
+    """The JSON in a file, or None when it is missing or not JSON."""
+    try:
+        with open(path) as f:
+            return json_loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _mtime(path):
+    """A path's mtime (0 when it is gone)."""
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0
+
+
+def _remove_tree(path):
+    """rm -rf, quietly."""
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def pool_status():
+    """{pool key: number of ready VMs}, and the claimed VMs whose keeper lives (for check)."""
+    ready, used = {}, 0
+    try:
+        groups = os.listdir(POOL_DIR)
+    except FileNotFoundError:
+        return ready, used
+    for group in groups:
+        top = os.path.join(POOL_DIR, group)
+        if group in ("warming", "used") or not os.path.isdir(top):
+            continue
+        ready[group] = len(os.listdir(top))
+    try:
+        used = len(os.listdir(os.path.join(POOL_DIR, "used")))
+    except FileNotFoundError:
+        pass
+    return ready, used
+
+
+def warmup_bundle():
+    """The bundle of a pooled VM's throw-away container, built once in the cache: the default
+    spec running the host's own sleep (exec: true), with their dynamic loader and libc."""
+    programs = [os.path.realpath(p) for p in WARMUP_PROGRAMS]
+    files = set(programs)
+    for prog in programs:
+        interp = elf_interpreter(prog)
+        if interp:
+            files.add(interp)
+    files.update(_libc_paths())
+    digest = sha256(b"warmup1")
+    for path in sorted(files):
+        st = os.stat(path)
+        digest.update(("%s|%d|%d" % (path, st.st_size, st.st_mtime_ns)).encode())
+    final = os.path.join(CACHE_DIR, "warmup-" + digest.hexdigest()[:16])
+    if os.path.exists(os.path.join(final, "config.json")):
+        return final
+    tmp = "%s.tmp.%d" % (final, os.getpid())
+    _remove_tree(tmp)
+    rootfs = os.path.join(tmp, "rootfs")
+    for path in sorted(files):
+        _copy_host_file(path, rootfs)
+    for d in ("proc", "sys", "dev", "tmp", "bin"):
+        os.makedirs(os.path.join(rootfs, d), exist_ok=True)
+    for prog, real in zip(WARMUP_PROGRAMS, programs):
+        if not os.path.lexists(rootfs + prog):
+            os.symlink(real, rootfs + prog)
+    spec = default_spec()
+    spec["process"].update(terminal=False, args=["/bin/sleep", "60"])
+    spec["hostname"] = WARMUP_ID
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        f.write(json_dumps(spec))
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        _remove_tree(tmp)  # another process built it meanwhile
+    prune_cache("warmup-", final)
+    return final
+
+
+def _libc_paths():
+    """The C library files this process has mapped (the warm-up programs' only library)."""
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6
+                and os.path.basename(line.split(None, 5)[5].strip()).startswith("libc.so")}
+
+
+def _copy_host_file(path, root):
+    """Copy a host file to the same path under root, and each symlink on the way."""
+    import shutil
+    target = root + path
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copy2(path, target)
+    parts = path.strip("/").split("/")
+    for i in range(1, len(parts)):
+        cur = "/" + "/".join(parts[:i])
+        if os.path.islink(cur) and not os.path.lexists(root + cur):
+            os.symlink(os.readlink(cur), root + cur)
+
+
+class PoolKeeper(_VMProcess):
+    """One pooled VM's keeper, QEMU's parent from its restore to its end: restores and warms
+    the VM, waits for a claim, hands it over, and ends it when its holder is gone."""
+
+    def __init__(self, key, name, vmdir, vm, image, template, report_fd):
+        self.key, self.name, self.dir, self.vm = key, name, vmdir, vm
+        self.image, self.template, self.report_fd = image, template, report_fd
+        self.reader, self.agent, self.agent_sock = FrameReader(), None, None
+        self.qemu_pid, self.qemu_status, self.qemu_netns = None, None, "new"
+        self.inputs = pool_inputs(vm, image, template)
+
+    def run(self):
+        """The keeper's whole life; its exit ends QEMU (PR_SET_PDEATHSIG)."""
+        os.chdir(self.dir)
+        write_atomic("keeper.json", json_dumps({"pid": os.getpid(), "key": self.key,
+                                                "start": proc_start_time(os.getpid())}))
+        try:
+            os.nice(10)  # a refill gives way to the containers being created meanwhile
+            self._prepare()
+            argv = only_taps(qemu_command("pool-" + self.name, self.vm, None, ".", self.image, {
+                "ram": os.path.join(self.template, "ram"), "share": False, "incoming": True,
+                "shares": pool_shares(self.dir)}), 1)  # (the monitor moves the tap to its own)
+            deadline = time.monotonic() + float(self.vm["boot_timeout"])
+            self._start_vm(argv, deadline, self.template)
+            self._warm_up(deadline)
+            _renice_process(self.qemu_pid, 0)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind("keeper.sock")
+            listener.listen(4)
+            ready = os.path.join(POOL_DIR, self.key)
+            os.makedirs(ready, exist_ok=True)
+            os.rename(self.dir, os.path.join(ready, self.name))
+            self.dir = os.path.join(ready, self.name)
+        except (Error, OSError) as e:
+            _write_all(self.report_fd, str(e).encode(errors="replace"))
+            self._end()
+            return 1
+        _write_all(self.report_fd, b"ready")
+        os.close(self.report_fd)
+        return self._serve(listener)
+
+    def _prepare(self):
+        """A mount namespace of our own (QEMU's) with the VM's files tmpfs: an empty directory
+        for the unused exports, the pod export's empty slots (see stage_files)."""
+        _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        os.mkdir("stage", 0o700)
+        stage_files(self.dir, ())
+
+    def _warm_up(self, deadline):
+        """The throw-away container: created with its files from the pod export, an exec, its
+        start, its kill; then the agent's reset, and its files taken away again."""
+        conf = load_spec(warmup_bundle())
+        trees = member_trees(conf, POOL_SLOT)
+        fds = [(name, _open_tree(path, rec), is_dir, ro) for name, path, is_dir, ro, rec in trees]
+        target = os.path.join(self.dir, _pool_slot_dir())
+        try:
+            _assemble_member(os.path.join(self.dir, "stage"), target, fds)
+        finally:
+            for _name, fd, _is_dir, _ro in fds:
+                os.close(fd)
+        gconf = dict(guest_config(WARMUP_ID, conf), root_pod="%d/rootfs" % POOL_SLOT,
+                     pod_tag=POOL_POD_TAG, warmup=True)
+        send_msg(self.agent, {"op": "create", "config": gconf, "time": time.time(),
+                              "seed": os.urandom(32).hex()})
+        self._wait_agent("created", deadline)
+        exec_process = dict(conf["process"], args=["/bin/true"])
+        for msg, answer in (({"op": "start", "id": 1}, "started"),
+                            ({"op": "exec", "proc": 1, "process": exec_process, "id": 2}, "exit"),
+                            ({"op": "signal", "sig": signal.SIGKILL, "id": 3}, "exit"),
+                            ({"op": "reset", "id": 4}, "reset")):
+            send_msg(self.agent, msg)
+            self._wait_agent(answer, deadline)
+        umount(target)
+
+    def _serve(self, listener):
+        """Wait for a claim; end the VM when QEMU exits, its inputs change, its directory goes
+        or it has waited vm.pool_idle seconds."""
+        import select
+        idle_until = time.monotonic() + float(self.vm.get("pool_idle", 900))
+        while True:
+            if select.select([listener], [], [], POOL_CHECK)[0]:
+                conn, _ = listener.accept()
+                if self._hand_over(conn, listener):
+                    return self._held(conn)
+                continue
+            if self._reap_qemu() or time.monotonic() > idle_until or not os.path.isdir(self.dir) \
+                    or pool_inputs(self.vm, self.image, self.template) != self.inputs:
+                self._end()
+                return 0
+
+    def _hand_over(self, conn, listener):
+        """A claim: send the agent's connection and a pidfd of QEMU (True once sent). Only a
+        VM whose directory its claimant has moved out of the pool is handed over."""
+        self.dir = os.path.join(POOL_DIR, "used", self.name)
+        try:
+            conn.settimeout(5.0)
+            if conn.recv(16) != b"claim" or not os.path.isdir(self.dir):
+                raise OSError(errno.EPERM, "not a claim of a VM out of the pool")
+            pidfd = os.pidfd_open(self.qemu_pid)
+            try:
+                info = {"qemu_pid": self.qemu_pid, "qemu_start": proc_start_time(self.qemu_pid)}
+                socket.send_fds(conn, [json_dumps(info).encode()], [self.agent, pidfd])
+            finally:
+                os.close(pidfd)
+        except OSError as e:
+            LOG.debug("pool: %s: %s", self.name, e)
+            conn.close()
+            self.dir = os.path.join(POOL_DIR, self.key, self.name)
+            return False
+        self.agent_sock.close()
+        self.agent = None
+        listener.close()
+        return True
+
+    def _held(self, conn):
+        """The VM is a container's: wait until every holder of the claim connection is gone
+        (or QEMU exits), then end it."""
+        import select
+        conn.settimeout(None)
+        while not self._reap_qemu():
+            if select.select([conn], [], [], POOL_CHECK)[0]:
+                try:
+                    if not conn.recv(64):
+                        break
+                except OSError:
+                    break
+        conn.close()
+        self._end()
+        return 0
+
+    def _end(self):
+        """Kill QEMU, then remove the VM's directory (its files tmpfs goes with our namespace)."""
+        self._stop_qemu()
+        if self.agent_sock is not None:
+            self.agent_sock.close()
+        try:
+            umount(os.path.join(self.dir, FILES_DIR))
+        except (Error, OSError):
+            pass
+        _remove_tree(self.dir)
+
+
+def _renice_process(pid, value):
+    """Set the nice value of every thread of a process (QEMU's vCPU threads included)."""
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), value)
+        except OSError:
+            pass
+
+
+# ===========================================================================
 # Agent: this file as PID 1 in the guest; boot, the host's requests and the processes
 # ===========================================================================
 # The agent's roles are four classes put together as Agent at the end of the pod members'
@@ -4753,6 +5417,7 @@ class _AgentCore:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.net, self.dns, self.dns_fd = guest_net_boot(), None, None
         self.port = self._open_port()
+        self.boot_hostname = socket.gethostname()  # what a pooled VM's reset sets again
         self.init_pid, self.init_sock = self._fork_init()
 
     @staticmethod
@@ -5064,8 +5729,8 @@ class _AgentCore:
                 self.in_fds.pop(proc["stdin"], None)
                 os.close(proc["stdin"])
                 proc["stdin"] = None  # a late EOF from the host must not close it again
-            if num == 0:  # what the guest wrote reaches the host first: the VM may go at once
-                os.sync()
+            if num == 0 and not self.conf.get("warmup"):  # what the guest wrote reaches the
+                os.sync()  # host first: the VM may go at once (a warm-up's VM stays, see reset)
                 self.finished = True
             send_msg(self.port, {"op": "exit", "proc": num, "status": proc["status"]})
 
@@ -5214,7 +5879,11 @@ class _AgentContainers:
             with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
                 f.write(value)
         _apply_guest_limits(c.get("resources", {}))  # on the cgroup made at boot
-        mount(ROOTFS_TAG, GUEST_ROOT, "9p", 0, NINEP_OPTIONS)
+        if c.get("root_pod"):  # a pooled VM's container: every file from the pod export
+            _mount_pod_export(c["pod_tag"])
+            mount(os.path.join(GUEST_POD, c["root_pod"]), GUEST_ROOT, None, MS_BIND)
+        else:
+            mount(ROOTFS_TAG, GUEST_ROOT, "9p", 0, NINEP_OPTIONS)
         c["cgroup"] = setup_device_cgroup(c["id"], c.get("device_rules"))
         if c.get("restore"):
             return self._await_restore(c)
@@ -5227,6 +5896,11 @@ class _AgentContainers:
         """At boot (so in the template): fork the container's first process, PID 1 of a new
         pid namespace as runc's init is, in a mount namespace, cgroup and cgroup namespace of
         its own; it waits for the container's config (see _container_init)."""
+        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        try:  # (after a pooled VM's reset: unshare refuses while the last one is for children)
+            _check_libc(_libc().setns(own, CLONE_NEWPID), "setns(pid)")
+        finally:
+            os.close(own)
         _check_libc(_libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
@@ -6459,7 +7133,7 @@ def export_images(state, dirs):
     if not (state.data.get("pod") or {}).get("tag"):
         raise Error("checkpoint: the VM has no 9p slot left for the image directory (the "
                     "container has %d bind-mount sources)" % SHARE_SLOTS)
-    slot = claim_pod_slot(state.dir, "checkpoint")
+    slot = claim_pod_slot(state.dir, "checkpoint", bool(state.data["vm"].get("pool_dir")))
     stage = os.path.join(state.dir, CHECKPOINT_STAGE)
     try:
         os.makedirs(stage, exist_ok=True)
@@ -6856,9 +7530,7 @@ class _AgentPods:
         c, num, slot = msg["config"], msg["proc"], msg["member"]
         if self.procs.get(0, {}).get("status") is not None or self.conf is None:
             raise Error("pod: the sandbox is not running")
-        if not os.path.ismount(GUEST_POD):
-            os.makedirs(GUEST_POD, exist_ok=True)
-            mount(c["pod_tag"], GUEST_POD, "9p", 0, NINEP_OPTIONS)
+        _mount_pod_export(c["pod_tag"])
         cgroup = "%s/member-%d" % (GUEST_CGROUP, num)
         os.mkdir(cgroup)
         try:
@@ -6954,6 +7626,13 @@ class _AgentPods:
             self.gone_cgroups.remove(cgroup)
 
 
+def _mount_pod_export(tag):
+    """The pod export at GUEST_POD (mounted once; a pooled VM's container and members use it)."""
+    if not os.path.ismount(GUEST_POD):
+        os.makedirs(GUEST_POD, exist_ok=True)
+        mount(tag, GUEST_POD, "9p", 0, NINEP_OPTIONS)
+
+
 def _fork_in_pid_ns(pid1, sandbox_pid1):
     """fork() into the pid namespace of pid1 (a pod member's first process), then make our own
     children the sandbox's again; a plain fork for the sandbox's (ours already)."""
@@ -7001,7 +7680,54 @@ def signal_cgroup(cgroup, sig):
             pass
 
 
-class Agent(_AgentCore, _AgentContainers, _AgentCheckpoint, _AgentNetwork, _AgentPods):
+# ===========================================================================
+# Agent: a pooled VM's warm-up container, undone (see "The VM pool")
+# ===========================================================================
+
+class _AgentPool:
+    """A pooled VM first runs a throw-away container (config "warmup": its exit does not end
+    the agent), so that the guest code a container's set-up runs is translated once; reset
+    then leaves nothing of it and forks a new first process, as the template has one."""
+
+    def _op_reset(self, _msg):
+        """Undo the warm-up container: its processes, mounts, device cgroup and hostname; the
+        agent then waits for a create as a VM restored from the template does."""
+        if not (self.conf or {}).get("warmup") or self.procs.get(0, {}).get("status") is None:
+            raise Error("reset: no warm-up container has ended")
+        _kill_all()
+        while True:  # every process of the warm-up gone before its mounts go
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+        polled = set(self.out_fds) | set(self.in_fds)
+        for fd in polled:
+            try:
+                self.poll.unregister(fd)
+            except KeyError:
+                pass
+        for fd in polled | {p.get(k) for p in self.procs.values() for k in ("stdin", "master")}:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.out_fds.clear()
+        self.in_fds.clear()
+        for target in (GUEST_ROOT, GUEST_POD):
+            if os.path.ismount(target):
+                umount(target)
+        _rmdir_quietly(os.path.join(DEVICE_CGROUP, "container"))
+        socket.sethostname(self.boot_hostname)
+        self.procs, self.conf, self.members = {}, None, {}
+        self.oom_kills = _cgroup_counter("memory.events", "oom_kill")
+        self.init_pid, self.init_sock = self._fork_init()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")  # no page of the warm-up's files left in the guest
+        return {"op": "reset"}
+
+
+class Agent(_AgentCore, _AgentContainers, _AgentCheckpoint, _AgentNetwork, _AgentPods, _AgentPool):
     """Prepares the container in the guest on the host's command and runs its processes."""
 
 
@@ -7164,11 +7890,13 @@ def create_container(args, console_socket=None, foreground=False, restoring=Fals
         make_mountpoints(conf["root"]["path"], conf["mounts"])
     state.make()
     LOG.timeline("create: VM resolved, state made")
-    monitor_pid, cgroups = None, []
+    monitor_pid, cgroups, pooled = None, [], None
     try:
         cgroups = create_host_cgroup(cgroup_dirs, vm["memory"], conf["resources"])
         argv = qemu_command(args.id, vm, conf, state.dir, image)
         restore = _restore_plan(args.id, vm, conf, state, image)
+        if not restoring:
+            pooled = _pooled_vm(vm, image, conf, cgroups)
         state.data = {"ociVersion": conf.get("ociVersion", OCI_VERSION), "id": args.id, "pid": 0,
                       "bundle": conf["bundle"], "rootfs": conf["root"]["path"],
                       "created": _now_rfc3339(), "annotations": conf["annotations"],
@@ -7180,9 +7908,19 @@ def create_container(args, console_socket=None, foreground=False, restoring=Fals
                       "resources": conf["resources"],
                       "cgroups": [[d, v, sorted(c)] for d, v, c in cgroup_dirs],
                       "pod": {"tag": conf["pod_tag"]} if conf.get("pod_tag") else None}
+        gconf = dict(guest_config(args.id, conf), restore=restoring)
+        pool_fds = None
+        if pooled:
+            gconf.update(pooled["gconf"])
+            state.data["pod"] = {"tag": POOL_POD_TAG}
+            state.data["vm"].update(pool_dir=pooled["dir"], qemu_pid=pooled["qemu_pid"],
+                                    qemu_start=pooled["qemu_start"])
+            for name in ("qmp.sock", "console.log"):
+                os.symlink(os.path.join(pooled["dir"], name), state.path(name))
+            pool_fds = {"agent": pooled["agent"], "pidfd": pooled["pidfd"],
+                        "keeper": pooled["keeper"].fileno()}
         state.save()
         stdio, host_tty = _container_stdio(terminal, console_socket, conf["process"])
-        gconf = dict(guest_config(args.id, conf), restore=restoring)
         namespaces = {k: v for k, v in conf["namespaces"].items() if k in MONITOR_NAMESPACES}
 
         def monitor_main(notify_fd):
@@ -7191,8 +7929,10 @@ def create_container(args, console_socket=None, foreground=False, restoring=Fals
                       "vm": vm, "netns": conf["netns"], "notify_fd": notify_fd,
                       "stdio": stdio, "restore": restore, "terminal": host_tty,
                       "staged": conf["staged"], "cgroups": cgroups, "namespaces": namespaces,
-                      "hostname": conf["hostname"] if "uts" in namespaces else None}
-            _exec_monitor(params, [fd for fd in stdio + (notify_fd, host_tty) if fd is not None])
+                      "hostname": conf["hostname"] if "uts" in namespaces else None,
+                      "pooled": pool_fds}
+            _exec_monitor(params, [fd for fd in stdio + (notify_fd, host_tty) if fd is not None]
+                          + list((pool_fds or {}).values()))
             return Monitor(**params).run()  # where exec is impossible: this copy of create
         monitor_pid, rfd = _fork_monitor(monitor_main, keep_stdio=host_tty is None,
                                          pid_ns=conf["namespaces"].get("pid", "new"))
@@ -7212,8 +7952,9 @@ def create_container(args, console_socket=None, foreground=False, restoring=Fals
         if result.get("error"):
             raise Error(result["error"])
         state.data["creating"] = False
-        qemu_pid = host_child_pid(monitor_pid)
-        state.data["vm"].update(qemu_pid=qemu_pid, qemu_start=proc_start_time(qemu_pid or 0))
+        if not pooled:
+            qemu_pid = host_child_pid(monitor_pid)
+            state.data["vm"].update(qemu_pid=qemu_pid, qemu_start=proc_start_time(qemu_pid or 0))
         state.save()
         monitor_request(state, {"op": "network"}, timeout=float(vm["boot_timeout"]))
         LOG.timeline("create: network wired")
@@ -7223,11 +7964,41 @@ def create_container(args, console_socket=None, foreground=False, restoring=Fals
         if monitor_pid:
             unwire_network(state)
             _kill_container(state)
+        if pooled:
+            release_pooled(pooled)
         remove_host_cgroup(cgroups)
         state.remove()
         raise
-    LOG.info("created %s (monitor %d, %s)", args.id, monitor_pid, vm["accel_used"])
+    if pooled:
+        release_pooled(pooled)  # (our copies: the monitor holds the VM now)
+    LOG.info("created %s (monitor %d, %s%s)", args.id, monitor_pid, vm["accel_used"],
+             ", a VM from the pool" if pooled else "")
+    if not restoring:
+        refill_pool(vm, image)
     return state, monitor_pid
+
+
+def _pooled_vm(vm, image, conf, cgroups):
+    """A warmed VM from the pool, made this container's (see give_pooled_vm); None when the pool
+    is off or empty or the handover failed: the VM is then restored as without a pool."""
+    if not pool_size(vm):
+        return None
+    try:
+        template = template_for(vm, image)
+    except (Error, OSError):
+        return None
+    taken = None
+    try:
+        taken = template and pool_take(pool_key(vm, template))
+        if taken:
+            taken["gconf"] = give_pooled_vm(taken, cgroups, conf)
+            LOG.timeline("create: a VM from the pool")
+    except (Error, OSError) as e:
+        LOG.warning("pool: handing a VM over failed (%s); restoring one instead", e)
+        if taken:
+            release_pooled(taken)
+        taken = None
+    return taken or None
 
 
 HOST_NETWORK_ERROR = (
@@ -7389,6 +8160,8 @@ def _run_exec_monitor(fd):
         _restore_inheritance(p["fds"])  # QEMU must not hold the notify pipe
         STARTED = p["started"]
         LOG.restore(p["log"])
+        if p.get("kind") == "pool":
+            return _run_refill(p["monitor"])
         monitor = MemberMonitor if p.get("kind") == "member" else Monitor
         return monitor(**p["monitor"]).run()
     except BaseException as e:
@@ -7571,7 +8344,7 @@ def create_member(args, conf, sandbox, console_socket=None):
     state.make()
     slot, monitor_pid, cgroups, exported = None, None, [], False
     try:
-        slot = claim_pod_slot(sandbox.dir, args.id)
+        slot = claim_pod_slot(sandbox.dir, args.id, bool(sdata["vm"].get("pool_dir")))
         trees = member_trees(conf, slot)
         stage = state.path("stage")
         os.mkdir(stage)
