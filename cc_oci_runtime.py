@@ -4777,8 +4777,11 @@ WARMUP_PROGRAMS = ("/bin/sleep", "/bin/true")  # the host's own, with their load
 
 
 def pool_size(vm):
-    """How many idle VMs of this configuration to keep ready (vm.pool; 0: no pool)."""
-    return vm.get("pool", 0) if vm.get("accel_used") and vm.get("template", True) else 0
+    """How many idle VMs of this configuration to keep ready: vm.pool, or $CC_OCI_POOL (for a
+    whole host, whatever the bundles say); 0 (and no template) is no pool."""
+    size = os.environ.get("CC_OCI_POOL", "")
+    size = int(size) if size.isdigit() else vm.get("pool", 0)
+    return size if vm.get("accel_used") and vm.get("template", True) else 0
 
 
 def pool_key(vm, template):
