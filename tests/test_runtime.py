@@ -4602,9 +4602,9 @@ def test_guest_network_follows_later_plans():
 
 
 def test_nic_slot_qmp_commands_and_hub_slots():
-    assert rt.give_tap_commands(2) == [
-        ("netdev_add", {"type": "tap", "id": "tap2", "ifname": "cc-tap2", "script": "no", "downscript": "no",
-                        "vhost": False, "vnet_hdr": False}),
+    assert rt.give_tap_commands(2, 17) == [
+        ("getfd", {"fdname": "tap2", "fd": 17}),
+        ("netdev_add", {"type": "tap", "id": "tap2", "fd": "tap2", "vhost": False}),
         ("netdev_add", {"type": "hubport", "id": "port2", "hubid": 2, "netdev": "tap2"})]
     assert rt.take_tap_commands(2) == [("netdev_del", {"id": "port2"}), ("netdev_del", {"id": "tap2"})]
     argv = rt.net_args("device")
@@ -4648,17 +4648,20 @@ def test_net_event_matters_ignores_our_own_taps():
 
 
 class FakeQemu:
-    """The QMP a monitor sends for its NIC slots, carried out without a VM: a tap netdev_add'ed
-    is made in the namespace, netdev_del closes it."""
+    """The QMP a monitor sends for its NIC slots, carried out without a VM: a tap fd getfd'ed is
+    kept (a copy, as QEMU's), netdev_add takes it by name, netdev_del closes it."""
 
     def __init__(self):
-        self.fds, self.calls = {}, []
+        self.fds, self.calls, self.given = {}, [], {}
 
     def qmp(self, commands, strict=True):
         for command, arguments in commands:
+            if command == "getfd":
+                self.given[arguments["fdname"]] = os.dup(arguments["fd"])
+                continue
             self.calls.append("%s %s" % (command, arguments["id"]))
             if command == "netdev_add" and arguments["type"] == "tap":
-                self.fds[arguments["id"]] = make_tap(arguments["ifname"])
+                self.fds[arguments["id"]] = self.given.pop(arguments["fd"])
             elif command == "netdev_del" and arguments["id"] in self.fds:
                 os.close(self.fds.pop(arguments["id"]))
 
