@@ -405,6 +405,73 @@ def test_a_restored_http_server_serves_at_its_published_port(pmnet):
     assert poll(lambda: not nat_rules_naming(port), timeout=10), nat_rules_naming(port)
 
 
+def connect(addr, port):
+    """A TCP connection to addr:port from the host, or None."""
+    try:
+        return socket.create_connection((addr, port), timeout=3)
+    except OSError:
+        return None
+
+
+def echoed(conn, data, timeout=60):
+    """What the peer sends back for data, once as many bytes arrive (b"" if it closes)."""
+    conn.settimeout(timeout)
+    conn.sendall(data)
+    return received(conn, len(data))
+
+
+def received(conn, n):
+    got = b""
+    while len(got) < n:
+        chunk = conn.recv(n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def tcp_states(p, cid, port):
+    """The states (hex, 01 = ESTABLISHED, 0A = LISTEN) of the container's TCP sockets on a
+    local port, from /proc/1/net/tcp and tcp6 in the guest (nc listens on IPv6's any address)."""
+    out = pm_ok(p.run_rt("exec", cid, "cat", "/proc/1/net/tcp", "/proc/1/net/tcp6",
+                         timeout=120)).stdout
+    return sorted(ln.split()[3] for ln in out.splitlines()
+                  if ln.split()[0] != "sl" and ln.split()[1].endswith(":%04X" % port))
+
+
+def test_an_established_tcp_connection_to_the_host_survives_with_tcp_established(pmnet):
+    """A host socket talks to `nc -l -e cat` in the container over podman's bridge, the tap
+    and the VM's NIC: criu's TCP repair in the guest dumps the connection and restores it in
+    the new VM (the same address from podman), and the host's end goes on with it. Without
+    --tcp-established criu refuses the dump and the container runs on, connection and all."""
+    pm_ok(pmnet.run_rt("run", "-d", "--name", "tcp1", "bb", "nc", "-l", "-p", "9000", "-e", "cat",
+                       timeout=120))
+    ip = pmnet.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "tcp1").stdout.strip()
+    conn = poll(lambda: connect(ip, 9000))
+    assert conn, "no connection to %s:9000" % ip
+    with conn:
+        assert echoed(conn, b"one\n") == b"one\n"
+        assert tcp_states(pmnet, "tcp1", 9000) == ["01"]
+        r = pmnet.run_rt("container", "checkpoint", "tcp1", timeout=600)
+        assert r.returncode != 0 and "consider using --tcp-established" in r.stderr, r.stderr
+        assert pmnet.run("inspect", "-f", "{{.State.Status}}", "tcp1").stdout.strip() == "running"
+        assert echoed(conn, b"two\n") == b"two\n", "a refused dump leaves the connection alone"
+        pm_ok(pmnet.run_rt("container", "checkpoint", "--tcp-established", "--leave-running",
+                           "tcp1", timeout=600))
+        assert echoed(conn, b"three\n") == b"three\n", "--leave-running: the same connection"
+        pm_ok(pmnet.run_rt("container", "checkpoint", "--tcp-established", "tcp1", timeout=600))
+        assert pmnet.run("inspect", "-f", "{{.State.Status}}", "tcp1").stdout.strip() == "exited"
+        pm_ok(pmnet.run_rt("container", "restore", "--tcp-established", "tcp1", timeout=600))
+        assert pmnet.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "tcp1").stdout.strip() == ip
+        # (the host sends nothing while it is checkpointed: see README, what it would get)
+        assert echoed(conn, b"four\n") == b"four\n", "the restored cat echoes on the same connection"
+        assert tcp_states(pmnet, "tcp1", 9000) == ["01"]
+    # the host closes: the restored cat reads its end of file, and the container exits
+    assert poll(lambda: pmnet.run("inspect", "-f", "{{.State.Status}}", "tcp1").stdout.strip()
+                == "exited"), "the restored process holds the host's connection"
+    pm_ok(pmnet.run("rm", "tcp1", timeout=120))
+
+
 # ---------------------------------------------------------------------------
 # docker (experimental): checkpoint create, start --checkpoint
 # ---------------------------------------------------------------------------
