@@ -44,10 +44,11 @@ test-functional:
 
 DENSITY ?= 50
 ENGINE_RUNS ?= 5
-bench: deps  ## issue 8's figures (CLI, warm start, memory, density, engines + timeline), then network, then pods
+bench: deps  ## issue 8's figures (CLI, warm start, memory, density, engines + timeline), then network, pods, checkpoint/restore
 	$(PYTHON) bench/bench.py --density $(DENSITY) --engines $(ENGINE_RUNS)
 	$(PYTHON) bench/network.py
 	$(PYTHON) bench/pods.py
+	$(PYTHON) bench/checkpoint.py
 
 check:
 	$(PYTHON) $(RUNTIME) check

@@ -233,18 +233,22 @@ class Podman:
     """podman with private root/runroot/tmpdir/config and `runtime_path` registered as `runtime_name`."""
 
     def __init__(self, workdir, runtime_path, runtime_name="cc-oci-runtime", storage_driver=None,
-                 network=False):
+                 network=False, runroot=None):
         """Write containers.conf and storage.conf under workdir; nothing is started.
 
         network=True: podman's default bridge network through netavark (+ aardvark-dns), with
-        its network configs in workdir/networks; otherwise no network at all (see above)."""
+        its network configs in workdir/networks; otherwise no network at all (see above).
+        runroot: that run root instead of one under workdir (another podman's, once it is gone:
+        two hosts with podman's default paths); it is removed at cleanup."""
         self.dir = os.path.abspath(workdir)
         os.makedirs(self.dir, exist_ok=True)
         self.runtime_path, self.runtime_name = os.path.abspath(runtime_path), runtime_name
         self.driver = storage_driver or ("overlay" if overlay_supported(self.dir) else "vfs")
         self.root, self.runroot, self.tmpdir = (os.path.join(self.dir, n) for n in ("root", "runroot", "tmp"))
         self.short_run = None
-        if len(self.runroot) > 50:  # c/storage overlay: "the specified runroot is longer than 50 characters"
+        if runroot:
+            self.runroot = self.short_run = runroot
+        elif len(self.runroot) > 50:  # c/storage overlay: "the specified runroot is longer than 50 characters"
             self.runroot = self.short_run = tempfile.mkdtemp(prefix="pmr-", dir="/tmp")
         conf, sconf = os.path.join(self.dir, "containers.conf"), os.path.join(self.dir, "storage.conf")
         names = sorted({runtime_name, os.path.basename(self.runtime_path)})  # podman 4.3 matches the registered name

@@ -1,11 +1,16 @@
 """Checkpoint and restore: CRIU in the guest dumps the container's process tree into an image
 directory on the host, and a new VM restores it (runc's command line; see README.md,
 "Checkpoint and restore"). Needs criu on the host (the guest image carries it)."""
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
+import subprocess
+import tempfile
 import time
+import urllib.request
 
 import pytest
 
@@ -238,14 +243,19 @@ def test_a_restored_process_reads_the_stdin_given_to_restore(runtime, tmp_path):
 PM_COUNTER = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.2; done"
 
 
-@pytest.fixture(scope="module")
-def podman(rootfs, tmp_path_factory):
-    """A private podman with this runtime registered, image bb imported; nothing left after."""
+@contextlib.contextmanager
+def checked_podman(workdir, rootfs, image_archive=None, **kw):
+    """A private podman (its own root, runroot and tmpdir: another host's) with this runtime
+    registered and image bb imported from rootfs (or loaded from `podman save`'s image_archive,
+    which keeps the image's id); after the block, nothing of it may be left."""
     import engines
     from test_engines import leftover_runtime_procs, state_dirs_of
-    p = engines.Podman(tmp_path_factory.mktemp("podman"), RUNTIME, runtime_name="cc-oci-runtime")
+    p = engines.Podman(workdir, RUNTIME, runtime_name="cc-oci-runtime", **kw)
     try:
-        p.import_image(rootfs, "bb")
+        if image_archive:
+            pm_ok(p.run("load", "-i", image_archive, timeout=120))
+        else:
+            p.import_image(rootfs, "bb")
         yield p
         p.run("rm", "-af", "-t", "0", timeout=120)
         left = leftover_runtime_procs(p.dir, p.short_run)
@@ -254,6 +264,13 @@ def podman(rootfs, tmp_path_factory):
         p.cleanup()
     assert not left, "runtime processes outlived their podman containers: %s" % left
     assert not states, "runtime state left behind: %s" % states
+
+
+@pytest.fixture(scope="module")
+def podman(rootfs, tmp_path_factory):
+    """A private podman without a network; nothing left after."""
+    with checked_podman(tmp_path_factory.mktemp("podman"), rootfs) as p:
+        yield p
 
 
 def counts(p, cid):
@@ -290,6 +307,169 @@ def test_podman_checkpoint_restore_continues(podman, tmp_path):
     seen = counts(podman, "pc2")  # podman imports the log (ctr.log) with the checkpoint
     assert seen == list(range(1, len(seen) + 1)), "one count on from %d, never from zero" % exported
     pm_ok(podman.run("rm", "-f", "-t", "0", "pc1", "pc2", timeout=120))
+
+
+def test_podman_export_restores_under_a_second_podman_root(rootfs, tmp_path_factory, tmp_path):
+    """checkpoint --export on one podman, then (that one gone) restore --import on another with
+    storage of its own and the image loaded there too: a second host's podman, but for the
+    kernel and criu. Both have the same run root path, as two hosts with podman's defaults do:
+    podman 4.3 keeps the conmon pid file path config.dump names unless it is under its own run
+    root, and under another one its directory does not exist (conmon then fails)."""
+    runroot = tempfile.mkdtemp(prefix="pmr-", dir="/tmp")
+    tarball, image = tmp_path / "px1.tar.zst", tmp_path / "bb.tar"
+    with checked_podman(tmp_path_factory.mktemp("podman1"), rootfs, runroot=runroot) as first:
+        pm_ok(first.run_rt("run", "-d", "--name", "px1", "bb", "sh", "-c", PM_COUNTER, timeout=120))
+        assert poll(lambda: len(counts(first, "px1")) >= 5)
+        pm_ok(first.run_rt("container", "checkpoint", "--export", tarball, "px1", timeout=600))
+        exported = counts(first, "px1")[-1]
+        # the image as the other host has it (from a registry): the same id, which restore
+        # --import looks up (with another id podman 4.3 pulls the id as a name, and fails)
+        pm_ok(first.run("save", "-o", image, "bb", timeout=120))
+        image_id = first.run("image", "inspect", "-f", "{{.Id}}", "bb").stdout.strip()
+        first_root = first.root
+    assert not os.path.exists(runroot), "the first podman's run root is gone"
+    with checked_podman(tmp_path_factory.mktemp("podman2"), rootfs, image_archive=image,
+                        runroot=runroot) as second:
+        assert second.root != first_root and second.run("ps", "-aq").stdout.split() == []
+        assert second.run("image", "inspect", "-f", "{{.Id}}", "bb").stdout.strip() == image_id
+        pm_ok(second.run_rt("container", "restore", "--import", tarball, "--name", "px2",
+                            timeout=600))
+        assert second.run("inspect", "-f", "{{.State.Status}}", "px2").stdout.strip() == "running"
+        assert poll(lambda: (counts(second, "px2") or [0])[-1] > exported + 3)
+        seen = counts(second, "px2")
+        assert seen == list(range(1, len(seen) + 1)), "one count on from %d, never from zero" % exported
+        pm_ok(second.run("rm", "-f", "-t", "0", "px2", timeout=120))
+    assert not os.path.exists(runroot)
+
+
+# ---------------------------------------------------------------------------
+# podman with a network (netavark): a published port, established TCP
+# ---------------------------------------------------------------------------
+
+def free_port():
+    """A TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url, tries=50):
+    """The body of a GET from the host (urllib, a few tries), or None."""
+    for _ in range(tries):
+        try:
+            with urllib.request.urlopen(url, timeout=3) as r:
+                return r.read().decode()
+        except OSError:
+            time.sleep(0.2)
+    return None
+
+
+def nat_rules_naming(port):
+    """The host's iptables nat rules that name a port."""
+    out = subprocess.run(["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if re.search(r"\b%d\b" % port, ln)]
+
+
+@pytest.fixture(scope="module")
+def pmnet(rootfs, tmp_path_factory):
+    """A private podman with its netavark network; no tap and no nat rule of it left after."""
+    with checked_podman(tmp_path_factory.mktemp("pmnet"), rootfs, network=True) as p:
+        p.ports = []
+        yield p
+        p.run("rm", "-af", "-t", "0", timeout=120)
+    taps = [ln for ln in subprocess.run(["ip", "-o", "link", "show"], capture_output=True,
+                                        text=True).stdout.splitlines() if "cc-tap" in ln]
+    assert not taps, taps
+    rules = [r for port in p.ports for r in nat_rules_naming(port)]
+    assert not rules, "nat rules of the published ports left: %s" % rules
+
+
+def test_a_restored_http_server_serves_at_its_published_port(pmnet):
+    port = free_port()
+    pmnet.ports.append(port)
+    script = "mkdir -p /www && echo $RANDOM$RANDOM > /www/index.html && exec httpd -f -p 8080 -h /www"
+    pm_ok(pmnet.run_rt("run", "-d", "--name", "web1", "-p", "127.0.0.1:%d:8080" % port, "bb",
+                       "sh", "-c", script, timeout=120))
+    url = "http://127.0.0.1:%d/" % port
+    page = http_get(url)
+    assert page and page.strip().isdigit(), page
+    assert nat_rules_naming(port)
+    pm_ok(pmnet.run_rt("container", "checkpoint", "web1", timeout=600))
+    assert pmnet.run("inspect", "-f", "{{.State.Status}}", "web1").stdout.strip() == "exited"
+    assert http_get(url, tries=1) is None, "nothing serves while it is checkpointed"
+    pm_ok(pmnet.run_rt("container", "restore", "web1", timeout=600))
+    assert http_get(url) == page, "the same page from the restored httpd (not a new shell's)"
+    top = pmnet.run_rt("exec", "web1", "ps", "-o", "pid,args").stdout
+    assert re.search(r"^\s*1 httpd -f -p 8080", top, re.M), top
+    pm_ok(pmnet.run("rm", "-f", "-t", "0", "web1", timeout=120))
+    assert poll(lambda: not nat_rules_naming(port), timeout=10), nat_rules_naming(port)
+
+
+def connect(addr, port):
+    """A TCP connection to addr:port from the host, or None."""
+    try:
+        return socket.create_connection((addr, port), timeout=3)
+    except OSError:
+        return None
+
+
+def echoed(conn, data, timeout=60):
+    """What the peer sends back for data, once as many bytes arrive (b"" if it closes)."""
+    conn.settimeout(timeout)
+    conn.sendall(data)
+    return received(conn, len(data))
+
+
+def received(conn, n):
+    got = b""
+    while len(got) < n:
+        chunk = conn.recv(n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def tcp_states(p, cid, port):
+    """The states (hex, 01 = ESTABLISHED, 0A = LISTEN) of the container's TCP sockets on a
+    local port, from /proc/1/net/tcp and tcp6 in the guest (nc listens on IPv6's any address)."""
+    out = pm_ok(p.run_rt("exec", cid, "cat", "/proc/1/net/tcp", "/proc/1/net/tcp6",
+                         timeout=120)).stdout
+    return sorted(ln.split()[3] for ln in out.splitlines()
+                  if ln.split()[0] != "sl" and ln.split()[1].endswith(":%04X" % port))
+
+
+def test_an_established_tcp_connection_to_the_host_survives_with_tcp_established(pmnet):
+    """A host socket talks to `nc -l -e cat` in the container over podman's bridge, the tap
+    and the VM's NIC: criu's TCP repair in the guest dumps the connection and restores it in
+    the new VM (the same address from podman), and the host's end goes on with it. Without
+    --tcp-established criu refuses the dump and the container runs on, connection and all."""
+    pm_ok(pmnet.run_rt("run", "-d", "--name", "tcp1", "bb", "nc", "-l", "-p", "9000", "-e", "cat",
+                       timeout=120))
+    ip = pmnet.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "tcp1").stdout.strip()
+    conn = poll(lambda: connect(ip, 9000))
+    assert conn, "no connection to %s:9000" % ip
+    with conn:
+        assert echoed(conn, b"one\n") == b"one\n"
+        assert tcp_states(pmnet, "tcp1", 9000) == ["01"]
+        r = pmnet.run_rt("container", "checkpoint", "tcp1", timeout=600)
+        assert r.returncode != 0 and "consider using --tcp-established" in r.stderr, r.stderr
+        assert pmnet.run("inspect", "-f", "{{.State.Status}}", "tcp1").stdout.strip() == "running"
+        assert echoed(conn, b"two\n") == b"two\n", "a refused dump leaves the connection alone"
+        pm_ok(pmnet.run_rt("container", "checkpoint", "--tcp-established", "--leave-running",
+                           "tcp1", timeout=600))
+        assert echoed(conn, b"three\n") == b"three\n", "--leave-running: the same connection"
+        pm_ok(pmnet.run_rt("container", "checkpoint", "--tcp-established", "tcp1", timeout=600))
+        assert pmnet.run("inspect", "-f", "{{.State.Status}}", "tcp1").stdout.strip() == "exited"
+        pm_ok(pmnet.run_rt("container", "restore", "--tcp-established", "tcp1", timeout=600))
+        assert pmnet.run("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "tcp1").stdout.strip() == ip
+        # (the host sends nothing while it is checkpointed: see README, what it would get)
+        assert echoed(conn, b"four\n") == b"four\n", "the restored cat echoes on the same connection"
+        assert tcp_states(pmnet, "tcp1", 9000) == ["01"]
+    # the host closes: the restored cat reads its end of file, and the container exits
+    assert poll(lambda: pmnet.run("inspect", "-f", "{{.State.Status}}", "tcp1").stdout.strip()
+                == "exited"), "the restored process holds the host's connection"
+    pm_ok(pmnet.run("rm", "tcp1", timeout=120))
 
 
 # ---------------------------------------------------------------------------
