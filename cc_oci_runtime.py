@@ -5097,14 +5097,11 @@ def pool_status():
 
 def warmup_bundle():
     """The bundle of a pooled VM's throw-away container, built once in the cache: the default
-    spec running the host's own sleep (exec: true), with their dynamic loader and libc."""
+    spec running the host's own sleep (exec: true), with their dynamic loader and libraries."""
     programs = [os.path.realpath(p) for p in WARMUP_PROGRAMS]
     files = set(programs)
     for prog in programs:
-        interp = elf_interpreter(prog)
-        if interp:
-            files.add(interp)
-    files.update(_libc_paths())
+        files.update(filter(None, [elf_interpreter(prog)] + _elf_libraries(prog)))
     digest = sha256(b"warmup1")
     for path in sorted(files):
         st = os.stat(path)
@@ -5133,13 +5130,6 @@ def warmup_bundle():
         _remove_tree(tmp)  # another process built it meanwhile
     prune_cache("warmup-", final)
     return final
-
-
-def _libc_paths():
-    """The C library files this process has mapped (the warm-up programs' only library)."""
-    with open("/proc/self/maps") as f:
-        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6
-                and os.path.basename(line.split(None, 5)[5].strip()).startswith("libc.so")}
 
 
 def _copy_host_file(path, root):

@@ -5294,3 +5294,147 @@ def test_monitor_relays_stdin_once_a_restore_is_answered():
     finally:
         for s in (agent, guest, client, cli):
             s.close()
+
+
+# ===========================================================================
+# 15. The VM pool: sizes, keys, claims, garbage, the warm-up bundle (no VM)
+# ===========================================================================
+
+def test_pool_size_from_vm_json_and_the_environment(monkeypatch):
+    vm = {"pool": 2, "accel_used": "tcg", "template": True}
+    monkeypatch.delenv("CC_OCI_POOL", raising=False)
+    assert rt.pool_size(vm) == 2
+    assert rt.pool_size(dict(vm, template=False)) == 0, "no template, nothing to restore from"
+    monkeypatch.setenv("CC_OCI_POOL", "0")
+    assert rt.pool_size(vm) == 0
+    monkeypatch.setenv("CC_OCI_POOL", "3")
+    assert rt.pool_size(vm) == 3
+    monkeypatch.setenv("CC_OCI_POOL", "x")
+    assert rt.pool_size(vm) == 2, "not a number: vm.pool"
+
+
+def test_vm_pool_settings_are_checked(tmp_path):
+    (tmp_path / "vm.json").write_text('{"vm": {"pool": -1}}')
+    with pytest.raises(rt.Error, match="vm.pool: must be a number of VMs"):
+        rt.load_vm_config(str(tmp_path))
+    (tmp_path / "vm.json").write_text('{"vm": {"pool_idle": 0}}')
+    with pytest.raises(rt.Error, match="vm.pool_idle: must be a positive number"):
+        rt.load_vm_config(str(tmp_path))
+    assert rt.load_vm_config(None)["pool"] >= 0
+
+
+def test_pool_key_differs_by_size_and_template():
+    vm = {"memory": "256M", "cpus": 1, "accel_used": "tcg", "tcg_tb_size": 32}
+    key = rt.pool_key(vm, "/c/template-a")
+    assert key == rt.pool_key(dict(vm), "/c/template-a")
+    assert len({key, rt.pool_key(dict(vm, memory="512M"), "/c/template-a"),
+                rt.pool_key(dict(vm, cpus=2), "/c/template-a"),
+                rt.pool_key(vm, "/c/template-b")}) == 4
+
+
+def test_pool_shares_export_nothing_but_the_pod_export():
+    shares = rt.pool_shares("/p/vm")
+    assert shares[0] == (rt.ROOTFS_TAG, "/p/vm/files/empty", True)
+    assert shares[1] == (rt.POOL_POD_TAG, "/p/vm/files/pod", False)
+    assert all(path == "/p/vm/files/empty" and ro for _tag, path, ro in shares[2:])
+    assert len(shares) == rt.SHARE_SLOT_CLASSES[0] + 1, "the small template's slots"
+
+
+def _fake_keeper(vmdir, received):
+    """A keeper's socket in vmdir that hands over two fds (a pipe's ends) once, in a thread."""
+    import threading
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(vmdir, "keeper.sock"))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        received.append(conn.recv(16))
+        r, w = os.pipe()
+        socket.send_fds(conn, [b'{"qemu_pid": 42, "qemu_start": 7}'], [r, w])
+        os.close(r)
+        os.close(w)
+        received.append(conn.recv(16))  # b"" once every holder has let go
+        conn.close()
+        listener.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_pool_take_claims_by_renaming_and_gets_the_keepers_fds(tmp_path, monkeypatch):
+    monkeypatch.setattr(rt, "POOL_DIR", str(tmp_path))
+    assert rt.pool_take("k1") is None, "no pool yet"
+    (tmp_path / "k1" / "dead").mkdir(parents=True)  # a keeper gone: no socket
+    (tmp_path / "k1" / "live").mkdir()
+    received = []
+    t = _fake_keeper(str(tmp_path / "k1" / "live"), received)
+    taken = rt.pool_take("k1")
+    assert taken["dir"] == str(tmp_path / "used" / "live")
+    assert (taken["qemu_pid"], taken["qemu_start"]) == (42, 7) and received == [b"claim"]
+    assert not (tmp_path / "k1" / "dead").exists() and not (tmp_path / "used" / "dead").exists(), \
+        "a VM whose keeper is gone is removed"
+    assert os.listdir(tmp_path / "k1") == [], "taken out of the pool"
+    assert rt.pool_take("k1") is None, "one VM, one create"
+    rt.release_pooled(taken)
+    t.join(5)
+    assert received == [b"claim", b""], "released: the keeper sees the end of the claim"
+
+
+def test_collect_pool_garbage_keeps_live_keepers_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(rt, "POOL_DIR", str(tmp_path))
+    me = {"pid": os.getpid(), "start": rt.proc_start_time(os.getpid())}
+    for where, keeper in (("k1/live", me), ("used/dead", dict(me, start=1)), ("warming/new", None),
+                          ("warming/old", None), ("k1/badjson", "x")):
+        (tmp_path / where).mkdir(parents=True)
+        if keeper is not None:
+            (tmp_path / where / "keeper.json").write_text(json.dumps(keeper) if keeper != "x" else "{")
+    os.utime(tmp_path / "warming" / "old", (1, 1))
+    os.utime(tmp_path / "k1" / "badjson", (1, 1))
+    rt.collect_pool_garbage()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("*/*")) == \
+        ["k1/live", "warming/new"], "a keeper starting (no keeper.json yet) is given a minute"
+    assert rt.pool_status() == ({"k1": 1}, 0)
+
+
+def test_warmup_bundle_runs_the_hosts_programs_chrooted(tmp_path, monkeypatch):
+    monkeypatch.setattr(rt, "CACHE_DIR", str(tmp_path))
+    bundle = rt.warmup_bundle()
+    assert rt.warmup_bundle() == bundle, "built once"
+    conf = rt.load_spec(bundle)
+    assert conf["process"]["args"] == ["/bin/sleep", "60"] and conf["root"]["readonly"]
+    root = os.path.join(bundle, "rootfs")
+    for d in ("proc", "sys", "dev"):
+        assert os.path.isdir(os.path.join(root, d)), "mount points of a read-only rootfs"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.chroot(root)
+            os.execv("/bin/true", ["true"])
+        finally:
+            os._exit(9)
+    assert os.waitpid(pid, 0)[1] == 0, "true runs with only the bundle's files"
+
+
+def test_claim_pod_slot_leaves_a_pooled_sandboxs_own_slot(tmp_path):
+    assert rt.claim_pod_slot(str(tmp_path), "m1", pooled=True) == rt.POOL_SLOT + 1
+    assert rt.claim_pod_slot(str(tmp_path), "m2") == rt.POOL_SLOT
+
+
+def test_vm_files_of_a_pooled_vm_are_in_qemus_namespace():
+    assert rt.vm_files({"pid": 5, "vm": {}}, "/s/c1") == (5, "/s/c1/files")
+    assert rt.vm_files({"pid": 5, "vm": {"pool_dir": "/p/used/v", "qemu_pid": 9}}, "/s/c1") == \
+        (9, "/p/used/v/files")
+
+
+def test_agent_reset_refuses_without_an_ended_warm_up():
+    agent = rt.Agent()
+    with pytest.raises(rt.Error, match="no warm-up container has ended"):
+        agent._op_reset({})
+    agent.conf, agent.procs = {"warmup": True}, {0: {"status": None}}
+    with pytest.raises(rt.Error, match="no warm-up container has ended"):
+        agent._op_reset({})
+    agent.conf = {"warmup": False}
+    agent.procs[0]["status"] = 0
+    with pytest.raises(rt.Error, match="no warm-up container has ended"):
+        agent._op_reset({})
