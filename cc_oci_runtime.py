@@ -4916,10 +4916,34 @@ def refill_pool(vm, image):
         return
     params = {"state_dir": POOL_DIR, "cid": pool_key(vm, template), "vm": vm, "image": image,
               "template": template, "want": want}
+    reaper = _waiting_reaper()
+    if reaper:  # it would wait for the refill and its VMs' keepers before it exits itself
+        LOG.debug("pool: not refilled under %s (pid %d), which waits for what it adopts", *reaper)
+        return
     try:
         _spawn_refill(params)
     except OSError as e:
         LOG.warning("pool: cannot start a refill: %s", e)
+
+
+WAITING_REAPERS = ("conmon",)  # sub-reapers that outlive their container for what they adopted
+
+
+def _waiting_reaper():
+    """(name, pid) of an ancestor that is a sub-reaper waiting for every process it adopts
+    (podman's conmon), or None: an orphaned refill would keep it from exiting."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                stat = f.read()
+        except OSError:
+            return None
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        if name in WAITING_REAPERS:
+            return name, pid
+        pid = int(stat[stat.rindex(")") + 2:].split()[1])
+    return None
 
 
 def _spawn_refill(params):
@@ -4942,6 +4966,9 @@ def _spawn_refill(params):
                 for fd in (0, 1, 2):
                     os.dup2(null, fd)
                 _close_inherited_fds(3)
+                kept = {k: v for k, v in os.environ.items() if k == "PATH" or k.startswith("CC_OCI_")}
+                os.environ.clear()  # nothing of the engine's environment
+                os.environ.update(kept)
                 _exec_monitor(params, [], kind="pool")
                 _run_refill(params)  # where exec is impossible: in this copy
         except BaseException as e:
@@ -5003,13 +5030,14 @@ def _run_refill(p):
                 break
         except FileNotFoundError:
             pass
-        if not _start_keeper(p):
+        if not _start_keeper(p, lock):
             break
     return 0
 
 
-def _start_keeper(p):
-    """Fork a keeper and wait until its VM is ready (True) or it failed (logged)."""
+def _start_keeper(p, lock):
+    """Fork a keeper (without the refill's lock) and wait until its VM is ready (True) or it
+    failed (logged)."""
     name = uuid4().replace("-", "")[:16]
     vmdir = os.path.join(POOL_DIR, "warming", name)
     os.makedirs(vmdir)
@@ -5019,6 +5047,7 @@ def _start_keeper(p):
         code = 1
         try:
             os.close(rfd)
+            os.close(lock)  # (a flock is the open file's: the next refill must get it)
             code = PoolKeeper(p["cid"], name, vmdir, p["vm"], p["image"], p["template"], wfd).run()
         except BaseException as e:
             LOG.debug("pool: keeper: %r", e)
