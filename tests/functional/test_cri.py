@@ -5,6 +5,8 @@ handler; it asserts what any runtime must do and returns what it observed, so th
 sequence runs under the VM runtime's handler and is compared with runc's: a pod is one VM
 there. cri.py's own tests (no containerd) are in test_cri_client.py.
 """
+import glob
+import json
 import os
 import re
 import time
@@ -14,7 +16,7 @@ import pytest
 
 import cri
 import engines
-from conftest import RUNTIME, poll
+from conftest import RUNTIME, poll, rt
 
 # ---------------------------------------------------------------------------
 # containerd's CRI plugin
@@ -42,10 +44,18 @@ def vm_names():
     return names
 
 
-def pod_vms(ids):
-    """The VMs of the containers ids (a VM of its own per container would show them all)."""
+def pod_vms(ctd, ids):
+    """The VMs of the containers ids, as cc-<id> (a VM of its own per container would show them
+    all): QEMU's -name, or for a VM from the pool (named after itself) its container's state."""
     wanted = {"cc-" + i[:32] for i in ids}
-    return sorted(n for n in vm_names() if n in wanted)
+    names = {n for n in vm_names() if n in wanted}
+    for i in ids:
+        for path in glob.glob(os.path.join(ctd.state, "*", "*", i, "state.json")):
+            with open(path) as f:
+                vm = json.load(f).get("vm") or {}
+            if vm.get("pool_dir") and rt.process_alive(vm.get("qemu_pid"), vm.get("qemu_start")):
+                names.add("cc-" + i[:32])
+    return sorted(names)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +187,7 @@ def pod_lifecycle(ctd, handler, workdir):
             assert st["metadata"]["name"] == name and st["image"]["image"] == IMAGE, st
         listed = c.list_containers({"pod_sandbox_id": sid})
         assert sorted(x["id"] for x in listed) == sorted(ids.values())
-        seen["vms"] = pod_vms([sid] + list(ids.values()))  # runc: none; a VM runtime: the pod's one
+        seen["vms"] = pod_vms(ctd, [sid] + list(ids.values()))  # runc: none; a VM runtime: the pod's one
 
         # one UTS and network namespace for the pod
         seen["hostname"] = {n: c.exec_sync(cid, ["hostname"], 10)[1].decode().strip() for n, cid in ids.items()}
@@ -353,7 +363,7 @@ def test_cri_two_pods_keep_their_localhost_and_vm_apart(ctd, handler, tmp_path):
             page = poll(lambda: (lambda r: r if r[0] == 0 else None)(ctd.cri.exec_sync(
                 client, ["wget", "-q", "-O", "-", "http://127.0.0.1:%d/" % HTTP_PORT], 10)), 20, 0.2)
             assert page and page[1].decode().strip() == hostname, page
-            vms = pod_vms([sid, server, client])
+            vms = pod_vms(ctd, [sid, server, client])
             assert vms == ([] if handler == "runc" else ["cc-" + sid[:32]]), vms
     finally:
         for sid in sids:
