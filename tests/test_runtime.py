@@ -5438,3 +5438,36 @@ def test_agent_reset_refuses_without_an_ended_warm_up():
     agent.procs[0]["status"] = 0
     with pytest.raises(rt.Error, match="no warm-up container has ended"):
         agent._op_reset({})
+
+
+def test_the_claimed_vms_holder_ends_qemu_when_the_claim_ends(tmp_path):
+    vmdir = tmp_path / "used" / "v1"
+    (vmdir / rt.FILES_DIR).mkdir(parents=True)
+    (vmdir / "qemu.log").write_text("")
+    ours, theirs = socket.socketpair()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the holder: the parent of a stand-in for QEMU, then exec'd as the keeper is
+        try:
+            os.close(r)
+            qemu = os.fork()
+            if qemu == 0:
+                ours.close()
+                theirs.close()
+                time.sleep(60)
+                os._exit(0)
+            os.write(w, b"%d" % qemu)
+            os.set_inheritable(theirs.fileno(), True)
+            os.execv(sys.executable, [sys.executable, "-S", "-I", "-c", rt.KEEPER_HOLD,
+                                      str(theirs.fileno()), str(qemu), str(vmdir), rt.FILES_DIR])
+        finally:
+            os._exit(9)
+    os.close(w)
+    theirs.close()
+    qemu = int(os.read(r, 32))
+    os.close(r)
+    time.sleep(0.5)
+    assert rt.process_alive(qemu) and vmdir.exists(), "held while the claim is open"
+    ours.close()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert not rt.process_alive(qemu) and not vmdir.exists(), "QEMU killed, its directory gone"
