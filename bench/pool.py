@@ -29,10 +29,11 @@ hits. In one run it measures:
   exec       the first `exec ID true` into a freshly created and started `sleep` container
              (create and start not timed), with the pool and without;
   memory     PSS (/proc/PID/smaps_rollup) of the idle pool itself (each ready VM's keeper,
-             from its keeper.json, and its QEMU, the keeper's child), and of one idle
-             `sleep` container from the pool (its monitor + its QEMU, found from state.json
-             vm.qemu_pid; the keeper that still holds the VM is shown beside) against one
-             without the pool (monitor + QEMU), both up at once, read after --settle seconds.
+             from its keeper.json, and its QEMU, the keeper's child), read with one idle
+             `sleep` container without the pool up (monitor + QEMU, found from state.json
+             vm.qemu_pid); then a `sleep` container takes the ready VM and both containers
+             are read again (the pooled one: its monitor + its QEMU; the keeper that still
+             holds the VM is shown beside), each reading --settle seconds after the last start.
 
 Timed kinds are taken round robin (one of each per round) after one unmeasured warm-up round
 (-n rounds; the burst --burst-rounds). After each measurement that took (or tried to take) a
@@ -40,8 +41,12 @@ VM from the pool the bench waits until the pool holds a ready VM again (<pool di
 non-empty, --refill-timeout) before anything else runs, so that no refill competes with the
 next measurement (the idle pooled VM does stay up while "without the pool" is measured); the
 wait, and the refill's own time (from the taking create's log line to the new VM's arrival in
-the pool directory), are reported. Where a refill was still running the first exec waits for it
-too (then the exec is timed). The summary lists each figure with its ratio and goal (--json:
+the pool directory), are reported. When no refill has begun --refill-grace seconds into that
+wait (nothing in <pool dir>/warming/, the pool short), the bench starts one itself as create
+does (refill_pool of the program copy: the same key) and counts it; no refill time is taken
+then. (At this commit a refill started while any keeper of its pool lives finds the refill lock
+taken, as the keepers inherit its fd, and does nothing: so after each hit of a pool of 1.) The
+first exec waits while a refill is starting a VM (<pool dir>/warming/ non-empty), then is timed. The summary lists each figure with its ratio and goal (--json:
 the same as JSON). At the end the containers are deleted (--force), the keepers of the private
 pool (their pids from keeper.json) and any refill are killed, and nothing may be left: no
 process naming the temporary directory or working in it (QEMUs included), no state directory.
