@@ -196,12 +196,12 @@ class PoolBench(B.Bench):
         except FileNotFoundError:
             return []
 
-    def kick_refill(self):
+    def kick_refill(self, size):
         """Start a refill as the runtime's create does (refill_pool of the program copy, so
         the same pool key), for when the runtime's own refill did not come."""
         out = os.path.join(self.tmp, "out-kick.txt")
         _, rc = run_timed(["/usr/bin/python3", "-c", KICK, self.program, self.sleep_bundle],
-                          out, 60)
+                          out, 60, env=dict(os.environ, CC_OCI_POOL=str(size)))
         if rc != 0:
             raise BenchError("starting a refill failed: %s" % _tail(out))
 
@@ -219,15 +219,18 @@ class PoolBench(B.Bench):
         short), start one (kick_refill; counted in sink["kicked"]; no refill time then)."""
         t0 = time.monotonic()
         deadline = t0 + self.opts.refill_timeout
-        kicked = False
+        kicked, last = False, t0
         while True:
             keys = self.pool_keys()
             if keys and all(len(self.ready_vms(k)) >= count for k in keys):
                 break
-            if not kicked and time.monotonic() - t0 > self.opts.refill_grace and not self.warming():
-                log("no refill began %.0f s after the pool was used: starting one"
-                    % self.opts.refill_grace)
-                self.kick_refill()
+            if time.monotonic() - last > self.opts.refill_grace and not self.warming():
+                held = sorted(p for p, (_k, d) in self.keepers().items()
+                              if os.path.basename(os.path.dirname(d)) == "used")
+                log("no refill began %.0f s into the wait: starting one (keepers of claimed "
+                    "VMs alive: %s)" % (time.monotonic() - t0, held or "none"))
+                self.kick_refill(max(count, self.pool_size))  # (again each --refill-grace while none begins)
+                last = time.monotonic()
                 kicked = True
                 self.kicks += 1
                 if sink is not None:
