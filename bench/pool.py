@@ -501,6 +501,7 @@ class PoolBench(B.Bench):
             keepers = self.keepers()
             refills = {p for p in B.procs_naming(self.pool_dir) if p not in keepers
                        and B.comm(p).startswith("python")}
+            qemus = {c for k in keepers for c in B.children(k)}  # (PR_SET_PDEATHSIG ends them)
             for pid in sorted(refills) + sorted(keepers):
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -508,7 +509,9 @@ class PoolBench(B.Bench):
                     pass
             self.killed_keepers += sorted(keepers)
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and any(rt.process_alive(p) for p in keepers):
+            deadline += 5
+            while time.monotonic() < deadline and any(rt.process_alive(p)
+                                                      for p in set(keepers) | qemus):
                 time.sleep(0.05)
             if not keepers and not refills:
                 break
