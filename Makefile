@@ -44,11 +44,12 @@ test-functional:
 
 DENSITY ?= 50
 ENGINE_RUNS ?= 5
-bench: deps  ## issue 8's figures (CLI, warm start, memory, density, engines + timeline), then network, pods, checkpoint/restore
+bench: deps  ## issue 8's figures (CLI, warm start, memory, density, engines + timeline), then network, pods, checkpoint/restore, the VM pool
 	$(PYTHON) bench/bench.py --density $(DENSITY) --engines $(ENGINE_RUNS)
 	$(PYTHON) bench/network.py
 	$(PYTHON) bench/pods.py
 	$(PYTHON) bench/checkpoint.py
+	$(PYTHON) bench/pool.py --engines $(ENGINE_RUNS)
 
 check:
 	$(PYTHON) $(RUNTIME) check
