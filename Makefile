@@ -31,7 +31,7 @@ demo: deps $(BUILD)/demo/config.json  ## run a busybox container in a VM
 	@echo "host kernel:  $$(uname -r)"
 	$(PYTHON) $(RUNTIME) run -b $(BUILD)/demo demo-$$$$
 
-test: deps test-needs test-unit test-functional  ## everything CI runs
+test: deps test-needs test-unit test-functional test-functional-no-pool  ## everything CI runs
 
 test-needs:  ## one line naming each program or path the tests use that this host lacks
 	$(PYTHON) tests/functional/host_needs.py
@@ -41,6 +41,9 @@ test-unit:
 
 test-functional:
 	$(PYTHON) -m pytest -q -x tests/functional
+
+test-functional-no-pool:  ## the functional suite again with vm.pool 0 (a runtime copy beside its own vm.json)
+	CC_OCI_TEST_POOL=0 $(PYTHON) -m pytest -q -x tests/functional --ignore=tests/functional/test_pool.py
 
 DENSITY ?= 50
 ENGINE_RUNS ?= 5

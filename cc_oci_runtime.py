@@ -7965,6 +7965,7 @@ def create_container(args, console_socket=None, foreground=False, restoring=Fals
                                     qemu_start=pooled["qemu_start"])
             for name in ("qmp.sock", "console.log"):
                 os.symlink(os.path.join(pooled["dir"], name), state.path(name))
+            write_atomic(os.path.join(pooled["dir"], "container"), state.dir)  # whose it is
             pool_fds = {"agent": pooled["agent"], "pidfd": pooled["pidfd"],
                         "keeper": pooled["keeper"].fileno()}
         state.save()

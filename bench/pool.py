@@ -44,9 +44,7 @@ wait, and the refill's own time (from the taking create's log line to the new VM
 the pool directory), are reported. When no refill has begun --refill-grace seconds into that
 wait (nothing in <pool dir>/warming/, the pool short), the bench starts one itself as create
 does (refill_pool of the program copy: the same key) and counts it; no refill time is taken
-then. (At this commit a refill started while any keeper of its pool lives finds the refill lock
-taken, as the keepers inherit its fd, and does nothing: so after each hit of a pool of 1.) The
-first exec waits while a refill is starting a VM (<pool dir>/warming/ non-empty), then is timed. The summary lists each figure with its ratio and goal (--json:
+then (a safeguard: the runtime's own refill should always begin). The first exec waits while a refill is starting a VM (<pool dir>/warming/ non-empty), then is timed. The summary lists each figure with its ratio and goal (--json:
 the same as JSON). At the end the containers are deleted (--force), the keepers of the private
 pool (their pids from keeper.json) and any refill are killed, and nothing may be left: no
 process naming the temporary directory or working in it (QEMUs included), no state directory.

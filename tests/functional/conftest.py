@@ -11,6 +11,20 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 RUNTIME = os.path.join(REPO, "cc_oci_runtime.py")
+if os.environ.get("CC_OCI_TEST_POOL") == "0":  # make test-functional-no-pool: the whole suite
+    import json as _json  # with vm.pool 0, for every engine too: a copy beside a vm.json of its own
+    _copy = tempfile.mkdtemp(prefix="cc-oci-nopool-")
+    for _name in ("cc_oci_runtime.py", "hypervisor.args"):
+        subprocess.run(["cp", "-p", os.path.join(REPO, _name), _copy], check=True)
+    with open(os.path.join(REPO, "vm.json")) as _f:
+        _vm = _json.load(_f)
+    _vm["vm"]["pool"] = 0
+    with open(os.path.join(_copy, "vm.json"), "w") as _f:
+        _json.dump(_vm, _f)
+    RUNTIME = os.path.join(_copy, "cc_oci_runtime.py")
+    import atexit
+    import shutil
+    atexit.register(shutil.rmtree, _copy, True)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import engines
-from conftest import RUNTIME, poll
+from conftest import RUNTIME, poll, rt
 
 NAME = "cc-oci-runtime"
 ROWS, COLS = 30, 101  # the terminal size script(1) is given
@@ -374,11 +374,27 @@ def test_podman_top_lists_the_container_not_the_host(pm, podman_loop):
 # ---------------------------------------------------------------------------
 
 def qemu_fsdevs(cid):
-    """Paths and options of the -fsdev exports of container cid's QEMU (and whether it was
-    restored from the template)."""
-    argv = next(a for pid, a in _proc_cmdlines().items()
-                if a[0].endswith("qemu-system-x86_64") and "cc-" + cid[:32] in a)
-    return [a for i, a in enumerate(argv) if i and argv[i - 1] == "-fsdev"], "-incoming" in argv
+    """Paths and options of what container cid's QEMU exports (and whether it was restored from
+    the template): its -fsdev options, or for a VM from the pool the mounts beneath its pod export
+    in QEMU's mount namespace, as "path=<source>,...,readonly=on" when read-only."""
+    cmdlines = _proc_cmdlines()
+    for pid, a in cmdlines.items():
+        if a[0].endswith("qemu-system-x86_64") and "cc-" + cid[:32] in a:
+            return [x for i, x in enumerate(a) if i and a[i - 1] == "-fsdev"], "-incoming" in a
+    for pid, a in cmdlines.items():  # a pooled VM names the container it serves in its directory
+        try:
+            vmdir = os.readlink("/proc/%d/cwd" % pid)
+            with open(os.path.join(vmdir, "container")) as f:
+                if os.path.basename(f.read().strip()) != cid or not a[0].endswith("qemu-system-x86_64"):
+                    continue
+            with open("/proc/%d/mountinfo" % pid) as f:
+                mounts = [ln.split() for ln in f]
+        except OSError:
+            continue
+        pod = os.path.join(vmdir, rt.FILES_DIR, rt.POD_DIR) + "/"
+        return ["path=%s,%s%s" % (m[3], m[5], ",readonly=on" if "ro" in m[5].split(",") else "")
+                for m in mounts if m[4].startswith(pod) and m[4].count("/") > pod.count("/")], True
+    raise AssertionError("no QEMU of container %s" % cid)
 
 
 def check_engine_files(run_exec, cid, hosts_path, conf_dir):

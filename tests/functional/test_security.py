@@ -142,7 +142,8 @@ def test_qemu_exports_only_the_given_files_and_read_only_mounts_read_only(runtim
         {"destination": "/etc/hosts", "type": "bind", "source": str(etc / "hosts"), "options": ["rbind", "rw"]},
         {"destination": "/etc/app.conf", "type": "bind", "source": str(conf / "app.conf"), "options": ["ro"]},
         {"destination": "/conf", "type": "bind", "source": str(conf), "options": ["rbind", "ro"]}]
-    b = privileged(runtime, ["sh", "-c", "echo ready; sleep 1000"], mounts=mounts)
+    b = privileged(runtime, ["sh", "-c", "echo ready; sleep 1000"], mounts=mounts,
+                   vm={"pool": 0})  # a VM restored for it (test_pool.py: a pooled VM's exports)
     runtime("create", "-b", b, "exports", check=True)
     _, qemu, argv = qemu_argv(runtime, "exports")
     exports = fsdevs(argv)
