@@ -2099,17 +2099,17 @@ class Qmp:
             raise Error("QMP: the VM did not answer") from None
         self.call("qmp_capabilities")
 
-    def call(self, command, fd=None, **arguments):
-        """Run a command (with fd passed along, as getfd takes one); its "return" value (an
-        error reply raises)."""
+    def call(self, command, pass_fd=None, **arguments):
+        """Run a command (with the fd pass_fd passed along, as getfd takes one); its "return"
+        value (an error reply raises)."""
         msg = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        if fd is None:
+        if pass_fd is None:
             self.file.write(json_dumps(msg).encode() + b"\n")
             self.file.flush()
         else:
-            socket.send_fds(self.sock, [json_dumps(msg).encode() + b"\n"], [fd])
+            socket.send_fds(self.sock, [json_dumps(msg).encode() + b"\n"], [pass_fd])
         while True:
             try:
                 line = self.file.readline()
@@ -3479,7 +3479,7 @@ def give_tap_commands(slot, fd):
     the fd, a tap netdev on it, then a port of the slot's hub on that. The slot's backend is not
     part of the VM's saved state, so a warm start stays warm; the tap is in the namespace it was
     opened in, whichever QEMU's is (a pooled VM's is empty)."""
-    return [("getfd", {"fdname": "tap%d" % slot, "fd": fd}),
+    return [("getfd", {"fdname": "tap%d" % slot, "pass_fd": fd}),
             ("netdev_add", {"type": "tap", "id": "tap%d" % slot, "fd": "tap%d" % slot,
                             "vhost": False}),
             ("netdev_add", {"type": "hubport", "id": "port%d" % slot, "hubid": slot,
@@ -4520,7 +4520,7 @@ class _MonitorNetwork:
         try:
             for command, arguments in commands:
                 try:
-                    q.call(command, **arguments)  # (getfd's "fd" is the fd to pass)
+                    q.call(command, **arguments)  # (getfd's "pass_fd": the fd it takes)
                 except Error:
                     if strict:
                         raise

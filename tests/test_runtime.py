@@ -4603,7 +4603,7 @@ def test_guest_network_follows_later_plans():
 
 def test_nic_slot_qmp_commands_and_hub_slots():
     assert rt.give_tap_commands(2, 17) == [
-        ("getfd", {"fdname": "tap2", "fd": 17}),
+        ("getfd", {"fdname": "tap2", "pass_fd": 17}),
         ("netdev_add", {"type": "tap", "id": "tap2", "fd": "tap2", "vhost": False}),
         ("netdev_add", {"type": "hubport", "id": "port2", "hubid": 2, "netdev": "tap2"})]
     assert rt.take_tap_commands(2) == [("netdev_del", {"id": "port2"}), ("netdev_del", {"id": "tap2"})]
@@ -4657,7 +4657,7 @@ class FakeQemu:
     def qmp(self, commands, strict=True):
         for command, arguments in commands:
             if command == "getfd":
-                self.given[arguments["fdname"]] = os.dup(arguments["fd"])
+                self.given[arguments["fdname"]] = os.dup(arguments["pass_fd"])
                 continue
             self.calls.append("%s %s" % (command, arguments["id"]))
             if command == "netdev_add" and arguments["type"] == "tap":
@@ -5471,3 +5471,44 @@ def test_the_claimed_vms_holder_ends_qemu_when_the_claim_ends(tmp_path):
     ours.close()
     assert os.waitpid(pid, 0)[1] == 0
     assert not rt.process_alive(qemu) and not vmdir.exists(), "QEMU killed, its directory gone"
+
+
+def test_qmp_passes_a_tap_fd_with_getfd_and_names_it_in_netdev_add(tmp_path):
+    import threading
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "qmp.sock"))
+    listener.listen(1)
+    seen = []
+
+    def qemu():
+        conn, _ = listener.accept()
+        conn.sendall(b'{"QMP": {}}\n')
+        buf = b""
+        while len(seen) < 4:
+            data, fds, _flags, _addr = socket.recv_fds(conn, 4096, 1)
+            if not data:
+                break
+            buf += data
+            for fd in fds:
+                seen.append(("fd", os.readlink("/proc/self/fd/%d" % fd)))
+                os.close(fd)
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                msg = json.loads(line)
+                seen.append((msg["execute"], msg.get("arguments")))
+                conn.sendall(b'{"return": {}}\n')
+        conn.close()
+    t = threading.Thread(target=qemu, daemon=True)
+    t.start()
+    r, w = os.pipe()
+    q = rt.Qmp(str(tmp_path))
+    for command, arguments in rt.give_tap_commands(1, r)[:2]:
+        q.call(command, **arguments)
+    q.close()
+    t.join(5)
+    os.close(r)
+    os.close(w)
+    assert seen[0] == ("qmp_capabilities", None)
+    assert seen[1][0] == "fd" and seen[1][1].startswith("pipe:"), "getfd came with the fd"
+    assert seen[2] == ("getfd", {"fdname": "tap1"})
+    assert seen[3] == ("netdev_add", {"type": "tap", "id": "tap1", "fd": "tap1", "vhost": False})
