@@ -129,6 +129,11 @@ class Runtime:
 ROOTFS = [None]
 
 
+def is_pool_keeper(argv):
+    """Whether a command line is a pooled VM's keeper (or refill): the pool outlives containers."""
+    return rt.MONITOR_ARG in argv and argv[argv.index(rt.MONITOR_ARG) + 2:][:1] == [rt.POOL_DIR]
+
+
 def poll(fn, timeout=30, interval=0.3):
     """Call fn until it returns something truthy; return that (or the last value on timeout)."""
     deadline = time.monotonic() + timeout

@@ -777,3 +777,24 @@ def test_ctr_task_kill_and_delete(ct, ctr_rootfs):
     assert ctr_task_status(ct, cid) == ""
     ok(ct.ctr("containers", "delete", cid, timeout=TIMEOUT))
     assert not wait_no_runtime_procs(cid)
+
+
+def test_engine_containers_come_from_the_pool(pm, dk, runtime):
+    """With a warmed VM ready in the host's pool (a CLI create refills it), podman's and docker's
+    containers get it (their state names it); with the pool off (make test-functional-no-pool)
+    they do not."""
+    import test_pool
+    pool_on = os.environ.get("CC_OCI_TEST_POOL") != "0"
+    for name, engine in (("podman", pm), ("docker", dk)):
+        if pool_on:
+            test_pool.fill(runtime, rt.POOL_DIR)
+        cid = ok(engine.run_rt("run", "-d", "--network", "none", "bb", "sleep", "100",
+                               timeout=TIMEOUT)).stdout.strip().splitlines()[-1]
+        roots = ["/run/cc-oci-runtime"] if name == "podman" else [engine.exec_root, engine.dir]
+        states = [p for r in roots for p in glob.glob(os.path.join(r, "**", cid, "state.json"),
+                                                       recursive=True)]
+        assert states, "%s: no state of %s" % (name, cid)
+        with open(states[0]) as f:
+            vm = json.load(f)["vm"]
+        assert bool(vm.get("pool_dir")) == pool_on, (name, vm)
+        ok(engine.run("rm", "-f", cid, timeout=120))
