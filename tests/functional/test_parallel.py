@@ -64,8 +64,11 @@ def test_ten_containers_in_parallel(runtime, tmp_path):
             assert (st["id"], st["status"]) == (cid, "running"), st
             monitors[cid] = int(pid_files[cid].read_text())
             assert st["pid"] == monitors[cid]
-            qemus[cid] = rt.host_child_pid(monitors[cid])
-            assert qemus[cid], "%s: its monitor %d has no child (QEMU)" % (cid, monitors[cid])
+            with open(os.path.join(root, cid, "state.json")) as f:
+                vm = json.load(f)["vm"]  # the monitor's child, or a pooled VM's (its keeper's)
+            qemus[cid] = vm["qemu_pid"]
+            assert rt.process_alive(vm["qemu_pid"], vm["qemu_start"]), "%s: no QEMU" % cid
+            assert vm.get("pool_dir") or rt.host_child_pid(monitors[cid]) == vm["qemu_pid"]
         listing = json.loads(r("list", "-f", "json", check=True).stdout)
         assert sorted((c["id"], c["status"]) for c in listing) == [(c, "running") for c in sorted(ids)]
 
