@@ -129,6 +129,32 @@ class Runtime:
 ROOTFS = [None]
 
 
+def qemu_names():
+    """cc-<id> of each running QEMU's container: its -name, or for a VM from the pool (named after
+    itself) the container its directory names (the file "container", its state directory)."""
+    names = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            with open("/proc/%s/stat" % pid) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        if not os.path.basename(argv[0]).startswith("qemu-system") or "-name" not in argv:
+            continue
+        name = argv[argv.index("-name") + 1]
+        if name.startswith("cc-pool-"):
+            try:
+                with open(os.path.join(os.readlink("/proc/%s/cwd" % pid), "container")) as f:
+                    name = "cc-" + os.path.basename(f.read().strip())[:32]
+            except OSError:
+                pass  # a VM still in the pool
+        names.append(name)
+    return names
+
+
 def is_pool_keeper(argv):
     """Whether a command line is a pooled VM's keeper (or refill): the pool outlives containers."""
     return rt.MONITOR_ARG in argv and argv[argv.index(rt.MONITOR_ARG) + 2:][:1] == [rt.POOL_DIR]

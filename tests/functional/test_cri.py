@@ -5,8 +5,6 @@ handler; it asserts what any runtime must do and returns what it observed, so th
 sequence runs under the VM runtime's handler and is compared with runc's: a pod is one VM
 there. cri.py's own tests (no containerd) are in test_cri_client.py.
 """
-import glob
-import json
 import os
 import re
 import time
@@ -16,7 +14,7 @@ import pytest
 
 import cri
 import engines
-from conftest import RUNTIME, poll, rt
+from conftest import RUNTIME, poll, qemu_names
 
 # ---------------------------------------------------------------------------
 # containerd's CRI plugin
@@ -30,32 +28,11 @@ CRI_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\
 HANDLERS = ["runc", "cc-oci-runtime"]
 
 
-def vm_names():
-    """The -name of every QEMU on the host (the runtime names a container's VM cc-<id>)."""
-    names = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open("/proc/%s/cmdline" % pid, "rb") as f:
-                argv = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if os.path.basename(argv[0]).startswith("qemu-system") and "-name" in argv:
-            names.append(argv[argv.index("-name") + 1])
-    return names
-
-
-def pod_vms(ctd, ids):
+def pod_vms(ids):
     """The VMs of the containers ids, as cc-<id> (a VM of its own per container would show them
-    all): QEMU's -name, or for a VM from the pool (named after itself) its container's state."""
+    all; conftest.qemu_names: a pooled VM by the container it serves)."""
     wanted = {"cc-" + i[:32] for i in ids}
-    names = {n for n in vm_names() if n in wanted}
-    for i in ids:
-        for path in glob.glob(os.path.join(ctd.state, "*", "*", i, "state.json")):
-            with open(path) as f:
-                vm = json.load(f).get("vm") or {}
-            if vm.get("pool_dir") and rt.process_alive(vm.get("qemu_pid"), vm.get("qemu_start")):
-                names.add("cc-" + i[:32])
-    return sorted(names)
+    return sorted(n for n in qemu_names() if n in wanted)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +164,7 @@ def pod_lifecycle(ctd, handler, workdir):
             assert st["metadata"]["name"] == name and st["image"]["image"] == IMAGE, st
         listed = c.list_containers({"pod_sandbox_id": sid})
         assert sorted(x["id"] for x in listed) == sorted(ids.values())
-        seen["vms"] = pod_vms(ctd, [sid] + list(ids.values()))  # runc: none; a VM runtime: the pod's one
+        seen["vms"] = pod_vms([sid] + list(ids.values()))  # runc: none; a VM runtime: the pod's one
 
         # one UTS and network namespace for the pod
         seen["hostname"] = {n: c.exec_sync(cid, ["hostname"], 10)[1].decode().strip() for n, cid in ids.items()}
@@ -363,7 +340,7 @@ def test_cri_two_pods_keep_their_localhost_and_vm_apart(ctd, handler, tmp_path):
             page = poll(lambda: (lambda r: r if r[0] == 0 else None)(ctd.cri.exec_sync(
                 client, ["wget", "-q", "-O", "-", "http://127.0.0.1:%d/" % HTTP_PORT], 10)), 20, 0.2)
             assert page and page[1].decode().strip() == hostname, page
-            vms = pod_vms(ctd, [sid, server, client])
+            vms = pod_vms([sid, server, client])
             assert vms == ([] if handler == "runc" else ["cc-" + sid[:32]]), vms
     finally:
         for sid in sids:

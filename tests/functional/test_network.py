@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 import engines
-from conftest import is_pool_keeper, RUNTIME, poll
+from conftest import is_pool_keeper, qemu_names, RUNTIME, poll
 
 NAME = "cc-oci-runtime"
 PAGE = "hello from the VM\n"
@@ -409,10 +409,8 @@ def test_podman_pod_holds_one_vm_container(pmnet):
 
 
 def _qemu_names():
-    """The -name of each QEMU running (the runtime names a container's VM cc-<id>)."""
-    return [argv[argv.index("-name") + 1] for _, argv, st in engines.proc_table().values()
-            if argv and os.path.basename(argv[0]).startswith("qemu-system") and "-name" in argv
-            and st != "Z"]
+    """cc-<id> of each running QEMU's container (conftest.qemu_names: pooled VMs too)."""
+    return qemu_names()
 
 
 def test_podman_pod_with_a_vm_infra_is_one_vm_for_its_members(pmnet):

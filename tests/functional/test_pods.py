@@ -26,6 +26,14 @@ def vms_under(root):
             continue
         if exe.startswith("qemu-system") and os.path.dirname(cwd) == str(root):
             found.append(os.path.basename(cwd))
+        elif exe.startswith("qemu-system"):  # a VM from the pool runs in its own directory
+            try:
+                with open(os.path.join(cwd, "container")) as f:
+                    served = f.read().strip()
+            except OSError:
+                continue
+            if os.path.dirname(served) == str(root):
+                found.append(os.path.basename(served))
     return sorted(found)
 
 CRIO_TYPE, CRIO_SANDBOX = "io.kubernetes.cri-o.ContainerType", "io.kubernetes.cri-o.SandboxID"
@@ -110,13 +118,17 @@ def own_rootfs(rootfs, tmp_path, name):
     return d
 
 
-def slot_mounts(sandbox_pid):
-    """The pod export's slot directories that have a member's files mounted, as the sandbox
-    monitor's (QEMU's) mount namespace has them: what the VM can reach."""
-    with open("/proc/%d/mountinfo" % sandbox_pid) as f:
+def slot_mounts(runtime, sid):
+    """The pod export's slot directories that have a member's files mounted, as QEMU's mount
+    namespace has them (the sandbox monitor's, or a pooled VM's keeper's): what the VM can reach;
+    a pooled sandbox's own files (slot 0) are not a member's."""
+    with open(os.path.join(runtime.root, sid, "state.json")) as f:
+        vm = json.load(f)["vm"]
+    with open("/proc/%d/mountinfo" % vm["qemu_pid"]) as f:
         points = [line.split()[4] for line in f]
+    own = os.path.join(vm.get("pool_dir") or "/nonexistent", rt.FILES_DIR, rt.POD_DIR, str(rt.POOL_SLOT))
     return sorted(p for p in points if "/%s/%s/" % (rt.FILES_DIR, rt.POD_DIR) in p + "/"
-                  and p.rsplit("/", 1)[1].isdigit())
+                  and p.rsplit("/", 1)[1].isdigit() and p != own)
 
 
 def test_pod_members_share_the_vm_localhost_and_hostname_with_their_own_rootfs(runtime, sandbox, rootfs, tmp_path):
@@ -143,12 +155,12 @@ def test_pod_members_share_the_vm_localhost_and_hostname_with_their_own_rootfs(r
     ps = runtime("ps", "m-web")
     assert "httpd" in ps.stdout and "sleep" not in ps.stdout, ps.stdout  # its processes, not the pod's
     assert runtime("delete", "m-client").returncode == 0
-    assert len(slot_mounts(spid)) == 1  # the deleted member's files are gone from the VM
+    assert len(slot_mounts(runtime, sid)) == 1  # the deleted member's files are gone from the VM
     assert runtime("kill", "m-web", "KILL").returncode == 0
     assert m1.status() == "137"
     assert runtime.state("sb")["status"] == "running"  # the rest of the pod runs on
     assert runtime("delete", "m-web").returncode == 0
-    assert slot_mounts(spid) == []
+    assert slot_mounts(runtime, sid) == []
     assert sorted(os.listdir(runtime.root)) == ["sb"]
 
 
@@ -220,7 +232,7 @@ def test_pod_member_errors_leave_nothing(runtime, sandbox, tmp_path):
         r = runtime("create", "-b", bundle, "sb2")
         assert r.returncode == 1 and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
-        assert sorted(os.listdir(runtime.root)) == [sid] and slot_mounts(spid) == []
+        assert sorted(os.listdir(runtime.root)) == [sid] and slot_mounts(runtime, sid) == []
     runtime("kill", sid, "KILL")
     runtime.wait_status(sid, "stopped")
     r = runtime("create", "-b", pod_bundle(runtime, ["true"], sid), "m-late")  # (its /proc/PID is gone)
