@@ -53,6 +53,8 @@ One file, four roles (read top to bottom):
            host and agent talk over a virtio-serial port, and the container's network
            namespace reaches the guest through virtio-net NICs on taps (see Network).
 A pod is one VM: its sandbox restores it, its other containers (members) run in it.
+A keeper (one per pooled VM, started by a refill detached from the engine) restores a VM,
+warms it with a throw-away container and hands it to a create (see "The VM pool").
 
 Sections, in order:
   constants - utilities - logging - state - spec handlers - process restrictions
@@ -61,11 +63,13 @@ Sections, in order:
   guest image - agent protocol - network (rtnetlink and tc)
   monitor: the VM's lifecycle - the relay of stdio, signals and requests - the
            container's network, followed while it runs - exec and pod member processes
+  the VM pool: warmed VMs, each kept by a keeper, handed to create (the refill, the
+           warm-up, the claim and handover)
   agent:   boot, the host's requests and the processes - a container's set-up (rootfs,
            mounts, devices, root) - the process (hooks, capabilities, seccomp) and the
            guest's cgroups - checkpoint and restore (criu in the guest, both sides) -
            the guest's network - pod members (a member's container in the pod's VM, its
-           rootfs from the pod export)
+           rootfs from the pod export) - a pooled VM's warm-up container, undone (reset)
   commands: create, start, run, delete - a pod member's create and delete - exec,
            pause, resume, ps - events, update, state, kill, list, spec, check
   main (the command line)

@@ -181,3 +181,16 @@ def test_pool_processes_are_in_no_containers_cgroup_session_or_namespace(runtime
     for ns in ("net", "ipc", "uts", "pid"):
         assert os.readlink("/proc/%d/ns/%s" % (k["pid"], ns)) != os.readlink("/proc/%d/ns/%s" % (monitor, ns)), ns
     runtime("delete", "--force", "pl8", check=True)
+
+
+def test_every_9p_tag_of_a_pooled_vm_is_empty_or_in_use_and_none_written(runtime, pool_dir):
+    from test_security import MOUNT_ALL, privileged
+    fill(runtime, pool_dir)
+    r = runtime("run", "-b", privileged(runtime, ["sh", "-c", MOUNT_ALL]), "pl9")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert not [ln for ln in lines if "WROTE" in ln], r.stdout
+    mounted = {ln.split(":")[0] for ln in lines}
+    assert rt.POOL_POD_TAG not in mounted, "the pod export is the agent's (one mount per channel)"
+    assert mounted and all(ln.endswith(":") or ln.endswith(": ") for ln in lines), \
+        "the rootfs tag and the spare slots export an empty directory: %r" % r.stdout

@@ -109,11 +109,12 @@ def test_every_9p_tag_mounted_and_written_leaves_the_host_untouched(runtime, hos
     mounts = rt.default_spec()["mounts"] + [
         {"destination": "/data", "type": "bind", "source": str(data), "options": ["rbind"]},
         {"destination": "/etc/hosts", "type": "bind", "source": str(etc / "hosts"), "options": ["rbind"]}]
-    a = privileged(runtime, ["sh", "-c", "echo from-a > /data/a; echo ready; sleep 1000"], mounts=mounts)
+    a = privileged(runtime, ["sh", "-c", "echo from-a > /data/a; echo ready; sleep 1000"], mounts=mounts,
+                   vm={"pool": 0})  # restored VMs' tags (a pooled VM's: test_pool.py)
     runtime("create", "-b", a, "first", check=True)
     runtime("start", "first", check=True)
     cache_empty = os.path.join(rt.CACHE_DIR, "empty")
-    b = privileged(runtime, ["sh", "-c", MOUNT_ALL])
+    b = privileged(runtime, ["sh", "-c", MOUNT_ALL], vm={"pool": 0})
     r = runtime("run", "-b", b, "second")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
