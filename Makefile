@@ -4,7 +4,7 @@ RUNTIME := $(CURDIR)/cc_oci_runtime.py
 BUILD := $(CURDIR)/build
 APT_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static runc podman conmon \
 	docker.io containerd iproute2 util-linux bsdutils bsdextrautils netavark aardvark-dns \
-	iptables containernetworking-plugins catatonit docker-compose cpio procps
+	iptables containernetworking-plugins catatonit docker-compose cpio procps criu
 
 .PHONY: deps demo test test-needs test-unit test-functional bench check clean
 

@@ -18,6 +18,7 @@ NEEDS = [
     ("/boot/vmlinuz-*", "linux-image-amd64"),
     ("/bin/busybox", "busybox-static"),
     ("runc", "runc"),
+    ("criu", "criu"),  # checkpoint and restore: the guest image carries the host's criu
     ("podman", "podman"),
     ("conmon", "conmon"),
     ("/usr/lib/podman/netavark", "netavark"),

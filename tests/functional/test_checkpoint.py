@@ -1,6 +1,6 @@
 """Checkpoint and restore: CRIU in the guest dumps the container's process tree into an image
 directory on the host, and a new VM restores it (runc's command line; see README.md,
-"Checkpoint and restore"). Needs criu on the host (the guest image carries it)."""
+"Checkpoint and restore"). Needs criu on the host (the guest image carries it): make deps installs it, host_needs.py checks it."""
 import contextlib
 import json
 import os
@@ -16,7 +16,6 @@ import pytest
 
 from conftest import RUNTIME, poll, rt
 
-pytestmark = pytest.mark.skipif(rt.find_tool("criu") is None, reason="no criu on the host")
 
 
 def request(runtime, cid, msg, timeout=300):
