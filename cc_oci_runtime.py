@@ -4950,7 +4950,7 @@ def _waiting_reaper():
     return None
 
 
-def _spawn_refill(params):
+def _spawn_refill(params, mnt_fd=None):
     """Run _run_refill in a grandchild in a session of its own, in PID 1's namespaces and the
     pool's cgroup, with none of our fds (an engine waits for EOF on the pipes it gave us). The
     kernel gives an orphan to the nearest sub-reaper: under conmon or containerd-shim it is theirs
@@ -4961,6 +4961,8 @@ def _spawn_refill(params):
     if pid == 0:
         try:
             os.setsid()
+            if mnt_fd is not None:  # a keeper's: back to the mount namespace it came from
+                _check_libc(_libc().setns(mnt_fd, CLONE_NEWNS), "setns(mnt)")
             _join_host_ns(("pid",))  # (for children: the refill is forked next)
             if os.fork() == 0:
                 _join_host_ns(("cgroup", "ipc", "uts", "net", "mnt"))
@@ -5052,7 +5054,8 @@ def _start_keeper(p, lock):
         try:
             os.close(rfd)
             os.close(lock)  # (a flock is the open file's: the next refill must get it)
-            code = PoolKeeper(p["cid"], name, vmdir, p["vm"], p["image"], p["template"], wfd).run()
+            code = PoolKeeper(p["cid"], name, vmdir, p["vm"], p["image"], p["template"], wfd,
+                              p["want"]).run()
         except BaseException as e:
             LOG.debug("pool: keeper: %r", e)
         finally:
@@ -5182,9 +5185,10 @@ class PoolKeeper(_VMProcess):
     """One pooled VM's keeper, QEMU's parent from its restore to its end: restores and warms
     the VM, waits for a claim, hands it over, and ends it when its holder is gone."""
 
-    def __init__(self, key, name, vmdir, vm, image, template, report_fd):
+    def __init__(self, key, name, vmdir, vm, image, template, report_fd, want=1):
         self.key, self.name, self.dir, self.vm = key, name, vmdir, vm
-        self.image, self.template, self.report_fd = image, template, report_fd
+        self.image, self.template, self.report_fd, self.want = image, template, report_fd, want
+        self.host_mnt = None  # the mount namespace we left for QEMU's (a refill's)
         self.reader, self.agent, self.agent_sock = FrameReader(), None, None
         self.qemu_pid, self.qemu_status, self.qemu_netns = None, None, "new"
         self.inputs = pool_inputs(vm, image, template)
@@ -5222,6 +5226,7 @@ class PoolKeeper(_VMProcess):
     def _prepare(self):
         """A mount namespace of our own (QEMU's) with the VM's files tmpfs: an empty directory
         for the unused exports, the pod export's empty slots (see stage_files)."""
+        self.host_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         _check_libc(_libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         os.mkdir("stage", 0o700)
@@ -5262,12 +5267,22 @@ class PoolKeeper(_VMProcess):
             if select.select([listener], [], [], POOL_CHECK)[0]:
                 conn, _ = listener.accept()
                 if self._hand_over(conn, listener):
+                    self._refill()
                     return self._held(conn)
                 continue
             if self._reap_qemu() or time.monotonic() > idle_until or not os.path.isdir(self.dir) \
                     or pool_inputs(self.vm, self.image, self.template) != self.inputs:
                 self._end()
                 return 0
+
+    def _refill(self):
+        """Start the refill of our pool as our VM leaves it: we are outside every engine's
+        process tree (a create under conmon cannot start one: see refill_pool)."""
+        try:
+            _spawn_refill({"state_dir": POOL_DIR, "cid": self.key, "vm": self.vm, "image": self.image,
+                           "template": self.template, "want": self.want}, self.host_mnt)
+        except OSError as e:
+            LOG.warning("pool: cannot start a refill: %s", e)
 
     def _hand_over(self, conn, listener):
         """A claim: send the agent's connection and a pidfd of QEMU (True once sent). Only a
@@ -8026,7 +8041,7 @@ def create_container(args, console_socket=None, foreground=False, restoring=Fals
         release_pooled(pooled)  # (our copies: the monitor holds the VM now)
     LOG.info("created %s (monitor %d, %s%s)", args.id, monitor_pid, vm["accel_used"],
              ", a VM from the pool" if pooled else "")
-    if not restoring:
+    if not restoring and not pooled:  # (a VM taken: its keeper refills the pool)
         refill_pool(vm, image)
     return state, monitor_pid
 
